@@ -1,0 +1,224 @@
+"""Finding a checkpoint's files and indexing every tensor in them, from headers alone.
+
+Rank 0 calls `index_checkpoint` once; the planner turns the result into read items. The
+index is validated as a whole here (every shard present, every mapped tensor where the
+index says, no tensor twice), so that later stages may trust it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from distload.checkpoint.bin import read_bin_metas
+from distload.checkpoint.safetensors_header import _read_header
+from distload.checkpoint.types import TensorMeta
+from distload.errors import CheckpointError
+from distload.log import logger
+
+__all__ = ["CheckpointIndex", "index_checkpoint"]
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+CONFIG = "config.json"
+
+_MAX_READERS = 8  # header reads are tiny; a few threads hide per-file open latency
+
+
+@dataclass(frozen=True)
+class CheckpointIndex:
+    """Every tensor of one checkpoint: which file, where, what dtype and shape.
+
+    `files` are absolute and sorted; `tensors` (read-only, ordered by file then offset)
+    maps names to `TensorMeta`; `header_bytes` is the bytes taken by safetensors headers
+    (0 for `.bin`); `config` is the parsed `config.json` beside the weights, if any.
+
+    Example::
+
+        idx = index_checkpoint("/models/llama")
+        head = idx.tensors["lm_head.weight"]
+        print(idx.format, len(idx.files), idx.tensor_bytes)
+    """
+
+    root: str
+    format: str
+    files: tuple[str, ...]
+    tensors: Mapping[str, TensorMeta] = field(hash=False, repr=False)
+    header_bytes: int = 0
+    config: dict | None = field(default=None, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Read-only view: the index is shared by planner and loader and must not drift.
+        if not isinstance(self.tensors, MappingProxyType):
+            object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Sum of all tensors' byte lengths (what the ranks read, in total)."""
+        return sum(m.length for m in self.tensors.values())
+
+    def metas(self, names: Iterable[str]) -> list[TensorMeta]:
+        """The metas of `names`, in that order; an unknown name raises `CheckpointError`."""
+        out = []
+        for name in names:
+            meta = self.tensors.get(name)
+            if meta is None:
+                raise CheckpointError(f"{self.root}: checkpoint has no tensor {name!r}")
+            out.append(meta)
+        return out
+
+
+def index_checkpoint(path: str | os.PathLike) -> CheckpointIndex:
+    """Index the checkpoint at `path` (rank 0 only; no tensor data is read).
+
+    `path` may be a directory holding `model.safetensors.index.json` + shards,
+    `model.safetensors`, other `*.safetensors` files (all taken, sorted),
+    `pytorch_model.bin.index.json` + shards or `pytorch_model.bin` (safetensors wins when
+    both kinds exist); or a single `.safetensors`, `.bin` or `*.index.json` file.
+
+    Example::
+
+        idx = index_checkpoint("ckpt/")     # or "ckpt/model-00001-of-00003.safetensors"
+        metas = idx.metas(["model.embed_tokens.weight"])
+    """
+    p = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.isdir(p):
+        idx = _index_dir(p)
+    elif os.path.isfile(p):
+        idx = _index_file(p)
+    else:
+        raise CheckpointError(f"no such file or directory: {p}")
+    logger.debug(
+        "indexed %d tensors (%.3f GB) in %d %s file(s) of %s",
+        len(idx.tensors), idx.tensor_bytes / 1e9, len(idx.files), idx.format, idx.root,
+    )
+    return idx
+
+
+def _index_dir(root: str) -> CheckpointIndex:
+    def join(name: str) -> str:
+        return os.path.join(root, name)
+
+    if os.path.isfile(join(SAFETENSORS_INDEX)):
+        return _from_index_file(join(SAFETENSORS_INDEX), "safetensors")
+    if os.path.isfile(join(SAFETENSORS_SINGLE)):
+        return _build(root, "safetensors", [join(SAFETENSORS_SINGLE)])
+    loose = sorted(join(n) for n in os.listdir(root) if n.endswith(".safetensors"))
+    loose = [f for f in loose if os.path.isfile(f)]
+    if loose:
+        logger.info("%s: no %s; taking all %d *.safetensors files", root, SAFETENSORS_INDEX, len(loose))
+        return _build(root, "safetensors", loose)
+    if os.path.isfile(join(BIN_INDEX)):
+        return _from_index_file(join(BIN_INDEX), "bin")
+    if os.path.isfile(join(BIN_SINGLE)):
+        return _build(root, "bin", [join(BIN_SINGLE)])
+    raise CheckpointError(
+        f"{root}: no checkpoint found; looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "
+        f"*.safetensors, {BIN_INDEX} and {BIN_SINGLE}"
+    )
+
+
+def _index_file(file: str) -> CheckpointIndex:
+    root = os.path.dirname(file)
+    if file.endswith(".safetensors.index.json"):
+        return _from_index_file(file, "safetensors")
+    if file.endswith(".bin.index.json"):
+        return _from_index_file(file, "bin")
+    if file.endswith(".safetensors"):
+        return _build(root, "safetensors", [file])
+    if file.endswith(".bin"):
+        return _build(root, "bin", [file])
+    raise CheckpointError(f"{file}: not a checkpoint file (expected .safetensors, .bin or *.index.json)")
+
+
+def _load_json(file: str, what: str) -> dict:
+    try:
+        with open(file, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot parse {what}: {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{file}: {what} is a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _from_index_file(index_file: str, fmt: str) -> CheckpointIndex:
+    root = os.path.dirname(index_file)
+    weight_map = _load_json(index_file, "checkpoint index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_file}: index has no weight_map (or an empty one)")
+    mapped: dict[str, str] = {}  # tensor -> absolute shard path
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{index_file}: tensor {name!r} maps to {shard!r}, not a file name")
+        if os.path.isabs(shard) or os.path.normpath(shard).startswith(".."):
+            raise CheckpointError(f"{index_file}: shard {shard!r} (of {name!r}) lies outside {root}")
+        mapped[name] = os.path.normpath(os.path.join(root, shard))
+    for name, file in mapped.items():
+        if not os.path.isfile(file):
+            raise CheckpointError(
+                f"{index_file}: shard {os.path.relpath(file, root)} does not exist "
+                f"(tensor {name!r} lives in it)"
+            )
+    return _build(root, fmt, sorted(set(mapped.values())), mapped=mapped)
+
+
+def _build(
+    root: str, fmt: str, files: list[str], *, mapped: dict[str, str] | None = None
+) -> CheckpointIndex:
+    reader: Callable[[str], tuple[list[TensorMeta], int]]
+    reader = _read_header if fmt == "safetensors" else (lambda f: (read_bin_metas(f), 0))
+    if len(files) > 1:
+        workers = min(_MAX_READERS, len(files))
+        with ThreadPoolExecutor(workers, thread_name_prefix="distload-hdr") as pool:
+            results = list(pool.map(reader, files))  # raises the first failing file's error
+    else:
+        results = [reader(f) for f in files]
+
+    tensors: dict[str, TensorMeta] = {}
+    for metas, _ in results:
+        for meta in metas:
+            seen = tensors.get(meta.name)
+            if seen is not None:
+                raise CheckpointError(
+                    f"tensor {meta.name!r} is in two files: {seen.file} and {meta.file}"
+                )
+            tensors[meta.name] = meta
+    if mapped is not None:
+        _check_weight_map(root, mapped, tensors)
+    return CheckpointIndex(
+        root=root,
+        format=fmt,
+        files=tuple(files),
+        tensors=tensors,
+        header_bytes=sum(size for _, size in results),
+        config=_read_config(root),
+    )
+
+
+def _check_weight_map(root: str, mapped: dict[str, str], tensors: dict[str, TensorMeta]) -> None:
+    for name, file in mapped.items():
+        meta = tensors.get(name)
+        if meta is None:
+            raise CheckpointError(f"{file}: index maps tensor {name!r} here, but the file lacks it")
+        if meta.file != file:
+            raise CheckpointError(
+                f"{file}: index maps tensor {name!r} here, but the file lacks it (it is in {meta.file})"
+            )
+    extra = [n for n in tensors if n not in mapped]
+    if extra:  # a stale index: the shards are the truth, so keep them, but say so
+        logger.warning(
+            "%s: %d tensor(s) in the shards are missing from the index weight_map (e.g. %r); "
+            "loading them anyway", root, len(extra), extra[0],
+        )
+
+
+def _read_config(root: str) -> dict | None:
+    file = os.path.join(root, CONFIG)
+    return _load_json(file, "model config") if os.path.isfile(file) else None

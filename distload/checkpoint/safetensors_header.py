@@ -1,0 +1,180 @@
+"""Parsing and validating the JSON header of one `.safetensors` file.
+
+Layout of the format: 8 bytes little-endian header length `n`, `n` bytes of UTF-8 JSON,
+then the data area. Each JSON entry is ``{"dtype": "BF16", "shape": [..],
+"data_offsets": [begin, end]}`` with offsets relative to the data area. Only the header is
+read here, never the data: planning needs where each tensor lies, not its bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import torch
+
+from distload.checkpoint.types import SAFETENSORS_DTYPES, TensorMeta, dtype_name
+from distload.errors import CheckpointError
+
+__all__ = ["read_safetensors_header", "MAX_HEADER_BYTES"]
+
+# Same bound as the safetensors reader: a larger header means a corrupt or hostile file.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def read_safetensors_header(path: str | os.PathLike) -> list[TensorMeta]:
+    """Return the tensors of the safetensors file `path`, sorted by offset.
+
+    Reads the 8-byte length and the JSON header only (two preads), validates every entry
+    and turns relative data offsets into absolute file offsets. Raises `CheckpointError`
+    naming the file (and the tensor) on anything malformed.
+
+    Example::
+
+        metas = read_safetensors_header("model.safetensors")
+        with open(metas[0].file, "rb") as f:
+            raw = os.pread(f.fileno(), metas[0].length, metas[0].offset)
+    """
+    return _read_header(path)[0]
+
+
+def _read_header(path: str | os.PathLike) -> tuple[list[TensorMeta], int]:
+    """Like `read_safetensors_header`, also returning the header's size on disk (8 + n)."""
+    file = os.path.abspath(os.fspath(path))
+    raw, size = _read_raw_header(file)
+    header = _parse_json(file, raw)
+    data_size = size - 8 - len(raw)
+    base = 8 + len(raw)
+    metas = [
+        _entry_to_meta(file, name, entry, base, data_size)
+        for name, entry in header.items()
+        if name != "__metadata__"
+    ]
+    metas.sort(key=lambda m: (m.offset, m.length, m.name))
+    _check_no_overlap(file, metas)
+    return metas, base
+
+
+def _read_raw_header(file: str) -> tuple[bytes, int]:
+    try:
+        fd = os.open(file, os.O_RDONLY)
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot open safetensors file: {e.strerror}") from e
+    try:
+        size = os.fstat(fd).st_size
+        if size < 8:
+            raise CheckpointError(
+                f"{file}: file is {size} bytes, shorter than the 8-byte safetensors header length"
+            )
+        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{file}: header length {n} is absurd (limit {MAX_HEADER_BYTES}); "
+                "not a safetensors file?"
+            )
+        if 8 + n > size:
+            raise CheckpointError(
+                f"{file}: header length {n} runs past the end of the file ({size} bytes); truncated?"
+            )
+        raw = os.pread(fd, n, 8)
+        if len(raw) != n:  # the file shrank under us
+            raise CheckpointError(f"{file}: short read of header ({len(raw)} of {n} bytes)")
+        return raw, size
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read safetensors header: {e.strerror}") from e
+    finally:
+        os.close(fd)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    # json.loads would silently keep the last of two same-named tensors.
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _parse_json(file: str, raw: bytes) -> dict:
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file}: header is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+    except ValueError as e:  # JSONDecodeError is a ValueError, as is a duplicate key
+        raise CheckpointError(f"{file}: header is not valid JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: header is a JSON {type(header).__name__}, not an object")
+    return header
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not a dim
+
+
+def _torch_dtype(file: str, name: str, st_dtype: object) -> torch.dtype:
+    if not isinstance(st_dtype, str):
+        raise CheckpointError(f"{file}: tensor {name!r}: dtype must be a string, got {st_dtype!r}")
+    dtype = SAFETENSORS_DTYPES.get(st_dtype)
+    if dtype is not None:
+        return dtype
+    if st_dtype.startswith("F8_"):
+        raise CheckpointError(
+            f"{file}: tensor {name!r} has fp8 dtype {st_dtype!r}, which this torch "
+            f"({torch.__version__}) does not support; upgrade torch"
+        )
+    raise CheckpointError(f"{file}: tensor {name!r} has unknown dtype {st_dtype!r}")
+
+
+def _entry_to_meta(file: str, name: str, entry: object, base: int, data_size: int) -> TensorMeta:
+    where = f"{file}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: entry must be a JSON object, got {entry!r}")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise CheckpointError(f"{where}: entry lacks {', '.join(missing)}")
+    dtype = _torch_dtype(file, name, entry["dtype"])
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: shape must be a list of non-negative ints, got {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) and o >= 0 for o in offsets)
+    ):
+        raise CheckpointError(
+            f"{where}: data_offsets must be two non-negative ints, got {offsets!r}"
+        )
+    begin, end = offsets
+    if begin > end:
+        raise CheckpointError(f"{where}: data_offsets begin {begin} > end {end}")
+    if end > data_size:
+        raise CheckpointError(
+            f"{where}: data_offsets [{begin}, {end}] run past the data area "
+            f"({data_size} bytes); truncated?"
+        )
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * dtype.itemsize != end - begin:
+        raise CheckpointError(
+            f"{where}: shape {shape} of {entry['dtype']} needs {numel * dtype.itemsize} bytes, "
+            f"but data_offsets span {end - begin}"
+        )
+    return TensorMeta(name, file, dtype_name(dtype), tuple(shape), base + begin, end - begin)
+
+
+def _check_no_overlap(file: str, metas: list[TensorMeta]) -> None:
+    # metas are sorted by offset; an empty tensor occupies no bytes and overlaps nothing.
+    last: TensorMeta | None = None
+    for m in metas:
+        if m.length == 0:
+            continue
+        if last is not None and m.offset < last.offset + last.length:
+            raise CheckpointError(
+                f"{file}: tensors {last.name!r} and {m.name!r} overlap "
+                f"([{last.offset}, {last.offset + last.length}) and [{m.offset}, {m.offset + m.length}))"
+            )
+        if last is None or m.offset + m.length > last.offset + last.length:
+            last = m

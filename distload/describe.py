@@ -1,0 +1,102 @@
+"""Describe a (meta) model as plain data the planner can use: its units, their
+parameters and per-token cost, and its tied parameters.
+
+A *unit* is the smallest piece the planner never splits across ranks or tiers: each
+repeated child of a `ModuleList`/`ModuleDict` (decoder layers), any module whose class is
+named in `no_split_module_classes` (or the model's `_no_split_modules`), and any other
+module that holds parameters of its own (embeddings, final norm, head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["ParamSpec", "UnitSpec", "ModelSpec", "describe_model"]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    name: str
+    params: tuple[ParamSpec, ...]
+    cost: float  # per-token FLOPs: 2 * in * out for every Linear; embeddings cost ~0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    units: tuple[UnitSpec, ...]          # in execution (registration) order
+    tied: tuple[tuple[str, ...], ...]    # groups of parameter names sharing one tensor
+    no_split_classes: tuple[str, ...]    # class names that were treated as units
+
+    def unit_of(self) -> dict[str, str]:
+        return {p.name: u.name for u in self.units for p in u.params}
+
+
+def describe_model(model: nn.Module, *, no_split_module_classes=None) -> ModelSpec:
+    """Walk `model` (typically on meta) and return its units in registration order.
+
+    Example::
+
+        with init_empty_weights():
+            model = build_model(config)
+        spec = describe_model(model)
+        [u.name for u in spec.units][:2]   # ['model.embed_tokens', 'model.layers.0']
+    """
+    if no_split_module_classes is None:
+        no_split_module_classes = getattr(model, "_no_split_modules", None) or ()
+    no_split = tuple(sorted(set(no_split_module_classes)))
+    units: list[UnitSpec] = []
+    _collect(model, "", set(no_split), units)
+    return ModelSpec(units=tuple(units), tied=_tied_groups(model), no_split_classes=no_split)
+
+
+def _collect(module: nn.Module, prefix: str, no_split: set[str], out: list[UnitSpec]) -> None:
+    if prefix and (type(module).__name__ in no_split or _has_own_params(module)):
+        out.append(_unit(module, prefix))
+        return
+    children = list(module.named_children())
+    repeated = isinstance(module, (nn.ModuleList, nn.ModuleDict)) and len(
+        {type(c) for _, c in children}) == 1
+    for name, child in children:
+        child_prefix = f"{prefix}.{name}" if prefix else name
+        if repeated and any(True for _ in child.parameters()):
+            out.append(_unit(child, child_prefix))
+        else:
+            _collect(child, child_prefix, no_split, out)
+
+
+def _has_own_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def _unit(module: nn.Module, prefix: str) -> UnitSpec:
+    params = tuple(
+        ParamSpec(f"{prefix}.{n}", tuple(p.shape))
+        for n, p in module.named_parameters(remove_duplicate=False)
+    )
+    cost = 0.0
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            cost += 2.0 * sub.in_features * sub.out_features
+    return UnitSpec(name=prefix, params=params, cost=cost)
+
+
+def _tied_groups(model: nn.Module) -> tuple[tuple[str, ...], ...]:
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return tuple(sorted(tuple(sorted(names)) for names in by_id.values() if len(names) > 1))

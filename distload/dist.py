@@ -1,0 +1,146 @@
+"""Process-group setup, plan broadcast and error propagation.
+
+Every function here is called by every rank, in the same order. Control messages (plans,
+errors, reports) go over a gloo group even when tensors use nccl, so they never need a
+GPU. An error on one rank is turned into an error on every rank at the next `agree`
+point; a rank that dies is caught by torchrun (it stops the others) or by the group's
+timeout, so nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import RankError
+from .log import logger
+
+__all__ = ["World", "init_world", "run_on_rank0", "agree", "gather_objects", "shutdown"]
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None          # None: a single process without a process group
+    cpu_group: Any = None        # gloo group for control messages
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.world_size - 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def init_world(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = None) -> World:
+    """Join the job that torchrun started (env RANK, WORLD_SIZE, LOCAL_RANK), or make a
+    world of one when those are absent. The device is `cuda:LOCAL_RANK` when CUDA is
+    available, else the CPU; `device` overrides ("cpu" forces gloo)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)  # only this rank's GPU: no contexts on the others
+    if world_size == 1 and not dist.is_initialized():
+        return World(0, 1, 0, dev, None)
+    backend = "nccl" if use_cuda else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        kwargs = {"device_id": dev} if use_cuda else {}
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    backend = dist.get_backend()
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, cpu_group)
+
+
+def _error_record(exc: BaseException) -> dict:
+    return {"type": type(exc).__name__, "message": str(exc),
+            "traceback": "".join(traceback.format_exception(exc))}
+
+
+def run_on_rank0(world: World, fn: Callable[[], T]) -> T:
+    """Rank 0 runs `fn`; every rank gets its result, or raises its error.
+
+    On rank 0 the original exception propagates; elsewhere a `RankError` carries it.
+    """
+    if not world.distributed:
+        return fn()
+    box: list[Any] = [None]
+    error: BaseException | None = None
+    if world.is_first:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as exc:  # noqa: BLE001 - forwarded to every rank
+            error = exc
+            box[0] = ("error", _error_record(exc))
+    dist.broadcast_object_list(box, src=0, group=world.cpu_group)
+    status, payload = box[0]
+    if status == "ok":
+        return payload
+    if error is not None:
+        raise error
+    raise RankError(f"rank 0 failed: {payload['type']}: {payload['message']}")
+
+
+def agree(world: World, error: BaseException | None) -> None:
+    """Every rank says whether it succeeded; if any failed, every rank raises.
+
+    A rank's own exception is re-raised as is; the others raise `RankError` naming the
+    first failed rank and its message.
+    """
+    if not world.distributed:
+        if error is not None:
+            raise error
+        return
+    records = gather_objects(world, None if error is None else _error_record(error))
+    failed = [(r, rec) for r, rec in enumerate(records) if rec is not None]
+    if not failed:
+        return
+    if error is not None:
+        raise error
+    r, rec = failed[0]
+    raise RankError(f"rank {r} failed: {rec['type']}: {rec['message']}")
+
+
+def gather_objects(world: World, obj: Any) -> list[Any]:
+    """All-gather one picklable object per rank (in rank order) over the control group."""
+    if not world.distributed:
+        return [obj]
+    out: list[Any] = [None] * world.world_size
+    dist.all_gather_object(out, obj, group=world.cpu_group)
+    return out
+
+
+def shutdown(world: World | None = None, *, failed: bool = False) -> None:
+    """Leave the process group (if any). After a failure, leave without waiting for
+    peers, which may be gone."""
+    if not dist.is_initialized():
+        return
+    try:
+        if not failed and world is not None:
+            dist.barrier(group=world.cpu_group)
+        dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - best effort at exit
+        logger.debug("process group shutdown: %s", exc)
+
+

@@ -1,0 +1,24 @@
+"""The exceptions distload raises, each naming what the user must look at."""
+
+__all__ = ["DistloadError", "CheckpointError", "PlanError", "LoadError", "RankError"]
+
+
+class DistloadError(RuntimeError):
+    """Base class of every error distload raises on purpose."""
+
+
+class CheckpointError(DistloadError):
+    """A checkpoint file is missing, malformed or inconsistent; the message names the file
+    (and the tensor, where one is at fault)."""
+
+
+class PlanError(DistloadError):
+    """The model cannot be planned onto the given world and memory budgets."""
+
+
+class LoadError(DistloadError):
+    """Materializing the plan failed: a missing or unexpected key, a shape mismatch."""
+
+
+class RankError(DistloadError):
+    """Another rank failed; the message carries that rank's own error."""

@@ -1,0 +1,59 @@
+"""`Pipeline`: what `distload.load` returns on every rank — the rank's stage, the shared
+plan, the load report, and the pipelined `forward` / `generate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..dist import World
+from ..plan.types import LoadPlan
+
+__all__ = ["Pipeline"]
+
+
+@dataclass
+class Pipeline:
+    """One rank's view of a loaded, pipelined model.
+
+    Example (under ``torchrun --nproc_per_node=2``)::
+
+        pipe = distload.load("demo")
+        logits = pipe.forward(torch.tensor([[1, 2, 3]]))   # a tensor on rank 0, None elsewhere
+    """
+
+    module: nn.Module
+    plan: LoadPlan
+    report: dict          # this rank's figures
+    job_report: dict      # every rank's figures (the JSON of --report)
+    world: World
+    micro_batches: int | None = None
+    _state: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
+
+    @property
+    def rank(self) -> int:
+        return self.world.rank
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                *, micro_batches: int | None = None) -> torch.Tensor | None:
+        """Logits for `input_ids` [B, T] on rank 0 (None on other ranks). Every rank calls
+        it; ranks other than 0 may pass None."""
+        from .forward import pipeline_forward
+
+        return pipeline_forward(self, input_ids, attention_mask,
+                                micro_batches=micro_batches or self.micro_batches)
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 *, max_new_tokens: int = 32, **sampling) -> torch.Tensor | None:
+        """Generated token ids [B, T + new] on rank 0 (None on other ranks). Every rank
+        calls it; ranks other than 0 may pass None."""
+        from .generate import pipeline_generate
+
+        return pipeline_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                 micro_batches=self.micro_batches, **sampling)

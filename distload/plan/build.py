@@ -1,0 +1,141 @@
+"""Build the `LoadPlan` from a model description and checkpoint metadata (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from ..checkpoint.types import TensorMeta, dtype_from_name
+from ..describe import ModelSpec
+from ..errors import LoadError, PlanError
+from .partition import min_max_partition
+from .types import LoadPlan, ParamSource, StagePlan, Tier
+
+__all__ = ["match_params_to_keys", "make_plan", "IGNORED_KEY_SUFFIXES"]
+
+# Keys some checkpoints carry for buffers distload recomputes on the device.
+IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def match_params_to_keys(
+    spec: ModelSpec, tensors: Mapping[str, TensorMeta], *, strict: bool = True
+) -> tuple[dict[str, str], list[str]]:
+    """Map every parameter to the checkpoint key that fills it, and list unused keys.
+
+    A parameter reads its own name; a tied parameter whose name is absent reads the
+    first present member of its group (HF checkpoints omit `lm_head.weight` when it is
+    tied). Raises `LoadError` naming missing keys and shape mismatches, and unexpected
+    keys when `strict`.
+    """
+    group_of = {name: group for group in spec.tied for name in group}
+    param_to_key: dict[str, str] = {}
+    missing: list[str] = []
+    for unit in spec.units:
+        for p in unit.params:
+            candidates = (p.name,) + tuple(n for n in group_of.get(p.name, ()) if n != p.name)
+            key = next((c for c in candidates if c in tensors), None)
+            if key is None:
+                missing.append(p.name)
+                continue
+            meta = tensors[key]
+            if tuple(meta.shape) != tuple(p.shape):
+                raise LoadError(
+                    f"shape mismatch for {p.name}: the model expects {list(p.shape)}, "
+                    f"checkpoint tensor {key} in {meta.file} has {list(meta.shape)}")
+            param_to_key[p.name] = key
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise LoadError(f"{len(missing)} parameter(s) missing from the checkpoint: {shown}")
+    used = set(param_to_key.values())
+    unexpected = sorted(k for k in tensors if k not in used and not k.endswith(IGNORED_KEY_SUFFIXES))
+    if unexpected and strict:
+        shown = ", ".join(unexpected[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
+        raise LoadError(f"{len(unexpected)} unexpected key(s) in the checkpoint: {shown} "
+                        "(pass strict=False / --no-strict to ignore them)")
+    return param_to_key, unexpected
+
+
+def _itemsize(dtype_name: str) -> int:
+    return dtype_from_name(dtype_name).itemsize
+
+
+def make_plan(
+    spec: ModelSpec,
+    tensors: Mapping[str, TensorMeta],
+    *,
+    world_size: int,
+    checkpoint: str,
+    format: str,
+    config: dict,
+    dtype: str | None = None,
+    strict: bool = True,
+    bounds: Sequence[int] | None = None,
+    unit_tiers: Sequence[str] | None = None,
+    reserved_bytes: Sequence[int] | None = None,
+    bound_reasons: Sequence[str] | None = None,
+) -> LoadPlan:
+    """Assign contiguous runs of units to ranks and say what each rank reads.
+
+    `bounds` (stage boundaries over `spec.units`) defaults to the split that balances
+    stage bytes; the planner in `distload.plan.planner` passes its own. Deterministic:
+    the same inputs give the same plan, whatever the process or hash seed.
+    """
+    param_to_key, unexpected = match_params_to_keys(spec, tensors, strict=strict)
+    units = spec.units
+    if world_size > len(units):
+        raise PlanError(f"the model has {len(units)} units but the world has {world_size} ranks; "
+                        f"use at most {len(units)} processes")
+
+    def target_dtype(key: str) -> str:
+        # Cast floating-point tensors only: integer buffers keep their dtype.
+        src = tensors[key].dtype
+        return dtype if dtype is not None and dtype_from_name(src).is_floating_point else src
+
+    def param_bytes(pname: str) -> int:
+        key = param_to_key[pname]
+        return tensors[key].numel * _itemsize(target_dtype(key))
+
+    unit_bytes = {u.name: sum(param_bytes(p.name) for p in u.params) for u in units}
+    if bounds is None:
+        bounds = min_max_partition([unit_bytes[u.name] for u in units], world_size)
+    tiers = list(unit_tiers) if unit_tiers is not None else [Tier.DEVICE] * len(units)
+
+    # Who reads each key: the lowest rank holding a parameter filled from it.
+    rank_of_unit = {units[i].name: r for r in range(world_size) for i in range(bounds[r], bounds[r + 1])}
+    unit_of_param = spec.unit_of()
+    reader: dict[str, int] = {}
+    for pname, key in param_to_key.items():
+        r = rank_of_unit[unit_of_param[pname]]
+        reader[key] = min(r, reader.get(key, r))
+
+    stages = []
+    for r in range(world_size):
+        stage_units = units[bounds[r]:bounds[r + 1]]
+        pnames = [p.name for u in stage_units for p in u.params]
+        params = tuple(ParamSource(p, param_to_key[p], reader[param_to_key[p]], target_dtype(param_to_key[p]))
+                       for p in pnames)
+        own_keys = {ps.key for ps in params if ps.src_rank == r}
+        reads = tuple(sorted((tensors[k] for k in own_keys), key=lambda m: (m.file, m.offset)))
+        needed_by = sorted({(param_to_key[p.name], dst) for dst in range(world_size) if dst != r
+                            for u in units[bounds[dst]:bounds[dst + 1]] for p in u.params
+                            if reader[param_to_key[p.name]] == r})
+        held = {param_to_key[p] for p in pnames}  # tied params on one stage share storage
+        stages.append(StagePlan(
+            rank=r,
+            units=tuple(u.name for u in stage_units),
+            unit_tiers=tuple(tiers[bounds[r]:bounds[r + 1]]),
+            params=params,
+            reads=reads,
+            sends=tuple(needed_by),
+            tensor_bytes=sum(m.length for m in reads),
+            param_bytes=sum(tensors[k].numel * _itemsize(target_dtype(k)) for k in held),
+            cost=float(sum(u.cost for u in stage_units)),
+            reserved_bytes=int(reserved_bytes[r]) if reserved_bytes is not None else 0,
+            bound=bound_reasons[r] if bound_reasons is not None else "",
+        ))
+    return LoadPlan(
+        checkpoint=checkpoint, format=format, config=dict(config), dtype=dtype,
+        world_size=world_size, stages=tuple(stages),
+        checkpoint_bytes=sum(m.length for m in tensors.values()), unit_bytes=unit_bytes,
+        no_split_units=tuple(u.name for u in units), unexpected_keys=tuple(unexpected),
+    )
+

@@ -1,0 +1,116 @@
+"""The load plan: plain, frozen, JSON-serializable data that every rank shares.
+
+Rank 0 computes it once (see `distload.plan.build`); every rank receives the same bytes
+and checks their digest. Nothing here touches files, devices or processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from ..checkpoint.types import TensorMeta
+
+__all__ = ["PLAN_VERSION", "Tier", "ParamSource", "StagePlan", "LoadPlan"]
+
+PLAN_VERSION = 1
+
+
+class Tier:
+    """Where a unit's weights live while the model runs."""
+
+    DEVICE = "device"
+    CPU = "cpu"
+    DISK = "disk"
+    ALL = (DEVICE, CPU, DISK)
+
+
+@dataclass(frozen=True)
+class ParamSource:
+    """Where one parameter of a stage comes from: checkpoint tensor `key`, read by
+    `src_rank` (this stage's own rank, or the rank that reads a tied tensor and sends it)."""
+
+    param: str
+    key: str
+    src_rank: int
+    dtype: str        # the dtype the parameter is materialized in
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What one rank owns, reads and holds."""
+
+    rank: int
+    units: tuple[str, ...]                 # module names, in execution order
+    unit_tiers: tuple[str, ...]            # a Tier per unit
+    params: tuple[ParamSource, ...]        # every parameter of the stage
+    reads: tuple[TensorMeta, ...]          # tensors this rank reads, by (file, offset)
+    sends: tuple[tuple[str, int], ...]     # (checkpoint key, destination rank) of tied tensors
+    tensor_bytes: int                      # bytes of `reads` in the checkpoint
+    param_bytes: int                       # bytes the stage holds after any cast
+    cost: float                            # estimated per-token compute (FLOPs)
+    reserved_bytes: int = 0                # device memory kept for activations and KV cache
+    bound: str = ""                        # what limited this stage, for --explain
+
+    def tier_bytes(self, sizes: dict[str, int]) -> dict[str, int]:
+        out = {t: 0 for t in Tier.ALL}
+        for unit, tier in zip(self.units, self.unit_tiers):
+            out[tier] += sizes.get(unit, 0)
+        return out
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """The whole job's plan. `config` is the model's config.json, so ranks build the
+    same meta model without reading files; `dtype` is the cast target (None: keep the
+    checkpoint's own dtypes)."""
+
+    checkpoint: str
+    format: str
+    config: dict
+    dtype: str | None
+    world_size: int
+    stages: tuple[StagePlan, ...]
+    checkpoint_bytes: int = 0              # tensor bytes of the whole checkpoint
+    unit_bytes: dict[str, int] = field(default_factory=dict)
+    no_split_units: tuple[str, ...] = ()   # the unit names the planner chose, for explain
+    unexpected_keys: tuple[str, ...] = ()  # checkpoint keys no parameter uses (strict=False)
+    version: int = PLAN_VERSION
+
+    def stage(self, rank: int) -> StagePlan:
+        return self.stages[rank]
+
+    # --- serialization ------------------------------------------------------------
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, no spaces): equal plans give equal strings."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    @classmethod
+    def from_json(cls, text: str) -> "LoadPlan":
+        d = json.loads(text)
+        if d.get("version") != PLAN_VERSION:
+            raise ValueError(f"plan version {d.get('version')} != {PLAN_VERSION}")
+        stages = tuple(_stage_from_dict(s) for s in d.pop("stages"))
+        d["no_split_units"] = tuple(d.get("no_split_units", ()))
+        d["unexpected_keys"] = tuple(d.get("unexpected_keys", ()))
+        return cls(stages=stages, **d)
+
+
+def _stage_from_dict(s: dict) -> StagePlan:
+    return StagePlan(
+        rank=s["rank"],
+        units=tuple(s["units"]),
+        unit_tiers=tuple(s["unit_tiers"]),
+        params=tuple(ParamSource(**p) for p in s["params"]),
+        reads=tuple(TensorMeta(**{**t, "shape": tuple(t["shape"])}) for t in s["reads"]),
+        sends=tuple((k, int(r)) for k, r in s["sends"]),
+        tensor_bytes=s["tensor_bytes"],
+        param_bytes=s["param_bytes"],
+        cost=s["cost"],
+        reserved_bytes=s.get("reserved_bytes", 0),
+        bound=s.get("bound", ""),
+    )
