@@ -60,3 +60,26 @@ def test_single_process_load_equals_safetensors(tiny_tied_ckpt):
         for name in f.keys():
             assert torch.equal(pipe.module.get_parameter(name), f.get_tensor(name))
     assert pipe.report["bytes_read"] == index_checkpoint(tiny_tied_ckpt).tensor_bytes
+
+
+def test_bin_checkpoint_loads_without_unpickling_objects(tiny_ckpt, tmp_path):
+    """A `pytorch_model.bin` checkpoint (zip format) loads through torch.load(mmap=True,
+    weights_only=True) and equals what torch.load itself returns."""
+    import shutil
+
+    import distload
+    from safetensors.torch import load_file
+
+    state = {}
+    for shard in sorted(tiny_ckpt.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shutil.copy(tiny_ckpt / "config.json", bin_dir / "config.json")
+    torch.save(state, bin_dir / "pytorch_model.bin")
+
+    pipe = distload.load(str(bin_dir), device="cpu")
+    reference = torch.load(bin_dir / "pytorch_model.bin", weights_only=True)
+    assert pipe.plan.format == "bin"
+    for name, tensor in reference.items():
+        assert torch.equal(pipe.module.get_parameter(name), tensor), name
