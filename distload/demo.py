@@ -115,19 +115,27 @@ def make_checkpoint(
 
     def tensors():
         for name, shape in specs:
-            yield name, _random_tensor(name, shape, seed).to(dtype)
+            yield name, _random_tensor(name, shape, seed, dtype)
 
     return write_sharded_checkpoint(tensors(), out_dir, config=out_config,
                                     max_shard_bytes=_shard_capacity(sizes, num_shards))
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    # Seeded per name, so a tensor's values do not depend on which others exist.
+def _random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype
+                   ) -> torch.Tensor:
+    # Seeded per name, so a tensor's values do not depend on which others exist; drawn in
+    # float32 chunks, so a 128k-vocabulary embedding needs no float32 copy of itself.
     gen = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
-    noise = torch.randn(shape, generator=gen, dtype=torch.float32)
-    if name.endswith("norm.weight"):
-        return 1.0 + 0.05 * noise
-    return 0.02 * noise
+    out = torch.empty(shape, dtype=dtype)
+    flat = out.view(-1)
+    is_norm = name.endswith("norm.weight")
+    for start in range(0, flat.numel(), _CHUNK):
+        noise = torch.randn(min(_CHUNK, flat.numel() - start), generator=gen)
+        flat[start:start + noise.numel()] = 1.0 + 0.05 * noise if is_norm else 0.02 * noise
+    return out
+
+
+_CHUNK = 1 << 22  # elements drawn at a time (16 MiB of float32)
 
 
 def _shard_capacity(sizes: list[int], num_shards: int) -> int:

@@ -26,13 +26,25 @@ __all__ = [
 
 def config_from_dict(d: dict[str, Any]) -> LlamaConfig:
     """The model config of a Hugging Face `config.json` dict; ValueError names an
-    unsupported `model_type` and lists the supported ones."""
+    unsupported `model_type` and lists the supported ones.
+
+    Example::
+
+        config_from_dict({"model_type": "gpt2"})  # ValueError: ... supports llama, mistral, qwen2
+    """
     return LlamaConfig.from_dict(d)
 
 
 def build_model(config: LlamaConfig | dict[str, Any]) -> nn.Module:
     """Construct (not load) the model for `config`, on whatever device context is active
-    (`torch.device("meta")`, `distload.init_empty_weights()`, ...)."""
+    (`torch.device("meta")`, `distload.init_empty_weights()`, ...).
+
+    Example::
+
+        with init_empty_weights():
+            model = build_model(json.load(open("ckpt/config.json")))
+        model.model.layers["0"]        # LlamaDecoderLayer, parameters on meta
+    """
     if not isinstance(config, LlamaConfig):
         config = config_from_dict(config)
     return LlamaForCausalLM(config)

@@ -9,6 +9,7 @@ needs is resolved here, once: defaults, the RoPE parameters in either the transf
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -74,6 +75,9 @@ class LlamaConfig:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
                              f"{self.num_hidden_layers} layers")
 
+    def __hash__(self) -> int:  # `rope_scaling` is a dict, which the generated hash rejects
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
     @property
     def o_proj_bias(self) -> bool:
         # llama's `attention_bias` covers o_proj too; qwen2 has q/k/v bias only.
@@ -107,6 +111,8 @@ class LlamaConfig:
         rope_theta, rope_scaling = _read_rope(d, max_pos)
         window, layer_types = _read_sliding_window(d, model_type, layers)
         dtype = d.get("dtype") or d.get("torch_dtype")
+        # qwen2 always has q/k/v biases; mistral never; llama as its config says.
+        qkv_bias = model_type == "qwen2" or (model_type == "llama" and bool(d.get("attention_bias")))
         eos = d.get("eos_token_id")
         return cls(
             model_type=model_type,
@@ -122,8 +128,7 @@ class LlamaConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=max_pos,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=True if model_type == "qwen2" else
-            bool(model_type == "llama" and d.get("attention_bias", False)),
+            attention_bias=qkv_bias,
             mlp_bias=bool(model_type == "llama" and d.get("mlp_bias", False)),
             sliding_window=window,
             layer_types=layer_types,
