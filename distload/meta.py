@@ -71,6 +71,11 @@ def init_on_device(device: torch.device | str, include_buffers: bool = True) -> 
     nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
     if include_buffers:
         nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+    # Random init of meta tensors is pointless, and its first call imports torch's
+    # compiler stack (~1 s per process): skip it, as transformers' no_init_weights does.
+    skipped = {n: getattr(nn.init, n) for n in _INIT_FUNCTIONS} if device.type == "meta" else {}
+    for name in skipped:
+        setattr(nn.init, name, _skip_init)
     try:
         # Buffers made by factories (torch.ones(...)) start on `device` too, so nothing
         # is allocated elsewhere first.
@@ -79,6 +84,15 @@ def init_on_device(device: torch.device | str, include_buffers: bool = True) -> 
     finally:
         nn.Module.register_parameter = old_register_parameter  # type: ignore[method-assign]
         nn.Module.register_buffer = old_register_buffer  # type: ignore[method-assign]
+        for name, fn in skipped.items():
+            setattr(nn.init, name, fn)
+
+
+_INIT_FUNCTIONS = tuple(n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_"))
+
+
+def _skip_init(tensor, *args, **kwargs):
+    return tensor
 
 
 def _on_device(t: torch.Tensor, device: torch.device) -> bool:

@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from .types import SAFETENSORS_DTYPES
 
 __all__ = ["write_sharded_checkpoint", "INDEX_NAME"]
 
@@ -45,6 +46,9 @@ def write_sharded_checkpoint(
         raise FileExistsError(f"{out} exists; refusing to overwrite a checkpoint")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a shared cache must be readable
     try:
         shard_names = _write_shards(tensors, tmp, max_shard_bytes)
         _write_index_and_config(tmp, shard_names, config)
@@ -64,7 +68,7 @@ def _write_shards(tensors, tmp: Path, max_shard_bytes: int) -> list[tuple[str, l
         nonlocal pending, pending_bytes
         if pending:
             name = f"shard-{len(shards):05d}.tmp"
-            save_file(pending, str(tmp / name), metadata={"format": "pt"})
+            _save_shard(pending, tmp / name)
             shards.append((name, list(pending), pending_bytes))
             pending, pending_bytes = {}, 0
 
@@ -90,3 +94,28 @@ def _write_index_and_config(tmp: Path, shards, config: dict) -> None:
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+_ST_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write one safetensors file tensor by tensor (safetensors' `save_file` builds the
+    whole file in memory first)."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data area starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
