@@ -9,6 +9,8 @@ module that holds parameters of its own (embeddings, final norm, head).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from torch import nn
@@ -23,10 +25,7 @@ class ParamSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)

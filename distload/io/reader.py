@@ -90,19 +90,21 @@ def _direct(meta: TensorMeta, dest: torch.Tensor) -> bool:
     return dest.device.type == "cpu" and dest.dtype == meta.torch_dtype and dest.is_contiguous()
 
 
-def _runs(metas: list[TensorMeta], direct: list[bool], max_run_bytes: int):
-    """Group adjacent tensors (no gap, same path kind) into runs of bounded size."""
+def _runs(metas: list[TensorMeta], direct: list[bool], max_staged_bytes: int):
+    """Group adjacent tensors (no gap, same path kind) into runs: direct runs up to
+    `_IOV_MAX` buffers, staged runs up to the staging buffer's size."""
     run: list[TensorMeta] = []
+    run_direct, run_bytes = False, 0
     for meta, is_direct in zip(metas, direct):
-        if run and (meta.offset != run[-1].offset + run[-1].length
-                    or is_direct != run_direct
-                    or len(run) >= _IOV_MAX
-                    or (not is_direct and sum(m.length for m in run) + meta.length > max_run_bytes)):
+        adjacent = bool(run) and meta.offset == run[-1].offset + run[-1].length
+        fits = len(run) < _IOV_MAX if is_direct else run_bytes + meta.length <= max_staged_bytes
+        if run and not (adjacent and is_direct == run_direct and fits):
             yield run_direct, run
-            run = []
+            run, run_bytes = [], 0
         if not run:
             run_direct = is_direct
         run.append(meta)
+        run_bytes += meta.length
     if run:
         yield run_direct, run
 

@@ -1,0 +1,105 @@
+"""What flows through the pipeline, and in which pieces: micro-batch splits, positions
+from an attention mask, and the small header that announces each generation step.
+
+Pure functions and plain data: no process group, no model. Every rank computes the same
+split from the same (batch, micro-batches), which is how receivers know the shapes of the
+activations they will get without being told.
+
+Example::
+
+    split_sizes(10, 4)                    # (3, 3, 2, 2)
+    micro_batch_slices(10, 4)[1]          # slice(3, 6)
+    position_ids_from_mask(torch.tensor([[0, 1, 1]]))   # tensor([[0, 0, 1]])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "split_sizes", "micro_batch_slices", "position_ids_from_mask", "StepHeader",
+    "STEP", "DROP", "STOP",
+]
+
+
+def split_sizes(batch: int, parts: int) -> tuple[int, ...]:
+    """`batch` rows in `min(parts, batch)` non-empty runs as equal as can be, the larger
+    ones first (as `torch.tensor_split` does)."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    if parts < 1:
+        raise ValueError(f"micro_batches must be at least 1, got {parts}")
+    parts = min(parts, batch)
+    base, extra = divmod(batch, parts)
+    return tuple(base + (i < extra) for i in range(parts))
+
+
+def micro_batch_slices(batch: int, parts: int) -> list[slice]:
+    """The row slices of `split_sizes(batch, parts)`, in order."""
+    out, start = [], 0
+    for size in split_sizes(batch, parts):
+        out.append(slice(start, start + size))
+        start += size
+    return out
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor, new_tokens: int | None = None
+                           ) -> torch.Tensor:
+    """RoPE positions as Hugging Face `generate` makes them: the running count of real
+    tokens minus one (padding gets 0), so a left-padded row starts at position 0.
+
+    `attention_mask` is ``[B, L]`` over cache + new tokens; returns the last
+    `new_tokens` columns (all `L` when None).
+    """
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(attention_mask == 0, 0)
+    return positions if new_tokens is None else positions[:, -new_tokens:]
+
+
+# ----------------------------------------------------------------------------- headers
+
+STEP, DROP, STOP = 1, 2, 3
+"""Header kinds: run one step of a group / forget a finished group / the call is over."""
+
+
+@dataclass(frozen=True)
+class StepHeader:
+    """What a generation message carries ahead of its activations, rank r → r+1.
+
+    `keep` lists, in order, the rows of the group's current cache that take part in this
+    step (rank 0 drops finished sequences); `tokens` is the number of new positions (the
+    prompt length at prefill, 1 when decoding). Encoded as a fixed-length int64 tensor of
+    ``4 + max_rows`` entries, so a receiver can post its receive before knowing anything.
+
+    Example::
+
+        h = StepHeader(STEP, group=1, keep=(0, 2), tokens=1)
+        StepHeader.decode(h.encode(max_rows=4)) == h
+    """
+
+    kind: int
+    group: int = -1
+    keep: tuple[int, ...] = ()
+    tokens: int = 0
+
+    def encode(self, max_rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        if len(self.keep) > max_rows:
+            raise ValueError(f"{len(self.keep)} rows in a step; at most {max_rows}")
+        out = torch.full((4 + max_rows,), -1, dtype=torch.long)
+        out[:4] = torch.tensor([self.kind, self.group, len(self.keep), self.tokens])
+        out[4:4 + len(self.keep)] = torch.tensor(self.keep, dtype=torch.long)
+        return out.to(device)
+
+    @classmethod
+    def decode(cls, encoded: torch.Tensor) -> "StepHeader":
+        values = encoded.tolist()
+        kind, group, rows, tokens = values[:4]
+        if kind not in (STEP, DROP, STOP):
+            raise ValueError(f"corrupt pipeline header: kind {kind}")
+        return cls(kind, group, tuple(values[4:4 + rows]), tokens)
+
+    @staticmethod
+    def length(max_rows: int) -> int:
+        return 4 + max_rows
