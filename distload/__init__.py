@@ -8,14 +8,16 @@ Example::
     logits = pipe.forward(input_ids)         # on rank 0; None on the other ranks
 """
 
-from .api import load
+from .api import load, plan_job
+from .dispatch import infer_auto_device_map, load_checkpoint_and_dispatch
 from .errors import CheckpointError, DistloadError, LoadError, PlanError, RankError
 from .meta import init_empty_weights, init_on_device
 from .pipeline.pipe import Pipeline
 from .plan.types import LoadPlan
 
 __all__ = [
-    "load", "Pipeline", "LoadPlan",
+    "load", "plan_job", "Pipeline", "LoadPlan",
+    "infer_auto_device_map", "load_checkpoint_and_dispatch",
     "init_empty_weights", "init_on_device",
     "DistloadError", "CheckpointError", "PlanError", "LoadError", "RankError",
 ]

@@ -10,6 +10,8 @@ import argparse
 import os
 from dataclasses import MISSING, dataclass, field, fields
 
+from .plan.budget import parse_max_memory_arg
+
 __all__ = ["RunConfig", "parse_args"]
 
 
@@ -27,6 +29,8 @@ class RunConfig:
                         negatable=True)
     cache_dir: str | None = _opt(None, "where the demo checkpoint is made (default $DISTLOAD_CACHE "
                                        "or ~/.cache/distload)")
+    offload_dir: str | None = _opt(None, "shared directory for disk-tier weights (default "
+                                         "<cache dir>/offload; see python -m distload.offload)")
     device: str | None = _opt(None, "'cpu' forces CPU ranks (gloo); default cuda:LOCAL_RANK when CUDA is there")
     timeout: float = _opt(600.0, "seconds a rank waits for the others before giving up")
     read_workers: int = _opt(2, "reader threads per rank")
@@ -35,6 +39,27 @@ class RunConfig:
                                       action="append")
     max_new_tokens: int = _opt(8, "tokens to generate per prompt (0: load and report only)")
     micro_batches: int | None = _opt(None, "micro-batches in flight (default: the world size)")
+    max_memory: str | None = _opt(None, "memory budgets, e.g. '0=20GiB,1=20GiB,cpu=64GiB,disk=1TB' or "
+                                        "JSON; cpu/disk are per node (GB = 10^9 bytes, GiB = 2^30)")
+    max_batch_size: int | None = _opt(None, "largest batch to keep device room for (default 1)")
+    max_seq_len: int | None = _opt(None, "longest sequence (prompt + new tokens) to keep KV-cache room "
+                                         "for (default min(2048, max_position_embeddings))")
+    explain: bool = _opt(False, "print the plan (stages, tiers, reserves, why) and exit without loading",
+                         negatable=True)
+    prompt: tuple[str, ...] = _opt((), "prompt text (needs tokenizer.json in the model directory and "
+                                       "the 'tokenizers' package); repeat for a batch", action="append")
+    input_file: str | None = _opt(None, "JSON lines, one prompt per line: {\"input_ids\": [...]} or "
+                                        "{\"prompt\": \"text\"}")
+    output_file: str | None = _opt(None, "write one JSON line per prompt: its input object plus "
+                                         "\"output_ids\" (and \"output_text\" with a tokenizer)")
+    do_sample: bool = _opt(False, "sample the next token (default: greedy)", negatable=True)
+    temperature: float = _opt(1.0, "sampling temperature (with --do-sample)")
+    top_k: int | None = _opt(None, "sample among the k most likely tokens only (with --do-sample)")
+    top_p: float | None = _opt(None, "sample from the smallest set of tokens whose probability "
+                                     "reaches p (with --do-sample)")
+    seed: int | None = _opt(None, "seed for sampling; equal seeds give equal tokens")
+    eos_token_id: int | None = _opt(None, "a sequence stops at this token (default: the model "
+                                          "config's eos_token_id)")
 
     def validate(self) -> "RunConfig":
         if self.timeout <= 0:
@@ -45,11 +70,33 @@ class RunConfig:
             raise ValueError("--max-new-tokens must be 0 or more")
         if self.micro_batches is not None and self.micro_batches < 1:
             raise ValueError("--micro-batches must be at least 1")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ValueError("--max-batch-size must be at least 1")
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise ValueError("--max-seq-len must be at least 1")
+        parse_max_memory_arg(self.max_memory)  # raises with what to write instead
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("--log-level must be DEBUG, INFO, WARNING or ERROR")
         if self.report and not os.path.isdir(os.path.dirname(os.path.abspath(self.report))):
             raise ValueError(f"--report {self.report}: its directory does not exist")
+        self._validate_generation()
         return self
+
+    def _validate_generation(self) -> None:
+        sources = [name for name, given in (("--input-ids", self.input_ids), ("--prompt", self.prompt),
+                                             ("--input-file", self.input_file)) if given]
+        if len(sources) > 1:
+            raise ValueError(f"give prompts one way: {' and '.join(sources)} were both given")
+        if self.input_file and not os.path.isfile(self.input_file):
+            raise ValueError(f"--input-file {self.input_file}: no such file")
+        if self.output_file and not os.path.isdir(os.path.dirname(os.path.abspath(self.output_file))):
+            raise ValueError(f"--output-file {self.output_file}: its directory does not exist")
+        if not self.temperature > 0:
+            raise ValueError("--temperature must be positive")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("--top-k must be at least 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError("--top-p must be in (0, 1]")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,6 +126,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     ns = vars(parser.parse_args(argv))
     ns = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ns.items()}
     ns["input_ids"] = ns["input_ids"] or ()
+    ns["prompt"] = ns["prompt"] or ()
     try:
         return RunConfig(**ns).validate()
     except ValueError as e:

@@ -33,6 +33,10 @@ class UnitSpec:
     name: str
     params: tuple[ParamSpec, ...]
     cost: float  # per-token FLOPs: 2 * in * out for every Linear; embeddings cost ~0
+    kind: str = ""           # the unit module's class name, e.g. "LlamaDecoderLayer"
+    kv_per_token: int = 0    # KV-cache elements kept per token (k_proj + v_proj outputs)
+    act_per_token: int = 0   # activation elements per token: its input plus every output
+    max_out: int = 0         # the widest Linear/Embedding output (logits: the vocabulary)
 
 
 @dataclass(frozen=True)
@@ -87,11 +91,23 @@ def _unit(module: nn.Module, prefix: str) -> UnitSpec:
         ParamSpec(f"{prefix}.{n}", tuple(p.shape))
         for n, p in module.named_parameters(remove_duplicate=False)
     )
-    cost = 0.0
-    for sub in module.modules():
+    cost, kv, act, widest, width_in = 0.0, 0, 0, 0, 0
+    for sub_name, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
             cost += 2.0 * sub.in_features * sub.out_features
-    return UnitSpec(name=prefix, params=params, cost=cost)
+            act += sub.out_features
+            widest, width_in = max(widest, sub.out_features), max(width_in, sub.in_features)
+            if sub_name.rpartition(".")[2] in _KV_PROJECTIONS:
+                kv += sub.out_features
+        elif isinstance(sub, nn.Embedding):
+            act += sub.embedding_dim
+            widest = max(widest, sub.embedding_dim)
+    return UnitSpec(name=prefix, params=params, cost=cost, kind=type(module).__name__,
+                    kv_per_token=kv, act_per_token=act + width_in, max_out=widest)
+
+
+# Linear submodules whose outputs a KV cache keeps (Llama/Mistral/Qwen2 and most HF decoders).
+_KV_PROJECTIONS = ("k_proj", "v_proj")
 
 
 def _tied_groups(model: nn.Module) -> tuple[tuple[str, ...], ...]:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import sys
 import time
+import types
 
-import torch
-
-from .api import load
+from .api import load, plan_job
 from .config import RunConfig, parse_args
-from .dist import shutdown
+from .dist import init_world, run_on_rank0, shutdown
 from .errors import DistloadError, RankError
 from .log import logger, setup_logging
+from .plan.budget import parse_max_memory_arg
+from .plan.explain import explain_plan
+from .pipeline.generate import resolve_eos
+from .prompts import collect_requests, left_pad, new_tokens, optional_tokenizer, write_outputs
 from .report import format_table, write_report
 
 __all__ = ["main"]
@@ -22,44 +25,71 @@ __all__ = ["main"]
 DEMO_INPUT_IDS = ("1,15,27,300,42,7", "5,9,81,2")
 
 
-def _prompts(cfg: RunConfig) -> list[list[int]]:
-    texts = cfg.input_ids or (DEMO_INPUT_IDS if cfg.model == "demo" else ())
-    try:
-        return [[int(t) for t in text.split(",") if t.strip()] for text in texts]
-    except ValueError as e:
-        raise ValueError(f"--input-ids takes comma-separated integers: {e}") from None
+def _generate(pipe, cfg: RunConfig) -> None:
+    """Every rank: rank 0 collects the prompts (errors reach every rank), all generate,
+    rank 0 logs and writes the outputs and the throughput."""
+    demo_ids = DEMO_INPUT_IDS if cfg.model == "demo" and not (cfg.prompt or cfg.input_file) else ()
+    rank0: dict = {}
+
+    def collect():
+        rank0["tokenizer"] = optional_tokenizer(pipe.plan.checkpoint)
+        return collect_requests(input_ids=cfg.input_ids or demo_ids, prompts=cfg.prompt,
+                                input_file=cfg.input_file, model_dir=pipe.plan.checkpoint,
+                                tokenizer=rank0["tokenizer"])
+
+    requests = run_on_rank0(pipe.world, collect)
+    if not requests:
+        return
+    ids, mask = left_pad([r.ids for r in requests])
+    start = time.perf_counter()
+    out = pipe.generate(ids, mask, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                        seed=cfg.seed, eos_token_id=cfg.eos_token_id)
+    seconds = time.perf_counter() - start
+    if pipe.rank != 0:
+        return
+    eos, _ = resolve_eos(cfg.eos_token_id, None, pipe.plan.config)
+    outputs = [new_tokens(row, ids.shape[1], eos) for row in out.tolist()]
+    tokenizer = rank0["tokenizer"]
+    for request, generated in zip(requests, outputs):
+        shown = repr(tokenizer.decode(generated)) if tokenizer is not None else generated
+        logger.info("%s -> %s", list(request.ids), shown)
+    if cfg.output_file:
+        write_outputs(cfg.output_file, requests, outputs, tokenizer)
+        logger.info("outputs written to %s", cfg.output_file)
+    count = sum(len(g) for g in outputs)
+    logger.info("generated %d tokens for %d prompts in %.3f s (%.1f tokens/s)", count,
+                len(requests), seconds, count / seconds)
 
 
-def _left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    return ids, mask
+def _explain(cfg: RunConfig) -> int:
+    """--explain: every rank takes part in planning (each measures its own memory); rank 0
+    writes the plan to stdout; nothing is loaded."""
+    world = init_world(timeout_s=cfg.timeout, device=cfg.device)
+    plan = plan_job(cfg.model, world=world, dtype=cfg.dtype, max_memory=parse_max_memory_arg(cfg.max_memory),
+                    strict=cfg.strict, cache_dir=cfg.cache_dir, offload_dir=cfg.offload_dir,
+                    max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len)
+    if world.is_first:
+        sys.stdout.write(explain_plan(plan))
+        sys.stdout.flush()
+    shutdown(world)
+    return 0
 
 
 def run(cfg: RunConfig) -> int:
+    if cfg.explain:
+        return _explain(cfg)
     pipe = load(cfg.model, dtype=cfg.dtype, strict=cfg.strict, cache_dir=cfg.cache_dir,
                 device=cfg.device, timeout_s=cfg.timeout, read_workers=cfg.read_workers,
-                micro_batches=cfg.micro_batches)
+                micro_batches=cfg.micro_batches, max_memory=parse_max_memory_arg(cfg.max_memory),
+                max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len)
     if pipe.rank == 0:
         logger.info("loaded %s\n%s", pipe.plan.checkpoint, format_table(pipe.job_report))
         if cfg.report:
             write_report(pipe.job_report, cfg.report)
             logger.info("report written to %s", cfg.report)
-    prompts = _prompts(cfg)
-    if cfg.max_new_tokens and prompts:
-        ids, mask = _left_pad(prompts)
-        start = time.perf_counter()
-        out = pipe.generate(ids, mask, max_new_tokens=cfg.max_new_tokens)
-        seconds = time.perf_counter() - start
-        if pipe.rank == 0:
-            for row, prompt in zip(out.tolist(), prompts):
-                logger.info("%s -> %s", prompt, row[ids.shape[1]:])
-            new_tokens = len(prompts) * cfg.max_new_tokens
-            logger.info("generated %d tokens in %.3f s (%.1f tokens/s)", new_tokens, seconds, new_tokens / seconds)
+    if cfg.max_new_tokens:
+        _generate(pipe, cfg)
     shutdown(pipe.world)
     return 0
 
@@ -79,5 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+class _CallableCLIModule(types.ModuleType):
+    """Importing this module makes Python set `distload.load` to it (a package attribute
+    per submodule), hiding the `distload.load()` function; calling the module calls it."""
+
+    def __call__(self, *args, **kwargs):
+        return load(*args, **kwargs)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+else:
+    sys.modules[__name__].__class__ = _CallableCLIModule

@@ -12,7 +12,9 @@ from .errors import CheckpointError
 from .log import logger
 from .meta import init_empty_weights
 from .models import build_model
-from .plan.build import make_plan
+from .plan.budget import LocalMemory, measure_local, resolve_budgets
+from .plan.planner import plan_model
+from .plan.reserve import run_shape
 from .plan.types import LoadPlan
 
 __all__ = ["PlanRequest", "resolve_checkpoint", "plan_load"]
@@ -25,6 +27,10 @@ class PlanRequest:
     dtype: str | None = None
     strict: bool = True
     cache_dir: str | None = None
+    max_memory: dict | None = None           # parsed: {rank: bytes, "cpu": bytes, "disk": bytes}
+    measured: tuple[LocalMemory, ...] | None = None  # each rank's own measurement, in rank order
+    max_batch_size: int | None = None        # room kept on each device for running
+    max_seq_len: int | None = None
 
 
 def resolve_checkpoint(spec: str, cache_dir: str | None = None) -> str:
@@ -44,10 +50,23 @@ def plan_load(req: PlanRequest) -> LoadPlan:
     if index.config is None:
         raise CheckpointError(f"{os.path.join(index.root, 'config.json')} is missing: "
                               "distload needs the model's config.json beside its weights")
-    with init_empty_weights(include_buffers=True):
+    # Parameters on meta; buffers (RoPE frequencies, a few floats) computed on the CPU:
+    # computing them on meta would import torch's reference kernels (~1-2 s).
+    with init_empty_weights(include_buffers=False):
         model = build_model(index.config)
     spec = describe_model(model)
-    plan = make_plan(spec, index.tensors, world_size=req.world_size, checkpoint=index.root,
-                     format=index.format, config=index.config, dtype=req.dtype, strict=req.strict)
+    # Without measurements (a direct call), every rank is assumed to be like this process.
+    measured = req.measured or (measure_local(_local_device()),) * req.world_size
+    budgets = resolve_budgets(req.max_memory or {}, measured)
+    shape = run_shape(index.config, max_batch_size=req.max_batch_size, max_seq_len=req.max_seq_len)
+    plan = plan_model(spec, index.tensors, budgets=budgets, checkpoint=index.root,
+                      format=index.format, config=index.config, dtype=req.dtype, strict=req.strict,
+                      shape=shape)
     logger.debug("planned %d units over %d ranks", len(spec.units), req.world_size)
     return plan
+
+
+def _local_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

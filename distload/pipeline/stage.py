@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..meta import init_on_device
+from ..meta import init_empty_weights
 from ..models import build_model
 from ..plan.types import LoadPlan
 
@@ -14,7 +14,9 @@ __all__ = ["build_stage_skeleton", "prune_to_units"]
 
 def build_stage_skeleton(plan: LoadPlan, rank: int) -> nn.Module:
     """Every rank calls this for its own rank after receiving the plan."""
-    with init_on_device("meta", include_buffers=True):
+    # Parameters on meta; the tiny RoPE buffers on the CPU (computing them on meta pulls
+    # in torch's compiler stack, ~1 s); `finish_stage` recomputes them on the device.
+    with init_empty_weights():
         model = build_model(plan.config)
     all_units = [u for s in plan.stages for u in s.units]
     prune_to_units(model, all_units, keep=set(plan.stage(rank).units))

@@ -99,7 +99,13 @@ def make_plan(
         bounds = min_max_partition([unit_bytes[u.name] for u in units], world_size)
     tiers = list(unit_tiers) if unit_tiers is not None else [Tier.DEVICE] * len(units)
 
-    # Who reads each key: the lowest rank holding a parameter filled from it.
+    # Who reads each key: the lowest rank holding a parameter filled from it; that rank
+    # sends it to the others that hold it (tied embeddings on the first and last stage).
+    # Read once and sent, rather than read by both, because (1) the storage a checkpoint
+    # sits on (a shared file system, one NVMe) is the slower link — a rank-to-rank send
+    # over NVLink/InfiniBand, or shared memory on one node, is cheaper than a second read;
+    # (2) it keeps the invariant that the ranks together read exactly the checkpoint's
+    # bytes; (3) the tied tensor is one embedding matrix, so the send is a single message.
     rank_of_unit = {units[i].name: r for r in range(world_size) for i in range(bounds[r], bounds[r + 1])}
     unit_of_param = spec.unit_of()
     reader: dict[str, int] = {}

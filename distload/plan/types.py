@@ -52,6 +52,9 @@ class StagePlan:
     cost: float                            # estimated per-token compute (FLOPs)
     reserved_bytes: int = 0                # device memory kept for activations and KV cache
     bound: str = ""                        # what limited this stage, for --explain
+    budget: dict = field(default_factory=dict)    # the rank's {"device", "cpu", "disk", "source"}
+    held_bytes: dict = field(default_factory=dict)  # bytes held per tier, a tied tensor once
+    plan_cost: float = 0.0                 # the planner's cost: FLOPs plus streaming penalty
 
     def tier_bytes(self, sizes: dict[str, int]) -> dict[str, int]:
         out = {t: 0 for t in Tier.ALL}
@@ -76,6 +79,8 @@ class LoadPlan:
     unit_bytes: dict[str, int] = field(default_factory=dict)
     no_split_units: tuple[str, ...] = ()   # the unit names the planner chose, for explain
     unexpected_keys: tuple[str, ...] = ()  # checkpoint keys no parameter uses (strict=False)
+    no_split_classes: tuple[str, ...] = () # classes kept whole (given, or the model's own)
+    run_shape: dict = field(default_factory=dict)  # {"max_batch_size", "max_seq_len"} reserved for
     version: int = PLAN_VERSION
 
     def stage(self, rank: int) -> StagePlan:
@@ -97,6 +102,7 @@ class LoadPlan:
         stages = tuple(_stage_from_dict(s) for s in d.pop("stages"))
         d["no_split_units"] = tuple(d.get("no_split_units", ()))
         d["unexpected_keys"] = tuple(d.get("unexpected_keys", ()))
+        d["no_split_classes"] = tuple(d.get("no_split_classes", ()))
         return cls(stages=stages, **d)
 
 
@@ -113,4 +119,7 @@ def _stage_from_dict(s: dict) -> StagePlan:
         cost=s["cost"],
         reserved_bytes=s.get("reserved_bytes", 0),
         bound=s.get("bound", ""),
+        budget=s.get("budget", {}),
+        held_bytes=s.get("held_bytes", {}),
+        plan_cost=s.get("plan_cost", 0.0),
     )

@@ -1,0 +1,101 @@
+"""`--explain`: the plan as text a person reads before loading anything.
+
+Per rank: its run of units (decoder layers as a range), bytes on each tier, the bytes kept
+free for activations and KV cache, its share of the estimated cost, and why its stage ends
+where it does (which budget bound it). Pure: a `LoadPlan` in, a string out.
+
+Example::
+
+    plan = distload.plan_job("./llama", max_memory={0: "20GiB", "cpu": "64GiB"})
+    sys.stdout.write(explain_plan(plan))
+"""
+
+from __future__ import annotations
+
+import re
+
+from .budget import format_bytes
+from .types import LoadPlan, StagePlan, Tier
+
+__all__ = ["explain_plan", "compress_units"]
+
+_NUMBERED = re.compile(r"^(.*)\.(\d+)$")
+
+
+def compress_units(names) -> str:
+    """``["model.embed_tokens", "model.layers.0", ..., "model.layers.9"]`` →
+    ``"model.embed_tokens, model.layers.0-9"``: consecutive numbered siblings as a range.
+
+    Example::
+
+        compress_units(["a.1", "a.2", "a.3", "head"])   # 'a.1-3, head'
+    """
+    parts: list[str] = []
+    run: tuple[str, int, int] | None = None  # (prefix, first, last)
+
+    def flush() -> None:
+        if run is not None:
+            prefix, first, last = run
+            parts.append(f"{prefix}.{first}" if first == last else f"{prefix}.{first}-{last}")
+
+    for name in names:
+        m = _NUMBERED.match(name)
+        if m and run is not None and m.group(1) == run[0] and int(m.group(2)) == run[2] + 1:
+            run = (run[0], run[1], run[2] + 1)
+            continue
+        flush()
+        run = (m.group(1), int(m.group(2)), int(m.group(2))) if m else None
+        if not m:
+            parts.append(name)
+    flush()
+    return ", ".join(parts)
+
+
+def _held(plan: LoadPlan, stage: StagePlan) -> dict[str, int]:
+    if stage.held_bytes:
+        return {t: int(stage.held_bytes.get(t, 0)) for t in Tier.ALL}
+    return stage.tier_bytes(plan.unit_bytes)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def explain_plan(plan: LoadPlan) -> str:
+    """The plan as a few lines of text (ends with a newline).
+
+    Example::
+
+        print(explain_plan(plan))   # from a script; the CLI writes it for --explain
+    """
+    costs = [s.plan_cost or s.cost for s in plan.stages]
+    total_cost = sum(costs) or 1.0
+    lines = [f"distload plan: {plan.checkpoint} ({plan.format}), {plan.world_size} rank(s), "
+             f"dtype {plan.dtype or 'as stored'}, {format_bytes(plan.checkpoint_bytes)} of tensors"]
+    kept = ", ".join(plan.no_split_classes) or "none named"
+    lines.append(f"units ({len(plan.no_split_units)}, in execution order; kept whole: {kept}): "
+                 f"{compress_units(plan.no_split_units)}")
+    if plan.run_shape:
+        lines.append(f"reserved for running: batch {plan.run_shape['max_batch_size']} x "
+                     f"{plan.run_shape['max_seq_len']} tokens (KV cache and activations)")
+    sends = [(s.rank, key, dst) for s in plan.stages for key, dst in s.sends]
+    for src, key, dst in sends:
+        lines.append(f"tied: {key} is read once by rank {src} and sent to rank {dst}")
+    rows = [["rank", "units", "device", "cpu", "disk", "reserved", "device budget", "cost share"]]
+    for s, cost in zip(plan.stages, costs):
+        held = _held(plan, s)
+        budget = s.budget.get("device") if s.budget else None
+        rows.append([str(s.rank), compress_units(s.units), format_bytes(held[Tier.DEVICE]),
+                     format_bytes(held[Tier.CPU]), format_bytes(held[Tier.DISK]),
+                     format_bytes(s.reserved_bytes),
+                     format_bytes(budget) if budget is not None else "-", f"{cost / total_cost:.1%}"])
+    lines += [""] + _table(rows) + [""]
+    for s in plan.stages:
+        lines.append(f"rank {s.rank}: {s.bound or 'bytes-balanced split (no planner budgets)'}")
+        if s.budget.get("source"):
+            lines.append(f"        budgets from {s.budget['source']}")
+    slowest = max(range(len(costs)), key=lambda r: (costs[r], -r))
+    lines.append(f"slowest stage: rank {slowest}, {costs[slowest]:.4g} FLOP-equivalents per token "
+                 f"({costs[slowest] / total_cost:.1%} of the total)")
+    return "\n".join(lines) + "\n"

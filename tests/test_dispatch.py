@@ -1,0 +1,149 @@
+"""The accelerate workflow with only its import line changed, against transformers' own
+`from_pretrained` model; and `infer_auto_device_map` against accelerate's."""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from distload import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
+from distload.demo import make_checkpoint
+from distload.describe import describe_model
+from distload.dispatch import plan_device_map
+from distload.dispatch_load import device_for
+from distload.errors import LoadError
+
+from .conftest import tiny_config
+from .mp import torchrun, worker
+
+IDS = torch.tensor([[1, 5, 9, 200, 3, 7], [4, 4, 8, 15, 16, 23]])
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dispatch")
+    out = {}
+    for name, cfg, dtype in (("untied", tiny_config(), "float32"),
+                             ("tied", tiny_config(tie_word_embeddings=True), "float32"),
+                             ("bf16", tiny_config(torch_dtype="bfloat16"), "bfloat16")):
+        out[name] = root / name
+        make_checkpoint(cfg, out[name], num_shards=2, dtype=dtype, seed=3)
+    return out
+
+
+def _meta_model(path):
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+
+
+def _reference(path, **kw):
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(path, **kw)(IDS).logits
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("name", ["untied", "tied"])
+def test_accelerate_workflow_equals_transformers(ckpts, name):
+    path = ckpts[name]
+    model = _meta_model(path)
+    max_memory = {"cpu": "2GiB"}
+    device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=["LlamaDecoderLayer"])
+    assert device_map == {"": "cpu"} and max_memory == {"cpu": "2GiB"}
+    model = load_checkpoint_and_dispatch(model, checkpoint=path, device_map=device_map)
+    assert model.hf_device_map == {"": "cpu"}
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    assert torch.equal(_logits(model), _reference(path, dtype=torch.float32))
+    if name == "tied":
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_dtype_cast_equals_transformers_in_bfloat16(ckpts):
+    path = ckpts["bf16"]
+    model = load_checkpoint_and_dispatch(_meta_model(path), path, device_map="auto", dtype=torch.bfloat16)
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(_logits(model), _reference(path, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", ["untied", "tied"])
+def test_cpu_and_disk_tiers_equal_transformers(ckpts, name, tmp_path):
+    path = ckpts[name]
+    model = _meta_model(path)
+    device_map = infer_auto_device_map(model, max_memory={"cpu": 600_000})
+    assert {"cpu", "disk"} == set(device_map.values())
+    assert device_map["model.rotary_emb"] == "cpu"                   # buffers only: the first device
+    model = load_checkpoint_and_dispatch(model, path, device_map=device_map, offload_folder=tmp_path / "off")
+    assert torch.equal(_logits(model), _reference(path, dtype=torch.float32))
+    assert any((tmp_path / "off").rglob("*"))                        # disk entries in the offload store
+    assert torch.equal(_logits(model), _reference(path, dtype=torch.float32))   # and again
+
+
+def test_device_map_covers_every_module_in_order(ckpts):
+    model = _meta_model(ckpts["untied"])
+    full = infer_auto_device_map(model, max_memory={"cpu": "1GB"}, clean_result=False)
+    assert list(full) == ["model.embed_tokens", *(f"model.layers.{i}" for i in range(4)), "model.norm",
+                          "model.rotary_emb", "lm_head"]
+    for name, _ in model.named_parameters():
+        device_for(name, full)                                     # every parameter is placed
+
+
+def test_three_gpus_split_by_cost_not_filled_greedily(ckpts):
+    """On meta, with GPU indices as keys (no GPU needed to plan): every stage gets a
+    contiguous run, and the slowest is no slower than accelerate's split."""
+    from accelerate import infer_auto_device_map as accelerate_map
+
+    cfg = AutoConfig.from_pretrained(ckpts["untied"])
+    cfg.vocab_size, cfg.num_hidden_layers = 8192, 8            # a large vocabulary: a costly head
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg)
+    spec = describe_model(model)
+    total = sum(p.numel() * 4 for p in model.parameters())
+    budget = {i: int(total * 0.6) for i in range(3)}
+    plan = plan_device_map(model, dict(budget))
+    ours = infer_auto_device_map(model, max_memory=dict(budget), clean_result=False)
+    theirs = accelerate_map(model, max_memory=dict(budget), no_split_module_classes=["LlamaDecoderLayer"])
+
+    def stage_costs(device_map):
+        costs = [0.0, 0.0, 0.0]
+        for unit in spec.units:
+            costs[device_for(unit.name, device_map)[1]] += unit.cost
+        return costs
+
+    order = [device_for(u.name, ours)[1] for u in spec.units]
+    assert order == sorted(order) and set(order) == {0, 1, 2}          # contiguous stages, all used
+    assert max(stage_costs(ours)) == plan.partition.bottleneck <= max(stage_costs(theirs))
+
+
+def test_errors_name_the_problem(ckpts):
+    path = ckpts["untied"]
+    with pytest.raises(ValueError, match="device_map 'everywhere'"):
+        load_checkpoint_and_dispatch(_meta_model(path), path, device_map="everywhere")
+    with pytest.raises(LoadError, match=r"lm_head\.weight"):
+        load_checkpoint_and_dispatch(_meta_model(path), path, device_map={"model": "cpu"})
+    with pytest.raises(ValueError, match="ambiguous"):
+        infer_auto_device_map(_meta_model(path), max_memory={"cpu": "2G"})
+
+
+def test_max_memory_is_never_mutated(ckpts):
+    max_memory = {0: "1GiB", "cpu": "2GiB"}
+    before = copy.deepcopy(max_memory)
+    infer_auto_device_map(_meta_model(ckpts["untied"]), max_memory=max_memory)
+    assert max_memory == before
+
+
+@pytest.mark.multiprocess
+def test_auto_under_torchrun_loads_only_this_ranks_stage(ckpts, tmp_path):
+    proc = torchrun(2, [worker("plan_dispatch.py"), str(ckpts["untied"]), str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results[0]["digest"] == results[1]["digest"]
+    assert results[0]["units"][0] == "model.embed_tokens" and results[1]["units"][-1] == "lm_head"
+    assert not set(results[0]["units"]) & set(results[1]["units"])
+    assert all(r["mismatches"] == [] and r["checked"] > 0 for r in results)
+    logits = torch.load(tmp_path / "logits.pt")
+    assert torch.allclose(logits, _reference(ckpts["untied"], dtype=torch.float32), atol=1e-5, rtol=0)
