@@ -7,6 +7,8 @@ Called by every rank, after the plan broadcast, in this order:
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -14,20 +16,31 @@ from torch import nn
 from .checkpoint.types import dtype_from_name
 from .errors import LoadError
 from .io.reader import ReadStats, read_tensors
-from .plan.types import LoadPlan
+from .plan.types import LoadPlan, Tier
 
 __all__ = ["allocate_stage", "read_stage", "exchange_tied", "finish_stage"]
 
 
-def allocate_stage(plan: LoadPlan, rank: int, module: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
+def allocate_stage(plan: LoadPlan, rank: int, module: nn.Module, device: torch.device, *,
+                   tiers: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Give every parameter of `module` real storage on `device`, one tensor per
-    checkpoint key (tied parameters of one stage share it). Returns key -> tensor."""
+    checkpoint key (tied parameters of one stage share it). Returns key -> tensor.
+
+    `tiers` (key -> `Tier`, from `distload.offload.key_tiers`) leaves ``disk`` keys on
+    meta (the offload store holds them) and puts ``cpu`` keys in host memory, pinned on
+    CUDA; without it everything goes to `device`."""
     storage: dict[str, torch.Tensor] = {}
     params: dict[str, nn.Parameter] = {}
     for src in plan.stage(rank).params:
+        tier = tiers.get(src.key, Tier.DEVICE) if tiers else Tier.DEVICE
+        if tier == Tier.DISK:
+            continue
         if src.key not in params:
             meta_param = module.get_parameter(src.param)
-            storage[src.key] = torch.empty(meta_param.shape, dtype=dtype_from_name(src.dtype), device=device)
+            host = tier == Tier.CPU and device.type != "cpu"
+            storage[src.key] = torch.empty(meta_param.shape, dtype=dtype_from_name(src.dtype),
+                                           device="cpu" if host else device,
+                                           pin_memory=host and device.type == "cuda")
             params[src.key] = nn.Parameter(storage[src.key], requires_grad=False)
         parent_name, _, attr = src.param.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
@@ -36,8 +49,9 @@ def allocate_stage(plan: LoadPlan, rank: int, module: nn.Module, device: torch.d
 
 
 def read_stage(plan: LoadPlan, rank: int, storage: dict[str, torch.Tensor], *, workers: int = 2) -> ReadStats:
-    """Read exactly this rank's byte ranges into `storage`."""
-    reads = plan.stage(rank).reads
+    """Read exactly this rank's byte ranges into `storage` (keys it lacks, the disk
+    tier's, are read by `distload.offload.attach` instead)."""
+    reads = [m for m in plan.stage(rank).reads if m.name in storage]
     if plan.format == "bin":
         return _read_bin(reads, storage)
     return read_tensors(reads, storage, workers=workers)
@@ -76,12 +90,14 @@ def exchange_tied(plan: LoadPlan, rank: int, storage: dict[str, torch.Tensor]) -
     return received
 
 
-def finish_stage(module: nn.Module, device: torch.device) -> None:
+def finish_stage(module: nn.Module, device: torch.device, *, offloaded: Collection[str] = ()) -> None:
     """Compute non-persistent buffers (RoPE frequencies) on the device, and fail if any
-    parameter or buffer is still on meta."""
+    parameter or buffer is still on meta (but those in `offloaded`, which are streamed
+    onto the device only while their module runs)."""
     init = getattr(module, "init_buffers", None)
     if callable(init):
         init(device)
-    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers())
+            if t.is_meta and n not in offloaded]
     if left:
         raise LoadError(f"{len(left)} tensor(s) left on the meta device after loading: {', '.join(left[:8])}")

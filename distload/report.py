@@ -62,6 +62,12 @@ def format_table(report: dict) -> str:
     total_read = sum(r["bytes_read"] for r in report["ranks"])
     rows.append(f"checkpoint {report['checkpoint_bytes'] / 1e6:.1f} MB of tensors; "
                 f"read {total_read / 1e6:.1f} MB over {report['world_size']} rank(s)")
+    for r in report["ranks"]:
+        if r.get("offloaded_bytes"):
+            tiers = r.get("offloaded_bytes_by_tier", {})
+            rows.append(f"rank {r['rank']} offloaded: cpu {tiers.get('cpu', 0) / 1e6:.1f} MB, disk "
+                        f"{tiers.get('disk', 0) / 1e6:.1f} MB; wrote {r.get('offload_bytes_written', 0) / 1e6:.1f}"
+                        f" MB to the offload dir; waited {r.get('offload_wait_seconds', 0.0):.3f} s for weights")
     return "\n".join(rows)
 
 
