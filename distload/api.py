@@ -11,7 +11,7 @@ from .checkpoint.types import dtype_name
 from .dist import World, agree, gather_objects, init_world, run_on_rank0
 from .errors import PlanError
 from .log import logger
-from .materialize import allocate_stage, exchange_tied, finish_stage, read_stage
+from .materialize import allocate_stage, exchange_tied, finish_stage, map_stage, read_stage
 from .pipeline.pipe import Pipeline
 from .pipeline.stage import build_stage_skeleton
 from .plan.budget import measure_local, parse_max_memory
@@ -105,8 +105,10 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
     try:
         module = build_stage_skeleton(plan, world.rank)
         tiers = offload.key_tiers(plan, world.rank, world.device)
-        storage = allocate_stage(plan, world.rank, module, world.device, tiers=tiers)
-        bytes_read = read_stage(plan, world.rank, storage, workers=read_workers).bytes_read
+        mapped, mapped_stats = map_stage(plan, world.rank, world.device, tiers=tiers)
+        storage = allocate_stage(plan, world.rank, module, world.device, tiers=tiers, mapped=mapped)
+        bytes_read = mapped_stats.bytes_read + read_stage(plan, world.rank, storage, workers=read_workers,
+                                                          skip=mapped).bytes_read
     except Exception as exc:  # noqa: BLE001 - every rank learns of it in agree()
         error = exc
     agree(world, error)

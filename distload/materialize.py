@@ -15,14 +15,29 @@ from torch import nn
 
 from .checkpoint.types import dtype_from_name
 from .errors import LoadError
+from .io.mapped import map_tensors
 from .io.reader import ReadStats, read_tensors
 from .plan.types import LoadPlan, Tier
 
-__all__ = ["allocate_stage", "read_stage", "exchange_tied", "finish_stage"]
+__all__ = ["map_stage", "allocate_stage", "read_stage", "exchange_tied", "finish_stage"]
+
+
+def map_stage(plan: LoadPlan, rank: int, device: torch.device, *,
+               tiers: Mapping[str, str] | None = None) -> tuple[dict[str, torch.Tensor], ReadStats]:
+    """On the CPU, this rank's own device-tier tensors that need no cast, as copy-on-write
+    views of the checkpoint's pages (see `distload.io.mapped`); elsewhere nothing."""
+    if device.type != "cpu" or plan.format != "safetensors":
+        return {}, ReadStats()
+    stage = plan.stage(rank)
+    want = {p.key for p in stage.params if p.src_rank == rank
+            and (tiers or {}).get(p.key, Tier.DEVICE) == Tier.DEVICE}
+    dtypes = {p.key: p.dtype for p in stage.params}
+    return map_tensors([m for m in stage.reads if m.name in want and dtypes[m.name] == m.dtype])
 
 
 def allocate_stage(plan: LoadPlan, rank: int, module: nn.Module, device: torch.device, *,
-                   tiers: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+                   tiers: Mapping[str, str] | None = None,
+                   mapped: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Give every parameter of `module` real storage on `device`, one tensor per
     checkpoint key (tied parameters of one stage share it). Returns key -> tensor.
 
@@ -38,9 +53,12 @@ def allocate_stage(plan: LoadPlan, rank: int, module: nn.Module, device: torch.d
         if src.key not in params:
             meta_param = module.get_parameter(src.param)
             host = tier == Tier.CPU and device.type != "cpu"
-            storage[src.key] = torch.empty(meta_param.shape, dtype=dtype_from_name(src.dtype),
-                                           device="cpu" if host else device,
-                                           pin_memory=host and device.type == "cuda")
+            if mapped and src.key in mapped:
+                storage[src.key] = mapped[src.key]
+            else:
+                storage[src.key] = torch.empty(meta_param.shape, dtype=dtype_from_name(src.dtype),
+                                               device="cpu" if host else device,
+                                               pin_memory=host and device.type == "cuda")
             params[src.key] = nn.Parameter(storage[src.key], requires_grad=False)
         parent_name, _, attr = src.param.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
@@ -48,10 +66,11 @@ def allocate_stage(plan: LoadPlan, rank: int, module: nn.Module, device: torch.d
     return storage
 
 
-def read_stage(plan: LoadPlan, rank: int, storage: dict[str, torch.Tensor], *, workers: int = 2) -> ReadStats:
+def read_stage(plan: LoadPlan, rank: int, storage: dict[str, torch.Tensor], *, workers: int = 2,
+               skip: Collection[str] = ()) -> ReadStats:
     """Read exactly this rank's byte ranges into `storage` (keys it lacks, the disk
-    tier's, are read by `distload.offload.attach` instead)."""
-    reads = [m for m in plan.stage(rank).reads if m.name in storage]
+    tier's, are read by `distload.offload.attach` instead; keys in `skip` were mapped)."""
+    reads = [m for m in plan.stage(rank).reads if m.name in storage and m.name not in skip]
     if plan.format == "bin":
         return _read_bin(reads, storage)
     return read_tensors(reads, storage, workers=workers)
