@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 logger = logging.getLogger("distload")
 
@@ -14,15 +15,29 @@ class _RankFilter(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (test runners swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: str | int = "INFO") -> None:
     """Give the distload logger a rank-prefixed stderr handler (the CLI calls this once)."""
     if any(getattr(h, "_distload", False) for h in logger.handlers):
         logger.setLevel(level)
         return
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler._distload = True  # type: ignore[attr-defined]
     handler.addFilter(_RankFilter())
     handler.setFormatter(logging.Formatter("[rank %(rank)s] %(levelname)s %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
-    logger.propagate = False
