@@ -35,7 +35,7 @@ class World:
     local_rank: int
     device: torch.device
     backend: str | None          # None: a single process without a process group
-    cpu_group: Any = None        # gloo group for control messages
+    cpu_group: Any = None        # gloo group for control messages; None: the default group
 
     @property
     def is_first(self) -> bool:
@@ -69,7 +69,9 @@ def init_world(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = Non
         kwargs = {"device_id": dev} if use_cuda else {}
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     backend = dist.get_backend()
-    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    # With gloo the default group carries control messages too. Holding no reference to
+    # it lets destroy_process_group free it at shutdown rather than at interpreter exit.
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     return World(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, cpu_group)
 
 
