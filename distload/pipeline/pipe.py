@@ -50,10 +50,11 @@ class Pipeline:
                                 micro_batches=micro_batches or self.micro_batches)
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 *, max_new_tokens: int = 32, **sampling) -> torch.Tensor | None:
+                 *, max_new_tokens: int = 32, micro_batches: int | None = None,
+                 **sampling) -> torch.Tensor | None:
         """Generated token ids [B, T + new] on rank 0 (None on other ranks). Every rank
         calls it; ranks other than 0 may pass None."""
         from .generate import pipeline_generate
 
         return pipeline_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                 micro_batches=self.micro_batches, **sampling)
+                                 micro_batches=micro_batches or self.micro_batches, **sampling)

@@ -1,0 +1,278 @@
+"""Pipelined generation with a KV cache per stage and several sequence groups in flight.
+
+The batch is split into G groups (default: one per rank). The groups go round a ring:
+rank 0 embeds a group's new tokens and runs its layers, each next rank runs its own, the
+last rank samples each sequence's next token and sends the tokens back to rank 0, which
+feeds them in as the group's next step. While group g is on rank 1, group g + 1 is on
+rank 0, so decoding keeps every rank busy, not only the prefill. Each rank keeps one
+`KVCache` (and attention mask) per group, for its own layers only.
+
+Rank 0 owns the sequences: it writes the tokens, sees which sequences hit EOS or their
+budget, and tells the ranks downstream, in each step's header, which rows of the group go
+on (the others are dropped from every cache); a group with none left is forgotten
+everywhere. The other ranks only follow headers: they never need to know why.
+
+Who calls what: every rank calls `pipeline_generate` (through `Pipeline.generate`); only
+rank 0's arguments are used (rank 0 broadcasts the call's setup; EOS and padding never
+leave rank 0), and only rank 0 gets the tokens. Failures stop every rank as in
+`pipeline_forward`.
+
+Example (under ``torchrun --nproc_per_node=2``)::
+
+    pipe = distload.load("demo")
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9]]); mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    out = pipe.generate(ids, mask, max_new_tokens=16)   # [2, 3 + 16] on rank 0, else None
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from ..log import logger
+from ..models.cache import KVCache
+from .comm import (TAG_ACTIVATION, TAG_HEADER, TAG_RESULT, Inbound, Outbox, activation_dtype,
+                   broadcast_call, post_recv)
+from .forward import validate_inputs
+from .sampling import Sampler, SamplingConfig
+from .schedule import (DROP, STEP, STOP, StepHeader, micro_batch_slices, position_ids_from_mask,
+                       split_sizes)
+
+__all__ = ["pipeline_generate", "resolve_eos"]
+
+
+@dataclass(frozen=True)
+class _GenerateCall:
+    """What rank 0 tells every rank once per call."""
+
+    batch: int
+    prompt_length: int
+    groups: int
+    mask: torch.Tensor          # [B, T] int64 on the CPU
+    max_new_tokens: int
+    sampling: SamplingConfig
+
+    @property
+    def max_rows(self) -> int:
+        return max(split_sizes(self.batch, self.groups))
+
+
+def resolve_eos(eos_token_id, pad_token_id, config: dict) -> tuple[tuple[int, ...], int]:
+    """The EOS ids (None: the model config's; an empty list: none) and the pad id (None:
+    the config's, else the first EOS id, else 0), as Hugging Face `generate` picks them."""
+    if eos_token_id is None:
+        eos_token_id = config.get("eos_token_id")
+    if eos_token_id is None:
+        eos: tuple[int, ...] = ()
+    elif isinstance(eos_token_id, (list, tuple)):
+        eos = tuple(int(e) for e in eos_token_id)
+    else:
+        eos = (int(eos_token_id),)
+    if pad_token_id is None:
+        pad_token_id = config.get("pad_token_id")
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    return eos, int(pad_token_id)
+
+
+def pipeline_generate(pipe, input_ids: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None, *, max_new_tokens: int = 32,
+                      micro_batches: int | None = None, do_sample: bool = False,
+                      temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, eos_token_id: int | list[int] | None = None,
+                      pad_token_id: int | None = None, seed: int | None = None
+                      ) -> torch.Tensor | None:
+    """Prompt plus generated ids ``[B, T + n]`` on rank 0 (None elsewhere), where n ≤
+    `max_new_tokens` is the most any sequence generated. Every rank calls it.
+
+    `attention_mask` marks (left) padding. `micro_batches` (default: the world size, at
+    most B) is the number of sequence groups in flight. A sequence that emits an EOS id
+    stops; its later positions hold `pad_token_id`; the call ends when all have stopped.
+    Greedy by default; `do_sample=True` samples with `temperature`, `top_k`, `top_p`,
+    reproducibly per sequence for a given `seed`.
+    """
+    world, plan, module = pipe.world, pipe.plan, pipe.module
+    config = plan.config
+    rank0: dict = {}  # rank 0's own state: validated ids, EOS and pad
+
+    def make_call() -> _GenerateCall:
+        ids, mask = validate_inputs(input_ids, attention_mask, int(config["vocab_size"]))
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        elif not bool(mask[:, -1].all()):
+            logger.warning("attention_mask has padding on the right; generation appends after "
+                           "the last position, so pad prompts on the left")
+        sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, seed=seed)
+        rank0["ids"] = ids
+        rank0["eos"], rank0["pad"] = resolve_eos(eos_token_id, pad_token_id, config)
+        groups = len(split_sizes(ids.shape[0], micro_batches or world.world_size))
+        return _GenerateCall(ids.shape[0], ids.shape[1], groups, mask, max_new_tokens, sampling)
+
+    call = broadcast_call(world, make_call)
+    if call.max_new_tokens == 0:
+        return rank0["ids"].clone().to(input_ids.device) if world.is_first else None
+    logger.debug("generate: %d sequences in %d groups, %d new tokens", call.batch, call.groups,
+                 call.max_new_tokens)
+    runner = _StageRunner(module, call, world.device)
+    with torch.no_grad():
+        if world.is_first:
+            out = _Driver(runner, call, world, plan, rank0).run()
+            return out.to(input_ids.device)
+        _follow(runner, call, world, plan)
+        return None
+
+
+# ----------------------------------------------------------------------------- every rank
+
+class _GroupState:
+    """One group on one stage: which of the call's sequences it holds (in row order), their
+    attention mask over cache + new tokens, and the stage's cache of their keys/values."""
+
+    def __init__(self, rows: torch.Tensor, mask: torch.Tensor) -> None:
+        self.rows, self.mask, self.cache = rows, mask, KVCache()
+
+
+class _StageRunner:
+    """This rank's stage applied to one step of one group. Used on every rank."""
+
+    def __init__(self, module, call: _GenerateCall, device: torch.device) -> None:
+        self.module, self.call, self.device = module, call, device
+        self.slices = micro_batch_slices(call.batch, call.groups)
+        self.groups: dict[int, _GroupState] = {}
+
+    def step(self, group: int, keep: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+        """Run `x` (ids ``[n, t]`` on rank 0, hidden states ``[n, t, H]`` elsewhere) for the
+        rows `keep` of `group`. Returns hidden states, or on the last stage the logits of
+        the last position only ``[n, vocab]`` (the head runs on nothing else)."""
+        state, new = self.groups.get(group), x.shape[1]
+        if state is None:  # prefill: the group's rows of the prompt
+            sl = self.slices[group]
+            state = _GroupState(torch.arange(sl.start, sl.stop), self.call.mask[sl].to(self.device))
+            self.groups[group] = state
+            mask = None if bool(state.mask.all()) else state.mask  # None: plain causal
+        else:
+            if len(keep) != len(state.rows):  # some sequences stopped: drop them everywhere
+                idx = torch.tensor(keep, dtype=torch.long)
+                state.rows = state.rows[idx]
+                state.mask = state.mask[idx.to(self.device)]
+                state.cache.select(idx.to(self.device))
+            state.mask = torch.cat([state.mask, state.mask.new_ones(len(keep), new)], dim=1)
+            mask = state.mask
+        if x.shape[0] != len(state.rows):
+            raise RuntimeError(f"group {group}: got {x.shape[0]} rows for "
+                               f"{len(state.rows)} sequences")
+        positions = position_ids_from_mask(state.mask, new)
+        hidden = self.module.model(x, position_ids=positions, attention_mask=mask,
+                                   cache=state.cache)
+        if self.module.lm_head is None:
+            return hidden
+        return self.module.lm_head(hidden[:, -1])
+
+    def rows(self, group: int) -> list[int]:
+        return self.groups[group].rows.tolist()
+
+    def drop(self, group: int) -> None:
+        self.groups.pop(group, None)
+
+
+# ----------------------------------------------------------------------------- rank 0
+
+class _Driver:
+    """Rank 0: launches each group's steps, collects the tokens the last rank sends back
+    (in launch order), records them, and decides which sequences go on."""
+
+    def __init__(self, runner: _StageRunner, call: _GenerateCall, world, plan, rank0: dict) -> None:
+        self.runner, self.call, self.world = runner, call, world
+        self.ids, self.pad = rank0["ids"], rank0["pad"]
+        self.eos = torch.tensor(rank0["eos"], dtype=torch.long)
+        self.dtype = activation_dtype(plan)
+        self.outbox = Outbox()
+        self.sampler = Sampler(call.sampling, world.device) if not world.distributed else None
+        self.inflight: deque[tuple[int, torch.Tensor, Inbound]] = deque()
+
+    def run(self) -> torch.Tensor:
+        call, t0 = self.call, self.call.prompt_length
+        out = torch.full((call.batch, t0 + call.max_new_tokens), self.pad, dtype=torch.long)
+        out[:, :t0] = self.ids
+        produced = torch.zeros(call.batch, dtype=torch.long)
+        finished = torch.zeros(call.batch, dtype=torch.bool)
+        for group, sl in enumerate(self.runner.slices):
+            rows = torch.arange(sl.start, sl.stop)
+            self._launch(group, tuple(range(len(rows))), rows, self.ids[sl])
+        while self.inflight:
+            group, rows, pending = self.inflight.popleft()
+            tokens = pending.wait().to("cpu")
+            out[rows, t0 + produced[rows]] = tokens
+            produced[rows] += 1
+            if self.eos.numel():
+                finished[rows] |= torch.isin(tokens, self.eos)
+            alive = (~finished[rows]) & (produced[rows] < call.max_new_tokens)
+            keep = alive.nonzero().flatten()
+            if keep.numel() == 0:
+                self._send_header(StepHeader(DROP, group))
+                continue
+            self._launch(group, tuple(keep.tolist()), rows[keep], tokens[keep][:, None])
+        self._send_header(StepHeader(STOP))
+        self.outbox.wait()
+        return out[:, :t0 + int(produced.max())]
+
+    def _launch(self, group: int, keep: tuple[int, ...], rows: torch.Tensor,
+                ids: torch.Tensor) -> None:
+        """Run rank 0's stage on this step of `group` and send it on; post the receive of
+        the tokens it will come back as."""
+        out = self.runner.step(group, keep, ids.to(self.world.device))
+        if self.sampler is not None:  # a world of one: rank 0 is also the last stage
+            tokens = self.sampler(out, rows.tolist())
+            self.inflight.append((group, rows, Inbound(tokens, None)))
+            return
+        self._send_header(StepHeader(STEP, group, keep, ids.shape[1]))
+        self.outbox.send(out.to(self.dtype), dst=1, tag=TAG_ACTIVATION)
+        pending = post_recv((len(keep),), torch.long, self.world.device,
+                            src=self.world.world_size - 1, tag=TAG_RESULT)
+        self.inflight.append((group, rows, pending))
+
+    def _send_header(self, header: StepHeader) -> None:
+        if self.world.distributed:
+            encoded = header.encode(self.call.max_rows, self.world.device)
+            self.outbox.send(encoded, dst=1, tag=TAG_HEADER)
+
+
+# ----------------------------------------------------------------------------- ranks 1..P-1
+
+def _follow(runner: _StageRunner, call: _GenerateCall, world, plan) -> None:
+    """Ranks after the first: run every step the headers announce, in arrival order, and
+    pass it on (the last rank samples and sends the tokens to rank 0) until STOP."""
+    device, dtype = world.device, activation_dtype(plan)
+    hidden_size, prev = int(plan.config["hidden_size"]), world.rank - 1
+    header_len = StepHeader.length(call.max_rows)
+    sampler = Sampler(call.sampling, device) if world.is_last else None
+    outbox = Outbox()
+    incoming = post_recv((header_len,), torch.long, device, src=prev, tag=TAG_HEADER)
+    while True:
+        raw = incoming.wait()
+        header = StepHeader.decode(raw)
+        if header.kind == STOP:
+            if not world.is_last:
+                outbox.send(raw, dst=world.rank + 1, tag=TAG_HEADER)
+            break
+        if header.kind == DROP:
+            runner.drop(header.group)
+            if not world.is_last:
+                outbox.send(raw, dst=world.rank + 1, tag=TAG_HEADER)
+            incoming = post_recv((header_len,), torch.long, device, src=prev, tag=TAG_HEADER)
+            continue
+        act = post_recv((len(header.keep), header.tokens, hidden_size), dtype, device, src=prev,
+                        tag=TAG_ACTIVATION)
+        incoming = post_recv((header_len,), torch.long, device, src=prev, tag=TAG_HEADER)
+        out = runner.step(header.group, header.keep, act.wait())
+        if sampler is not None:
+            outbox.send(sampler(out, runner.rows(header.group)), dst=0, tag=TAG_RESULT)
+        else:
+            outbox.send(raw, dst=world.rank + 1, tag=TAG_HEADER)
+            outbox.send(out.to(dtype), dst=world.rank + 1, tag=TAG_ACTIVATION)
+    outbox.wait()

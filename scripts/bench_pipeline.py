@@ -1,0 +1,292 @@
+"""Pipeline throughput against sequential execution, on the CPU, in one run.
+
+One `torchrun --nproc_per_node=2` job (one thread per rank) on a random-weight
+checkpoint. Rank 0 also holds the whole model, and the timed calls alternate:
+
+* pipeline: both ranks, forward in `--micro-batches` micro-batches, decoding with
+  `--groups` sequence groups in flight;
+* sequential: rank 0 alone, one thread, the whole batch through all layers in order
+  (what a single-process device map does), while rank 1 waits idle in a barrier.
+
+Timed calls alternate, and on Linux a call counts only if no other process used more
+than 5% of a core meanwhile (from /proc/stat, less this job's own CPU time); disturbed
+calls are retried, up to `--max-tries` times per figure, so a shared machine gives
+the figures of its quiet moments. It prints forward and decode tokens/s (median of
+`--repeats` undisturbed timed calls after a warm-up) and the pipeline / sequential
+ratios. Decode tokens/s is
+``batch * (N - 1) / (t(N new tokens) - t(1 new token))``: the prefill is taken out.
+
+Sizes: with hidden 1024 every stage is compute-bound in the forward. Decoding a few rows
+per step only streams the weights (memory-bound: a group of 16 rows on 4 layers takes
+~60% of the time of 32 rows), and two groups in flight stream them twice, so the decode
+batch is 128 (two groups of 64) to make the comparison one of compute. With P stages
+and M equal micro-batches a forward call takes M + P - 1 stage-steps against M * P in
+sequence: the printed bound P * M / (M + P - 1) is the best any GPipe forward can do.
+
+Example::
+
+    python scripts/bench_pipeline.py                       # hidden 1024, 8 layers, float32
+    python scripts/bench_pipeline.py --micro-batches 4 8 --repeats 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=None, help="default: 2.75 x hidden")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=8, help="forward: sequences per call")
+    p.add_argument("--seq", type=int, default=128, help="forward: tokens per sequence")
+    p.add_argument("--micro-batches", type=int, nargs="+", default=[4],
+                   help="forward micro-batches of the pipeline (several: one figure each)")
+    p.add_argument("--decode-batch", type=int, default=128, help="decode: sequences per call")
+    p.add_argument("--prompt", type=int, default=16, help="decode: prompt length")
+    p.add_argument("--new-tokens", type=int, default=16, help="decode: tokens generated per sequence")
+    p.add_argument("--groups", type=int, default=2, help="decode: sequence groups in flight")
+    p.add_argument("--ranks", type=int, default=2, help="pipeline ranks")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-tries", type=int, default=20,
+                   help="timed calls per figure at most, while others disturb them")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "distload-bench"))
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _config(a) -> dict:
+    return {"model_type": "llama", "vocab_size": a.vocab, "hidden_size": a.hidden,
+            "intermediate_size": a.intermediate or int(2.75 * a.hidden),
+            "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
+            "num_key_value_heads": a.kv_heads, "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+            "torch_dtype": a.dtype}
+
+
+def _checkpoint(a) -> Path:
+    from distload.demo import make_checkpoint
+
+    cfg = _config(a)
+    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    path = Path(a.cache) / f"bench-{key}"
+    if not path.is_dir():
+        Path(a.cache).mkdir(parents=True, exist_ok=True)
+        print(f"making checkpoint {path} ...", flush=True)
+        make_checkpoint(cfg, path, num_shards=4, dtype=a.dtype, seed=0)
+    return path
+
+
+# ----------------------------------------------------------------------------- the job
+
+def _whole_model(ckpt: str):
+    """Rank 0's sequential baseline: the whole model in this process, as a world of one."""
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import load_file
+
+    from distload.dist import World
+    from distload.meta import materialize
+    from distload.models import build_model
+    from distload.pipeline.pipe import Pipeline
+
+    config = json.loads((Path(ckpt) / "config.json").read_text())
+    with torch.device("meta"):
+        model = build_model(config)
+    materialize(model, "cpu")
+    tensors = {}
+    for f in sorted(Path(ckpt).glob("*.safetensors")):
+        tensors.update(load_file(f))
+    model.load_state_dict(tensors, strict=True, assign=True)
+    plan = SimpleNamespace(config=config, dtype=config.get("torch_dtype"), stages=())
+    return Pipeline(module=model.eval(), plan=plan, report={}, job_report={},
+                    world=World(0, 1, 0, torch.device("cpu"), None))
+
+
+class _Quiet:
+    """Tells whether anything outside this job used the CPU during a timed call (Linux
+    /proc; elsewhere every call counts)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.enabled = os.path.exists("/proc/stat")
+
+    def _snapshot(self) -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+        ours = 0
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read().rsplit(")", 1)[1].split()
+                ours += int(stat[11]) + int(stat[12])  # utime + stime
+            except OSError:
+                pass
+        return busy, ours
+
+    def measure(self, fn) -> tuple[float, bool]:
+        """(seconds, undisturbed)"""
+        before = self._snapshot() if self.enabled else None
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+        if before is None:
+            return seconds, True
+        busy, ours = self._snapshot()
+        others = (busy - before[0]) - (ours - before[1])
+        return seconds, others <= 0.05 * seconds * self.hz + 2
+
+
+def _job(a) -> None:
+    """Every rank runs this; rank 0 writes the figures to --result."""
+    import torch
+    import torch.distributed as dist
+
+    import distload
+    from distload.pipeline.generate import pipeline_generate
+
+    torch.set_num_threads(1)
+    pipe = distload.load(a.ckpt, device="cpu")
+    world = pipe.world
+    quiet = _Quiet(distload.dist.gather_objects(world, os.getpid()) + [os.getppid()])
+    seq = _whole_model(a.ckpt) if world.rank == 0 else None
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=gen)
+    prompts = torch.randint(0, a.vocab, (a.decode_batch, a.prompt), generator=gen)
+
+    def pipelined(kind, arg):
+        if kind == "forward":
+            return lambda: pipe.forward(ids, micro_batches=arg)
+        return lambda: pipeline_generate(pipe, prompts, max_new_tokens=arg, micro_batches=a.groups,
+                                         eos_token_id=[])
+
+    def sequential(kind, arg):
+        if kind == "forward":
+            return lambda: seq.forward(ids, micro_batches=1)
+        return lambda: pipeline_generate(seq, prompts, max_new_tokens=arg, micro_batches=1,
+                                         eos_token_id=[])
+
+    def timed(fn, *, alone: bool) -> tuple[float, bool]:
+        dist.barrier(group=world.cpu_group)
+        if alone and world.rank != 0:  # rank 1 idles in the next barrier meanwhile
+            return 0.0, True
+        return quiet.measure(fn)
+
+    cases = [("forward", m) for m in a.micro_batches] + [("generate", 1), ("generate", a.new_tokens)]
+    for kind, arg in cases:  # warm-up
+        timed(pipelined(kind, min(arg, 2)), alone=False)
+        if world.rank == 0:
+            sequential(kind, min(arg, 2))()
+    times: dict[str, dict[str, list[float]]] = {"pipeline": {}, "sequential": {}}
+    everything: dict[str, dict[str, list[float]]] = {"pipeline": {}, "sequential": {}}
+    disturbed = {"pipeline": 0, "sequential": 0}
+    for kind, arg in cases:
+        key = f"{kind}_{arg}"
+        # the sequential forward does not depend on micro-batches: time it once
+        roles = {"pipeline": (pipelined(kind, arg), False)}
+        if kind != "forward" or arg == a.micro_batches[0]:
+            roles["sequential"] = (sequential(kind, arg), True)
+        for role in roles:
+            times[role].setdefault(key, [])
+        for _ in range(a.max_tries):
+            # rank 0 keeps the count; every rank follows its list of what still needs calls
+            need = [r for r in roles if len(times[r][key]) < a.repeats]
+            need = distload.dist.gather_objects(world, need)[0]
+            if not need:
+                break
+            for role in need:
+                fn, alone = roles[role]
+                seconds, ok = timed(fn, alone=alone)
+                if world.rank == 0:
+                    everything[role].setdefault(key, []).append(seconds)
+                    if ok:
+                        times[role][key].append(seconds)
+                    else:
+                        disturbed[role] += 1
+    dist.barrier(group=world.cpu_group)
+    if world.rank == 0:
+        Path(a.result).write_text(json.dumps({
+            "times": times, "all_times": everything, "disturbed_calls": disturbed, "load_average": os.getloadavg(),
+            "stages": [list(s.units) for s in pipe.plan.stages]}))
+    distload.dist.shutdown(world)
+
+
+def _figures(a, raw: dict) -> dict:
+    # undisturbed calls; where there were none, every call (the printout says how many)
+    med = {role: {k: statistics.median(v or raw["all_times"][role][k]) for k, v in t.items()}
+           for role, t in raw["times"].items()}
+    tokens = a.batch * a.seq
+    decoded = a.decode_batch * (a.new_tokens - 1)
+    out = {}
+    for role, m in med.items():
+        out[role] = {
+            "forward_tok_s": {mb: tokens / m[f"forward_{mb}"] for mb in a.micro_batches
+                              if f"forward_{mb}" in m},
+            "decode_tok_s": decoded / (m[f"generate_{a.new_tokens}"] - m["generate_1"]),
+        }
+    seq_fwd = out["sequential"]["forward_tok_s"][a.micro_batches[0]]
+    out["forward_ratio"] = {mb: v / seq_fwd for mb, v in out["pipeline"]["forward_tok_s"].items()}
+    out["decode_ratio"] = out["pipeline"]["decode_tok_s"] / out["sequential"]["decode_tok_s"]
+    return out
+
+
+def main(argv=None) -> int:
+    a = _args(argv)
+    if a.worker:
+        _job(a)
+        return 0
+    ckpt = _checkpoint(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        argv = []
+        for k, v in vars(a).items():
+            if v is not None and k not in ("worker", "ckpt", "result", "json", "ranks"):
+                argv += [f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, list) else [v])]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={a.ranks}", os.path.abspath(__file__), *argv, "--worker",
+               "--ckpt", str(ckpt), "--result", str(result)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        raw = json.loads(result.read_text())
+    fig = _figures(a, raw)
+    p, seq, pipe = a.ranks, fig["sequential"], fig["pipeline"]
+    print(f"model: hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, {a.dtype}; stage units "
+          f"{[len(s) for s in raw['stages']]}; load average at the end {raw['load_average'][0]:.1f}")
+    counts = {role: min(len(v) for v in t.values()) for role, t in raw["times"].items()}
+    print(f"medians of >= {counts} undisturbed calls per figure; calls retried because another "
+          f"process used the CPU: {raw['disturbed_calls']}")
+    seq_fwd = seq["forward_tok_s"][a.micro_batches[0]]
+    for m, tok_s in pipe["forward_tok_s"].items():
+        print(f"forward  batch {a.batch} x {a.seq}: sequential {seq_fwd:8.1f} tok/s | pipeline {p} "
+              f"ranks x {m} micro-batches {tok_s:8.1f} tok/s | ratio {fig['forward_ratio'][m]:.2f} "
+              f"(GPipe bound {p * m / (m + p - 1):.2f})")
+    print(f"decode   batch {a.decode_batch}, {a.new_tokens} new tokens: sequential "
+          f"{seq['decode_tok_s']:8.1f} tok/s | pipeline {p} ranks x {a.groups} groups "
+          f"{pipe['decode_tok_s']:8.1f} tok/s | ratio {fig['decode_ratio']:.2f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"figures": fig, "raw": raw, "args": vars(a)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
