@@ -55,7 +55,6 @@ def init_world(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = Non
     world of one when those are absent. The device is `cuda:LOCAL_RANK` when CUDA is
     available, else the CPU; `device` overrides ("cpu" forces gloo)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")

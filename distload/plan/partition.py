@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["min_max_partition", "stage_costs"]
+__all__ = ["min_max_partition"]
 
 
 def min_max_partition(costs: Sequence[float], parts: int) -> tuple[int, ...]:
@@ -41,6 +41,3 @@ def min_max_partition(costs: Sequence[float], parts: int) -> tuple[int, ...]:
         bounds.append(cut[k][bounds[-1]])
     return tuple(reversed(bounds))
 
-
-def stage_costs(costs: Sequence[float], bounds: Sequence[int]) -> list[float]:
-    return [float(sum(costs[a:b])) for a, b in zip(bounds, bounds[1:])]

@@ -6,8 +6,6 @@ few decode steps, during `pipe.generate`. Every rank must stop with that error, 
 
 import sys
 
-import torch
-
 import distload
 from pipeline_inputs import batch
 
