@@ -27,6 +27,11 @@ __all__ = ["World", "init_world", "run_on_rank0", "agree", "gather_objects", "sh
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600.0
 
+# Process groups made here beside the default one, by purpose. Held here, not in `World`,
+# so that `shutdown` lets go of them: a gloo group still referenced at interpreter exit
+# is torn down with its threads running.
+_GROUPS: dict[str, Any] = {}
+
 
 @dataclass(frozen=True)
 class World:
@@ -48,6 +53,14 @@ class World:
     @property
     def distributed(self) -> bool:
         return self.backend is not None
+
+    @property
+    def return_group(self) -> Any:
+        """The group that carries results from the last rank back to rank 0. A group of
+        its own because NCCL runs a pair's sends and receives on one stream in order: at
+        two ranks, a result coming back would queue behind the next activations going out
+        (and wait for them forever)."""
+        return _GROUPS.get("return")
 
 
 def init_world(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = None) -> World:
@@ -71,6 +84,8 @@ def init_world(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = Non
     # With gloo the default group carries control messages too. Holding no reference to
     # it lets destroy_process_group free it at shutdown rather than at interpreter exit.
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    if "return" not in _GROUPS:  # every rank runs init_world equally often: all agree
+        _GROUPS["return"] = dist.new_group(backend=backend, timeout=timeout)
     return World(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, cpu_group)
 
 
@@ -140,6 +155,10 @@ def shutdown(world: World | None = None, *, failed: bool = False) -> None:
     try:
         if not failed and world is not None:
             dist.barrier(group=world.cpu_group)
+    except Exception as exc:  # noqa: BLE001 - best effort at exit
+        logger.debug("process group shutdown: %s", exc)
+    _GROUPS.clear()
+    try:
         dist.destroy_process_group()
     except Exception as exc:  # noqa: BLE001 - best effort at exit
         logger.debug("process group shutdown: %s", exc)

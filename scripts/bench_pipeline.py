@@ -3,9 +3,10 @@
 One `torchrun --nproc_per_node=2` job (one thread per rank) on a random-weight
 checkpoint. Rank 0 also holds the whole model, and the timed calls alternate:
 
-* pipeline: both ranks, forward in `--micro-batches` micro-batches, decoding with
-  `--groups` sequence groups in flight;
-* sequential: rank 0 alone, one thread, the whole batch through all layers in order
+* pipeline: both ranks, forward in `--micro-batches` micro-batches (one call, and a
+  stream of `--stream-batches` such batches through `forward_stream`, as a batch job
+  runs), decoding with `--groups` sequence groups in flight;
+* sequential: rank 0 alone, one thread, each whole batch through all layers in order
   (what a single-process device map does), while rank 1 waits idle in a barrier.
 
 Timed calls alternate, and on Linux a call counts only if no other process used more
@@ -21,7 +22,9 @@ per step only streams the weights (memory-bound: a group of 16 rows on 4 layers 
 ~60% of the time of 32 rows), and two groups in flight stream them twice, so the decode
 batch is 128 (two groups of 64) to make the comparison one of compute. With P stages
 and M equal micro-batches a forward call takes M + P - 1 stage-steps against M * P in
-sequence: the printed bound P * M / (M + P - 1) is the best any GPipe forward can do.
+sequence: the printed bound P * M / (M + P - 1) is the best one GPipe forward call can
+do. A stream fills and drains the pipeline once for all its batches, so its bound is P
+(less the imbalance of the stages).
 
 Example::
 
@@ -55,6 +58,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=128, help="forward: tokens per sequence")
     p.add_argument("--micro-batches", type=int, nargs="+", default=[4],
                    help="forward micro-batches of the pipeline (several: one figure each)")
+    p.add_argument("--stream-batches", type=int, default=8,
+                   help="forward_stream: batches per timed stream (0: no stream figure)")
     p.add_argument("--decode-batch", type=int, default=128, help="decode: sequences per call")
     p.add_argument("--prompt", type=int, default=16, help="decode: prompt length")
     p.add_argument("--new-tokens", type=int, default=16, help="decode: tokens generated per sequence")
@@ -174,15 +179,24 @@ def _job(a) -> None:
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=gen)
     prompts = torch.randint(0, a.vocab, (a.decode_batch, a.prompt), generator=gen)
 
+    def drain(stream) -> None:
+        for _ in stream:
+            pass
+
     def pipelined(kind, arg):
         if kind == "forward":
             return lambda: pipe.forward(ids, micro_batches=arg)
+        if kind == "stream":
+            batches = [ids] * a.stream_batches if world.rank == 0 else None
+            return lambda: drain(pipe.forward_stream(batches, micro_batches=arg))
         return lambda: pipeline_generate(pipe, prompts, max_new_tokens=arg, micro_batches=a.groups,
                                          eos_token_id=[])
 
     def sequential(kind, arg):
         if kind == "forward":
             return lambda: seq.forward(ids, micro_batches=1)
+        if kind == "stream":
+            return lambda: drain(seq.forward_stream([ids] * a.stream_batches, micro_batches=1))
         return lambda: pipeline_generate(seq, prompts, max_new_tokens=arg, micro_batches=1,
                                          eos_token_id=[])
 
@@ -192,7 +206,9 @@ def _job(a) -> None:
             return 0.0, True
         return quiet.measure(fn)
 
-    cases = [("forward", m) for m in a.micro_batches] + [("generate", 1), ("generate", a.new_tokens)]
+    cases = [("forward", m) for m in a.micro_batches]
+    cases += [("stream", m) for m in a.micro_batches if a.stream_batches > 0]
+    cases += [("generate", 1), ("generate", a.new_tokens)]
     for kind, arg in cases:  # warm-up
         timed(pipelined(kind, min(arg, 2)), alone=False)
         if world.rank == 0:
@@ -204,7 +220,7 @@ def _job(a) -> None:
         key = f"{kind}_{arg}"
         # the sequential forward does not depend on micro-batches: time it once
         roles = {"pipeline": (pipelined(kind, arg), False)}
-        if kind != "forward" or arg == a.micro_batches[0]:
+        if kind not in ("forward", "stream") or arg == a.micro_batches[0]:
             roles["sequential"] = (sequential(kind, arg), True)
         for role in roles:
             times[role].setdefault(key, [])
@@ -242,10 +258,15 @@ def _figures(a, raw: dict) -> dict:
         out[role] = {
             "forward_tok_s": {mb: tokens / m[f"forward_{mb}"] for mb in a.micro_batches
                               if f"forward_{mb}" in m},
+            "stream_tok_s": {mb: a.stream_batches * tokens / m[f"stream_{mb}"]
+                             for mb in a.micro_batches if f"stream_{mb}" in m},
             "decode_tok_s": decoded / (m[f"generate_{a.new_tokens}"] - m["generate_1"]),
         }
-    seq_fwd = out["sequential"]["forward_tok_s"][a.micro_batches[0]]
-    out["forward_ratio"] = {mb: v / seq_fwd for mb, v in out["pipeline"]["forward_tok_s"].items()}
+    first = a.micro_batches[0]
+    for kind in ("forward", "stream"):
+        seq_tok_s = out["sequential"][f"{kind}_tok_s"].get(first)
+        out[f"{kind}_ratio"] = {mb: v / seq_tok_s
+                                for mb, v in out["pipeline"][f"{kind}_tok_s"].items()}
     out["decode_ratio"] = out["pipeline"]["decode_tok_s"] / out["sequential"]["decode_tok_s"]
     return out
 
@@ -280,6 +301,11 @@ def main(argv=None) -> int:
         print(f"forward  batch {a.batch} x {a.seq}: sequential {seq_fwd:8.1f} tok/s | pipeline {p} "
               f"ranks x {m} micro-batches {tok_s:8.1f} tok/s | ratio {fig['forward_ratio'][m]:.2f} "
               f"(GPipe bound {p * m / (m + p - 1):.2f})")
+    for m, tok_s in pipe["stream_tok_s"].items():
+        seq_stream = seq["stream_tok_s"][a.micro_batches[0]]
+        print(f"stream   {a.stream_batches} batches of {a.batch} x {a.seq}: sequential "
+              f"{seq_stream:8.1f} tok/s | pipeline {p} ranks x {m} micro-batches {tok_s:8.1f} tok/s "
+              f"| ratio {fig['stream_ratio'][m]:.2f} (bound {p:.2f})")
     print(f"decode   batch {a.decode_batch}, {a.new_tokens} new tokens: sequential "
           f"{seq['decode_tok_s']:8.1f} tok/s | pipeline {p} ranks x {a.groups} groups "
           f"{pipe['decode_tok_s']:8.1f} tok/s | ratio {fig['decode_ratio']:.2f}")

@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 
 from distload.demo import make_checkpoint
 from distload.pipeline.comm import activation_dtype
-from distload.pipeline.forward import validate_inputs
+from distload.pipeline.forward import batches_in_flight, validate_inputs
 from distload.pipeline.schedule import (
-    DROP, STEP, STOP, StepHeader, micro_batch_slices, position_ids_from_mask, split_sizes,
+    ABORT, BATCH, DROP, END, STEP, STOP, ForwardHeader, StepHeader, micro_batch_slices,
+    position_ids_from_mask, split_sizes,
 )
 
 from .mp import torchrun, worker
@@ -92,6 +93,26 @@ def test_step_header_round_trips(kind, group, keep, tokens):
     assert StepHeader.decode(encoded) == header
 
 
+@given(st.sampled_from([BATCH, END, ABORT]), st.integers(0, 10**6), st.integers(0, 10**6),
+       st.integers(0, 64), st.booleans(), st.integers(0, 4096))
+def test_forward_header_round_trips(kind, rows, length, parts, masked, message):
+    header = ForwardHeader(kind, rows, length, parts, masked, message)
+    encoded = header.encode()
+    assert encoded.dtype == torch.long and encoded.shape == (ForwardHeader.LENGTH,)
+    assert ForwardHeader.decode(encoded) == header
+    with pytest.raises(ValueError, match="corrupt"):
+        ForwardHeader.decode(torch.zeros(ForwardHeader.LENGTH, dtype=torch.long))
+
+
+def test_enough_batches_in_flight_to_fill_every_stage():
+    # micro-batches in flight (all but the one rank 0 is starting) cover the other stages
+    for stages in range(1, 9):
+        for m in range(1, 9):
+            depth = batches_in_flight(stages, m)
+            assert (depth - 1) * m >= stages - 1 and (depth - 2) * m < max(stages - 1, 1)
+    assert batches_in_flight(2, 4) == 2 and batches_in_flight(3, 1) == 3
+
+
 def test_step_header_rejects_corruption():
     with pytest.raises(ValueError, match="at most"):
         StepHeader(STEP, 0, (0, 1, 2), 1).encode(max_rows=2)
@@ -138,6 +159,24 @@ def test_single_process_forward_matches_transformers(checkpoints):
         assert (logits - ref)[mask.bool()].abs().max() <= ATOL
 
 
+def test_single_process_forward_stream_matches_transformers(checkpoints):
+    import distload
+
+    ckpt = checkpoints["qwen2"]
+    pipe = distload.load(str(ckpt), device="cpu")
+    ids, mask = batch(BASE["vocab_size"])
+    ref = _reference(ckpt, ids, mask)
+    outputs = list(pipe.forward_stream([(ids, mask), {"input_ids": ids[1:3], "attention_mask":
+                                                      mask[1:3]}], micro_batches=2))
+    assert len(outputs) == 2
+    assert (outputs[0] - ref)[mask.bool()].abs().max() <= ATOL
+    assert (outputs[1] - ref[1:3])[mask[1:3].bool()].abs().max() <= ATOL
+    with pytest.raises(TypeError, match="iterable of batches"):
+        list(pipe.forward_stream(ids))
+    with pytest.raises(ValueError, match="input_ids or \\(input_ids, attention_mask\\)"):
+        list(pipe.forward_stream([(ids, mask, None)]))
+
+
 # ----------------------------------------------------------------------------- torchrun
 
 @pytest.mark.multiprocess
@@ -164,6 +203,49 @@ def test_pipelined_forward_matches_transformers(checkpoints, tmp_path, nproc):
         # a bad input on rank 0 fails every rank, rank 0's own error everywhere
         assert "ValueError: token ids must be in" in ranks[0]["bad_input_error"]
         assert all("rank 0 failed: ValueError: token ids" in r["bad_input_error"] for r in ranks[1:])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_forward_stream_matches_transformers_and_survives_early_exit_and_errors(
+        checkpoints, tmp_path, nproc):
+    ckpt = checkpoints["llama_tied"]
+    proc = torchrun(nproc, [worker("pipeline_stream.py"), str(tmp_path), str(ckpt)], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    saved = torch.load(tmp_path / "stream.pt")
+    ids, mask, plain = saved["ids"], saved["mask"], saved["plain"]
+    ref_padded, ref_plain = _reference(ckpt, ids, mask), _reference(ckpt, plain, None)
+    expected = [(ref_padded, mask), (ref_plain, None), (ref_padded[:2], mask[:2]),
+                (ref_padded[2:], mask[2:]), (_reference(ckpt, ids[4:], None), None)]
+    assert len(saved["stream"]) == len(expected)
+    for i, (got, (ref, m)) in enumerate(zip(saved["stream"], expected)):
+        assert got.shape == ref.shape, i
+        diff = (got - ref) if m is None else (got - ref)[m.bool()]
+        assert diff.abs().max() <= ATOL, (i, float(diff.abs().max()))
+    # after leaving early, after rank 0's iterator failed, after a wrong argument:
+    # the next call goes through and is right
+    assert (saved["after_break"] - ref_padded)[mask.bool()].abs().max() <= ATOL
+    for key in ("after_abort", "after_type_error"):
+        assert (saved[key] - ref_plain).abs().max() <= ATOL, key
+    ranks = [json.loads((tmp_path / f"stream_rank{r}.json").read_text()) for r in range(nproc)]
+    assert ranks[0]["stream_none"] == [False] * 5
+    assert all(r["stream_none"] == [True] * 5 for r in ranks[1:])
+    # rank 0 left after one batch; the others finished the batch already in flight too
+    assert ranks[0]["left_early_seen"] == [False]
+    depth = batches_in_flight(nproc, 2)
+    assert all(r["left_early_seen"] == [True] * depth for r in ranks[1:])
+    # the iterator's error: rank 0 raises its own, the others carry it, after the batches
+    # before it went through everywhere
+    assert ranks[0]["iterator_error"] == "OSError: cannot read batch 3 of prompts.bin"
+    assert all(r["iterator_error"] == "RankError: rank 0 failed: OSError: cannot read batch 3 "
+               "of prompts.bin" for r in ranks[1:])
+    assert all(len(r["iterator_seen"]) <= 2 for r in ranks)
+    assert all(r["iterator_seen"] == [True, True] for r in ranks[1:])
+    assert ranks[0]["tensor_error"].startswith("TypeError: forward_stream needs an iterable")
+    assert all(r["tensor_error"].startswith("RankError: rank 0 failed: TypeError: forward_stream")
+               for r in ranks[1:])
+    assert ranks[0]["open_stream_error"].startswith("RuntimeError: a forward_stream is still open")
+    assert all(r["open_stream_batches"] == 3 for r in ranks)
 
 
 @pytest.mark.multiprocess

@@ -1,12 +1,15 @@
 """Point-to-point transport between pipeline stages.
 
-Activations go forward (rank r → r + 1), results come back (last rank → rank 0). A
-tensor's shape and dtype are never sent: rank 0 broadcasts the call's setup once
-(`broadcast_call`: batch, lengths, micro-batch sizes, mask), and every rank derives each
-message's shape from it and the model config (`hidden_size`, `vocab_size`) and the dtype
-from the plan (`activation_dtype`). Generation adds one small fixed-size header per step
-(`schedule.StepHeader`), because which rows continue is decided on rank 0 as tokens come
-back.
+Activations go down the ranks (r → r + 1, over the default group); results come back
+(last rank → rank 0, over `World.return_group`, so that at two ranks a result never waits
+behind the next activations on NCCL's one stream per pair). A tensor's shape and dtype
+are never sent: each message is announced by a small fixed-size header ahead of it
+(`schedule.ForwardHeader`, `schedule.StepHeader`), and every rank derives the shapes from
+it and the model config (`hidden_size`, `vocab_size`) and the dtype from the plan
+(`activation_dtype`). No tags: NCCL ignores them and matches a pair's messages in the
+order they were posted, so every receiver posts its receives in exactly the order the
+sender sends; gloo, matching untagged messages in order too, holds the CPU tests to the
+same rule.
 
 Sends are asynchronous (`Outbox`): a rank hands its output to the next and goes on with
 its next micro-batch while the transfer runs. Receives are posted ahead (`post_recv`)
@@ -18,9 +21,9 @@ Example (every rank; rank 0 sends, rank 1 receives)::
 
     out = Outbox()
     if world.rank == 0:
-        out.send(hidden, dst=1, tag=TAG_ACTIVATION)
+        out.send(hidden, dst=1)
     else:
-        hidden = post_recv((b, t, h), dtype, world.device, src=0, tag=TAG_ACTIVATION).wait()
+        hidden = post_recv((b, t, h), dtype, world.device, src=0).wait()
     out.wait()
 """
 
@@ -37,14 +40,10 @@ from ..dist import World, run_on_rank0
 from ..errors import RankError
 from ..plan.types import LoadPlan
 
-__all__ = [
-    "TAG_ACTIVATION", "TAG_HEADER", "TAG_RESULT", "Outbox", "Inbound", "post_recv",
-    "activation_dtype", "broadcast_call",
-]
+__all__ = ["Outbox", "Inbound", "post_recv", "activation_dtype", "broadcast_call"]
 
 T = TypeVar("T")
 
-TAG_ACTIVATION, TAG_HEADER, TAG_RESULT = 1, 2, 3
 _EMBED = "model.embed_tokens.weight"
 
 
@@ -58,9 +57,10 @@ class Outbox:
     def __init__(self) -> None:
         self._pending: list[tuple[Any, torch.Tensor, int]] = []
 
-    def send(self, tensor: torch.Tensor, *, dst: int, tag: int) -> None:
+    def send(self, tensor: torch.Tensor, *, dst: int, group: Any = None) -> None:
+        """Send `tensor` to global rank `dst` over `group` (None: the default group)."""
         tensor = tensor.contiguous()
-        self._pending.append((dist.isend(tensor, dst=dst, tag=tag), tensor, dst))
+        self._pending.append((dist.isend(tensor, dst=dst, group=group), tensor, dst))
         if len(self._pending) > 8:  # let finished sends (and their tensors) go
             self._pending = [p for p in self._pending if not p[0].is_completed()]
 
@@ -95,11 +95,11 @@ class Inbound:
 
 
 def post_recv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *, src: int,
-              tag: int) -> Inbound:
-    """Post a receive of a `shape`/`dtype` tensor from `src` now; wait on it later.
-    Receives from one source with one tag complete in the order they were posted."""
+              group: Any = None) -> Inbound:
+    """Post a receive of a `shape`/`dtype` tensor from global rank `src` over `group` now;
+    wait on it later. Receives from one source complete in the order they were posted."""
     buffer = torch.empty(shape, dtype=dtype, device=device)
-    return Inbound(buffer, dist.irecv(buffer, src=src, tag=tag), src)
+    return Inbound(buffer, dist.irecv(buffer, src=src, group=group), src)
 
 
 def activation_dtype(plan: LoadPlan) -> torch.dtype:

@@ -1,18 +1,29 @@
-"""Pipelined forward: logits of a batch, streamed through the stages in micro-batches.
+"""Pipelined forward: logits of batches, streamed through the stages in micro-batches.
 
 GPipe's forward-only schedule. Rank 0 embeds and runs its layers on micro-batch 0, sends
 the hidden states to rank 1 and goes straight on to micro-batch 1 while rank 1 works on
 0, and so on down the ranks; the last rank applies the norm and the head and sends each
-micro-batch's logits back to rank 0. With M micro-batches and P stages of equal cost a
+micro-batch's logits back to rank 0. With M micro-batches and P stages of equal cost one
 call takes (M + P - 1) stage-steps instead of the M * P of running the stages one after
-the other, so the speed-up is P * M / (M + P - 1).
+the other: a speed-up of at most P * M / (M + P - 1) (1.6 at P = 2, M = 4), because the
+pipeline fills and drains once per call.
 
-Who calls what: every rank calls `pipeline_forward` (through `Pipeline.forward`); only rank
-0's arguments are used (others may pass None; rank 0 broadcasts the call's setup) and only
-rank 0 gets the logits. A rank that fails stops the others: a bad input on rank 0 is raised
-on every rank before any transfer; a stage that raises mid-call ends its process, and the
-ranks waiting on it raise `RankError` when its connection closes (or after the process
-group's timeout).
+`pipeline_forward_stream` takes many batches (a batch job) and keeps the pipeline full
+across them: rank 0 starts batch k + 1 before it hands back batch k's logits, so it
+fills and drains once per stream, and the speed-up tends to P for balanced stages.
+`pipeline_forward` is a stream of one batch.
+
+Each batch is announced down the ranks by a `ForwardHeader` (its size, micro-batches and
+whether an attention mask follows), sent ahead of its data, so no rank waits on a round
+trip to learn a shape. A bad batch on rank 0 (invalid ids, or its iterator raising) is
+announced with an ABORT header carrying the error: every rank raises it (a `RankError`
+on the others) after the batches before it are through, and the pipeline stays usable.
+A stage that raises mid-batch ends its process; the ranks waiting on it raise
+`RankError` when its connection closes (or after the process group's timeout).
+
+Who calls what: every rank calls these functions (through `Pipeline.forward` /
+`Pipeline.forward_stream`); only rank 0's inputs are used (others pass None) and only rank
+0 gets logits.
 
 Example (under ``torchrun --nproc_per_node=2``)::
 
@@ -20,29 +31,27 @@ Example (under ``torchrun --nproc_per_node=2``)::
     ids = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4]])          # left padded
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     logits = pipe.forward(ids, mask, micro_batches=2)        # [2, 4, vocab] on rank 0
+    for logits in pipe.forward_stream([ids, (ids, mask)] if pipe.rank == 0 else None):
+        ...                                                  # rank 0: each batch's logits
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
+from ..errors import RankError
 from ..log import logger
-from .comm import TAG_ACTIVATION, TAG_RESULT, Outbox, activation_dtype, broadcast_call, post_recv
-from .schedule import micro_batch_slices, position_ids_from_mask, split_sizes
+from .comm import Inbound, Outbox, activation_dtype, post_recv
+from .schedule import ABORT, BATCH, END, ForwardHeader, micro_batch_slices, position_ids_from_mask
 
-__all__ = ["pipeline_forward", "validate_inputs"]
+__all__ = ["pipeline_forward", "pipeline_forward_stream", "validate_inputs", "batches_in_flight",
+           "check_no_open_stream"]
 
-
-@dataclass(frozen=True)
-class _ForwardCall:
-    """What rank 0 tells every rank once per call; each message's shape follows from it."""
-
-    batch: int
-    length: int
-    micro_batches: int
-    mask: torch.Tensor | None  # [B, T] int64 on the CPU, None: no padding
+_MAX_MESSAGE = 4096  # bytes of rank 0's error carried by an ABORT header
 
 
 def validate_inputs(input_ids, attention_mask, vocab_size: int
@@ -81,10 +90,10 @@ def validate_inputs(input_ids, attention_mask, vocab_size: int
     return input_ids, attention_mask
 
 
-def _positions(mask: torch.Tensor | None, rows: int, length: int, device) -> torch.Tensor:
-    if mask is None:
-        return torch.arange(length, device=device).expand(rows, length)
-    return position_ids_from_mask(mask.to(device))
+def batches_in_flight(stages: int, micro_batches: int) -> int:
+    """How many batches rank 0 keeps in the pipeline at once: enough micro-batches to give
+    every stage work (at least `stages`), counting the one rank 0 is running."""
+    return 1 + math.ceil((stages - 1) / max(1, micro_batches))
 
 
 def pipeline_forward(pipe, input_ids: torch.Tensor | None = None,
@@ -97,77 +106,232 @@ def pipeline_forward(pipe, input_ids: torch.Tensor | None = None,
     count real tokens only, as in Hugging Face `generate`. `micro_batches` (default: the
     world size, at most B) is how many pieces the batch streams through the stages in.
     """
-    world, plan, module = pipe.world, pipe.plan, pipe.module
-    vocab = int(plan.config["vocab_size"])
-    checked: dict[str, torch.Tensor] = {}  # rank 0's validated ids (not broadcast)
-
-    def make_call() -> _ForwardCall:
-        ids, mask = validate_inputs(input_ids, attention_mask, vocab)
-        checked["ids"] = ids
-        if mask is not None and bool(mask.all()):
-            mask = None  # nothing to mask: plain causal attention
-        parts = len(split_sizes(ids.shape[0], micro_batches or world.world_size))
-        return _ForwardCall(ids.shape[0], ids.shape[1], parts, mask)
-
-    call = broadcast_call(world, make_call)
-    logger.debug("forward: batch %d x %d tokens in %d micro-batches", call.batch, call.length,
-                 call.micro_batches)
-    with torch.no_grad():
-        if not world.distributed:
-            return _forward_local(module, checked["ids"], call, world.device)
-        if world.is_first:
-            return _forward_first(module, checked["ids"], call, world, plan)
-        _forward_rest(module, call, world, plan)
-        return None
+    batches = [(input_ids, attention_mask)] if pipe.world.is_first else None
+    outputs = list(pipeline_forward_stream(pipe, batches, micro_batches=micro_batches))
+    return outputs[0] if pipe.world.is_first else None
 
 
-def _run(module, x: torch.Tensor, call: _ForwardCall, rows: slice, device) -> torch.Tensor:
-    mask = None if call.mask is None else call.mask[rows].to(device)
-    positions = _positions(mask, x.shape[0], call.length, device)
-    return module(x, position_ids=positions, attention_mask=mask)
+def pipeline_forward_stream(pipe, batches: Iterable | None, *,
+                            micro_batches: int | None = None) -> Iterator[torch.Tensor | None]:
+    """Every rank iterates it. On rank 0, `batches` yields ``input_ids`` tensors, or
+    ``(input_ids, attention_mask)`` pairs, or mappings with those keys, read one at a
+    time as the pipeline has room; the stream yields each batch's logits in order. On
+    the other ranks `batches` is ignored and the stream yields None once per batch.
+
+    Rank 0 stops the stream by running out of batches, or by leaving the loop early (the
+    batches already started are finished and dropped), so every rank's loop ends.
+    """
+    world = pipe.world
+    micro_batches = micro_batches or world.world_size
+    if not world.distributed:
+        return _lead_local(pipe, batches, micro_batches)
+    if world.is_first:
+        check_no_open_stream(pipe)
+        return _Lead(pipe, micro_batches).run(batches)
+    return _follow(pipe)
 
 
-def _forward_local(module, input_ids, call: _ForwardCall, device) -> torch.Tensor:
-    """World of one: the micro-batches one after the other (the same numerics)."""
-    ids = input_ids.to(device)
-    outs = [_run(module, ids[sl], call, sl, device)
-            for sl in micro_batch_slices(call.batch, call.micro_batches)]
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+def check_no_open_stream(pipe) -> None:
+    """Rank 0, before any call: the ranks downstream are still serving an unfinished
+    stream, and would take this call's messages for its next batch."""
+    if pipe._state.get("open_stream"):
+        raise RuntimeError("a forward_stream is still open on rank 0: iterate it to the end "
+                           "or close() it before the next call")
 
 
-def _forward_first(module, input_ids, call: _ForwardCall, world, plan) -> torch.Tensor:
-    """Rank 0: post a receive per micro-batch's logits, then embed and run each
-    micro-batch and pass it on without waiting for the next rank."""
-    device, dtype = world.device, activation_dtype(plan)
-    vocab, last = int(plan.config["vocab_size"]), world.world_size - 1
-    slices = micro_batch_slices(call.batch, call.micro_batches)
-    results = [post_recv((sl.stop - sl.start, call.length, vocab), dtype, device, src=last,
-                         tag=TAG_RESULT) for sl in slices]
-    ids = input_ids.to(device)
+def _unpack(item) -> tuple:
+    if isinstance(item, Mapping):
+        return item.get("input_ids"), item.get("attention_mask")
+    if isinstance(item, (tuple, list)):
+        if len(item) != 2:
+            raise ValueError(f"a batch must be input_ids or (input_ids, attention_mask); got a "
+                             f"{type(item).__name__} of {len(item)} items")
+        return tuple(item)
+    return item, None
+
+
+def _batches(batches) -> Iterator:
+    if isinstance(batches, torch.Tensor) or batches is None:
+        got = "None" if batches is None else "one tensor"
+        raise TypeError(f"forward_stream needs an iterable of batches on rank 0, got {got}; "
+                        f"for a single batch call forward(input_ids)")
+    return iter(batches)
+
+
+def _prepare(item, vocab: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ids, mask = validate_inputs(*_unpack(item), vocab)
+    if mask is not None and bool(mask.all()):
+        mask = None  # nothing to mask: plain causal attention
+    return ids, mask
+
+
+@torch.no_grad()
+def _run(module, x: torch.Tensor, mask: torch.Tensor | None, rows: slice) -> torch.Tensor:
+    """This rank's stage on the micro-batch `rows` (mask on the stage's device, or None)."""
+    length = x.shape[1]
+    if mask is None:
+        positions = torch.arange(length, device=x.device).expand(x.shape[0], length)
+        return module(x, position_ids=positions, attention_mask=None)
+    mask = mask[rows]
+    return module(x, position_ids=position_ids_from_mask(mask), attention_mask=mask)
+
+
+def _lead_local(pipe, batches: Iterable, micro_batches: int) -> Iterator[torch.Tensor]:
+    """World of one: each batch's micro-batches one after the other (the same numerics)."""
+    vocab, device = int(pipe.plan.config["vocab_size"]), pipe.world.device
+    for item in _batches(batches):
+        ids, mask = _prepare(item, vocab)
+        ids, mask = ids.to(device), None if mask is None else mask.to(device)
+        outs = [_run(pipe.module, ids[sl], mask, sl)
+                for sl in micro_batch_slices(ids.shape[0], micro_batches)]
+        yield torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+# ----------------------------------------------------------------------------- rank 0
+
+class _Lead:
+    """Rank 0: announce each batch, run its micro-batches through stage 0 and send them
+    on, post the receives of their logits, and hand back the oldest batch's logits only
+    once enough later batches are in the pipeline to keep every stage busy."""
+
+    def __init__(self, pipe, micro_batches: int) -> None:
+        self.module, self.world, self.micro_batches = pipe.module, pipe.world, micro_batches
+        self.state = pipe._state
+        self.vocab = int(pipe.plan.config["vocab_size"])
+        self.dtype = activation_dtype(pipe.plan)
+        self.depth = batches_in_flight(self.world.world_size, micro_batches)
+        self.outbox = Outbox()
+        self.inflight: deque[list[Inbound]] = deque()
+
+    def run(self, batches: Iterable) -> Iterator[torch.Tensor]:
+        items, ended = None, False
+        self.state["open_stream"] = True
+        try:
+            while True:
+                try:
+                    items = _batches(batches) if items is None else items
+                    ids, mask = _prepare(next(items), self.vocab)
+                except StopIteration:
+                    break
+                except Exception as exc:
+                    self._abort(exc)
+                    raise
+                self._start(ids, mask)
+                if len(self.inflight) >= self.depth:
+                    yield self._collect()
+            self._send(ForwardHeader(END))
+            ended = True
+            while self.inflight:
+                yield self._collect()
+            self.outbox.wait()
+        except GeneratorExit:  # the caller left the loop: finish what was started
+            if not ended:
+                self._send(ForwardHeader(END))
+            self._drain()
+            raise
+        finally:
+            self.state["open_stream"] = False
+
+    def _start(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        device, last = self.world.device, self.world.world_size - 1
+        batch, length = ids.shape
+        slices = micro_batch_slices(batch, self.micro_batches)
+        logger.debug("forward: batch %d x %d tokens in %d micro-batches", batch, length,
+                     len(slices))
+        self._send(ForwardHeader(BATCH, batch, length, len(slices), mask is not None))
+        if mask is not None:
+            mask = mask.to(device)
+            self.outbox.send(mask, dst=1)
+        self.inflight.append([
+            post_recv((sl.stop - sl.start, length, self.vocab), self.dtype, device, src=last,
+                      group=self.world.return_group) for sl in slices])
+        ids = ids.to(device)
+        for sl in slices:
+            self.outbox.send(_run(self.module, ids[sl], mask, sl).to(self.dtype), dst=1)
+
+    def _collect(self) -> torch.Tensor:
+        logits = [r.wait() for r in self.inflight.popleft()]
+        return torch.cat(logits) if len(logits) > 1 else logits[0]
+
+    def _send(self, header: ForwardHeader, message: bytes = b"") -> None:
+        self.outbox.send(header.encode(self.world.device), dst=1)
+        if message:
+            self.outbox.send(torch.frombuffer(bytearray(message), dtype=torch.uint8)
+                             .to(self.world.device), dst=1)
+
+    def _abort(self, exc: Exception) -> None:
+        """Tell every rank that rank 0 failed on this batch, after the batches before it."""
+        message = f"{type(exc).__name__}: {exc}".encode()[:_MAX_MESSAGE]
+        try:
+            self._send(ForwardHeader(ABORT, message_bytes=len(message)), message)
+            self._drain()
+        except RankError as peer:  # a peer is gone too; rank 0's own error says more
+            logger.debug("while stopping the forward stream: %s", peer)
+
+    def _drain(self) -> None:
+        while self.inflight:
+            self._collect()
+        self.outbox.wait()
+
+
+# ----------------------------------------------------------------------------- ranks 1..P-1
+
+def _follow(pipe) -> Iterator[None]:
+    """Ranks after the first: yield once per batch. A caller that leaves its loop early
+    still serves rank 0 to the end of the stream (so rank 0 never waits on it)."""
+    batches = _follow_batches(pipe)
+    try:
+        for _ in batches:  # not `yield from`: that would close `batches` with this one
+            yield None
+    except GeneratorExit:
+        for _ in batches:
+            pass
+        raise
+
+
+def _follow_batches(pipe) -> Iterator[None]:
+    """For each batch the headers announce: pass the header on, run every micro-batch
+    through the stage and send it on (the last rank sends the logits back to rank 0),
+    until END; raise rank 0's error on ABORT."""
+    world, module = pipe.world, pipe.module
+    device, dtype = world.device, activation_dtype(pipe.plan)
+    hidden, prev = int(pipe.plan.config["hidden_size"]), world.rank - 1
+    nxt = None if world.is_last else world.rank + 1
     outbox = Outbox()
-    for sl in slices:
-        hidden = _run(module, ids[sl], call, sl, device)
-        outbox.send(hidden.to(dtype), dst=1, tag=TAG_ACTIVATION)
-    logits = [r.wait() for r in results]
-    outbox.wait()
-    return torch.cat(logits) if len(logits) > 1 else logits[0]
 
+    def relay(tensor: torch.Tensor) -> None:
+        if nxt is not None:
+            outbox.send(tensor, dst=nxt)
 
-def _forward_rest(module, call: _ForwardCall, world, plan) -> None:
-    """Ranks 1..P-1: receive micro-batch m (the receive of m + 1 already posted), run the
-    stage, send the result on (or the logits back to rank 0 from the last rank)."""
-    device, dtype = world.device, activation_dtype(plan)
-    hidden_size = int(plan.config["hidden_size"])
-    slices = micro_batch_slices(call.batch, call.micro_batches)
-    shapes = [(sl.stop - sl.start, call.length, hidden_size) for sl in slices]
-    prev = world.rank - 1
-    dst, tag = (0, TAG_RESULT) if world.is_last else (world.rank + 1, TAG_ACTIVATION)
-    outbox = Outbox()
-    incoming = post_recv(shapes[0], dtype, device, src=prev, tag=TAG_ACTIVATION)
-    for m, sl in enumerate(slices):
-        current = incoming
-        if m + 1 < len(slices):
-            incoming = post_recv(shapes[m + 1], dtype, device, src=prev, tag=TAG_ACTIVATION)
-        out = _run(module, current.wait(), call, sl, device)
-        outbox.send(out.to(dtype), dst=dst, tag=tag)
-    outbox.wait()
+    incoming = post_recv((ForwardHeader.LENGTH,), torch.long, device, src=prev)
+    while True:
+        raw = incoming.wait()
+        header = ForwardHeader.decode(raw)
+        if header.kind == END:
+            relay(raw)
+            outbox.wait()
+            return
+        if header.kind == ABORT:
+            message = post_recv((header.message_bytes,), torch.uint8, device, src=prev).wait()
+            relay(raw)
+            relay(message)
+            outbox.wait()
+            raise RankError(f"rank 0 failed: {bytes(message.cpu().tolist()).decode(errors='replace')}")
+        # posted in the order rank `prev` sends: mask, activations, the next header
+        mask = post_recv((header.batch, header.length), torch.long, device, src=prev) \
+            if header.masked else None
+        slices = micro_batch_slices(header.batch, header.micro_batches)
+        acts = [post_recv((sl.stop - sl.start, header.length, hidden), dtype, device, src=prev)
+                for sl in slices]
+        incoming = post_recv((ForwardHeader.LENGTH,), torch.long, device, src=prev)
+        relay(raw)
+        if mask is not None:
+            mask = mask.wait()
+            relay(mask)
+        for sl, act in zip(slices, acts):
+            out = _run(module, act.wait(), mask, sl).to(dtype)
+            if nxt is None:
+                outbox.send(out, dst=0, group=world.return_group)
+            else:
+                outbox.send(out, dst=nxt)
+        yield None

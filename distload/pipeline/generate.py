@@ -33,9 +33,8 @@ import torch
 
 from ..log import logger
 from ..models.cache import KVCache
-from .comm import (TAG_ACTIVATION, TAG_HEADER, TAG_RESULT, Inbound, Outbox, activation_dtype,
-                   broadcast_call, post_recv)
-from .forward import validate_inputs
+from .comm import Inbound, Outbox, activation_dtype, broadcast_call, post_recv
+from .forward import check_no_open_stream, validate_inputs
 from .sampling import Sampler, SamplingConfig
 from .schedule import (DROP, STEP, STOP, StepHeader, micro_batch_slices, position_ids_from_mask,
                        split_sizes)
@@ -96,6 +95,8 @@ def pipeline_generate(pipe, input_ids: torch.Tensor | None = None,
     world, plan, module = pipe.world, pipe.plan, pipe.module
     config = plan.config
     rank0: dict = {}  # rank 0's own state: validated ids, EOS and pad
+    if world.is_first and world.distributed:
+        check_no_open_stream(pipe)
 
     def make_call() -> _GenerateCall:
         ids, mask = validate_inputs(input_ids, attention_mask, int(config["vocab_size"]))
@@ -231,15 +232,15 @@ class _Driver:
             self.inflight.append((group, rows, Inbound(tokens, None)))
             return
         self._send_header(StepHeader(STEP, group, keep, ids.shape[1]))
-        self.outbox.send(out.to(self.dtype), dst=1, tag=TAG_ACTIVATION)
+        self.outbox.send(out.to(self.dtype), dst=1)
         pending = post_recv((len(keep),), torch.long, self.world.device,
-                            src=self.world.world_size - 1, tag=TAG_RESULT)
+                            src=self.world.world_size - 1, group=self.world.return_group)
         self.inflight.append((group, rows, pending))
 
     def _send_header(self, header: StepHeader) -> None:
         if self.world.distributed:
             encoded = header.encode(self.call.max_rows, self.world.device)
-            self.outbox.send(encoded, dst=1, tag=TAG_HEADER)
+            self.outbox.send(encoded, dst=1)
 
 
 # ----------------------------------------------------------------------------- ranks 1..P-1
@@ -252,27 +253,27 @@ def _follow(runner: _StageRunner, call: _GenerateCall, world, plan) -> None:
     header_len = StepHeader.length(call.max_rows)
     sampler = Sampler(call.sampling, device) if world.is_last else None
     outbox = Outbox()
-    incoming = post_recv((header_len,), torch.long, device, src=prev, tag=TAG_HEADER)
+    # receives are posted in the order rank `prev` sends: header, activations, next header
+    incoming = post_recv((header_len,), torch.long, device, src=prev)
     while True:
         raw = incoming.wait()
         header = StepHeader.decode(raw)
         if header.kind == STOP:
             if not world.is_last:
-                outbox.send(raw, dst=world.rank + 1, tag=TAG_HEADER)
+                outbox.send(raw, dst=world.rank + 1)
             break
         if header.kind == DROP:
             runner.drop(header.group)
             if not world.is_last:
-                outbox.send(raw, dst=world.rank + 1, tag=TAG_HEADER)
-            incoming = post_recv((header_len,), torch.long, device, src=prev, tag=TAG_HEADER)
+                outbox.send(raw, dst=world.rank + 1)
+            incoming = post_recv((header_len,), torch.long, device, src=prev)
             continue
-        act = post_recv((len(header.keep), header.tokens, hidden_size), dtype, device, src=prev,
-                        tag=TAG_ACTIVATION)
-        incoming = post_recv((header_len,), torch.long, device, src=prev, tag=TAG_HEADER)
+        act = post_recv((len(header.keep), header.tokens, hidden_size), dtype, device, src=prev)
+        incoming = post_recv((header_len,), torch.long, device, src=prev)
         out = runner.step(header.group, header.keep, act.wait())
         if sampler is not None:
-            outbox.send(sampler(out, runner.rows(header.group)), dst=0, tag=TAG_RESULT)
+            outbox.send(sampler(out, runner.rows(header.group)), dst=0, group=world.return_group)
         else:
-            outbox.send(raw, dst=world.rank + 1, tag=TAG_HEADER)
-            outbox.send(out.to(dtype), dst=world.rank + 1, tag=TAG_ACTIVATION)
+            outbox.send(raw, dst=world.rank + 1)
+            outbox.send(out.to(dtype), dst=world.rank + 1)
     outbox.wait()

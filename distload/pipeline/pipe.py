@@ -1,5 +1,5 @@
 """`Pipeline`: what `distload.load` returns on every rank — the rank's stage, the shared
-plan, the load report, and the pipelined `forward` / `generate`."""
+plan, the load report, and the pipelined `forward` / `forward_stream` / `generate`."""
 
 from __future__ import annotations
 
@@ -48,6 +48,23 @@ class Pipeline:
 
         return pipeline_forward(self, input_ids, attention_mask,
                                 micro_batches=micro_batches or self.micro_batches)
+
+    def forward_stream(self, batches=None, *, micro_batches: int | None = None):
+        """Logits of many batches, the pipeline kept full across them (a batch job): an
+        iterator that every rank runs to the end. On rank 0 `batches` yields
+        ``input_ids`` or ``(input_ids, attention_mask)`` and the iterator yields each
+        batch's logits in order; elsewhere it yields None once per batch.
+
+        Example::
+
+            for logits in pipe.forward_stream(batches if pipe.rank == 0 else None):
+                if logits is not None:
+                    save(logits)
+        """
+        from .forward import pipeline_forward_stream
+
+        return pipeline_forward_stream(self, batches,
+                                       micro_batches=micro_batches or self.micro_batches)
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  *, max_new_tokens: int = 32, micro_batches: int | None = None,

@@ -1,5 +1,6 @@
 """What flows through the pipeline, and in which pieces: micro-batch splits, positions
-from an attention mask, and the small header that announces each generation step.
+from an attention mask, and the small headers that announce each forward batch and each
+generation step.
 
 Pure functions and plain data: no process group, no model. Every rank computes the same
 split from the same (batch, micro-batches), which is how receivers know the shapes of the
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "split_sizes", "micro_batch_slices", "position_ids_from_mask", "StepHeader",
-    "STEP", "DROP", "STOP",
+    "split_sizes", "micro_batch_slices", "position_ids_from_mask", "ForwardHeader",
+    "BATCH", "END", "ABORT", "StepHeader", "STEP", "DROP", "STOP",
 ]
 
 
@@ -59,6 +60,48 @@ def position_ids_from_mask(attention_mask: torch.Tensor, new_tokens: int | None 
 
 
 # ----------------------------------------------------------------------------- headers
+
+BATCH, END, ABORT = 11, 12, 13
+"""Forward header kinds: a batch follows / the stream is over / rank 0 failed (its error
+message follows)."""
+
+
+@dataclass(frozen=True)
+class ForwardHeader:
+    """What announces each batch of a forward stream, rank r → r+1, ahead of its data.
+
+    A BATCH header is followed by the ``[batch, length]`` attention mask when `masked`,
+    then the micro-batches' activations; an ABORT header by `message_bytes` bytes of rank
+    0's error (UTF-8). Encoded as 6 int64 values, so a receiver can post its receive
+    before knowing anything.
+
+    Example::
+
+        h = ForwardHeader(BATCH, batch=8, length=128, micro_batches=4)
+        ForwardHeader.decode(h.encode()) == h
+    """
+
+    kind: int
+    batch: int = 0
+    length: int = 0
+    micro_batches: int = 0
+    masked: bool = False
+    message_bytes: int = 0
+
+    LENGTH = 6
+
+    def encode(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.tensor([self.kind, self.batch, self.length, self.micro_batches,
+                             int(self.masked), self.message_bytes], dtype=torch.long,
+                            device=device)
+
+    @classmethod
+    def decode(cls, encoded: torch.Tensor) -> "ForwardHeader":
+        kind, batch, length, micro_batches, masked, message_bytes = encoded.tolist()
+        if kind not in (BATCH, END, ABORT):
+            raise ValueError(f"corrupt pipeline header: kind {kind}")
+        return cls(kind, batch, length, micro_batches, bool(masked), message_bytes)
+
 
 STEP, DROP, STOP = 1, 2, 3
 """Header kinds: run one step of a group / forget a finished group / the call is over."""
