@@ -113,7 +113,7 @@ def gc_store(store: OffloadStore, *, dry_run: bool = False) -> GcResult:
                 del manifest["models"][mid]
                 result.models.append(mid)
         needed = {k for r in manifest["models"].values() for k in r["keys"]}
-        for key, entry in sorted(entries.items()):
+        for key in sorted(entries):
             if key in needed:
                 result.kept += 1
                 continue
