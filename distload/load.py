@@ -40,20 +40,28 @@ def _generate(pipe, cfg: RunConfig) -> None:
     requests = run_on_rank0(pipe.world, collect)
     if not requests:
         return
-    ids, mask = left_pad([r.ids for r in requests])
+    # as many prompts per call as the plan kept KV-cache room for (all, when not given)
+    chunk = cfg.max_batch_size or len(requests)
+    outputs: list[list[int]] = []
+    eos, _ = resolve_eos(cfg.eos_token_id, None, pipe.plan.config)
     start = time.perf_counter()
-    out = pipe.generate(ids, mask, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                        seed=cfg.seed, eos_token_id=cfg.eos_token_id)
+    for first in range(0, len(requests), chunk):
+        ids, mask = left_pad([r.ids for r in requests[first:first + chunk]])
+        out = pipe.generate(ids, mask, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                            seed=cfg.seed, eos_token_id=cfg.eos_token_id)
+        if pipe.rank == 0:
+            outputs += [new_tokens(row, ids.shape[1], eos) for row in out.tolist()]
+            if chunk < len(requests):
+                logger.info("prompts %d-%d of %d done", first + 1, first + len(out), len(requests))
     seconds = time.perf_counter() - start
     if pipe.rank != 0:
         return
-    eos, _ = resolve_eos(cfg.eos_token_id, None, pipe.plan.config)
-    outputs = [new_tokens(row, ids.shape[1], eos) for row in out.tolist()]
     tokenizer = rank0["tokenizer"]
-    for request, generated in zip(requests, outputs):
-        shown = repr(tokenizer.decode(generated)) if tokenizer is not None else generated
-        logger.info("%s -> %s", list(request.ids), shown)
+    if not cfg.output_file or len(requests) <= 16:  # a big batch job speaks through its file
+        for request, generated in zip(requests, outputs):
+            shown = repr(tokenizer.decode(generated)) if tokenizer is not None else generated
+            logger.info("%s -> %s", list(request.ids), shown)
     if cfg.output_file:
         write_outputs(cfg.output_file, requests, outputs, tokenizer)
         logger.info("outputs written to %s", cfg.output_file)

@@ -211,22 +211,32 @@ def test_rank_failing_mid_decode_stops_every_rank(ckpt):
 
 
 @pytest.mark.multiprocess
-def test_cli_generates_from_a_jsonl_file(ckpt, hf, tmp_path):
+@pytest.mark.parametrize("max_batch_size", [None, 2])
+def test_cli_generates_from_a_jsonl_file(ckpt, hf, tmp_path, max_batch_size):
     src, dst = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
-    src.write_text(json.dumps({"input_ids": [3, 4, 5, 6], "id": 1}) + "\n"
-                   + json.dumps({"prompt": "the dog ran", "id": 2}) + "\n")
+    prompts = [(3, 4, 5, 6), (2, 8, 9), (7, 3)]
+    src.write_text(json.dumps({"input_ids": list(prompts[0]), "id": 1}) + "\n"
+                   + json.dumps({"prompt": "the dog ran", "id": 2}) + "\n"
+                   + json.dumps({"input_ids": list(prompts[2]), "id": 3}) + "\n")
+    extra = ["--max-batch-size", str(max_batch_size)] if max_batch_size else []
     proc = torchrun(2, ["distload.load", "--device", "cpu", "--model", str(ckpt), "--input-file",
-                        str(src), "--output-file", str(dst), "--max-new-tokens", "6"],
+                        str(src), "--output-file", str(dst), "--max-new-tokens", "6", *extra],
                     module=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert [line["id"] for line in lines] == [1, 2]
-    ids, mask = left_pad([(3, 4, 5, 6), (2, 8, 9)])
-    with torch.no_grad():
-        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert [line["output_ids"] for line in lines] == ref[:, 4:].tolist()
+    assert [line["id"] for line in lines] == [1, 2, 3]
+    expected = []  # transformers on the same batches: all at once, or 2 then 1
+    size = max_batch_size or len(prompts)
+    for first in range(0, len(prompts), size):
+        ids, mask = left_pad(prompts[first:first + size])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                              pad_token_id=0)
+        expected += ref[:, ids.shape[1]:].tolist()
+    assert [line["output_ids"] for line in lines] == expected
     assert all(isinstance(line["output_text"], str) for line in lines)
     assert "tokens/s" in proc.stderr
+    assert ("prompts 3-3 of 3 done" in proc.stderr) == (max_batch_size == 2)
 
 
 def test_cli_text_prompt_without_tokenizer_is_a_clear_error(tmp_path, capfd):
