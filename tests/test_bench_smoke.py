@@ -1,6 +1,7 @@
-"""Smoke test of scripts/bench_load.py: one repeat of every system on a tiny checkpoint;
-the table, the ratios and the three figures are all there (their values are not judged
-here, except bytes read, which are exact whatever the machine's speed)."""
+"""Smoke tests of the benchmarks on tiny models. scripts/bench_load.py: one repeat of
+every system; the table, the ratios and the three figures are all there (their values are
+not judged here, except bytes read, which are exact whatever the machine's speed).
+scripts/bench_pipeline.py: every figure is printed and written."""
 
 import json
 import subprocess
@@ -52,3 +53,23 @@ def test_bench_load_smoke(tiny_ckpt, tmp_path):
     figures = {f["name"]: f["pass"] for f in report["figures"]}
     assert set(figures) == {"a", "b", "c"}
     assert figures["a"], "distload read other than exactly its tensors"
+
+
+def test_bench_pipeline_smoke(tmp_path):
+    """scripts/bench_pipeline.py on a tiny model: every figure is printed and written."""
+    script = SCRIPT.parent / "bench_pipeline.py"
+    out = tmp_path / "pipe.json"
+    cmd = [sys.executable, str(script), "--hidden", "64", "--layers", "2", "--heads", "4",
+           "--kv-heads", "2", "--vocab", "128", "--batch", "4", "--seq", "8",
+           "--micro-batches", "2", "4", "--stream-batches", "3", "--decode-batch", "4",
+           "--prompt", "4", "--new-tokens", "3", "--repeats", "1", "--max-tries", "2",
+           "--cache", str(tmp_path / "cache"), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.stdout.count("forward  batch 4 x 8") == 2
+    assert proc.stdout.count("stream   3 batches of 4 x 8") == 2
+    assert "decode   batch 4" in proc.stdout
+    figures = json.loads(out.read_text())["figures"]
+    for kind in ("forward_ratio", "stream_ratio"):
+        assert set(figures[kind]) == {"2", "4"} and all(v > 0 for v in figures[kind].values())
+    assert figures["decode_ratio"] > 0
