@@ -58,7 +58,7 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=128, help="forward: tokens per sequence")
     p.add_argument("--micro-batches", type=int, nargs="+", default=[4],
                    help="forward micro-batches of the pipeline (several: one figure each)")
-    p.add_argument("--stream-batches", type=int, default=8,
+    p.add_argument("--stream-batches", type=int, default=16,
                    help="forward_stream: batches per timed stream (0: no stream figure)")
     p.add_argument("--decode-batch", type=int, default=128, help="decode: sequences per call")
     p.add_argument("--prompt", type=int, default=16, help="decode: prompt length")
