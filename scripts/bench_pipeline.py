@@ -15,7 +15,8 @@ calls are retried, up to `--max-tries` times per figure, so a shared machine giv
 the figures of its quiet moments. It prints forward and decode tokens/s (median of
 `--repeats` undisturbed timed calls after a warm-up) and the pipeline / sequential
 ratios. Decode tokens/s is
-``batch * (N - 1) / (t(N new tokens) - t(1 new token))``: the prefill is taken out.
+``batch * (N - 1) / (t(N new tokens) - t(1 new token))``: the prefill is taken out; it
+is shown on its own (prompt tokens / t(1 new token)) and with the decode, end to end.
 
 Sizes: with hidden 1024 every stage is compute-bound in the forward. Decoding a few rows
 per step only streams the weights (memory-bound: a group of 16 rows on 4 layers takes
@@ -261,13 +262,16 @@ def _figures(a, raw: dict) -> dict:
             "stream_tok_s": {mb: a.stream_batches * tokens / m[f"stream_{mb}"]
                              for mb in a.micro_batches if f"stream_{mb}" in m},
             "decode_tok_s": decoded / (m[f"generate_{a.new_tokens}"] - m["generate_1"]),
+            "prefill_tok_s": a.decode_batch * a.prompt / m["generate_1"],
+            "generate_tok_s": a.decode_batch * a.new_tokens / m[f"generate_{a.new_tokens}"],
         }
     first = a.micro_batches[0]
     for kind in ("forward", "stream"):
         seq_tok_s = out["sequential"][f"{kind}_tok_s"].get(first)
         out[f"{kind}_ratio"] = {mb: v / seq_tok_s
                                 for mb, v in out["pipeline"][f"{kind}_tok_s"].items()}
-    out["decode_ratio"] = out["pipeline"]["decode_tok_s"] / out["sequential"]["decode_tok_s"]
+    for kind in ("decode", "prefill", "generate"):
+        out[f"{kind}_ratio"] = out["pipeline"][f"{kind}_tok_s"] / out["sequential"][f"{kind}_tok_s"]
     return out
 
 
@@ -309,6 +313,12 @@ def main(argv=None) -> int:
     print(f"decode   batch {a.decode_batch}, {a.new_tokens} new tokens: sequential "
           f"{seq['decode_tok_s']:8.1f} tok/s | pipeline {p} ranks x {a.groups} groups "
           f"{pipe['decode_tok_s']:8.1f} tok/s | ratio {fig['decode_ratio']:.2f}")
+    print(f"prefill  batch {a.decode_batch} x {a.prompt} (+ 1 token): sequential "
+          f"{seq['prefill_tok_s']:8.1f} tok/s | pipeline {p} ranks x {a.groups} groups "
+          f"{pipe['prefill_tok_s']:8.1f} tok/s | ratio {fig['prefill_ratio']:.2f}")
+    print(f"generate end to end, {a.new_tokens} new tokens: sequential {seq['generate_tok_s']:8.1f} "
+          f"new tok/s | pipeline {pipe['generate_tok_s']:8.1f} new tok/s | ratio "
+          f"{fig['generate_ratio']:.2f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"figures": fig, "raw": raw, "args": vars(a)}, indent=1))
     return 0

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+
+# Subprocesses (torchrun ranks, workers, CLI runs) import this checkout's distload, not
+# whichever checkout pip last installed in editable mode.
+_REPO = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)
 
 from distload.demo import make_checkpoint
 

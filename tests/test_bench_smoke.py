@@ -72,4 +72,5 @@ def test_bench_pipeline_smoke(tmp_path):
     figures = json.loads(out.read_text())["figures"]
     for kind in ("forward_ratio", "stream_ratio"):
         assert set(figures[kind]) == {"2", "4"} and all(v > 0 for v in figures[kind].values())
-    assert figures["decode_ratio"] > 0
+    assert all(figures[f"{kind}_ratio"] > 0 for kind in ("decode", "prefill", "generate"))
+    assert "prefill  batch 4 x 4" in proc.stdout and "generate end to end" in proc.stdout

@@ -241,3 +241,22 @@ def test_config_reads_both_rope_layouts_and_defaults() -> None:
     assert [qwen.layer_sliding_window(i) for i in range(3)] == [None, 4, 4]
     mistral = config_from_dict({**BASE, "model_type": "mistral"})
     assert mistral.sliding_window == 4096  # transformers' default when the key is absent
+
+
+@torch.no_grad()
+def test_kv_caches_of_parts_of_a_batch_stack_into_one() -> None:
+    """Prefill in two parts (each its own cache), stacked, then decode: the same logits
+    as one forward over the whole batch and sequence."""
+    cfg = config_from_dict({**BASE, **CASES["llama_tied"]})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    ids = _ids(3, 9)
+    pos = torch.arange(9).expand(3, -1)
+    full = model(ids, position_ids=pos)
+    first, second = KVCache(), KVCache()
+    model(ids[:2, :6], position_ids=pos[:2, :6], cache=first)
+    model(ids[2:, :6], position_ids=pos[2:, :6], cache=second)
+    cache = KVCache.stacked([first, second])
+    assert cache.batch_size == 3 and cache.length == 6
+    step = model(ids[:, 6:], position_ids=pos[:, 6:], cache=cache)
+    torch.testing.assert_close(step, full[:, 6:], atol=ATOL, rtol=0)

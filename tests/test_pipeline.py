@@ -17,8 +17,8 @@ from distload.demo import make_checkpoint
 from distload.pipeline.comm import activation_dtype
 from distload.pipeline.forward import batches_in_flight, validate_inputs
 from distload.pipeline.schedule import (
-    ABORT, BATCH, DROP, END, STEP, STOP, ForwardHeader, StepHeader, micro_batch_slices,
-    position_ids_from_mask, split_sizes,
+    ABORT, BATCH, DROP, END, PREFILL, STEP, STOP, ForwardHeader, StepHeader, micro_batch_slices,
+    position_ids_from_mask, prefill_parts, split_sizes,
 )
 
 from .mp import torchrun, worker
@@ -84,7 +84,7 @@ def test_positions_count_real_tokens_only():
     assert position_ids_from_mask(mask, 2).tolist() == [[1, 2], [3, 4], [1, 2]]
 
 
-@given(st.sampled_from([STEP, DROP, STOP]), st.integers(0, 50),
+@given(st.sampled_from([STEP, DROP, STOP, PREFILL]), st.integers(0, 50),
        st.lists(st.integers(0, 63), max_size=8), st.integers(0, 4096))
 def test_step_header_round_trips(kind, group, keep, tokens):
     header = StepHeader(kind, group, tuple(keep), tokens)
@@ -111,6 +111,17 @@ def test_enough_batches_in_flight_to_fill_every_stage():
             depth = batches_in_flight(stages, m)
             assert (depth - 1) * m >= stages - 1 and (depth - 2) * m < max(stages - 1, 1)
     assert batches_in_flight(2, 4) == 2 and batches_in_flight(3, 1) == 3
+
+
+def test_prefill_parts_fill_the_pipeline_within_the_group():
+    assert prefill_parts(1, 1, 100) == 1           # no pipeline: the prompt in one piece
+    assert prefill_parts(2, 2, 64) == 4            # 8 pieces in all over 2 stages
+    assert prefill_parts(3, 3, 64) == 4
+    assert prefill_parts(2, 2, 3) == 3             # never more parts than rows
+    for stages in range(2, 9):
+        for groups in range(1, 9):
+            parts = prefill_parts(stages, groups, 1000)
+            assert groups * parts >= 4 * stages > groups * (parts - 1)
 
 
 def test_step_header_rejects_corruption():

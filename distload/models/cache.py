@@ -63,6 +63,16 @@ class KVCache:
 
     reorder = select
 
+    @classmethod
+    def stacked(cls, caches: Sequence["KVCache"]) -> "KVCache":
+        """One cache holding the sequences of `caches` one after the other (their batches
+        concatenated, in order); every cache must hold the same layers and length."""
+        out = cls()
+        for name in caches[0]._keys:
+            out._keys[name] = torch.cat([c._keys[name] for c in caches])
+            out._values[name] = torch.cat([c._values[name] for c in caches])
+        return out
+
     def reset(self) -> None:
         """Forget everything cached."""
         self._keys.clear()

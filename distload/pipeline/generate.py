@@ -4,8 +4,10 @@ The batch is split into G groups (default: one per rank). The groups go round a 
 rank 0 embeds a group's new tokens and runs its layers, each next rank runs its own, the
 last rank samples each sequence's next token and sends the tokens back to rank 0, which
 feeds them in as the group's next step. While group g is on rank 1, group g + 1 is on
-rank 0, so decoding keeps every rank busy, not only the prefill. Each rank keeps one
-`KVCache` (and attention mask) per group, for its own layers only.
+rank 0, so decoding keeps every rank busy. The prompts (the prefill) are a forward pass
+and go through in smaller parts (`schedule.prefill_parts`), so that the pipeline is full
+then too; a group's parts are stacked into one before its first decode step. Each rank
+keeps one `KVCache` (and attention mask) per group, for its own layers only.
 
 Rank 0 owns the sequences: it writes the tokens, sees which sequences hit EOS or their
 budget, and tells the ranks downstream, in each step's header, which rows of the group go
@@ -36,8 +38,8 @@ from ..models.cache import KVCache
 from .comm import Inbound, Outbox, activation_dtype, broadcast_call, post_recv
 from .forward import check_no_open_stream, validate_inputs
 from .sampling import Sampler, SamplingConfig
-from .schedule import (DROP, STEP, STOP, StepHeader, micro_batch_slices, position_ids_from_mask,
-                       split_sizes)
+from .schedule import (DROP, PREFILL, STEP, STOP, StepHeader, micro_batch_slices,
+                       position_ids_from_mask, prefill_parts, split_sizes)
 
 __all__ = ["pipeline_generate", "resolve_eos"]
 
@@ -132,50 +134,67 @@ def pipeline_generate(pipe, input_ids: torch.Tensor | None = None,
 
 class _GroupState:
     """One group on one stage: which of the call's sequences it holds (in row order), their
-    attention mask over cache + new tokens, and the stage's cache of their keys/values."""
+    attention mask over cache + new tokens, and the stage's cache of their keys/values.
+    The prompt comes in parts (each with a cache of its own); they are stacked into one
+    state before the group's first decode step."""
 
-    def __init__(self, rows: torch.Tensor, mask: torch.Tensor) -> None:
-        self.rows, self.mask, self.cache = rows, mask, KVCache()
+    def __init__(self) -> None:
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, KVCache]] = []
+        self.rows = self.mask = self.cache = None
+
+    def stack_parts(self) -> None:
+        if self.parts:
+            rows, masks, caches = zip(*self.parts)
+            self.rows, self.mask = torch.cat(rows), torch.cat(masks)
+            self.cache, self.parts = KVCache.stacked(caches), []
 
 
 class _StageRunner:
-    """This rank's stage applied to one step of one group. Used on every rank."""
+    """This rank's stage applied to one part of a group's prompt, or one decode step of a
+    group. Used on every rank; both return the stage's output and the call's rows it is
+    for. The output is hidden states, or on the last stage the logits of the last
+    position only ``[n, vocab]`` (the head runs on nothing else)."""
 
     def __init__(self, module, call: _GenerateCall, device: torch.device) -> None:
         self.module, self.call, self.device = module, call, device
         self.slices = micro_batch_slices(call.batch, call.groups)
         self.groups: dict[int, _GroupState] = {}
 
-    def step(self, group: int, keep: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
-        """Run `x` (ids ``[n, t]`` on rank 0, hidden states ``[n, t, H]`` elsewhere) for the
-        rows `keep` of `group`. Returns hidden states, or on the last stage the logits of
-        the last position only ``[n, vocab]`` (the head runs on nothing else)."""
-        state, new = self.groups.get(group), x.shape[1]
-        if state is None:  # prefill: the group's rows of the prompt
-            sl = self.slices[group]
-            state = _GroupState(torch.arange(sl.start, sl.stop), self.call.mask[sl].to(self.device))
-            self.groups[group] = state
-            mask = None if bool(state.mask.all()) else state.mask  # None: plain causal
-        else:
-            if len(keep) != len(state.rows):  # some sequences stopped: drop them everywhere
-                idx = torch.tensor(keep, dtype=torch.long)
-                state.rows = state.rows[idx]
-                state.mask = state.mask[idx.to(self.device)]
-                state.cache.select(idx.to(self.device))
-            state.mask = torch.cat([state.mask, state.mask.new_ones(len(keep), new)], dim=1)
-            mask = state.mask
-        if x.shape[0] != len(state.rows):
-            raise RuntimeError(f"group {group}: got {x.shape[0]} rows for "
-                               f"{len(state.rows)} sequences")
-        positions = position_ids_from_mask(state.mask, new)
-        hidden = self.module.model(x, position_ids=positions, attention_mask=mask,
-                                   cache=state.cache)
+    def prefill(self, group: int, part: tuple[int, ...], x: torch.Tensor
+                ) -> tuple[torch.Tensor, list[int]]:
+        """Run the prompt `x` (ids ``[n, T]`` on rank 0, hidden states ``[n, T, H]``
+        elsewhere) of the group's rows `part` (counted from the group's first row)."""
+        rows = torch.arange(self.slices[group].start, self.slices[group].stop)[list(part)]
+        mask = self.call.mask[rows].to(self.device)
+        cache = KVCache()
+        out = self._run(x, mask, None if bool(mask.all()) else mask, cache)  # None: causal
+        self.groups.setdefault(group, _GroupState()).parts.append((rows, mask, cache))
+        return out, rows.tolist()
+
+    def step(self, group: int, keep: tuple[int, ...], x: torch.Tensor
+             ) -> tuple[torch.Tensor, list[int]]:
+        """Run the new tokens `x` (``[n, 1]`` ids or hidden states) of the rows `keep` of
+        `group`'s current rows; the others have stopped and are dropped here for good."""
+        state = self.groups[group]
+        state.stack_parts()
+        if len(keep) != len(state.rows):  # some sequences stopped: drop them everywhere
+            idx = torch.tensor(keep, dtype=torch.long)
+            state.rows = state.rows[idx]
+            state.mask = state.mask[idx.to(self.device)]
+            state.cache.select(idx.to(self.device))
+        state.mask = torch.cat([state.mask, state.mask.new_ones(len(keep), x.shape[1])], dim=1)
+        return self._run(x, state.mask, state.mask, state.cache), state.rows.tolist()
+
+    def _run(self, x: torch.Tensor, mask: torch.Tensor, attention: torch.Tensor | None,
+             cache: KVCache) -> torch.Tensor:
+        if x.shape[0] != mask.shape[0]:
+            raise RuntimeError(f"got {x.shape[0]} rows for {mask.shape[0]} sequences")
+        positions = position_ids_from_mask(mask, x.shape[1])
+        hidden = self.module.model(x, position_ids=positions, attention_mask=attention,
+                                   cache=cache)
         if self.module.lm_head is None:
             return hidden
         return self.module.lm_head(hidden[:, -1])
-
-    def rows(self, group: int) -> list[int]:
-        return self.groups[group].rows.tolist()
 
     def drop(self, group: int) -> None:
         self.groups.pop(group, None)
@@ -202,12 +221,24 @@ class _Driver:
         out[:, :t0] = self.ids
         produced = torch.zeros(call.batch, dtype=torch.long)
         finished = torch.zeros(call.batch, dtype=torch.bool)
+        parts_left: dict[int, int] = {}  # group -> prompt parts still to come back
+        first_tokens: dict[int, list] = {}  # group -> (rows, tokens) of its parts so far
         for group, sl in enumerate(self.runner.slices):
             rows = torch.arange(sl.start, sl.stop)
-            self._launch(group, tuple(range(len(rows))), rows, self.ids[sl])
+            count = prefill_parts(self.world.world_size, call.groups, len(rows))
+            parts_left[group], first_tokens[group] = count, []
+            for part in micro_batch_slices(len(rows), count):
+                self._launch(PREFILL, group, tuple(range(part.start, part.stop)), rows[part],
+                             self.ids[sl][part])
         while self.inflight:
             group, rows, pending = self.inflight.popleft()
             tokens = pending.wait().to("cpu")
+            if parts_left.get(group):  # a part of the group's prompt: wait for all of them
+                first_tokens[group].append((rows, tokens))
+                parts_left[group] -= 1
+                if parts_left[group]:
+                    continue
+                rows, tokens = (torch.cat(t) for t in zip(*first_tokens.pop(group)))
             out[rows, t0 + produced[rows]] = tokens
             produced[rows] += 1
             if self.eos.numel():
@@ -217,21 +248,22 @@ class _Driver:
             if keep.numel() == 0:
                 self._send_header(StepHeader(DROP, group))
                 continue
-            self._launch(group, tuple(keep.tolist()), rows[keep], tokens[keep][:, None])
+            self._launch(STEP, group, tuple(keep.tolist()), rows[keep], tokens[keep][:, None])
         self._send_header(StepHeader(STOP))
         self.outbox.wait()
         return out[:, :t0 + int(produced.max())]
 
-    def _launch(self, group: int, keep: tuple[int, ...], rows: torch.Tensor,
+    def _launch(self, kind: int, group: int, keep: tuple[int, ...], rows: torch.Tensor,
                 ids: torch.Tensor) -> None:
-        """Run rank 0's stage on this step of `group` and send it on; post the receive of
-        the tokens it will come back as."""
-        out = self.runner.step(group, keep, ids.to(self.world.device))
+        """Run rank 0's stage on this prompt part or step of `group` and send it on; post
+        the receive of the tokens it will come back as."""
+        run = self.runner.prefill if kind == PREFILL else self.runner.step
+        out, _ = run(group, keep, ids.to(self.world.device))
         if self.sampler is not None:  # a world of one: rank 0 is also the last stage
             tokens = self.sampler(out, rows.tolist())
             self.inflight.append((group, rows, Inbound(tokens, None)))
             return
-        self._send_header(StepHeader(STEP, group, keep, ids.shape[1]))
+        self._send_header(StepHeader(kind, group, keep, ids.shape[1]))
         self.outbox.send(out.to(self.dtype), dst=1)
         pending = post_recv((len(keep),), torch.long, self.world.device,
                             src=self.world.world_size - 1, group=self.world.return_group)
@@ -270,9 +302,10 @@ def _follow(runner: _StageRunner, call: _GenerateCall, world, plan) -> None:
             continue
         act = post_recv((len(header.keep), header.tokens, hidden_size), dtype, device, src=prev)
         incoming = post_recv((header_len,), torch.long, device, src=prev)
-        out = runner.step(header.group, header.keep, act.wait())
+        run = runner.prefill if header.kind == PREFILL else runner.step
+        out, rows = run(header.group, header.keep, act.wait())
         if sampler is not None:
-            outbox.send(sampler(out, runner.rows(header.group)), dst=0, group=world.return_group)
+            outbox.send(sampler(out, rows), dst=0, group=world.return_group)
         else:
             outbox.send(raw, dst=world.rank + 1)
             outbox.send(out.to(dtype), dst=world.rank + 1)

@@ -21,7 +21,7 @@ import torch
 
 __all__ = [
     "split_sizes", "micro_batch_slices", "position_ids_from_mask", "ForwardHeader",
-    "BATCH", "END", "ABORT", "StepHeader", "STEP", "DROP", "STOP",
+    "BATCH", "END", "ABORT", "StepHeader", "STEP", "PREFILL", "DROP", "STOP", "prefill_parts",
 ]
 
 
@@ -44,6 +44,17 @@ def micro_batch_slices(batch: int, parts: int) -> list[slice]:
         out.append(slice(start, start + size))
         start += size
     return out
+
+
+def prefill_parts(stages: int, groups: int, rows: int) -> int:
+    """Into how many parts to split a group of `rows` sequences for its prefill: the
+    prompts are a forward pass, and with one part per group the pipeline would fill and
+    drain around just `groups` pieces; 4 pieces per stage keep it at least 80% busy
+    (n / (n + stages - 1) for n pieces) while leaving each part big enough to compute
+    well."""
+    if stages <= 1:
+        return 1
+    return max(1, min(rows, -(-4 * stages // groups)))
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor, new_tokens: int | None = None
@@ -103,8 +114,9 @@ class ForwardHeader:
         return cls(kind, batch, length, micro_batches, bool(masked), message_bytes)
 
 
-STEP, DROP, STOP = 1, 2, 3
-"""Header kinds: run one step of a group / forget a finished group / the call is over."""
+STEP, DROP, STOP, PREFILL = 1, 2, 3, 4
+"""Generation header kinds: run one decode step of a group / forget a finished group / the
+call is over / run the prompt of some of a group's rows."""
 
 
 @dataclass(frozen=True)
@@ -112,8 +124,9 @@ class StepHeader:
     """What a generation message carries ahead of its activations, rank r → r+1.
 
     `keep` lists, in order, the rows of the group's current cache that take part in this
-    step (rank 0 drops finished sequences); `tokens` is the number of new positions (the
-    prompt length at prefill, 1 when decoding). Encoded as a fixed-length int64 tensor of
+    step (rank 0 drops finished sequences), or for PREFILL the group's rows (counted from
+    the group's first) whose prompt this part is; `tokens` is the number of new positions
+    (the prompt length at prefill, 1 when decoding). Encoded as a fixed-length int64 tensor of
     ``4 + max_rows`` entries, so a receiver can post its receive before knowing anything.
 
     Example::
@@ -139,7 +152,7 @@ class StepHeader:
     def decode(cls, encoded: torch.Tensor) -> "StepHeader":
         values = encoded.tolist()
         kind, group, rows, tokens = values[:4]
-        if kind not in (STEP, DROP, STOP):
+        if kind not in (STEP, DROP, STOP, PREFILL):
             raise ValueError(f"corrupt pipeline header: kind {kind}")
         return cls(kind, group, tuple(values[4:4 + rows]), tokens)
 
