@@ -40,20 +40,26 @@ def _generate(pipe, cfg: RunConfig) -> None:
     requests = run_on_rank0(pipe.world, collect)
     if not requests:
         return
-    # as many prompts per call as the plan kept KV-cache room for (all, when not given)
+    # As many prompts per call as the plan kept KV-cache room for (all, when not given);
+    # when there are several calls, prompts of like length go together (less padding).
     chunk = cfg.max_batch_size or len(requests)
-    outputs: list[list[int]] = []
+    order = list(range(len(requests)))
+    if chunk < len(requests):
+        order.sort(key=lambda i: len(requests[i].ids))
+    outputs: list[list[int]] = [[] for _ in requests]
     eos, _ = resolve_eos(cfg.eos_token_id, None, pipe.plan.config)
     start = time.perf_counter()
-    for first in range(0, len(requests), chunk):
-        ids, mask = left_pad([r.ids for r in requests[first:first + chunk]])
+    for first in range(0, len(order), chunk):
+        batch = order[first:first + chunk]
+        ids, mask = left_pad([requests[i].ids for i in batch])
         out = pipe.generate(ids, mask, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                             seed=cfg.seed, eos_token_id=cfg.eos_token_id)
         if pipe.rank == 0:
-            outputs += [new_tokens(row, ids.shape[1], eos) for row in out.tolist()]
+            for i, row in zip(batch, out.tolist()):
+                outputs[i] = new_tokens(row, ids.shape[1], eos)
             if chunk < len(requests):
-                logger.info("prompts %d-%d of %d done", first + 1, first + len(out), len(requests))
+                logger.info("%d of %d prompts done", first + len(batch), len(requests))
     seconds = time.perf_counter() - start
     if pipe.rank != 0:
         return
