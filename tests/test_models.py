@@ -198,14 +198,17 @@ def test_tied_embeddings_share_one_parameter() -> None:
     assert not model.model.rotary_emb.inv_freq.is_meta
 
 
+def _three_sequences(case: str):
+    """A model of `case`, 3 sequences of 9 ids, their positions and full-forward logits."""
+    torch.manual_seed(0)
+    model = build_model(config_from_dict({**BASE, **CASES[case]})).eval()
+    ids, pos = _ids(3, 9), torch.arange(9).expand(3, -1)
+    return model, ids, pos, model(ids, position_ids=pos)
+
+
 @torch.no_grad()
 def test_kv_cache_select_drops_sequences() -> None:
-    cfg = config_from_dict({**BASE, **CASES["mistral_sliding"]})
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    ids = _ids(3, 9)
-    pos = torch.arange(9).expand(3, -1)
-    full = model(ids, position_ids=pos)
+    model, ids, pos, full = _three_sequences("mistral_sliding")
     cache = KVCache()
     model(ids[:, :6], position_ids=pos[:, :6], cache=cache)
     cache.select([2, 0])
@@ -247,12 +250,7 @@ def test_config_reads_both_rope_layouts_and_defaults() -> None:
 def test_kv_caches_of_parts_of_a_batch_stack_into_one() -> None:
     """Prefill in two parts (each its own cache), stacked, then decode: the same logits
     as one forward over the whole batch and sequence."""
-    cfg = config_from_dict({**BASE, **CASES["llama_tied"]})
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    ids = _ids(3, 9)
-    pos = torch.arange(9).expand(3, -1)
-    full = model(ids, position_ids=pos)
+    model, ids, pos, full = _three_sequences("llama_tied")
     first, second = KVCache(), KVCache()
     model(ids[:2, :6], position_ids=pos[:2, :6], cache=first)
     model(ids[2:, :6], position_ids=pos[2:, :6], cache=second)
