@@ -179,7 +179,7 @@ def test_single_process_forward_stream_matches_transformers(checkpoints):
     ref = _reference(ckpt, ids, mask)
     outputs = list(pipe.forward_stream([(ids, mask), {"input_ids": ids[1:3], "attention_mask":
                                                       mask[1:3]}], micro_batches=2))
-    assert len(outputs) == 2
+    assert len(outputs) == 2 and list(pipe.forward_stream([])) == []
     assert (outputs[0] - ref)[mask.bool()].abs().max() <= ATOL
     assert (outputs[1] - ref[1:3])[mask[1:3].bool()].abs().max() <= ATOL
     with pytest.raises(TypeError, match="iterable of batches"):
@@ -239,6 +239,7 @@ def test_forward_stream_matches_transformers_and_survives_early_exit_and_errors(
     for key in ("after_abort", "after_type_error"):
         assert (saved[key] - ref_plain).abs().max() <= ATOL, key
     ranks = [json.loads((tmp_path / f"stream_rank{r}.json").read_text()) for r in range(nproc)]
+    assert all(r["empty"] == 0 for r in ranks)
     assert ranks[0]["stream_none"] == [False] * 5
     assert all(r["stream_none"] == [True] * 5 for r in ranks[1:])
     # rank 0 left after one batch; the others finished the batch already in flight too

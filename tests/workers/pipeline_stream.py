@@ -35,6 +35,9 @@ def error_of(fn):
     return None
 
 
+# 0. no batches at all: every rank's loop ends at once
+record["empty"] = len(list(pipe.forward_stream([] if first else None)))
+
 # 1. a whole stream, 2 micro-batches per batch
 outputs = list(pipe.forward_stream(batches if first else None, micro_batches=2))
 saved["stream"] = outputs
