@@ -18,18 +18,14 @@ from distload.prompts import (
     Request, collect_requests, left_pad, load_tokenizer, new_tokens, parse_ids, write_outputs,
 )
 
+from .conftest import tiny_config
 from .mp import torchrun, worker
 from .workers.pipeline_inputs import batch
 
 transformers = pytest.importorskip("transformers")
 
 NEW = 16
-CONFIG = {
-    "model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128,
-    "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-    "torch_dtype": "float32", "tie_word_embeddings": False,
-}
+CONFIG = tiny_config(vocab_size=128)
 WORDS = ["[PAD]", "[UNK]", "the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
 
 

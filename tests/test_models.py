@@ -22,15 +22,12 @@ from distload.models import (
 )
 from distload.models.llama import rope_inv_freq
 
+from .conftest import tiny_config
+
 transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-4
-BASE = {
-    "vocab_size": 96, "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 3,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "torch_dtype": "float32",
-    "hidden_act": "silu", "tie_word_embeddings": False,
-}
+BASE = tiny_config(vocab_size=96, intermediate_size=112, num_hidden_layers=3, hidden_act="silu")
 CASES = {
     "llama": {"model_type": "llama"},
     "llama_tied": {"model_type": "llama", "tie_word_embeddings": True},

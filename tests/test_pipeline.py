@@ -21,18 +21,14 @@ from distload.pipeline.schedule import (
     position_ids_from_mask, prefill_parts, split_sizes,
 )
 
+from .conftest import tiny_config
 from .mp import torchrun, worker
 from .workers.pipeline_inputs import batch
 
 transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-4
-BASE = {
-    "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "torch_dtype": "float32",
-    "tie_word_embeddings": False,
-}
+BASE = tiny_config(vocab_size=128)
 MODELS = {
     "llama": {"model_type": "llama", "rope_scaling": {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

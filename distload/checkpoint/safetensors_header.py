@@ -14,6 +14,7 @@ import struct
 
 import torch
 
+from distload.checkpoint.files import open_checkpoint_file
 from distload.checkpoint.types import SAFETENSORS_DTYPES, TensorMeta, dtype_name
 from distload.errors import CheckpointError
 
@@ -57,12 +58,8 @@ def _read_header(path: str | os.PathLike) -> tuple[list[TensorMeta], int]:
 
 
 def _read_raw_header(file: str) -> tuple[bytes, int]:
+    fd, size = open_checkpoint_file(file, "reading its safetensors header")
     try:
-        fd = os.open(file, os.O_RDONLY)
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot open safetensors file: {e.strerror}") from e
-    try:
-        size = os.fstat(fd).st_size
         if size < 8:
             raise CheckpointError(
                 f"{file}: file is {size} bytes, shorter than the 8-byte safetensors header length"

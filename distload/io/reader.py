@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checkpoint.files import open_checkpoint_file
 from ..checkpoint.types import TensorMeta
 from ..errors import CheckpointError
 
@@ -111,12 +112,8 @@ def _runs(metas: list[TensorMeta], direct: list[bool], max_staged_bytes: int):
 
 def _read_file(file: str, metas: list[TensorMeta], dests: Mapping[str, torch.Tensor], stager: "_Stager") -> ReadStats:
     stats = ReadStats()
+    fd, size = open_checkpoint_file(file, f"needed for {metas[0].name}")
     try:
-        fd = os.open(file, os.O_RDONLY)
-    except OSError as e:
-        raise CheckpointError(f"cannot open {file} (needed for {metas[0].name}): {e.strerror}") from e
-    try:
-        size = os.fstat(fd).st_size
         last = metas[-1]
         if last.offset + last.length > size:
             raise CheckpointError(f"{file} is {size} bytes but tensor {last.name} ends at byte "

@@ -151,11 +151,13 @@ def _unpack(item) -> tuple:
 
 
 def _batches(batches) -> Iterator:
+    """The items of `batches`; a generator, so a wrong argument raises at the first batch,
+    where rank 0 tells the others."""
     if isinstance(batches, torch.Tensor) or batches is None:
         got = "None" if batches is None else "one tensor"
         raise TypeError(f"forward_stream needs an iterable of batches on rank 0, got {got}; "
                         f"for a single batch call forward(input_ids)")
-    return iter(batches)
+    yield from batches
 
 
 def _prepare(item, vocab: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -204,12 +206,11 @@ class _Lead:
         self.inflight: deque[list[Inbound]] = deque()
 
     def run(self, batches: Iterable) -> Iterator[torch.Tensor]:
-        items, ended = None, False
+        items, ended = _batches(batches), False
         self.state["open_stream"] = True
         try:
             while True:
                 try:
-                    items = _batches(batches) if items is None else items
                     ids, mask = _prepare(next(items), self.vocab)
                 except StopIteration:
                     break
