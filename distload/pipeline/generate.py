@@ -160,6 +160,11 @@ class _StageRunner:
         self.slices = micro_batch_slices(call.batch, call.groups)
         self.groups: dict[int, _GroupState] = {}
 
+    def run(self, kind: int, group: int, keep: tuple[int, ...], x: torch.Tensor
+            ) -> tuple[torch.Tensor, list[int]]:
+        """`prefill` for a PREFILL header, `step` for a STEP header."""
+        return (self.prefill if kind == PREFILL else self.step)(group, keep, x)
+
     def prefill(self, group: int, part: tuple[int, ...], x: torch.Tensor
                 ) -> tuple[torch.Tensor, list[int]]:
         """Run the prompt `x` (ids ``[n, T]`` on rank 0, hidden states ``[n, T, H]``
@@ -257,8 +262,7 @@ class _Driver:
                 ids: torch.Tensor) -> None:
         """Run rank 0's stage on this prompt part or step of `group` and send it on; post
         the receive of the tokens it will come back as."""
-        run = self.runner.prefill if kind == PREFILL else self.runner.step
-        out, _ = run(group, keep, ids.to(self.world.device))
+        out, _ = self.runner.run(kind, group, keep, ids.to(self.world.device))
         if self.sampler is not None:  # a world of one: rank 0 is also the last stage
             tokens = self.sampler(out, rows.tolist())
             self.inflight.append((group, rows, Inbound(tokens, None)))
@@ -302,8 +306,7 @@ def _follow(runner: _StageRunner, call: _GenerateCall, world, plan) -> None:
             continue
         act = post_recv((len(header.keep), header.tokens, hidden_size), dtype, device, src=prev)
         incoming = post_recv((header_len,), torch.long, device, src=prev)
-        run = runner.prefill if header.kind == PREFILL else runner.step
-        out, rows = run(header.group, header.keep, act.wait())
+        out, rows = runner.run(header.kind, header.group, header.keep, act.wait())
         if sampler is not None:
             outbox.send(sampler(out, rows), dst=0, group=world.return_group)
         else:
