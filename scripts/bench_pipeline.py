@@ -248,6 +248,15 @@ def _job(a) -> None:
     distload.dist.shutdown(world)
 
 
+def _decode_tok_s(decoded: int, seconds: float) -> float | None:
+    """None where t(N) <= t(1): on a tiny model the decode is smaller than the noise."""
+    return decoded / seconds if seconds > 0 else None
+
+
+def _ratio(pipeline: float | None, sequential: float | None) -> float | None:
+    return None if pipeline is None or sequential is None else pipeline / sequential
+
+
 def _figures(a, raw: dict) -> dict:
     # undisturbed calls; where there were none, every call (the printout says how many)
     med = {role: {k: statistics.median(v or raw["all_times"][role][k]) for k, v in t.items()}
@@ -261,7 +270,7 @@ def _figures(a, raw: dict) -> dict:
                               if f"forward_{mb}" in m},
             "stream_tok_s": {mb: a.stream_batches * tokens / m[f"stream_{mb}"]
                              for mb in a.micro_batches if f"stream_{mb}" in m},
-            "decode_tok_s": decoded / (m[f"generate_{a.new_tokens}"] - m["generate_1"]),
+            "decode_tok_s": _decode_tok_s(decoded, m[f"generate_{a.new_tokens}"] - m["generate_1"]),
             "prefill_tok_s": a.decode_batch * a.prompt / m["generate_1"],
             "generate_tok_s": a.decode_batch * a.new_tokens / m[f"generate_{a.new_tokens}"],
         }
@@ -271,7 +280,7 @@ def _figures(a, raw: dict) -> dict:
         out[f"{kind}_ratio"] = {mb: v / seq_tok_s
                                 for mb, v in out["pipeline"][f"{kind}_tok_s"].items()}
     for kind in ("decode", "prefill", "generate"):
-        out[f"{kind}_ratio"] = out["pipeline"][f"{kind}_tok_s"] / out["sequential"][f"{kind}_tok_s"]
+        out[f"{kind}_ratio"] = _ratio(out["pipeline"][f"{kind}_tok_s"], out["sequential"][f"{kind}_tok_s"])
     return out
 
 
@@ -310,9 +319,13 @@ def main(argv=None) -> int:
         print(f"stream   {a.stream_batches} batches of {a.batch} x {a.seq}: sequential "
               f"{seq_stream:8.1f} tok/s | pipeline {p} ranks x {m} micro-batches {tok_s:8.1f} tok/s "
               f"| ratio {fig['stream_ratio'][m]:.2f} (bound {p:.2f})")
-    print(f"decode   batch {a.decode_batch}, {a.new_tokens} new tokens: sequential "
-          f"{seq['decode_tok_s']:8.1f} tok/s | pipeline {p} ranks x {a.groups} groups "
-          f"{pipe['decode_tok_s']:8.1f} tok/s | ratio {fig['decode_ratio']:.2f}")
+    if fig["decode_ratio"] is None:
+        print(f"decode   batch {a.decode_batch}, {a.new_tokens} new tokens: not measurable, "
+              f"t({a.new_tokens} new tokens) <= t(1 new token) (the decode is within the noise)")
+    else:
+        print(f"decode   batch {a.decode_batch}, {a.new_tokens} new tokens: sequential "
+              f"{seq['decode_tok_s']:8.1f} tok/s | pipeline {p} ranks x {a.groups} groups "
+              f"{pipe['decode_tok_s']:8.1f} tok/s | ratio {fig['decode_ratio']:.2f}")
     print(f"prefill  batch {a.decode_batch} x {a.prompt} (+ 1 token): sequential "
           f"{seq['prefill_tok_s']:8.1f} tok/s | pipeline {p} ranks x {a.groups} groups "
           f"{pipe['prefill_tok_s']:8.1f} tok/s | ratio {fig['prefill_ratio']:.2f}")

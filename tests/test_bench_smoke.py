@@ -62,7 +62,7 @@ def test_bench_pipeline_smoke(tmp_path):
     cmd = [sys.executable, str(script), "--hidden", "64", "--layers", "2", "--heads", "4",
            "--kv-heads", "2", "--vocab", "128", "--batch", "4", "--seq", "8",
            "--micro-batches", "2", "4", "--stream-batches", "3", "--decode-batch", "4",
-           "--prompt", "4", "--new-tokens", "3", "--repeats", "1", "--max-tries", "2",
+           "--prompt", "4", "--new-tokens", "8", "--repeats", "1", "--max-tries", "2",
            "--cache", str(tmp_path / "cache"), "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -72,5 +72,11 @@ def test_bench_pipeline_smoke(tmp_path):
     figures = json.loads(out.read_text())["figures"]
     for kind in ("forward_ratio", "stream_ratio"):
         assert set(figures[kind]) == {"2", "4"} and all(v > 0 for v in figures[kind].values())
-    assert all(figures[f"{kind}_ratio"] > 0 for kind in ("decode", "prefill", "generate"))
+    assert all(figures[f"{kind}_ratio"] > 0 for kind in ("prefill", "generate"))
+    # 7 decode steps of a tiny model can drown in a loaded machine's noise: the bench
+    # must then say so, never print a negative or infinite figure
+    if figures["decode_ratio"] is None:
+        assert "decode   batch 4, 8 new tokens: not measurable" in proc.stdout
+    else:
+        assert figures["decode_ratio"] > 0 and "decode   batch 4, 8 new tokens: sequential" in proc.stdout
     assert "prefill  batch 4 x 4" in proc.stdout and "generate end to end" in proc.stdout
