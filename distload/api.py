@@ -12,6 +12,7 @@ from .dist import World, agree, gather_objects, init_world, run_on_rank0
 from .errors import PlanError
 from .log import logger
 from .materialize import allocate_stage, exchange_tied, finish_stage, map_stage, read_stage
+from .pipeline.calls import CallChannel
 from .pipeline.pipe import Pipeline
 from .pipeline.stage import build_stage_skeleton
 from .plan.budget import measure_local, parse_max_memory
@@ -129,4 +130,4 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
     offloaded.bind_report(mine)
     everyone = job_report(plan, gather_objects(world, mine))
     return Pipeline(module=module, plan=plan, report=mine, job_report=everyone, world=world,
-                    micro_batches=micro_batches)
+                    micro_batches=micro_batches, calls=CallChannel.open(world))

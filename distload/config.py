@@ -32,7 +32,8 @@ class RunConfig:
     offload_dir: str | None = _opt(None, "shared directory for disk-tier weights (default "
                                          "<cache dir>/offload; see python -m distload.offload)")
     device: str | None = _opt(None, "'cpu' forces CPU ranks (gloo); default cuda:LOCAL_RANK when CUDA is there")
-    timeout: float = _opt(600.0, "seconds a rank waits for the others before giving up")
+    timeout: float = _opt(600.0, "seconds a rank waits on another within the load or a call "
+                                 "before giving up (between calls, no limit)")
     read_workers: int = _opt(2, "reader threads per rank")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
     input_ids: tuple[str, ...] = _opt((), "comma-separated token ids of one prompt; repeat for a batch",

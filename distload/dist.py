@@ -94,8 +94,9 @@ def _error_record(exc: BaseException) -> dict:
             "traceback": "".join(traceback.format_exception(exc))}
 
 
-def run_on_rank0(world: World, fn: Callable[[], T]) -> T:
-    """Rank 0 runs `fn`; every rank gets its result, or raises its error.
+def run_on_rank0(world: World, fn: Callable[[], T] | None) -> T:
+    """Rank 0 runs `fn` (the others may pass None); every rank gets its result, or raises
+    its error.
 
     On rank 0 the original exception propagates; elsewhere a `RankError` carries it.
     """

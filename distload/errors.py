@@ -1,6 +1,6 @@
 """The exceptions distload raises, each naming what the user must look at."""
 
-__all__ = ["DistloadError", "CheckpointError", "PlanError", "LoadError", "RankError"]
+__all__ = ["DistloadError", "CheckpointError", "PlanError", "LoadError", "RankError", "CallAborted"]
 
 
 class DistloadError(RuntimeError):
@@ -22,3 +22,8 @@ class LoadError(DistloadError):
 
 class RankError(DistloadError):
     """Another rank failed; the message carries that rank's own error."""
+
+
+class CallAborted(RankError):
+    """Rank 0 ended a pipelined call at a call or batch boundary (a bad input, its batch
+    iterator raising); the message carries its error. The pipeline is still usable."""

@@ -245,12 +245,12 @@ def test_forward_stream_matches_transformers_and_survives_early_exit_and_errors(
     # the iterator's error: rank 0 raises its own, the others carry it, after the batches
     # before it went through everywhere
     assert ranks[0]["iterator_error"] == "OSError: cannot read batch 3 of prompts.bin"
-    assert all(r["iterator_error"] == "RankError: rank 0 failed: OSError: cannot read batch 3 "
+    assert all(r["iterator_error"] == "CallAborted: rank 0 failed: OSError: cannot read batch 3 "
                "of prompts.bin" for r in ranks[1:])
     assert all(len(r["iterator_seen"]) <= 2 for r in ranks)
     assert all(r["iterator_seen"] == [True, True] for r in ranks[1:])
     assert ranks[0]["tensor_error"].startswith("TypeError: forward_stream needs an iterable")
-    assert all(r["tensor_error"].startswith("RankError: rank 0 failed: TypeError: forward_stream")
+    assert all(r["tensor_error"].startswith("CallAborted: rank 0 failed: TypeError: forward_stream")
                for r in ranks[1:])
     assert ranks[0]["open_stream_error"].startswith("RuntimeError: a forward_stream is still open")
     assert all(r["open_stream_batches"] == 3 for r in ranks)

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from ..checkpoint.types import dtype_from_name
 from ..dist import World, run_on_rank0
-from ..errors import RankError
+from ..errors import CallAborted, RankError
 from ..plan.types import LoadPlan
 
 __all__ = ["Outbox", "Inbound", "post_recv", "activation_dtype", "broadcast_call"]
@@ -114,8 +114,13 @@ def activation_dtype(plan: LoadPlan) -> torch.dtype:
     raise ValueError(f"the plan has no {_EMBED}; cannot tell the activation dtype")
 
 
-def broadcast_call(world: World, make: Callable[[], T]) -> T:
-    """Rank 0 runs `make()` (validating its arguments, building the call's setup); every
-    rank returns the same object, or raises rank 0's error (`RankError` on the others).
-    One broadcast over the control group per call. Every rank calls it."""
-    return run_on_rank0(world, make)
+def broadcast_call(world: World, make: Callable[[], T] | None) -> T:
+    """Rank 0 runs `make()` (validating its arguments, building the call's setup; the
+    others pass None); every
+    rank returns the same object, or raises rank 0's error (`CallAborted` on the others:
+    the pipeline is still usable). One broadcast over the control group per call. Every
+    rank calls it."""
+    try:
+        return run_on_rank0(world, make)
+    except RankError as exc:
+        raise CallAborted(str(exc)) from exc

@@ -16,14 +16,15 @@ fills and drains once per stream, and the speed-up tends to P for balanced stage
 Each batch is announced down the ranks by a `ForwardHeader` (its size, micro-batches and
 whether an attention mask follows), sent ahead of its data, so no rank waits on a round
 trip to learn a shape. A bad batch on rank 0 (invalid ids, or its iterator raising) is
-announced with an ABORT header carrying the error: every rank raises it (a `RankError`
+announced with an ABORT header carrying the error: every rank raises it (`CallAborted`
 on the others) after the batches before it are through, and the pipeline stays usable.
 A stage that raises mid-batch ends its process; the ranks waiting on it raise
 `RankError` when its connection closes (or after the process group's timeout).
 
 Who calls what: every rank calls these functions (through `Pipeline.forward` /
-`Pipeline.forward_stream`); only rank 0's inputs are used (others pass None) and only rank
-0 gets logits.
+`Pipeline.forward_stream`), or the ranks after the first run `follow_forward` from
+`Pipeline.serve` once rank 0 has announced the call (`calls`); only rank 0's inputs are
+used (others pass None) and only rank 0 gets logits.
 
 Example (under ``torchrun --nproc_per_node=2``)::
 
@@ -43,13 +44,14 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
-from ..errors import RankError
+from ..errors import CallAborted, RankError
 from ..log import logger
+from .calls import FORWARD
 from .comm import Inbound, Outbox, activation_dtype, post_recv
 from .schedule import ABORT, BATCH, END, ForwardHeader, micro_batch_slices, position_ids_from_mask
 
 __all__ = ["pipeline_forward", "pipeline_forward_stream", "validate_inputs", "batches_in_flight",
-           "check_no_open_stream"]
+           "check_no_open_stream", "follow_forward"]
 
 _MAX_MESSAGE = 4096  # bytes of rank 0's error carried by an ABORT header
 
@@ -198,7 +200,7 @@ class _Lead:
 
     def __init__(self, pipe, micro_batches: int) -> None:
         self.module, self.world, self.micro_batches = pipe.module, pipe.world, micro_batches
-        self.state = pipe._state
+        self.state, self.calls = pipe._state, pipe.calls
         self.vocab = int(pipe.plan.config["vocab_size"])
         self.dtype = activation_dtype(pipe.plan)
         self.depth = batches_in_flight(self.world.world_size, micro_batches)
@@ -207,6 +209,7 @@ class _Lead:
 
     def run(self, batches: Iterable) -> Iterator[torch.Tensor]:
         items, ended = _batches(batches), False
+        self.calls.announce(FORWARD)
         self.state["open_stream"] = True
         try:
             while True:
@@ -280,7 +283,8 @@ class _Lead:
 def _follow(pipe) -> Iterator[None]:
     """Ranks after the first: yield once per batch. A caller that leaves its loop early
     still serves rank 0 to the end of the stream (so rank 0 never waits on it)."""
-    batches = _follow_batches(pipe)
+    pipe.calls.expect(FORWARD)
+    batches = follow_forward(pipe)
     try:
         for _ in batches:  # not `yield from`: that would close `batches` with this one
             yield None
@@ -290,10 +294,11 @@ def _follow(pipe) -> Iterator[None]:
         raise
 
 
-def _follow_batches(pipe) -> Iterator[None]:
-    """For each batch the headers announce: pass the header on, run every micro-batch
-    through the stage and send it on (the last rank sends the logits back to rank 0),
-    until END; raise rank 0's error on ABORT."""
+def follow_forward(pipe) -> Iterator[None]:
+    """Ranks after the first, in a forward call rank 0 announced. For each batch the
+    headers announce: pass the header on, run every micro-batch through the stage and
+    send it on (the last rank sends the logits back to rank 0), until END; raise rank 0's
+    error on ABORT."""
     world, module = pipe.world, pipe.module
     device, dtype = world.device, activation_dtype(pipe.plan)
     hidden, prev = int(pipe.plan.config["hidden_size"]), world.rank - 1
@@ -317,7 +322,7 @@ def _follow_batches(pipe) -> Iterator[None]:
             relay(raw)
             relay(message)
             outbox.wait()
-            raise RankError(f"rank 0 failed: {bytes(message.cpu().tolist()).decode(errors='replace')}")
+            raise CallAborted(f"rank 0 failed: {bytes(message.cpu().tolist()).decode(errors='replace')}")
         # posted in the order rank `prev` sends: mask, activations, the next header
         mask = post_recv((header.batch, header.length), torch.long, device, src=prev) \
             if header.masked else None

@@ -14,9 +14,10 @@ budget, and tells the ranks downstream, in each step's header, which rows of the
 on (the others are dropped from every cache); a group with none left is forgotten
 everywhere. The other ranks only follow headers: they never need to know why.
 
-Who calls what: every rank calls `pipeline_generate` (through `Pipeline.generate`); only
-rank 0's arguments are used (rank 0 broadcasts the call's setup; EOS and padding never
-leave rank 0), and only rank 0 gets the tokens. Failures stop every rank as in
+Who calls what: every rank calls `pipeline_generate` (through `Pipeline.generate`), or
+the ranks after the first run `follow_generate` from `Pipeline.serve`; only rank 0's
+arguments are used (rank 0 broadcasts the call's setup; EOS and padding never leave
+rank 0), and only rank 0 gets the tokens. Failures stop every rank as in
 `pipeline_forward`.
 
 Example (under ``torchrun --nproc_per_node=2``)::
@@ -35,13 +36,14 @@ import torch
 
 from ..log import logger
 from ..models.cache import KVCache
+from .calls import GENERATE
 from .comm import Inbound, Outbox, activation_dtype, broadcast_call, post_recv
 from .forward import check_no_open_stream, validate_inputs
 from .sampling import Sampler, SamplingConfig
 from .schedule import (DROP, PREFILL, STEP, STOP, StepHeader, micro_batch_slices,
                        position_ids_from_mask, prefill_parts, split_sizes)
 
-__all__ = ["pipeline_generate", "resolve_eos"]
+__all__ = ["pipeline_generate", "follow_generate", "resolve_eos"]
 
 
 @dataclass(frozen=True)
@@ -94,11 +96,14 @@ def pipeline_generate(pipe, input_ids: torch.Tensor | None = None,
     Greedy by default; `do_sample=True` samples with `temperature`, `top_k`, `top_p`,
     reproducibly per sequence for a given `seed`.
     """
-    world, plan, module = pipe.world, pipe.plan, pipe.module
-    config = plan.config
+    world, config = pipe.world, pipe.plan.config
     rank0: dict = {}  # rank 0's own state: validated ids, EOS and pad
-    if world.is_first and world.distributed:
+    if world.distributed and world.is_first:
         check_no_open_stream(pipe)
+        pipe.calls.announce(GENERATE)
+    elif world.distributed:
+        pipe.calls.expect(GENERATE)
+        return follow_generate(pipe)
 
     def make_call() -> _GenerateCall:
         ids, mask = validate_inputs(input_ids, attention_mask, int(config["vocab_size"]))
@@ -118,16 +123,21 @@ def pipeline_generate(pipe, input_ids: torch.Tensor | None = None,
 
     call = broadcast_call(world, make_call)
     if call.max_new_tokens == 0:
-        return rank0["ids"].clone().to(input_ids.device) if world.is_first else None
+        return rank0["ids"].clone().to(input_ids.device)
     logger.debug("generate: %d sequences in %d groups, %d new tokens", call.batch, call.groups,
                  call.max_new_tokens)
-    runner = _StageRunner(module, call, world.device)
+    runner = _StageRunner(pipe.module, call, world.device)
     with torch.no_grad():
-        if world.is_first:
-            out = _Driver(runner, call, world, plan, rank0).run()
-            return out.to(input_ids.device)
-        _follow(runner, call, world, plan)
-        return None
+        return _Driver(runner, call, world, pipe.plan, rank0).run().to(input_ids.device)
+
+
+def follow_generate(pipe) -> None:
+    """Ranks other than 0, once rank 0 has announced a generate call: take part in it."""
+    call = broadcast_call(pipe.world, None)
+    if call.max_new_tokens > 0:
+        runner = _StageRunner(pipe.module, call, pipe.world.device)
+        with torch.no_grad():
+            _follow(runner, call, pipe.world, pipe.plan)
 
 
 # ----------------------------------------------------------------------------- every rank

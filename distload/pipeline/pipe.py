@@ -1,5 +1,6 @@
 """`Pipeline`: what `distload.load` returns on every rank — the rank's stage, the shared
-plan, the load report, and the pipelined `forward` / `forward_stream` / `generate`."""
+plan, the load report, the pipelined `forward` / `forward_stream` / `generate`, and
+`serve` / `close` for launchers whose rank 0 alone decides what runs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from ..dist import World
 from ..plan.types import LoadPlan
+from .calls import CLOSE, CallChannel
 
 __all__ = ["Pipeline"]
 
@@ -30,6 +32,7 @@ class Pipeline:
     job_report: dict      # every rank's figures (the JSON of --report)
     world: World
     micro_batches: int | None = None
+    calls: CallChannel | None = field(default=None, repr=False)  # None in a world of one
     _state: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -75,3 +78,24 @@ class Pipeline:
 
         return pipeline_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                  micro_batches=micro_batches or self.micro_batches, **sampling)
+
+    def serve(self) -> int:
+        """Ranks other than 0: take part in every call rank 0 makes, idle between calls
+        for as long as rank 0 is, until rank 0 calls `close()`; returns how many calls
+        were served. For launchers whose rank 0 alone decides what to run (see
+        `distload.pipeline.serve`)."""
+        from .serve import serve
+
+        return serve(self)
+
+    def close(self) -> None:
+        """Every rank may call it when done; rank 0 must if the others `serve()`. Rank 0
+        tells the others there are no more calls (their `serve()` returns); on another
+        rank it waits for that word unless `serve()` already got it. Rank 0 closes at
+        interpreter exit too. Calling it again does nothing."""
+        if self.calls is None or self.calls.closed:
+            return
+        if self.world.is_first:
+            self.calls.announce(CLOSE)
+        else:
+            self.calls.expect(CLOSE)
