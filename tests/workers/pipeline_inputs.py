@@ -1,5 +1,6 @@
 """Inputs shared by the pipeline workers and their tests: a batch of prompts of different
-lengths, left padded (row lengths `LENGTHS`), from a fixed seed."""
+lengths, left padded (row lengths `LENGTHS`), from a fixed seed; and `error_of`, which
+records a call's error as the workers report it."""
 
 import torch
 
@@ -13,3 +14,12 @@ def batch(vocab_size: int, lengths=LENGTHS, seed: int = 0) -> tuple[torch.Tensor
     ids = torch.randint(1, vocab_size, (len(lengths), width), generator=gen)
     mask = (torch.arange(width)[None] >= width - torch.tensor(lengths)[:, None]).long()
     return ids * mask, mask
+
+
+def error_of(fn) -> str | None:
+    """``"Type: message"`` of the error `fn()` raises, or None if it returns."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -17,7 +17,7 @@ import time
 import torch
 
 import distload
-from pipeline_inputs import batch
+from pipeline_inputs import batch, error_of
 
 out_dir, ckpt, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 timeout = 60.0 if mode == "mismatch" else float(mode)
@@ -32,14 +32,6 @@ if mode == "mismatch":
     else:
         pipe.forward()
     raise SystemExit("unreachable: a mismatched call must fail")
-
-
-def error_of(fn):
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - recorded for the test
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 if pipe.rank == 0:

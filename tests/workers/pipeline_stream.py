@@ -15,7 +15,7 @@ import sys
 import torch
 
 import distload
-from pipeline_inputs import batch
+from pipeline_inputs import batch, error_of
 
 out_dir, ckpt = sys.argv[1], sys.argv[2]
 pipe = distload.load(ckpt, device="cpu")
@@ -25,14 +25,6 @@ plain = torch.randint(0, pipe.plan.config["vocab_size"], (3, 6), generator=torch
 batches = [(ids, mask), plain, (ids[:2], mask[:2]), {"input_ids": ids[2:], "attention_mask": mask[2:]},
            ids[4]]
 record, saved = {"rank": pipe.rank}, {"ids": ids, "mask": mask, "plain": plain}
-
-
-def error_of(fn):
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - recorded for the test
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 # 0. no batches at all: every rank's loop ends at once
