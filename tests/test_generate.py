@@ -169,6 +169,32 @@ def test_single_process_generate_matches_transformers(ckpt, hf):
     out = pipeline_generate(pipe, ids, mask, max_new_tokens=NEW, micro_batches=2, eos_token_id=eos,
                             pad_token_id=0)
     assert torch.equal(out, ref_eos)
+    # 3 groups of at most 2, one at a time / 5 groups of 1, 2 at a time
+    for slots, size in ((1, 2), (2, 1)):
+        out = pipeline_generate(pipe, ids, mask, max_new_tokens=NEW, micro_batches=slots,
+                                group_size=size, eos_token_id=eos, pad_token_id=0)
+        assert torch.equal(out, ref_eos), (slots, size)
+    with pytest.raises(ValueError, match="group_size must be at least 1"):
+        pipe.generate(ids, mask, group_size=0)
+
+
+def test_groups_beyond_those_in_flight_wait_and_finished_ones_free_their_cache(ckpt, monkeypatch):
+    import distload
+    from distload.pipeline import generate
+
+    live = []
+    prefill = generate._StageRunner.prefill
+
+    def counting(self, group, part, x):
+        out = prefill(self, group, part, x)
+        live.append(len(self.groups))  # groups holding a KV cache on this stage
+        return out
+
+    monkeypatch.setattr(generate._StageRunner, "prefill", counting)
+    pipe = distload.load(str(ckpt), device="cpu")
+    ids, mask = batch(CONFIG["vocab_size"])
+    pipeline_generate(pipe, ids, mask, max_new_tokens=4, micro_batches=2, group_size=1)
+    assert len(live) == 5 and max(live) == 2  # 5 groups of one sequence, 2 at a time
     assert torch.equal(pipe.generate(ids, mask, max_new_tokens=0), ids)
 
 
@@ -190,6 +216,8 @@ def test_pipelined_generate_matches_transformers(ckpt, hf, tmp_path, nproc):
     assert torch.equal(got["greedy"], ref)
     assert torch.equal(got["greedy_groups3"], ref)
     assert torch.equal(got["eos"], ref_eos)
+    assert torch.equal(got["eos_refill"], ref_eos)
+    assert torch.equal(got["greedy_refill"], ref)
     a, b, c = got["sample_a"], got["sample_b"], got["sample_c"]
     assert a.shape == (5, ids.shape[1] + 12) and torch.equal(a[:, :ids.shape[1]], ids)
     assert torch.equal(a, b)        # same seed, different grouping: same tokens

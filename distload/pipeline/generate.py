@@ -1,6 +1,10 @@
 """Pipelined generation with a KV cache per stage and several sequence groups in flight.
 
-The batch is split into G groups (default: one per rank). The groups go round a ring:
+The batch is split into groups (default: one per rank), G of them in flight at once (G =
+`micro_batches`, default the world size); with more groups than that (`group_size`), a
+group whose sequences have all stopped makes room for the next, so KV-cache memory is
+bounded by G groups and sequences that stop early at EOS leave no idle stage behind.
+The groups in flight go round a ring:
 rank 0 embeds a group's new tokens and runs its layers, each next rank runs its own, the
 last rank samples each sequence's next token and sends the tokens back to rank 0, which
 feeds them in as the group's next step. While group g is on rank 1, group g + 1 is on
@@ -52,7 +56,8 @@ class _GenerateCall:
 
     batch: int
     prompt_length: int
-    groups: int
+    groups: int                 # how many the batch is split into
+    in_flight: int              # how many of them run at once
     mask: torch.Tensor          # [B, T] int64 on the CPU
     max_new_tokens: int
     sampling: SamplingConfig
@@ -82,7 +87,8 @@ def resolve_eos(eos_token_id, pad_token_id, config: dict) -> tuple[tuple[int, ..
 
 def pipeline_generate(pipe, input_ids: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, *, max_new_tokens: int = 32,
-                      micro_batches: int | None = None, do_sample: bool = False,
+                      micro_batches: int | None = None, group_size: int | None = None,
+                      do_sample: bool = False,
                       temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None, eos_token_id: int | list[int] | None = None,
                       pad_token_id: int | None = None, seed: int | None = None
@@ -91,7 +97,9 @@ def pipeline_generate(pipe, input_ids: torch.Tensor | None = None,
     `max_new_tokens` is the most any sequence generated. Every rank calls it.
 
     `attention_mask` marks (left) padding. `micro_batches` (default: the world size, at
-    most B) is the number of sequence groups in flight. A sequence that emits an EOS id
+    most B) is the number of sequence groups in flight. `group_size` (default: B over
+    `micro_batches`) is the most sequences a group holds; with smaller groups, a group
+    that is done makes room for the next. A sequence that emits an EOS id
     stops; its later positions hold `pad_token_id`; the call ends when all have stopped.
     Greedy by default; `do_sample=True` samples with `temperature`, `top_k`, `top_p`,
     reproducibly per sequence for a given `seed`.
@@ -118,14 +126,18 @@ def pipeline_generate(pipe, input_ids: torch.Tensor | None = None,
                                   top_p=top_p, seed=seed)
         rank0["ids"] = ids
         rank0["eos"], rank0["pad"] = resolve_eos(eos_token_id, pad_token_id, config)
-        groups = len(split_sizes(ids.shape[0], micro_batches or world.world_size))
-        return _GenerateCall(ids.shape[0], ids.shape[1], groups, mask, max_new_tokens, sampling)
+        batch, slots = ids.shape[0], micro_batches or world.world_size
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size must be at least 1, got {group_size}")
+        groups = len(split_sizes(batch, slots if group_size is None else -(-batch // group_size)))
+        return _GenerateCall(batch, ids.shape[1], groups, min(slots, groups), mask,
+                             max_new_tokens, sampling)
 
     call = broadcast_call(world, make_call)
     if call.max_new_tokens == 0:
         return rank0["ids"].clone().to(input_ids.device)
-    logger.debug("generate: %d sequences in %d groups, %d new tokens", call.batch, call.groups,
-                 call.max_new_tokens)
+    logger.debug("generate: %d sequences in %d groups (%d in flight), %d new tokens", call.batch,
+                 call.groups, call.in_flight, call.max_new_tokens)
     runner = _StageRunner(pipe.module, call, world.device)
     with torch.no_grad():
         return _Driver(runner, call, world, pipe.plan, rank0).run().to(input_ids.device)
@@ -229,6 +241,8 @@ class _Driver:
         self.outbox = Outbox()
         self.sampler = Sampler(call.sampling, world.device) if not world.distributed else None
         self.inflight: deque[tuple[int, torch.Tensor, Inbound]] = deque()
+        self.parts_left: dict[int, int] = {}  # group -> prompt parts still to come back
+        self.first_tokens: dict[int, list] = {}  # group -> (rows, tokens) of its parts so far
 
     def run(self) -> torch.Tensor:
         call, t0 = self.call, self.call.prompt_length
@@ -236,24 +250,18 @@ class _Driver:
         out[:, :t0] = self.ids
         produced = torch.zeros(call.batch, dtype=torch.long)
         finished = torch.zeros(call.batch, dtype=torch.bool)
-        parts_left: dict[int, int] = {}  # group -> prompt parts still to come back
-        first_tokens: dict[int, list] = {}  # group -> (rows, tokens) of its parts so far
-        for group, sl in enumerate(self.runner.slices):
-            rows = torch.arange(sl.start, sl.stop)
-            count = prefill_parts(self.world.world_size, call.groups, len(rows))
-            parts_left[group], first_tokens[group] = count, []
-            for part in micro_batch_slices(len(rows), count):
-                self._launch(PREFILL, group, tuple(range(part.start, part.stop)), rows[part],
-                             self.ids[sl][part])
+        waiting = deque(range(call.groups))  # groups not started yet
+        for _ in range(call.in_flight):
+            self._start(waiting.popleft())
         while self.inflight:
             group, rows, pending = self.inflight.popleft()
             tokens = pending.wait().to("cpu")
-            if parts_left.get(group):  # a part of the group's prompt: wait for all of them
-                first_tokens[group].append((rows, tokens))
-                parts_left[group] -= 1
-                if parts_left[group]:
+            if self.parts_left.get(group):  # a part of the group's prompt: wait for all
+                self.first_tokens[group].append((rows, tokens))
+                self.parts_left[group] -= 1
+                if self.parts_left[group]:
                     continue
-                rows, tokens = (torch.cat(t) for t in zip(*first_tokens.pop(group)))
+                rows, tokens = (torch.cat(t) for t in zip(*self.first_tokens.pop(group)))
             out[rows, t0 + produced[rows]] = tokens
             produced[rows] += 1
             if self.eos.numel():
@@ -261,12 +269,25 @@ class _Driver:
             alive = (~finished[rows]) & (produced[rows] < call.max_new_tokens)
             keep = alive.nonzero().flatten()
             if keep.numel() == 0:
+                self.runner.drop(group)
                 self._send_header(StepHeader(DROP, group))
+                if waiting:  # its room goes to the next group
+                    self._start(waiting.popleft())
                 continue
             self._launch(STEP, group, tuple(keep.tolist()), rows[keep], tokens[keep][:, None])
         self._send_header(StepHeader(STOP))
         self.outbox.wait()
         return out[:, :t0 + int(produced.max())]
+
+    def _start(self, group: int) -> None:
+        """Launch `group`'s prompts, in parts (`prefill_parts`)."""
+        sl = self.runner.slices[group]
+        rows = torch.arange(sl.start, sl.stop)
+        count = prefill_parts(self.world.world_size, self.call.in_flight, len(rows))
+        self.parts_left[group], self.first_tokens[group] = count, []
+        for part in micro_batch_slices(len(rows), count):
+            self._launch(PREFILL, group, tuple(range(part.start, part.stop)), rows[part],
+                         self.ids[sl][part])
 
     def _launch(self, kind: int, group: int, keep: tuple[int, ...], rows: torch.Tensor,
                 ids: torch.Tensor) -> None:

@@ -71,13 +71,15 @@ class Pipeline:
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  *, max_new_tokens: int = 32, micro_batches: int | None = None,
-                 **sampling) -> torch.Tensor | None:
+                 group_size: int | None = None, **sampling) -> torch.Tensor | None:
         """Generated token ids [B, T + new] on rank 0 (None on other ranks). Every rank
-        calls it; ranks other than 0 may pass None."""
+        calls it; ranks other than 0 may pass None. `micro_batches` sequence groups are
+        in flight; `group_size` caps a group's sequences (more groups then take turns)."""
         from .generate import pipeline_generate
 
         return pipeline_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                 micro_batches=micro_batches or self.micro_batches, **sampling)
+                                 micro_batches=micro_batches or self.micro_batches,
+                                 group_size=group_size, **sampling)
 
     def serve(self) -> int:
         """Ranks other than 0: take part in every call rank 0 makes, idle between calls
