@@ -37,8 +37,9 @@ _IDLE_CHUNK = datetime.timedelta(hours=1)
 class CallChannel:
     """The numbered call keys of one loaded pipeline in the job's store."""
 
-    def __init__(self, store, prefix: str) -> None:
+    def __init__(self, store, prefix: str, readers: int) -> None:
         self._store, self._prefix, self._count = store, prefix, 0
+        self._readers = readers  # the ranks other than 0
         self.closed = False
 
     @classmethod
@@ -49,20 +50,18 @@ class CallChannel:
             return None
         token = run_on_rank0(world, lambda: uuid.uuid4().hex[:16])
         # the store every rank joined the job with; torch has no public getter for it
-        channel = cls(dist.distributed_c10d._get_default_store(), f"distload/{token}/call/")
+        channel = cls(dist.distributed_c10d._get_default_store(), f"distload/{token}/call/",
+                      world.world_size - 1)
         if world.is_first:  # a rank 0 that forgets close() must not leave serve() waiting
             atexit.register(channel.close_at_exit)
         return channel
 
     def announce(self, kind: str) -> None:
-        """Rank 0, at the start of each call. Every other rank has read the previous
-        call's key by now (it took part in that call), so that key goes."""
+        """Rank 0, at the start of each call."""
         if self.closed:
             raise RuntimeError("this pipeline was closed; load it again to make more calls")
         self._count += 1
         self._store.set(self._key(self._count), kind)
-        if self._count > 1:
-            self._store.delete_key(self._key(self._count - 1))
         self.closed = kind == CLOSE
 
     def close_at_exit(self) -> None:
@@ -90,6 +89,11 @@ class CallChannel:
                 raise RankError(f"lost the job's store while waiting for rank 0's next call: "
                                 f"rank 0 or the launcher is gone ({exc})") from exc
         kind = self._store.get(key).decode()
+        # the last reader deletes the key. Not rank 0 at its next call: a call can end on
+        # rank 0 (an empty stream, a refused input) before the last rank has even read it
+        if self._store.add(f"{key}/read", 1) == self._readers:
+            self._store.delete_key(key)
+            self._store.delete_key(f"{key}/read")
         self.closed = kind == CLOSE
         return kind
 

@@ -7,6 +7,8 @@ calls, streams three batches, generates 0 tokens, and closes; the other ranks on
     torchrun --nproc_per_node=2 pipeline_serve.py OUT CKPT TIMEOUT
     torchrun --nproc_per_node=2 pipeline_serve.py OUT CKPT mismatch   # rank 1 calls forward
                                                                       # while rank 0 generates
+    torchrun --nproc_per_node=3 pipeline_serve.py OUT CKPT quick      # calls that end on rank 0
+                                   # before the last rank, late, has read their announcement
 """
 
 import json
@@ -20,7 +22,7 @@ import distload
 from pipeline_inputs import batch, error_of
 
 out_dir, ckpt, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-timeout = 60.0 if mode == "mismatch" else float(mode)
+timeout = 60.0 if mode in ("mismatch", "quick") else float(mode)
 pipe = distload.load(ckpt, device="cpu", timeout_s=timeout)
 vocab = pipe.plan.config["vocab_size"]
 ids, mask = batch(vocab)
@@ -32,6 +34,18 @@ if mode == "mismatch":
     else:
         pipe.forward()
     raise SystemExit("unreachable: a mismatched call must fail")
+
+if mode == "quick":
+    if pipe.world.is_last:
+        time.sleep(3)
+    for _ in range(3):
+        list(pipe.forward_stream([] if pipe.rank == 0 else None))
+    pipe.generate(ids if pipe.rank == 0 else None, max_new_tokens=0)
+    logits = pipe.forward(ids if pipe.rank == 0 else None, mask)
+    if pipe.rank == 0:
+        torch.save({"ids": ids, "mask": mask, "forward": logits}, os.path.join(out_dir, "quick.pt"))
+    distload.dist.shutdown(pipe.world)
+    raise SystemExit(0)
 
 
 if pipe.rank == 0:
