@@ -8,7 +8,9 @@ for as long as rank 0 does: a serving launcher's rank 0 waits for requests while
 others run `pipe.serve()`. A rank that makes another call than rank 0 learns so at once,
 with both calls named, instead of waiting out the timeout on mismatched messages.
 
-One store round trip per call on rank 0 (tens of microseconds), none per batch or token.
+Per call: one store round trip on rank 0 (tens of microseconds); three on each other rank
+(wait, get, and a read count, so that the last reader deletes the key), taken while rank
+0 already computes. None per batch or token.
 
 Who calls what: every rank opens the channel once, in `distload.load`; rank 0
 `announce`s each call, the others `expect` it (or take `next_call` in `serve`).
