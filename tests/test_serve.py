@@ -5,13 +5,18 @@ Outputs are checked against transformers."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import threading
 import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from distload.demo import make_checkpoint
+from distload.pipeline import calls
+from distload.pipeline.calls import CLOSE, FORWARD, GENERATE, CallChannel
 from distload.pipeline.schedule import position_ids_from_mask
 
 from .conftest import tiny_config
@@ -98,12 +103,6 @@ def test_a_rank_making_another_call_than_rank0_fails_at_once(ckpt, tmp_path):
 @pytest.fixture
 def channels():
     """Rank 0's and a follower's channel over one real TCPStore (server and client)."""
-    import datetime
-
-    import torch.distributed as dist
-
-    from distload.pipeline.calls import CallChannel
-
     server = dist.TCPStore("127.0.0.1", 0, 2, True, timeout=datetime.timedelta(seconds=10),
                            wait_for_workers=False)
     client = dist.TCPStore("127.0.0.1", server.port, 2, False,
@@ -112,8 +111,6 @@ def channels():
 
 
 def test_calls_are_announced_in_order_and_read_keys_go(channels):
-    from distload.pipeline.calls import CLOSE, FORWARD, GENERATE
-
     lead, follower, store = channels
     for n, kind in enumerate((FORWARD, GENERATE, FORWARD), start=1):
         lead.announce(kind)
@@ -134,15 +131,10 @@ def test_calls_are_announced_in_order_and_read_keys_go(channels):
 
 
 def test_a_follower_waits_past_the_store_wait_limit_and_names_a_mismatch(channels, monkeypatch):
-    import datetime
-    import threading
-
-    from distload.pipeline import calls
-
     monkeypatch.setattr(calls, "_IDLE_CHUNK", datetime.timedelta(milliseconds=50))
     lead, follower, _ = channels
-    timer = threading.Timer(0.4, lead.announce, args=(calls.GENERATE,))  # 8 wait limits later
+    timer = threading.Timer(0.4, lead.announce, args=(GENERATE,))  # 8 wait limits later
     timer.start()
     with pytest.raises(RuntimeError, match="this rank called forward but rank 0 called generate"):
-        follower.expect(calls.FORWARD)
+        follower.expect(FORWARD)
     timer.join()
