@@ -8,11 +8,11 @@ Example::
     logits = pipe.forward(input_ids)         # on rank 0; None on the other ranks
 """
 
-from .api import load, plan_job
-from .dispatch import infer_auto_device_map, load_checkpoint_and_dispatch
+from .compat.accelerate import infer_auto_device_map, load_checkpoint_and_dispatch
 from .errors import CheckpointError, DistloadError, LoadError, PlanError, RankError
+from .loader import load, plan_job
 from .meta import init_empty_weights, init_on_device
-from .pipeline.pipe import Pipeline
+from .pipeline import Pipeline
 from .plan.types import LoadPlan
 
 __all__ = [

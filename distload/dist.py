@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,24 @@ class World:
     device: torch.device
     backend: str | None          # None: a single process without a process group
     cpu_group: Any = None        # gloo group for control messages; None: the default group
+    hosts: tuple[str, ...] = ()  # each rank's host name, in rank order
+    nodes: tuple[int, ...] = ()  # each rank's node (0..), in rank order: ranks of one node share it
+
+    @property
+    def node(self) -> int:
+        """This rank's node (ranks on one node share its files, its RAM, its offload dir)."""
+        return self.nodes[self.rank] if self.nodes else 0
+
+    @property
+    def is_node_leader(self) -> bool:
+        """The lowest rank of its node: it fetches the node's files while the others wait."""
+        return self.rank == min(r for r, n in enumerate(self.nodes) if n == self.node) \
+            if self.nodes else True
+
+    def node_ranks(self, node: int | None = None) -> tuple[int, ...]:
+        """The ranks on `node` (default: this rank's)."""
+        node = self.node if node is None else node
+        return tuple(r for r, n in enumerate(self.nodes) if n == node) if self.nodes else (self.rank,)
 
     @property
     def is_first(self) -> bool:
@@ -74,7 +93,7 @@ def init_world(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = Non
     if use_cuda:
         torch.cuda.set_device(dev)  # only this rank's GPU: no contexts on the others
     if world_size == 1 and not dist.is_initialized():
-        return World(0, 1, 0, dev, None)
+        return World(0, 1, 0, dev, None, hosts=(socket.gethostname(),), nodes=(0,))
     backend = "nccl" if use_cuda else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
@@ -86,7 +105,16 @@ def init_world(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = Non
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     if "return" not in _GROUPS:  # every rank runs init_world equally often: all agree
         _GROUPS["return"] = dist.new_group(backend=backend, timeout=timeout)
-    return World(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, cpu_group)
+    # A node is a host; torchrun's GROUP_RANK (the node rank) tells apart "nodes" that share
+    # a host name (containers, or several launches on one machine).
+    here = (socket.gethostname(), os.environ.get("GROUP_RANK", ""))
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, here, group=cpu_group)
+    first_seen = {key: i for i, key in reversed(list(enumerate(everyone)))}
+    order = sorted(set(first_seen.values()))
+    nodes = tuple(order.index(first_seen[key]) for key in everyone)
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, cpu_group,
+                 hosts=tuple(h for h, _ in everyone), nodes=nodes)
 
 
 def _error_record(exc: BaseException) -> dict:

@@ -1,4 +1,4 @@
-"""The CLI: parse → init → plan → load → run → report.
+"""``python -m distload.load`` (and the ``distload`` command): the CLI, in `distload.cli`.
 
     torchrun --nproc_per_node=2 -m distload.load --model PATH|ORG/NAME|demo [--report out.json]
 """
@@ -6,121 +6,12 @@
 from __future__ import annotations
 
 import sys
-import time
 import types
 
-from .api import load, plan_job
-from .config import RunConfig, parse_args
-from .dist import init_world, run_on_rank0, shutdown
-from .errors import DistloadError, RankError
-from .log import logger, setup_logging
-from .plan.budget import parse_max_memory_arg
-from .plan.explain import explain_plan
-from .pipeline.generate import resolve_eos
-from .prompts import collect_requests, left_pad, new_tokens, optional_tokenizer, write_outputs
-from .report import format_table, write_report
+from .cli.main import main
+from .loader import load
 
 __all__ = ["main"]
-
-DEMO_INPUT_IDS = ("1,15,27,300,42,7", "5,9,81,2")
-
-
-def _generate(pipe, cfg: RunConfig) -> None:
-    """Every rank: rank 0 collects the prompts (errors reach every rank), all generate,
-    rank 0 logs and writes the outputs and the throughput."""
-    demo_ids = DEMO_INPUT_IDS if cfg.model == "demo" and not (cfg.prompt or cfg.input_file) else ()
-    rank0: dict = {}
-
-    def collect():
-        rank0["tokenizer"] = optional_tokenizer(pipe.plan.checkpoint)
-        return collect_requests(input_ids=cfg.input_ids or demo_ids, prompts=cfg.prompt,
-                                input_file=cfg.input_file, model_dir=pipe.plan.checkpoint,
-                                tokenizer=rank0["tokenizer"])
-
-    requests = run_on_rank0(pipe.world, collect)
-    if not requests:
-        return
-    # As many prompts per call as the plan kept KV-cache room for (all, when not given);
-    # when there are several calls, prompts of like length go together (less padding).
-    chunk = cfg.max_batch_size or len(requests)
-    order = list(range(len(requests)))
-    if chunk < len(requests):
-        order.sort(key=lambda i: len(requests[i].ids))
-    outputs: list[list[int]] = [[] for _ in requests]
-    eos, _ = resolve_eos(cfg.eos_token_id, None, pipe.plan.config)
-    start = time.perf_counter()
-    for first in range(0, len(order), chunk):
-        batch = order[first:first + chunk]
-        ids, mask = left_pad([requests[i].ids for i in batch])
-        out = pipe.generate(ids, mask, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                            seed=cfg.seed, eos_token_id=cfg.eos_token_id)
-        if pipe.rank == 0:
-            for i, row in zip(batch, out.tolist()):
-                outputs[i] = new_tokens(row, ids.shape[1], eos)
-            if chunk < len(requests):
-                logger.info("%d of %d prompts done", first + len(batch), len(requests))
-    seconds = time.perf_counter() - start
-    if pipe.rank != 0:
-        return
-    tokenizer = rank0["tokenizer"]
-    if not cfg.output_file or len(requests) <= 16:  # a big batch job speaks through its file
-        for request, generated in zip(requests, outputs):
-            shown = repr(tokenizer.decode(generated)) if tokenizer is not None else generated
-            logger.info("%s -> %s", list(request.ids), shown)
-    if cfg.output_file:
-        write_outputs(cfg.output_file, requests, outputs, tokenizer)
-        logger.info("outputs written to %s", cfg.output_file)
-    count = sum(len(g) for g in outputs)
-    logger.info("generated %d tokens for %d prompts in %.3f s (%.1f tokens/s)", count,
-                len(requests), seconds, count / seconds)
-
-
-def _explain(cfg: RunConfig) -> int:
-    """--explain: every rank takes part in planning (each measures its own memory); rank 0
-    writes the plan to stdout; nothing is loaded."""
-    world = init_world(timeout_s=cfg.timeout, device=cfg.device)
-    plan = plan_job(cfg.model, world=world, dtype=cfg.dtype, max_memory=parse_max_memory_arg(cfg.max_memory),
-                    strict=cfg.strict, cache_dir=cfg.cache_dir, offload_dir=cfg.offload_dir,
-                    max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len)
-    if world.is_first:
-        sys.stdout.write(explain_plan(plan))
-        sys.stdout.flush()
-    shutdown(world)
-    return 0
-
-
-def run(cfg: RunConfig) -> int:
-    if cfg.explain:
-        return _explain(cfg)
-    pipe = load(cfg.model, dtype=cfg.dtype, strict=cfg.strict, cache_dir=cfg.cache_dir,
-                device=cfg.device, timeout_s=cfg.timeout, read_workers=cfg.read_workers,
-                micro_batches=cfg.micro_batches, max_memory=parse_max_memory_arg(cfg.max_memory),
-                max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len)
-    if pipe.rank == 0:
-        logger.info("loaded %s\n%s", pipe.plan.checkpoint, format_table(pipe.job_report))
-        if cfg.report:
-            write_report(pipe.job_report, cfg.report)
-            logger.info("report written to %s", cfg.report)
-    if cfg.max_new_tokens:
-        _generate(pipe, cfg)
-    shutdown(pipe.world)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    setup_logging(cfg.log_level.upper())
-    try:
-        return run(cfg)
-    except RankError as e:  # another rank failed; it printed its own error
-        logger.error("%s", e)
-    except (DistloadError, ValueError, OSError) as e:
-        logger.error("%s: %s", type(e).__name__, e)
-    except Exception:  # noqa: BLE001 - an unexpected failure still stops this rank cleanly
-        logger.exception("unexpected failure")
-    shutdown(failed=True)
-    return 1
 
 
 class _CallableCLIModule(types.ModuleType):

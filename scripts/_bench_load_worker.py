@@ -125,10 +125,13 @@ def tensor_nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def stage_reads(plan_path: str, rank: int):
+def stage_reads(plan_path: str, rank: int, root: str | None = None):
+    """Rank `rank`'s read items of the saved plan (files relative to the checkpoint, or
+    located under `root`)."""
     from distload.plan.types import LoadPlan
 
-    return LoadPlan.from_json(Path(plan_path).read_text()).stage(rank).reads
+    reads = LoadPlan.from_json(Path(plan_path).read_text()).stage(rank).reads
+    return reads if root is None else tuple(m.located(root) for m in reads)
 
 
 def init_gloo():
@@ -206,7 +209,7 @@ def bench_accelerate(a, rank: int) -> dict:
 
 def bench_raw(a, rank: int) -> dict:
     dist = init_gloo()
-    reads = sorted(stage_reads(a.plan, rank), key=lambda m: (m.file, m.offset))
+    reads = sorted(stage_reads(a.plan, rank, a.ckpt), key=lambda m: (m.file, m.offset))
     buffers = [mmap.mmap(-1, m.length) for m in reads]  # anonymous: pages come on first touch
     result: dict = {}
     with measured(result, a):

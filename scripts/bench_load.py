@@ -98,7 +98,7 @@ def safetensors_layout(ckpt: Path) -> dict[str, dict]:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
         tensors = [v["data_offsets"] for k, v in header.items() if k != "__metadata__"]
-        out[str(f.resolve())] = {"header": 8 + n, "tensor": sum(e - b for b, e in tensors)}
+        out[f.name] = {"header": 8 + n, "tensor": sum(e - b for b, e in tensors)}  # as plans name it
     return out
 
 
@@ -107,7 +107,7 @@ def make_plan(ckpt: Path, nproc: int, path: Path):
     workers: dcp and raw load exactly these stages."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # this checkout's distload, as the workers get it
-    from distload.prepare import PlanRequest, plan_load
+    from distload.loader.prepare import PlanRequest, plan_load
 
     plan = plan_load(PlanRequest(model=str(ckpt), world_size=nproc))
     path.write_text(plan.to_json())

@@ -8,7 +8,7 @@ without prefetch, against the same model with nothing offloaded.
     python scripts/bench_offload.py --json out.json
 
 Runs in one process on the CPU (or `--device cuda:0`). Each variant is loaded the way
-`distload.load` loads a stage (`key_tiers` → `allocate_stage` → `read_stage` → `attach` →
+`distload.load` loads a stage (`key_tiers` → `allocate_stage` → `read_stage` → `attach_tiers` →
 `finish_stage`), with the plan's tiers set by hand: the later half of the layers on disk.
 """
 
@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from distload import offload
-from distload.demo import DEMO_CONFIG, make_checkpoint
-from distload.materialize import allocate_stage, finish_stage, read_stage
-from distload.pipeline.stage import build_stage_skeleton
+from distload.loader.materialize import allocate_stage, finish_stage, key_tiers, read_stage
+from distload.loader.prepare import PlanRequest, plan_load
+from distload.loader.skeleton import build_stage_skeleton
+from distload.loader.tiers import attach_tiers
 from distload.plan.types import LoadPlan, Tier
-from distload.prepare import PlanRequest, plan_load
+from distload.sources.demo import DEMO_CONFIG, make_checkpoint
 
 
 def half_on_disk(plan: LoadPlan) -> LoadPlan:
@@ -40,15 +40,17 @@ def half_on_disk(plan: LoadPlan) -> LoadPlan:
         layers = [u for u in st.units if ".layers." in u]
         disk = set(layers[len(layers) // 2:])
         tiers = tuple(Tier.DISK if u in disk else t for u, t in zip(st.units, st.unit_tiers))
-        stages.append(dataclasses.replace(st, unit_tiers=tiers))
+        stages.append(st.with_unit_tiers(tiers))
     return dataclasses.replace(plan, stages=tuple(stages))
 
 
-def load_stage(plan: LoadPlan, device: torch.device, offload_dir: str, **attach_kw):
+def load_stage(plan: LoadPlan, root: str, device: torch.device, offload_dir: str, **attach_kw):
     module = build_stage_skeleton(plan, 0)
-    storage = allocate_stage(plan, 0, module, device, tiers=offload.key_tiers(plan, 0, device))
-    read_stage(plan, 0, storage)
-    result = offload.attach(plan, 0, module, storage, device, offload_dir, **attach_kw)
+    storage = allocate_stage(plan, 0, module, device, tiers=key_tiers(plan, 0, device))
+    reads = [m.located(root) for m in plan.stage(0).reads]
+    read_stage(reads, storage)
+    result = attach_tiers(plan, 0, module, storage, reads, device, root=root,
+                          offload_dir=offload_dir, **attach_kw)
     finish_stage(module, device, offloaded=result.params)
     return module.eval(), result
 
@@ -107,7 +109,7 @@ def main() -> None:
                      "batch": args.batch, "seq": args.seq, "threads": torch.get_num_threads()}
     for run in ("first", "second"):
         start = time.perf_counter()
-        _, res = load_stage(disk_plan, device, off)
+        _, res = load_stage(disk_plan, str(ckpt), device, off)
         figures[f"{run}_load"] = {"offload_bytes_written": res.bytes_written,
                                   "checkpoint_bytes_read_for_entries": res.bytes_read,
                                   "seconds": round(time.perf_counter() - start, 3)}
@@ -118,7 +120,7 @@ def main() -> None:
                         generator=torch.Generator().manual_seed(0))
     variants = {"resident": (plan, {}), "disk_prefetch": (disk_plan, {"prefetch": True}),
                 "disk_no_prefetch": (disk_plan, {"prefetch": False})}
-    loaded = {name: load_stage(p, device, off, **kw) for name, (p, kw) in variants.items()}
+    loaded = {name: load_stage(p, str(ckpt), device, off, **kw) for name, (p, kw) in variants.items()}
     times = time_forwards({n: m for n, (m, _) in loaded.items()}, ids, args.repeats, device)
     results = {}
     for name, (_, res) in loaded.items():

@@ -94,7 +94,7 @@ def _config(a) -> dict:
 
 
 def _checkpoint(a) -> Path:
-    from distload.demo import make_checkpoint
+    from distload.sources.demo import make_checkpoint
 
     cfg = _config(a)
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
@@ -128,9 +128,10 @@ def _whole_model(ckpt: str):
     for f in sorted(Path(ckpt).glob("*.safetensors")):
         tensors.update(load_file(f))
     model.load_state_dict(tensors, strict=True, assign=True)
-    plan = SimpleNamespace(config=config, dtype=config.get("torch_dtype"), stages=())
+    plan = SimpleNamespace(config=config, dtype=config.get("torch_dtype"), stages=(),
+                           activation_dtype=config.get("torch_dtype") or "float32")
     return Pipeline(module=model.eval(), plan=plan, report={}, job_report={},
-                    world=World(0, 1, 0, torch.device("cpu"), None))
+                    world=World(0, 1, 0, torch.device("cpu"), None, nodes=(0,)))
 
 
 class _Quiet:
@@ -175,7 +176,7 @@ def _job(a) -> None:
     import torch.distributed as dist
 
     import distload
-    from distload.pipeline.generate import pipeline_generate
+    from distload.pipeline.schedules.ring_decode import pipeline_generate
 
     torch.set_num_threads(1)
     pipe = distload.load(a.ckpt, device="cpu")

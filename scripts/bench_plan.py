@@ -24,9 +24,9 @@ import time
 import torch
 
 from distload.checkpoint.types import TensorMeta
-from distload.describe import describe_model
-from distload.dispatch import plan_device_map
-from distload.dispatch_load import device_for
+from distload.meta.describe import describe_model
+from distload.compat.accelerate.device_map import plan_device_map
+from distload.compat.accelerate.dispatch import device_for
 from distload.meta import init_empty_weights
 from distload.models import build_model
 from distload.plan.budget import RankBudget
@@ -116,7 +116,7 @@ def speed(repeats: int = 5) -> list[dict]:
             spec = describe_model(model)
             tensors = _synthetic_checkpoint(spec)
             described = time.perf_counter()
-            plan = plan_model(spec, tensors, budgets=[budget] * world, checkpoint="/ckpt",
+            plan = plan_model(spec, tensors, budgets=[budget] * world, source={"kind": "local", "label": "ckpt"},
                               format="safetensors", config=LLAMA3_70B, shape=RunShape(1, 4096))
             done = time.perf_counter()
             times.append((done - start, built - start, described - built, done - described))

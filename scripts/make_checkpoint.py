@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from distload.demo import make_checkpoint
+from distload.sources.demo import make_checkpoint
 from distload.models import SUPPORTED_MODEL_TYPES
 
 # ~697 M parameters: 1.39 GB in bfloat16, 6 shards of ~232 MB.

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from distload.checkpoint.bin import read_bin_metas
@@ -35,14 +35,19 @@ _MAX_READERS = 8  # header reads are tiny; a few threads hide per-file open late
 class CheckpointIndex:
     """Every tensor of one checkpoint: which file, where, what dtype and shape.
 
-    `files` are absolute and sorted; `tensors` (read-only, ordered by file then offset)
-    maps names to `TensorMeta`; `header_bytes` is the bytes taken by safetensors headers
-    (0 for `.bin`); `config` is the parsed `config.json` beside the weights, if any.
+    `root` is the directory the checkpoint lives in on this machine; `files` (absolute,
+    under `root`) are sorted, and `tensors` (read-only, ordered by file then offset) maps
+    names to `TensorMeta`s naming those files; `file_sizes` maps each file to its size in
+    bytes; `header_bytes` is the bytes taken by safetensors headers (0 for `.bin`);
+    `config` is the parsed `config.json` beside the weights, if any. `relative()` gives
+    the tensors and sizes with files relative to the root: what a plan holds, so that
+    nothing planned names a path of the machine that indexed it.
 
     Example::
 
         idx = index_checkpoint("/models/llama")
-        head = idx.tensors["lm_head.weight"]
+        head = idx.tensors["lm_head.weight"]      # head.file: /models/llama/model-0000...
+        tensors, sizes = idx.relative()           # tensors["lm_head.weight"].file: model-0000...
         print(idx.format, len(idx.files), idx.tensor_bytes)
     """
 
@@ -52,11 +57,24 @@ class CheckpointIndex:
     tensors: Mapping[str, TensorMeta] = field(hash=False, repr=False)
     header_bytes: int = 0
     config: dict | None = field(default=None, hash=False, repr=False)
+    file_sizes: Mapping[str, int] = field(default_factory=dict, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         # Read-only view: the index is shared by planner and loader and must not drift.
         if not isinstance(self.tensors, MappingProxyType):
             object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+
+    def path(self, file: str) -> str:
+        """The path on this machine of `file` (relative to the root, or absolute)."""
+        return os.path.join(self.root, file)
+
+    def relative(self) -> tuple[dict[str, TensorMeta], dict[str, int]]:
+        """(name -> meta, file -> size) with every file relative to `root`."""
+        def rel(file: str) -> str:
+            return os.path.relpath(file, self.root)
+
+        return ({n: replace(m, file=rel(m.file)) for n, m in self.tensors.items()},
+                {rel(f): size for f, size in self.file_sizes.items()})
 
     @property
     def tensor_bytes(self) -> int:
@@ -108,16 +126,15 @@ def _index_dir(root: str) -> CheckpointIndex:
     if os.path.isfile(join(SAFETENSORS_INDEX)):
         return _from_index_file(join(SAFETENSORS_INDEX), "safetensors")
     if os.path.isfile(join(SAFETENSORS_SINGLE)):
-        return _build(root, "safetensors", [join(SAFETENSORS_SINGLE)])
-    loose = sorted(join(n) for n in os.listdir(root) if n.endswith(".safetensors"))
-    loose = [f for f in loose if os.path.isfile(f)]
+        return _build(root, "safetensors", [SAFETENSORS_SINGLE])
+    loose = sorted(n for n in os.listdir(root) if n.endswith(".safetensors") and os.path.isfile(join(n)))
     if loose:
         logger.info("%s: no %s; taking all %d *.safetensors files", root, SAFETENSORS_INDEX, len(loose))
         return _build(root, "safetensors", loose)
     if os.path.isfile(join(BIN_INDEX)):
         return _from_index_file(join(BIN_INDEX), "bin")
     if os.path.isfile(join(BIN_SINGLE)):
-        return _build(root, "bin", [join(BIN_SINGLE)])
+        return _build(root, "bin", [BIN_SINGLE])
     raise CheckpointError(
         f"{root}: no checkpoint found; looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "
         f"*.safetensors, {BIN_INDEX} and {BIN_SINGLE}"
@@ -131,9 +148,9 @@ def _index_file(file: str) -> CheckpointIndex:
     if file.endswith(".bin.index.json"):
         return _from_index_file(file, "bin")
     if file.endswith(".safetensors"):
-        return _build(root, "safetensors", [file])
+        return _build(root, "safetensors", [os.path.basename(file)])
     if file.endswith(".bin"):
-        return _build(root, "bin", [file])
+        return _build(root, "bin", [os.path.basename(file)])
     raise CheckpointError(f"{file}: not a checkpoint file (expected .safetensors, .bin or *.index.json)")
 
 
@@ -153,18 +170,17 @@ def _from_index_file(index_file: str, fmt: str) -> CheckpointIndex:
     weight_map = _load_json(index_file, "checkpoint index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_file}: index has no weight_map (or an empty one)")
-    mapped: dict[str, str] = {}  # tensor -> absolute shard path
+    mapped: dict[str, str] = {}  # tensor -> shard path relative to the root
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard:
             raise CheckpointError(f"{index_file}: tensor {name!r} maps to {shard!r}, not a file name")
         if os.path.isabs(shard) or os.path.normpath(shard).startswith(".."):
             raise CheckpointError(f"{index_file}: shard {shard!r} (of {name!r}) lies outside {root}")
-        mapped[name] = os.path.normpath(os.path.join(root, shard))
+        mapped[name] = os.path.normpath(shard)
     for name, file in mapped.items():
-        if not os.path.isfile(file):
+        if not os.path.isfile(os.path.join(root, file)):
             raise CheckpointError(
-                f"{index_file}: shard {os.path.relpath(file, root)} does not exist "
-                f"(tensor {name!r} lives in it)"
+                f"{index_file}: shard {file} does not exist (tensor {name!r} lives in it)"
             )
     return _build(root, fmt, sorted(set(mapped.values())), mapped=mapped)
 
@@ -172,14 +188,17 @@ def _from_index_file(index_file: str, fmt: str) -> CheckpointIndex:
 def _build(
     root: str, fmt: str, files: list[str], *, mapped: dict[str, str] | None = None
 ) -> CheckpointIndex:
-    reader: Callable[[str], tuple[list[TensorMeta], int]]
-    reader = _read_header if fmt == "safetensors" else (lambda f: (read_bin_metas(f), 0))
+    """Index `files` (relative to `root`)."""
+    def read(file: str) -> tuple[list[TensorMeta], int]:
+        path = os.path.join(root, file)
+        return _read_header(path) if fmt == "safetensors" else (read_bin_metas(path), 0)
+
     if len(files) > 1:
         workers = min(_MAX_READERS, len(files))
         with ThreadPoolExecutor(workers, thread_name_prefix="distload-hdr") as pool:
-            results = list(pool.map(reader, files))  # raises the first failing file's error
+            results = list(pool.map(read, files))  # raises the first failing file's error
     else:
-        results = [reader(f) for f in files]
+        results = [read(f) for f in files]
 
     tensors: dict[str, TensorMeta] = {}
     for metas, _ in results:
@@ -191,14 +210,16 @@ def _build(
                 )
             tensors[meta.name] = meta
     if mapped is not None:
-        _check_weight_map(root, mapped, tensors)
+        _check_weight_map(root, {n: os.path.join(root, f) for n, f in mapped.items()}, tensors)
+    paths = [os.path.join(root, f) for f in files]
     return CheckpointIndex(
         root=root,
         format=fmt,
-        files=tuple(files),
+        files=tuple(paths),
         tensors=tensors,
         header_bytes=sum(size for _, size in results),
         config=_read_config(root),
+        file_sizes={f: os.path.getsize(f) for f in paths},
     )
 
 

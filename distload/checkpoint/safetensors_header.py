@@ -15,7 +15,8 @@ import struct
 import torch
 
 from distload.checkpoint.files import open_checkpoint_file
-from distload.checkpoint.types import SAFETENSORS_DTYPES, TensorMeta, dtype_name
+from distload.checkpoint.types import SAFETENSORS_DTYPES, TensorMeta
+from distload.dtypes import dtype_name
 from distload.errors import CheckpointError
 
 __all__ = ["read_safetensors_header", "MAX_HEADER_BYTES"]

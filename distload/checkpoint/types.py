@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
-
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import torch
+
+from ..dtypes import dtype_from_name
+
+__all__ = ["TensorMeta", "SAFETENSORS_DTYPES"]
 
 # safetensors dtype names -> torch dtypes; fp8 kinds only where this torch has them.
 _ST_DTYPES: dict[str, str] = {
@@ -22,25 +26,15 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def dtype_from_name(name: str) -> torch.dtype:
-    """`"bfloat16"` -> `torch.bfloat16`; raises ValueError on names torch lacks."""
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown torch dtype {name!r}")
-    return dtype
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """`torch.bfloat16` -> `"bfloat16"` (the form plans store)."""
-    return str(dtype).removeprefix("torch.")
-
-
 @dataclass(frozen=True, order=True)
 class TensorMeta:
     """One tensor's place in a checkpoint file.
 
-    `offset` is the absolute byte offset in `file` (header already added), `length` the
-    byte count; `dtype` is the torch dtype name (e.g. ``"bfloat16"``).
+    `file` is relative to the checkpoint's root in an index and a plan (each rank finds
+    the root on its own node), absolute where a header was read on its own; `offset` is
+    the absolute byte offset in the file (header already added), -1 where the file has no
+    byte ranges (a pickled `.bin`); `length` the byte count; `dtype` the torch dtype name
+    (e.g. ``"bfloat16"``).
     """
 
     name: str
@@ -57,3 +51,7 @@ class TensorMeta:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    def located(self, root: str | os.PathLike) -> "TensorMeta":
+        """This tensor with `file` joined to the checkpoint `root` (a path to open)."""
+        return replace(self, file=os.path.join(os.fspath(root), self.file))

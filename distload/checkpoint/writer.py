@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from .files import byte_view
+from .index import SAFETENSORS_INDEX as INDEX_NAME
 from .types import SAFETENSORS_DTYPES
 
 __all__ = ["write_sharded_checkpoint", "INDEX_NAME"]
-
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def write_sharded_checkpoint(
@@ -116,6 +116,6 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
         f.write(blob)
         for t in tensors.values():
             if t.numel():
-                f.write(memoryview(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()))
+                f.write(byte_view(t.detach().cpu().contiguous()))
         f.flush()
         os.fsync(f.fileno())

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint.files import open_checkpoint_file
+from ..checkpoint.bin import load_bin_tensors
+from ..checkpoint.files import byte_view, open_checkpoint_file
 from ..checkpoint.types import TensorMeta
 from ..errors import CheckpointError
 
@@ -48,10 +49,11 @@ def read_tensors(
     workers: int = 2,
     staging_bytes: int = DEFAULT_STAGING_BYTES,
 ) -> ReadStats:
-    """Fill `dests[meta.name]` from `meta.file` for every meta in `reads`.
+    """Fill `dests[meta.name]` from `meta.file` (a path to open) for every meta in `reads`.
 
     Each destination must have the meta's shape; its dtype may differ (the bytes are cast
-    by torch's `copy_`). Files are read in parallel by up to `workers` threads. Raises
+    by torch's `copy_`). Files are read in parallel by up to `workers` threads. Tensors of
+    a pickled `.bin` file (offset -1) are taken from its memory map instead. Raises
     `CheckpointError` naming the file and tensor on a short read.
 
     Example::
@@ -61,10 +63,15 @@ def read_tensors(
     """
     start = time.perf_counter()
     by_file: dict[str, list[TensorMeta]] = defaultdict(list)
+    pickled: dict[str, list[TensorMeta]] = defaultdict(list)
     for meta in reads:
-        if meta.length:
+        if meta.offset < 0:
+            pickled[meta.file].append(meta)
+        elif meta.length:
             by_file[meta.file].append(meta)
     total = ReadStats()
+    for file, metas in sorted(pickled.items()):
+        total.add(_copy_pickled(file, metas, dests))
     local = threading.local()
 
     def run(file: str) -> ReadStats:
@@ -85,6 +92,16 @@ def read_tensors(
         torch.cuda.synchronize()
     total.seconds = time.perf_counter() - start
     return total
+
+
+def _copy_pickled(file: str, metas: list[TensorMeta], dests: Mapping[str, torch.Tensor]) -> ReadStats:
+    """Tensors of a `.bin` file: its pages are mapped (`torch.load(mmap=True)`), so only
+    the named tensors' pages are read, by the copy."""
+    stats = ReadStats()
+    for name, tensor in load_bin_tensors(file, [m.name for m in metas]).items():
+        dests[name].copy_(tensor)
+        stats.bytes_read += tensor.numel() * tensor.element_size()
+    return stats
 
 
 def _direct(meta: TensorMeta, dest: torch.Tensor) -> bool:
@@ -121,7 +138,7 @@ def _read_file(file: str, metas: list[TensorMeta], dests: Mapping[str, torch.Ten
         direct = [_direct(m, dests[m.name]) for m in metas]
         for is_direct, run in _runs(metas, direct, stager.capacity):
             if is_direct:
-                views = [_byte_view(dests[m.name]) for m in run]
+                views = [byte_view(dests[m.name]) for m in run]
                 _preadv_exact(fd, views, run[0].offset, file, run, stats)
             else:
                 stager.copy_run(fd, file, run, dests, stats)
@@ -129,10 +146,6 @@ def _read_file(file: str, metas: list[TensorMeta], dests: Mapping[str, torch.Ten
     finally:
         os.close(fd)
     return stats
-
-
-def _byte_view(t: torch.Tensor) -> memoryview:
-    return memoryview(t.view(-1).view(torch.uint8).numpy())
 
 
 def _preadv_exact(fd: int, views: list[memoryview], offset: int, file: str,
@@ -186,7 +199,7 @@ class _Stager:
             return
         buf, k = self._buffer(cuda)
         length = sum(m.length for m in run)
-        _preadv_exact(fd, [memoryview(buf[:length].numpy())], run[0].offset, file, run, stats)
+        _preadv_exact(fd, [byte_view(buf[:length])], run[0].offset, file, run, stats)
         for m in run:
             start = m.offset - run[0].offset
             src = buf[start:start + m.length].view(m.torch_dtype).view(m.shape)
@@ -200,7 +213,7 @@ class _Stager:
         for begin in range(0, meta.length, chunk):
             n = min(chunk, meta.length - begin)
             buf, k = self._buffer(cuda)
-            _preadv_exact(fd, [memoryview(buf[:n].numpy())], meta.offset + begin, file, [meta], stats)
+            _preadv_exact(fd, [byte_view(buf[:n])], meta.offset + begin, file, [meta], stats)
             flat[begin // item:(begin + n) // item].copy_(buf[:n].view(meta.torch_dtype), non_blocking=cuda)
             self._record(k, cuda)
 

@@ -1,5 +1,10 @@
-"""Built-in architectures: the Llama family (llama, mistral, qwen2), written to be split
-into pipeline stages on the meta device. Knows nothing of checkpoints or ranks.
+"""Built-in architectures, written to be split into pipeline stages on the meta device,
+behind a registry keyed by config.json's `model_type`. Knows nothing of checkpoints'
+files or of ranks.
+
+`contract.py` writes down what a model must do for the pipeline, the planner and the
+loader (`StageModel`); `registry.py` maps model types to families; each family is one
+file that registers itself, imported below (one line per family).
 
 Example::
 
@@ -8,43 +13,18 @@ Example::
         model = build_model(cfg)      # no memory; materialize only what a rank keeps
 """
 
-from __future__ import annotations
-
-from typing import Any
-
-from torch import nn
-
+from . import llama as _llama  # noqa: F401  - registers llama, mistral, qwen2
 from .cache import KVCache
-from .config import SUPPORTED_MODEL_TYPES, LlamaConfig
+from .config import LlamaConfig
+from .contract import StageModel
 from .llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from .registry import (ModelFamily, build_model, config_from_dict, family_for, register_family,
+                       supported_model_types)
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = supported_model_types()
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES", "LlamaConfig", "LlamaForCausalLM", "LlamaModel",
-    "LlamaDecoderLayer", "KVCache", "config_from_dict", "build_model",
+    "SUPPORTED_MODEL_TYPES", "StageModel", "KVCache", "ModelFamily", "register_family",
+    "family_for", "config_from_dict", "build_model", "supported_model_types",
+    "LlamaConfig", "LlamaForCausalLM", "LlamaModel", "LlamaDecoderLayer",
 ]
-
-
-def config_from_dict(d: dict[str, Any]) -> LlamaConfig:
-    """The model config of a Hugging Face `config.json` dict; ValueError names an
-    unsupported `model_type` and lists the supported ones.
-
-    Example::
-
-        config_from_dict({"model_type": "gpt2"})  # ValueError: ... supports llama, mistral, qwen2
-    """
-    return LlamaConfig.from_dict(d)
-
-
-def build_model(config: LlamaConfig | dict[str, Any]) -> nn.Module:
-    """Construct (not load) the model for `config`, on whatever device context is active
-    (`torch.device("meta")`, `distload.init_empty_weights()`, ...).
-
-    Example::
-
-        with init_empty_weights():
-            model = build_model(json.load(open("ckpt/config.json")))
-        model.model.layers["0"]        # LlamaDecoderLayer, parameters on meta
-    """
-    if not isinstance(config, LlamaConfig):
-        config = config_from_dict(config)
-    return LlamaForCausalLM(config)

@@ -13,9 +13,9 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["LlamaConfig", "SUPPORTED_MODEL_TYPES", "SUPPORTED_ROPE_TYPES"]
+__all__ = ["LlamaConfig", "LLAMA_FAMILY_TYPES", "SUPPORTED_ROPE_TYPES"]
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+LLAMA_FAMILY_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -96,9 +96,9 @@ class LlamaConfig:
         """Read a Hugging Face `config.json` dict; raises ValueError on an unsupported
         model type, RoPE type or activation, or on a missing required key."""
         model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in LLAMA_FAMILY_TYPES:
             raise ValueError(f"unsupported model_type {model_type!r}; distload supports "
-                             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+                             f"{', '.join(LLAMA_FAMILY_TYPES)}")
         missing = [k for k in _REQUIRED if d.get(k) is None]
         if missing:
             raise ValueError(f"config.json of a {model_type} model lacks {', '.join(missing)}")

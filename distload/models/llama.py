@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .config import LlamaConfig
+from .config import LLAMA_FAMILY_TYPES, LlamaConfig
+from .contract import StageModel
+from .registry import ModelFamily, register_family
 
 __all__ = [
     "LlamaForCausalLM", "LlamaModel", "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP",
@@ -261,7 +263,7 @@ class LlamaModel(nn.Module):
         return h
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(StageModel):
     """A Llama-family causal LM with Hugging Face weight names.
 
     With `config.tie_word_embeddings`, `lm_head.weight` *is* `model.embed_tokens.weight`
@@ -279,6 +281,7 @@ class LlamaForCausalLM(nn.Module):
     """
 
     _no_split_modules = ["LlamaDecoderLayer"]
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq$"]  # saved by old exports
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -304,13 +307,16 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Run the parts present: logits ``[B, T, vocab]`` if this has `lm_head`, else
-        hidden states ``[B, T, H]``. `position_ids` ``[B, T]`` is required (the caller
-        knows the padding); `attention_mask` ``[B, past + T]`` is 1 for real tokens."""
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Run the parts present: logits ``[B, T, vocab]`` if this has `lm_head` (``[B,
+        vocab]`` of the last position with `last_only`), else hidden states ``[B, T, H]``.
+        `position_ids` ``[B, T]`` is required (the caller knows the padding);
+        `attention_mask` ``[B, past + T]`` is 1 for real tokens."""
         h = self.model(x, position_ids=position_ids, attention_mask=attention_mask, cache=cache)
-        return self.lm_head(h) if self.lm_head is not None else h
+        if self.lm_head is None:
+            return h
+        return self.lm_head(h[:, -1] if last_only else h)
 
 
 _EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -334,3 +340,6 @@ def _fill_tied_head(module: LlamaForCausalLM, state_dict, prefix: str, *args) ->
 
 def _retie_head(module: LlamaForCausalLM, incompatible_keys) -> None:
     module.tie_weights()  # `assign=True` loading replaces Parameters and so unties them
+
+
+register_family(ModelFamily(LLAMA_FAMILY_TYPES, LlamaConfig.from_dict, LlamaForCausalLM))

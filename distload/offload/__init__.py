@@ -1,25 +1,28 @@
-"""The offload tiers: a shared, file-locked, content-addressed offload directory, and
-streamed execution of weights that live on the CPU or disk tier.
+"""The offload tiers' machinery: a node's shared, file-locked, content-addressed offload
+directory, and streamed execution of weights that live on the CPU or disk tier.
 
 * `OffloadStore` — the directory (one per node, shared by every rank and job): entries
   written once under a lock, atomically, verified; zero-copy references into safetensors
   files; `python -m distload.offload ls|verify|gc DIR` looks after it.
+* `ensure_entries` — the entries of some checkpoint tensors, made once, reused after.
 * `attach_streaming` — bring a module's offloaded units onto the device just before each
   runs, release them after, prefetch the next ones in the background.
-* `attach` / `key_tiers` — the two calls `distload.load` makes for a stage's tiers.
+
+Knows nothing of plans or ranks: `distload.loader` decides what goes where.
 
 Example::
 
     from distload.offload import OffloadStore, ensure_entries, attach_streaming
 
     store = OffloadStore("/scratch/offload")
-    entries, _ = ensure_entries(store, {n: index.tensors[n] for n in names}, checkpoint=root)
+    entries, _ = ensure_entries(store, {n: index.tensors[n] for n in names},
+                                checkpoint=index.root)
     attach_streaming(model, ["model.layers.7"], entries, "cuda:0")
 """
 
-from .attach import OffloadResult, attach, ensure_entries, key_tiers
 from .entry import Entry, EntrySpec, OffloadError, SourceId
 from .maintenance import GcResult, gc_store, list_entries, verify_store
+from .populate import ensure_entries
 from .store import MANIFEST_VERSION, OffloadStore, default_offload_dir
 from .stream import Streamer, StreamStats, attach_streaming, streamer_of
 
@@ -27,5 +30,4 @@ __all__ = [
     "OffloadStore", "Entry", "EntrySpec", "SourceId", "OffloadError", "MANIFEST_VERSION",
     "default_offload_dir", "ensure_entries", "list_entries", "verify_store", "gc_store", "GcResult",
     "attach_streaming", "Streamer", "StreamStats", "streamer_of",
-    "attach", "key_tiers", "OffloadResult",
 ]

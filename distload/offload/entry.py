@@ -31,11 +31,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint.types import SAFETENSORS_DTYPES, TensorMeta, dtype_from_name, dtype_name
+from ..checkpoint.files import byte_view
+from ..checkpoint.types import SAFETENSORS_DTYPES, TensorMeta
+from ..dtypes import dtype_from_name, dtype_name
 from ..errors import DistloadError
 
 __all__ = ["ENTRY_FORMAT", "OffloadError", "SourceId", "EntrySpec", "Entry", "checksum_bytes",
-           "checksum_file", "byte_view", "pread_exact"]
+           "checksum_file", "pread_exact"]
 
 ENTRY_FORMAT = 1
 KIND_COPY, KIND_REF = "copy", "ref"
@@ -163,11 +165,6 @@ class Entry:
 
 
 # ------------------------------------------------------------------------- checksums
-
-def byte_view(t: torch.Tensor) -> memoryview:
-    """A writable byte view of contiguous CPU tensor `t` (any dtype)."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
 
 def checksum_bytes(data: memoryview | bytes) -> str:
     return f"crc32:{zlib.crc32(data):08x}"

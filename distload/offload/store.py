@@ -34,8 +34,10 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
+from ..cache import cache_root
+from ..checkpoint.files import byte_view
 from ..log import logger
-from .entry import (KIND_COPY, KIND_REF, Entry, EntrySpec, OffloadError, byte_view, checksum_bytes,
+from .entry import (KIND_COPY, KIND_REF, Entry, EntrySpec, OffloadError, checksum_bytes,
                     checksum_file, encode_header, read_entry_file, tensor_bytes)
 
 __all__ = ["MANIFEST_VERSION", "OffloadStore", "default_offload_dir", "model_id"]
@@ -47,8 +49,7 @@ _WRITE_CHUNK = 16 << 20
 def default_offload_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """``<cache>/offload``, the cache being `cache_dir`, else ``$DISTLOAD_CACHE``, else
     ``~/.cache/distload`` (where the demo checkpoint lives too)."""
-    root = cache_dir or os.environ.get("DISTLOAD_CACHE") or Path.home() / ".cache" / "distload"
-    return Path(root).expanduser() / "offload"
+    return cache_root(cache_dir) / "offload"
 
 
 def model_id(checkpoint: str, dtype: str | None) -> str:

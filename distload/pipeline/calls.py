@@ -1,7 +1,7 @@
 """Call announcements: rank 0 tells the other ranks which call comes next.
 
-Every pipelined call (`forward`, `forward_stream`, `generate`) starts with rank 0 writing
-the call's kind under a numbered key in the job's store (the TCPStore torchrun set up).
+Every pipelined call (`forward`, `forward_stream`, `generate`: a schedule's name, see
+`schedules`) starts with rank 0 writing that name under a numbered key in the job's store (the TCPStore torchrun set up).
 The other ranks wait on that key, and that wait has no time limit, unlike a receive
 (which fails after the process group's timeout), so they can sit idle between calls
 for as long as rank 0 does: a serving launcher's rank 0 waits for requests while the

@@ -4,9 +4,9 @@ Activations go down the ranks (r → r + 1, over the default group); results com
 (last rank → rank 0, over `World.return_group`, so that at two ranks a result never waits
 behind the next activations on NCCL's one stream per pair). A tensor's shape and dtype
 are never sent: each message is announced by a small fixed-size header ahead of it
-(`schedule.ForwardHeader`, `schedule.StepHeader`), and every rank derives the shapes from
+(`messages.ForwardHeader`, `messages.StepHeader`), and every rank derives the shapes from
 it and the model config (`hidden_size`, `vocab_size`) and the dtype from the plan
-(`activation_dtype`). No tags: NCCL ignores them and matches a pair's messages in the
+(`LoadPlan.activation_dtype`). No tags: NCCL ignores them and matches a pair's messages in the
 order they were posted, so every receiver posts its receives in exactly the order the
 sender sends; gloo, matching untagged messages in order too, holds the CPU tests to the
 same rule.
@@ -35,16 +35,12 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..checkpoint.types import dtype_from_name
 from ..dist import World, run_on_rank0
 from ..errors import CallAborted, RankError
-from ..plan.types import LoadPlan
 
-__all__ = ["Outbox", "Inbound", "post_recv", "activation_dtype", "broadcast_call"]
+__all__ = ["Outbox", "Inbound", "post_recv", "broadcast_call"]
 
 T = TypeVar("T")
-
-_EMBED = "model.embed_tokens.weight"
 
 
 class Outbox:
@@ -100,18 +96,6 @@ def post_recv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, 
     wait on it later. Receives from one source complete in the order they were posted."""
     buffer = torch.empty(shape, dtype=dtype, device=device)
     return Inbound(buffer, dist.irecv(buffer, src=src, group=group), src)
-
-
-def activation_dtype(plan: LoadPlan) -> torch.dtype:
-    """The dtype of the hidden states (and logits) every stage exchanges: the embedding's
-    dtype after any cast, which every rank reads from the shared plan."""
-    if plan.dtype is not None:
-        return dtype_from_name(plan.dtype)
-    for stage in plan.stages:
-        for src in stage.params:
-            if src.param == _EMBED:
-                return dtype_from_name(src.dtype)
-    raise ValueError(f"the plan has no {_EMBED}; cannot tell the activation dtype")
 
 
 def broadcast_call(world: World, make: Callable[[], T] | None) -> T:

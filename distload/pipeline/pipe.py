@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 from ..dist import World
+from ..dtypes import dtype_from_name
 from ..plan.types import LoadPlan
 from .calls import CLOSE, CallChannel
+from .schedules import get_schedule
 
 __all__ = ["Pipeline"]
 
@@ -31,9 +33,10 @@ class Pipeline:
     report: dict          # this rank's figures
     job_report: dict      # every rank's figures (the JSON of --report)
     world: World
+    root: str = ""        # the checkpoint's directory on this rank's node
     micro_batches: int | None = None
     calls: CallChannel | None = field(default=None, repr=False)  # None in a world of one
-    _state: dict = field(default_factory=dict, repr=False)
+    open_stream: bool = field(default=False, repr=False)  # rank 0: a forward_stream is running
 
     @property
     def device(self) -> torch.device:
@@ -43,14 +46,51 @@ class Pipeline:
     def rank(self) -> int:
         return self.world.rank
 
+    # ------------------------------------------------------------------ for the schedules
+    @property
+    def hidden_size(self) -> int:
+        """Width of the hidden states the stages exchange."""
+        return int(self.module.config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.module.config.vocab_size)
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype of the hidden states (and logits) every stage exchanges."""
+        return dtype_from_name(self.plan.activation_dtype)
+
+    def check_idle(self) -> None:
+        """Rank 0, before any call: the ranks downstream must not be serving an unfinished
+        stream, or they would take this call's messages for its next batch."""
+        if self.open_stream:
+            raise RuntimeError("a forward_stream is still open on rank 0: iterate it to the end "
+                               "or close() it before the next call")
+
+    def start_call(self, name: str) -> None:
+        """The first step of every call of schedule `name`: rank 0 announces it, the
+        other ranks check that rank 0 announced the same (see `calls`). Nothing in a world
+        of one."""
+        if self.calls is None:
+            return
+        if self.world.is_first:
+            self.check_idle()
+            self.calls.announce(name)
+        else:
+            self.calls.expect(name)
+
+    def run(self, schedule: str, *args, **kwargs):
+        """Run the registered schedule `schedule` (every rank; rank 0's result, None
+        elsewhere). `forward`, `forward_stream` and `generate` are its named cases."""
+        return get_schedule(schedule).run(self, *args, **kwargs)
+
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 *, micro_batches: int | None = None) -> torch.Tensor | None:
         """Logits for `input_ids` [B, T] on rank 0 (None on other ranks). Every rank calls
         it; ranks other than 0 may pass None."""
-        from .forward import pipeline_forward
-
-        return pipeline_forward(self, input_ids, attention_mask,
-                                micro_batches=micro_batches or self.micro_batches)
+        return self.run("forward", input_ids, attention_mask,
+                        micro_batches=micro_batches or self.micro_batches)
 
     def forward_stream(self, batches=None, *, micro_batches: int | None = None):
         """Logits of many batches, the pipeline kept full across them (a batch job): an
@@ -64,10 +104,7 @@ class Pipeline:
                 if logits is not None:
                     save(logits)
         """
-        from .forward import pipeline_forward_stream
-
-        return pipeline_forward_stream(self, batches,
-                                       micro_batches=micro_batches or self.micro_batches)
+        return self.run("forward_stream", batches, micro_batches=micro_batches or self.micro_batches)
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  *, max_new_tokens: int = 32, micro_batches: int | None = None,
@@ -75,11 +112,9 @@ class Pipeline:
         """Generated token ids [B, T + new] on rank 0 (None on other ranks). Every rank
         calls it; ranks other than 0 may pass None. `micro_batches` sequence groups are
         in flight; `group_size` caps a group's sequences (more groups then take turns)."""
-        from .generate import pipeline_generate
-
-        return pipeline_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                 micro_batches=micro_batches or self.micro_batches,
-                                 group_size=group_size, **sampling)
+        return self.run("generate", input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                        micro_batches=micro_batches or self.micro_batches, group_size=group_size,
+                        **sampling)
 
     def serve(self) -> int:
         """Ranks other than 0: take part in every call rank 0 makes, idle between calls

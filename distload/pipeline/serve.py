@@ -23,9 +23,8 @@ from __future__ import annotations
 
 from ..errors import CallAborted
 from ..log import logger
-from .calls import CLOSE, FORWARD, GENERATE
-from .forward import follow_forward
-from .generate import follow_generate
+from .calls import CLOSE
+from .schedules import get_schedule
 
 __all__ = ["serve"]
 
@@ -40,14 +39,7 @@ def serve(pipe) -> int:
     served = 0
     while (kind := pipe.calls.next_call()) != CLOSE:
         try:
-            if kind == FORWARD:
-                for _ in follow_forward(pipe):
-                    pass
-            elif kind == GENERATE:
-                follow_generate(pipe)
-            else:
-                raise RuntimeError(f"rank 0 announced an unknown call {kind!r}: do all ranks run "
-                                   f"the same distload version?")
+            get_schedule(kind).follow(pipe)
         except CallAborted as exc:  # raised on rank 0 too, for its caller
             logger.debug("rank 0 ended a %s call: %s", kind, exc)
         served += 1

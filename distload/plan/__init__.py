@@ -1,4 +1,7 @@
-"""Pure planning: stages, tiers and read items, as frozen JSON-serializable data."""
+"""Pure planning: memory budgets (`budget`), run reserves (`reserve`), the partition into
+stages and tiers (`planner`), the read items of each rank (`build`) → a frozen,
+JSON-serializable `LoadPlan` (`types`), and `--explain` (`explain`). Knows nothing of
+files, devices or torch.distributed: numbers and names in, data out."""
 
 from .build import make_plan, match_params_to_keys
 from .partition import min_max_partition

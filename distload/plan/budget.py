@@ -13,9 +13,8 @@ Sizes are ints (bytes) or strings with a unit: ``"20GB"`` = 20 * 10**9, ``"20GiB
 (``"20gb"`` is 20 * 10**9 bytes, never bits). A bare prefix (``"20G"``) is ambiguous and
 rejected with a message asking for GB or GiB. The user's dict is never mutated.
 
-Who calls what: every rank calls `measure_local` for itself (it touches only its own GPU,
-never creating a context on another); rank 0 gathers those and calls `resolve_budgets`.
-The other functions are pure.
+Who calls what: every rank measures itself (`distload.loader.memory.measure_local`, a
+`LocalMemory`); rank 0 gathers those and calls `resolve_budgets`. Everything here is pure.
 
 Example::
 
@@ -27,15 +26,13 @@ Example::
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
     "parse_size", "parse_max_memory", "parse_max_memory_arg", "format_bytes",
-    "LocalMemory", "RankBudget", "measure_local", "resolve_budgets", "device_margin",
+    "LocalMemory", "RankBudget", "resolve_budgets", "device_margin",
     "HOST_FRACTION",
 ]
 
@@ -192,32 +189,6 @@ def device_margin(free: int) -> int:
     """Device bytes kept back from the measured free memory (allocator fragmentation, CUDA
     context growth, kernels' workspaces): 5 %, at least 256 MiB, at most what is free."""
     return min(free, max(256 << 20, free // 20))
-
-
-def measure_local(device, *, offload_dir: str | None = None,
-                  local_world_size: int | None = None) -> LocalMemory:
-    """Measure this rank's memory. Every rank calls it for its own `device` (a CUDA device
-    is queried with `torch.cuda.mem_get_info(device)`, so no context opens on another GPU).
-
-    Example::
-
-        mine = measure_local(torch.device("cuda", local_rank), offload_dir="/scratch/off")
-    """
-    import psutil
-    import torch
-
-    device = torch.device(device)
-    lws = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    free = None
-    if device.type == "cuda":
-        free = int(torch.cuda.mem_get_info(device)[0])
-    disk = None
-    path = os.path.abspath(os.path.expanduser(offload_dir)) if offload_dir else None
-    while path and not os.path.exists(path):
-        path = os.path.dirname(path)
-    if path:
-        disk = int(shutil.disk_usage(path).free)
-    return LocalMemory(device.type, free, int(psutil.virtual_memory().available), disk, max(1, lws))
 
 
 def resolve_budgets(max_memory: Mapping[int | str, int],

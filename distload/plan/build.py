@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
-from ..checkpoint.types import TensorMeta, dtype_from_name
-from ..describe import ModelSpec
+from ..checkpoint.types import TensorMeta
+from ..dtypes import cast_dtype, dtype_from_name
 from ..errors import LoadError, PlanError
+from ..meta.describe import ModelSpec
 from .partition import min_max_partition
 from .types import LoadPlan, ParamSource, StagePlan, Tier
 
-__all__ = ["match_params_to_keys", "make_plan", "IGNORED_KEY_SUFFIXES"]
-
-# Keys some checkpoints carry for buffers distload recomputes on the device.
-IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+__all__ = ["match_params_to_keys", "make_plan"]
 
 
 def match_params_to_keys(
@@ -23,8 +22,9 @@ def match_params_to_keys(
 
     A parameter reads its own name; a tied parameter whose name is absent reads the
     first present member of its group (HF checkpoints omit `lm_head.weight` when it is
-    tied). Raises `LoadError` naming missing keys and shape mismatches, and unexpected
-    keys when `strict`.
+    tied). Keys matching the model's `ignored_keys` (saved buffers it recomputes) are
+    neither used nor unexpected. Raises `LoadError` naming missing keys and shape
+    mismatches, and unexpected keys when `strict`.
     """
     group_of = {name: group for group in spec.tied for name in group}
     param_to_key: dict[str, str] = {}
@@ -46,7 +46,9 @@ def match_params_to_keys(
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise LoadError(f"{len(missing)} parameter(s) missing from the checkpoint: {shown}")
     used = set(param_to_key.values())
-    unexpected = sorted(k for k in tensors if k not in used and not k.endswith(IGNORED_KEY_SUFFIXES))
+    ignored = [re.compile(p) for p in spec.ignored_keys]
+    unexpected = sorted(k for k in tensors
+                        if k not in used and not any(p.search(k) for p in ignored))
     if unexpected and strict:
         shown = ", ".join(unexpected[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
         raise LoadError(f"{len(unexpected)} unexpected key(s) in the checkpoint: {shown} "
@@ -63,10 +65,12 @@ def make_plan(
     tensors: Mapping[str, TensorMeta],
     *,
     world_size: int,
-    checkpoint: str,
+    source: dict,
     format: str,
     config: dict,
     dtype: str | None = None,
+    file_sizes: Mapping[str, int] | None = None,
+    activation_dtype: str | None = None,
     strict: bool = True,
     bounds: Sequence[int] | None = None,
     unit_tiers: Sequence[str] | None = None,
@@ -77,7 +81,9 @@ def make_plan(
 
     `bounds` (stage boundaries over `spec.units`) defaults to the split that balances
     stage bytes; the planner in `distload.plan.planner` passes its own. Deterministic:
-    the same inputs give the same plan, whatever the process or hash seed.
+    the same inputs give the same plan, whatever the process or hash seed. `tensors`
+    name their files relative to the checkpoint root; `activation_dtype` defaults to
+    the dtype of the first unit's first parameter.
     """
     param_to_key, unexpected = match_params_to_keys(spec, tensors, strict=strict)
     units = spec.units
@@ -86,9 +92,7 @@ def make_plan(
                         f"use at most {len(units)} processes")
 
     def target_dtype(key: str) -> str:
-        # Cast floating-point tensors only: integer buffers keep their dtype.
-        src = tensors[key].dtype
-        return dtype if dtype is not None and dtype_from_name(src).is_floating_point else src
+        return cast_dtype(tensors[key].dtype, dtype)
 
     def param_bytes(pname: str) -> int:
         key = param_to_key[pname]
@@ -117,7 +121,15 @@ def make_plan(
     for r in range(world_size):
         stage_units = units[bounds[r]:bounds[r + 1]]
         pnames = [p.name for u in stage_units for p in u.params]
-        params = tuple(ParamSource(p, param_to_key[p], reader[param_to_key[p]], target_dtype(param_to_key[p]))
+        stage_tiers = tiers[bounds[r]:bounds[r + 1]]
+        tier_of_unit = {u.name: t for u, t in zip(stage_units, stage_tiers)}
+        home: dict[str, str] = {}  # key -> the most resident tier of the units using it here
+        for pname in pnames:
+            t = tier_of_unit[unit_of_param[pname]]
+            key = param_to_key[pname]
+            home[key] = Tier.most_resident((home.get(key, t), t))
+        params = tuple(ParamSource(p, param_to_key[p], reader[param_to_key[p]],
+                                   target_dtype(param_to_key[p]), home[param_to_key[p]])
                        for p in pnames)
         own_keys = {ps.key for ps in params if ps.src_rank == r}
         reads = tuple(sorted((tensors[k] for k in own_keys), key=lambda m: (m.file, m.offset)))
@@ -128,7 +140,7 @@ def make_plan(
         stages.append(StagePlan(
             rank=r,
             units=tuple(u.name for u in stage_units),
-            unit_tiers=tuple(tiers[bounds[r]:bounds[r + 1]]),
+            unit_tiers=tuple(stage_tiers),
             params=params,
             reads=reads,
             sends=tuple(needed_by),
@@ -138,10 +150,14 @@ def make_plan(
             reserved_bytes=int(reserved_bytes[r]) if reserved_bytes is not None else 0,
             bound=bound_reasons[r] if bound_reasons is not None else "",
         ))
+    if activation_dtype is None:
+        first = units[0].params[0].name
+        activation_dtype = target_dtype(param_to_key[first])
     return LoadPlan(
-        checkpoint=checkpoint, format=format, config=dict(config), dtype=dtype,
+        source=dict(source), format=format, config=dict(config), dtype=dtype,
         world_size=world_size, stages=tuple(stages),
         checkpoint_bytes=sum(m.length for m in tensors.values()), unit_bytes=unit_bytes,
         no_split_units=tuple(u.name for u in units), unexpected_keys=tuple(unexpected),
+        file_sizes=dict(sorted((file_sizes or {}).items())), activation_dtype=activation_dtype,
     )
 

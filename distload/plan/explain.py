@@ -71,7 +71,7 @@ def explain_plan(plan: LoadPlan) -> str:
     """
     costs = [s.plan_cost or s.cost for s in plan.stages]
     total_cost = sum(costs) or 1.0
-    lines = [f"distload plan: {plan.checkpoint} ({plan.format}), {plan.world_size} rank(s), "
+    lines = [f"distload plan: {plan.label} ({plan.format}), {plan.world_size} rank(s), "
              f"dtype {plan.dtype or 'as stored'}, {format_bytes(plan.checkpoint_bytes)} of tensors"]
     kept = ", ".join(plan.no_split_classes) or "none named"
     lines.append(f"units ({len(plan.no_split_units)}, in execution order; kept whole: {kept}): "

@@ -38,9 +38,10 @@ from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from ..checkpoint.types import TensorMeta, dtype_from_name
-from ..describe import ModelSpec
+from ..checkpoint.types import TensorMeta
+from ..dtypes import cast_dtype, dtype_from_name
 from ..errors import PlanError
+from ..meta.describe import ModelSpec
 from .budget import RankBudget, format_bytes
 from .build import make_plan, match_params_to_keys
 from .reserve import RunShape, UnitReserve, unit_reserves
@@ -343,33 +344,31 @@ def unit_loads(spec: ModelSpec, param_bytes: Mapping[str, int], *,
 
 
 def plan_model(spec: ModelSpec, tensors: Mapping[str, TensorMeta], *, budgets: Sequence[RankBudget],
-               checkpoint: str, format: str, config: dict, dtype: str | None = None,
+               source: dict, format: str, config: dict, dtype: str | None = None,
                strict: bool = True, shape: RunShape | None = None,
-               options: PlannerOptions | None = None) -> LoadPlan:
+               options: PlannerOptions | None = None, file_sizes: Mapping[str, int] | None = None,
+               activation_dtype: str | None = None) -> LoadPlan:
     """The `LoadPlan` for one rank per budget: the partition above, then `make_plan` for
-    what each rank reads and sends. Pure (rank 0 calls it; see `distload.prepare`).
+    what each rank reads and sends. Pure (rank 0 calls it; see `distload.loader.prepare`).
 
     Example::
 
         plan = plan_model(spec, index.tensors, budgets=resolve_budgets({}, measured),
-                          checkpoint=index.root, format="safetensors", config=cfg,
-                          shape=RunShape(1, 2048))
+                          source={"kind": "local", "label": "llama"}, format="safetensors",
+                          config=cfg, shape=RunShape(1, 2048))
     """
     param_to_key, _ = match_params_to_keys(spec, tensors, strict=strict)
-
-    def target(key: str) -> str:
-        src = tensors[key].dtype
-        return dtype if dtype is not None and dtype_from_name(src).is_floating_point else src
-
-    nbytes = {p: tensors[k].numel * dtype_from_name(target(k)).itemsize for p, k in param_to_key.items()}
+    nbytes = {p: tensors[k].numel * dtype_from_name(cast_dtype(tensors[k].dtype, dtype)).itemsize
+              for p, k in param_to_key.items()}
     floats = [m for m in tensors.values() if dtype_from_name(m.dtype).is_floating_point]
     itemsize = dtype_from_name(dtype).itemsize if dtype else (
         max(floats, key=lambda m: (m.length, m.name)).torch_dtype.itemsize if floats else 2)
     reserves = unit_reserves(spec, shape, itemsize=itemsize, config=config)
     p = partition(unit_loads(spec, nbytes, key_of=param_to_key, reserves=reserves), budgets, options)
-    plan = make_plan(spec, tensors, world_size=len(budgets), checkpoint=checkpoint, format=format,
+    plan = make_plan(spec, tensors, world_size=len(budgets), source=source, format=format,
                      config=config, dtype=dtype, strict=strict, bounds=p.bounds, unit_tiers=p.tiers,
-                     reserved_bytes=[s.reserved for s in p.stages], bound_reasons=p.reasons)
+                     reserved_bytes=[s.reserved for s in p.stages], bound_reasons=p.reasons,
+                     file_sizes=file_sizes, activation_dtype=activation_dtype)
     stages = tuple(replace(st, budget=budgets[r].as_dict(), plan_cost=p.stages[r].cost,
                            held_bytes=dict(zip(Tier.ALL, p.stages[r].tier_bytes)))
                    for r, st in enumerate(plan.stages))

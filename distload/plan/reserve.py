@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..describe import ModelSpec
+from ..meta.describe import ModelSpec
 
 __all__ = ["RunShape", "UnitReserve", "run_shape", "unit_reserves", "stage_reserve", "DEFAULT_MAX_SEQ_LEN"]
 

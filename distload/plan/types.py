@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..checkpoint.types import TensorMeta
 
 __all__ = ["PLAN_VERSION", "Tier", "ParamSource", "StagePlan", "LoadPlan"]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 class Tier:
@@ -25,16 +25,25 @@ class Tier:
     DISK = "disk"
     ALL = (DEVICE, CPU, DISK)
 
+    @staticmethod
+    def most_resident(tiers) -> str:
+        """The tier nearest the device among `tiers` (a tensor used by a device unit and
+        an offloaded one stays on the device)."""
+        return min(tiers, key=Tier.ALL.index)
+
 
 @dataclass(frozen=True)
 class ParamSource:
-    """Where one parameter of a stage comes from: checkpoint tensor `key`, read by
-    `src_rank` (this stage's own rank, or the rank that reads a tied tensor and sends it)."""
+    """Where one parameter of a stage comes from and where it lives: checkpoint tensor
+    `key`, read by `src_rank` (this stage's own rank, or the rank that reads a tied tensor
+    and sends it), materialized as `dtype`, held on `tier` while the model runs (the most
+    resident tier of the stage's units that use `key`)."""
 
     param: str
     key: str
     src_rank: int
     dtype: str        # the dtype the parameter is materialized in
+    tier: str = Tier.DEVICE
 
 
 @dataclass(frozen=True)
@@ -62,14 +71,32 @@ class StagePlan:
             out[tier] += sizes.get(unit, 0)
         return out
 
+    def unit_of(self, param: str) -> str:
+        """The unit of this stage that holds parameter `param` (the longest prefix)."""
+        return max((u for u in self.units if param.startswith(u + ".")), key=len)
+
+    def with_unit_tiers(self, unit_tiers: tuple[str, ...]) -> "StagePlan":
+        """This stage with its units on `unit_tiers`, every parameter's tier following."""
+        by_unit = dict(zip(self.units, unit_tiers))
+        home: dict[str, str] = {}
+        for p in self.params:
+            tier = by_unit[self.unit_of(p.param)]
+            home[p.key] = Tier.most_resident((home.get(p.key, tier), tier))
+        params = tuple(replace(p, tier=home[p.key]) for p in self.params)
+        return replace(self, unit_tiers=tuple(unit_tiers), params=params)
+
 
 @dataclass(frozen=True)
 class LoadPlan:
-    """The whole job's plan. `config` is the model's config.json, so ranks build the
-    same meta model without reading files; `dtype` is the cast target (None: keep the
-    checkpoint's own dtypes)."""
+    """The whole job's plan. `source` identifies the checkpoint (`distload.sources`: its
+    kind, a label, a hub commit) and every file name in the plan is relative to its root,
+    which each rank finds on its own node: nothing here is a path of rank 0's machine.
+    `file_sizes` lets each rank check it sees the same files. `config` is the model's
+    config.json, so ranks build the same meta model without reading files; `dtype` is
+    the cast target (None: keep the checkpoint's own dtypes); `activation_dtype` is the
+    dtype of the hidden states the stages exchange."""
 
-    checkpoint: str
+    source: dict
     format: str
     config: dict
     dtype: str | None
@@ -81,10 +108,17 @@ class LoadPlan:
     unexpected_keys: tuple[str, ...] = ()  # checkpoint keys no parameter uses (strict=False)
     no_split_classes: tuple[str, ...] = () # classes kept whole (given, or the model's own)
     run_shape: dict = field(default_factory=dict)  # {"max_batch_size", "max_seq_len"} reserved for
+    file_sizes: dict = field(default_factory=dict)  # checkpoint file (relative) -> bytes
+    activation_dtype: str = "float32"
     version: int = PLAN_VERSION
 
     def stage(self, rank: int) -> StagePlan:
         return self.stages[rank]
+
+    @property
+    def label(self) -> str:
+        """The checkpoint's name for people (a directory's name, ``org/name@commit``)."""
+        return str(self.source.get("label", "?"))
 
     # --- serialization ------------------------------------------------------------
     def to_json(self) -> str:

@@ -1,51 +1,29 @@
-"""Per-rank load figures, gathered to rank 0, printed as one table and written as JSON."""
+"""Rank 0's view of a load for people and tools: the job's table, and the report as JSON.
+
+Example::
+
+    print(format_table(pipe.job_report))
+    write_report(pipe.job_report, "load.json")
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import resource
-import sys
 
-from .plan.types import LoadPlan
+from ..plan.explain import compress_units
 
-__all__ = ["peak_rss_bytes", "rank_report", "job_report", "format_table", "write_report"]
+__all__ = ["format_table", "write_report"]
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports KiB)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def rank_report(plan: LoadPlan, rank: int, *, device: str, bytes_read: int, seconds: float,
-                offloaded_bytes: int = 0, **extra) -> dict:
-    stage = plan.stage(rank)
-    return {
-        "rank": rank,
-        "device": device,
-        "modules": list(stage.units),
-        "tensors": len(stage.reads),
-        "tensor_bytes": stage.tensor_bytes,
-        "bytes_read": bytes_read,
-        "load_seconds": round(seconds, 6),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "offloaded_bytes": offloaded_bytes,
-        **extra,
-    }
-
-
-def job_report(plan: LoadPlan, ranks: list[dict]) -> dict:
-    return {"world_size": plan.world_size, "checkpoint_bytes": plan.checkpoint_bytes, "ranks": ranks}
-
-
-def _modules_summary(units: list[str]) -> str:
-    layers = [u.rsplit(".", 1)[-1] for u in units if ".layers." in u]
-    others = [u.rsplit(".", 1)[-1] for u in units if ".layers." not in u]
+def _short_units(units: list[str]) -> str:
+    """``model.embed_tokens, model.layers.0-3`` → ``embed_tokens, layers.0-3``: each run of
+    units by its last name (and the range of a numbered run)."""
     parts = []
-    if layers:
-        parts.append(f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}")
-    parts.extend(others)
+    for part in compress_units(units).split(", "):
+        head, _, tail = part.rpartition(".")
+        numbered = tail.replace("-", "").isdigit()
+        parts.append(f"{head.rpartition('.')[2]}.{tail}" if numbered and head else tail or part)
     return ", ".join(parts) or "-"
 
 
@@ -56,7 +34,7 @@ def format_table(report: dict) -> str:
     rows = [head, "-" * len(head)]
     for r in report["ranks"]:
         gbps = r["bytes_read"] / r["load_seconds"] / 1e9 if r["load_seconds"] > 0 else 0.0
-        rows.append(f"{r['rank']:>4}  {r['device']:<8} {_modules_summary(r['modules'])[:34]:<34} "
+        rows.append(f"{r['rank']:>4}  {r['device']:<8} {_short_units(r['modules'])[:34]:<34} "
                     f"{r['tensors']:>7} {r['tensor_bytes'] / 1e6:>10.1f} {r['bytes_read'] / 1e6:>9.1f} "
                     f"{r['load_seconds']:>8.3f} {gbps:>6.2f} {r['peak_rss_bytes'] / 2**20:>11.0f}")
     total_read = sum(r["bytes_read"] for r in report["ranks"])

@@ -1,38 +1,58 @@
-"""Materialize one rank's stage from the plan: allocate its parameters on the rank's
-device, read its byte ranges, exchange tied tensors, and check nothing is left on meta.
+"""The steps that give one rank's stage real weights: map or allocate its parameters on
+the rank's device (or host memory for the CPU tier), read its byte ranges, exchange tied
+tensors with the ranks that share them, and check nothing is left on meta.
 
-Called by every rank, after the plan broadcast, in this order:
-`allocate_stage` → `read_stage` → (agree) → `exchange_tied` → `finish_stage`.
+Called by `load_stage`, on every rank, in this order:
+`key_tiers` → `map_stage` → `allocate_stage` → `read_stage` → (agree) → `exchange_tied`
+→ (`distload.loader.tiers`) → `finish_stage`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint.types import dtype_from_name
-from .errors import LoadError
-from .io.mapped import map_tensors
-from .io.reader import ReadStats, read_tensors
-from .plan.types import LoadPlan, Tier
+from ..checkpoint.types import TensorMeta
+from ..dtypes import dtype_from_name
+from ..io import ReadStats, map_tensors, read_tensors
+from ..meta import check_materialized, init_buffers
+from ..plan.types import LoadPlan, Tier
 
-__all__ = ["map_stage", "allocate_stage", "read_stage", "exchange_tied", "finish_stage"]
+__all__ = ["key_tiers", "map_stage", "allocate_stage", "read_stage", "exchange_tied", "finish_stage"]
 
 
-def map_stage(plan: LoadPlan, rank: int, device: torch.device, *,
-               tiers: Mapping[str, str] | None = None) -> tuple[dict[str, torch.Tensor], ReadStats]:
+def key_tiers(plan: LoadPlan, rank: int, device: torch.device | str) -> dict[str, str]:
+    """Where `allocate_stage` puts each checkpoint key of `rank`'s stage: its planned tier
+    (`ParamSource.tier`), except that the CPU tier of a CPU device *is* the device, and
+    that a tied tensor sent to or received from another rank gets device storage for the
+    exchange (`distload.loader.tiers` moves it to its tier after). ``disk`` keys are not
+    allocated: they stay on meta and the offload store holds them."""
+    device = torch.device(device)
+    stage = plan.stage(rank)
+    exchanged = {k for k, _ in stage.sends} | {p.key for p in stage.params if p.src_rank != rank}
+    out = {}
+    for src in stage.params:
+        tier = src.tier
+        if src.key in exchanged or (tier == Tier.CPU and device.type != "cuda"):
+            tier = Tier.DEVICE
+        out[src.key] = tier
+    return out
+
+
+def map_stage(reads: Sequence[TensorMeta], plan: LoadPlan, rank: int, device: torch.device, *,
+              tiers: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], ReadStats]:
     """On the CPU, this rank's own device-tier tensors that need no cast, as copy-on-write
-    views of the checkpoint's pages (see `distload.io.mapped`); elsewhere nothing."""
+    views of the checkpoint's pages (see `distload.io.mapped`); elsewhere nothing. `reads`
+    are the stage's read items with files located on this node."""
     if device.type != "cpu" or plan.format != "safetensors":
         return {}, ReadStats()
     stage = plan.stage(rank)
-    want = {p.key for p in stage.params if p.src_rank == rank
-            and (tiers or {}).get(p.key, Tier.DEVICE) == Tier.DEVICE}
+    want = {p.key for p in stage.params if p.src_rank == rank and tiers.get(p.key) == Tier.DEVICE}
     dtypes = {p.key: p.dtype for p in stage.params}
-    return map_tensors([m for m in stage.reads if m.name in want and dtypes[m.name] == m.dtype])
+    return map_tensors([m for m in reads if m.name in want and dtypes[m.name] == m.dtype])
 
 
 def allocate_stage(plan: LoadPlan, rank: int, module: nn.Module, device: torch.device, *,
@@ -41,9 +61,9 @@ def allocate_stage(plan: LoadPlan, rank: int, module: nn.Module, device: torch.d
     """Give every parameter of `module` real storage on `device`, one tensor per
     checkpoint key (tied parameters of one stage share it). Returns key -> tensor.
 
-    `tiers` (key -> `Tier`, from `distload.offload.key_tiers`) leaves ``disk`` keys on
-    meta (the offload store holds them) and puts ``cpu`` keys in host memory, pinned on
-    CUDA; without it everything goes to `device`."""
+    `tiers` (from `key_tiers`) leaves ``disk`` keys on meta (the offload store holds
+    them) and puts ``cpu`` keys in host memory, pinned on CUDA; without it everything
+    goes to `device`. `mapped` tensors (from `map_stage`) are used as they are."""
     storage: dict[str, torch.Tensor] = {}
     params: dict[str, nn.Parameter] = {}
     for src in plan.stage(rank).params:
@@ -66,28 +86,13 @@ def allocate_stage(plan: LoadPlan, rank: int, module: nn.Module, device: torch.d
     return storage
 
 
-def read_stage(plan: LoadPlan, rank: int, storage: dict[str, torch.Tensor], *, workers: int = 2,
+def read_stage(reads: Sequence[TensorMeta], storage: dict[str, torch.Tensor], *, workers: int = 2,
                skip: Collection[str] = ()) -> ReadStats:
-    """Read exactly this rank's byte ranges into `storage` (keys it lacks, the disk
-    tier's, are read by `distload.offload.attach` instead; keys in `skip` were mapped)."""
-    reads = [m for m in plan.stage(rank).reads if m.name in storage and m.name not in skip]
-    if plan.format == "bin":
-        return _read_bin(reads, storage)
-    return read_tensors(reads, storage, workers=workers)
-
-
-def _read_bin(reads, storage) -> ReadStats:
-    from .checkpoint import load_bin_tensors  # torch.load(mmap=True, weights_only=True)
-
-    stats = ReadStats()
-    by_file: dict[str, list[str]] = {}
-    for m in reads:
-        by_file.setdefault(m.file, []).append(m.name)
-    for file, names in sorted(by_file.items()):
-        for name, tensor in load_bin_tensors(file, names).items():
-            storage[name].copy_(tensor)
-            stats.bytes_read += tensor.numel() * tensor.element_size()
-    return stats
+    """Read exactly the byte ranges of `reads` (the stage's read items, located on this
+    node) into `storage`; keys it lacks (the disk tier's, read into the offload store
+    instead) and keys in `skip` (mapped) are left alone."""
+    return read_tensors([m for m in reads if m.name in storage and m.name not in skip], storage,
+                        workers=workers)
 
 
 def exchange_tied(plan: LoadPlan, rank: int, storage: dict[str, torch.Tensor]) -> int:
@@ -113,10 +118,5 @@ def finish_stage(module: nn.Module, device: torch.device, *, offloaded: Collecti
     """Compute non-persistent buffers (RoPE frequencies) on the device, and fail if any
     parameter or buffer is still on meta (but those in `offloaded`, which are streamed
     onto the device only while their module runs)."""
-    init = getattr(module, "init_buffers", None)
-    if callable(init):
-        init(device)
-    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers())
-            if t.is_meta and n not in offloaded]
-    if left:
-        raise LoadError(f"{len(left)} tensor(s) left on the meta device after loading: {', '.join(left[:8])}")
+    init_buffers(module, device)
+    check_materialized(module, streamed=offloaded)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 
-from .plan.budget import parse_max_memory_arg
+from ..plan.budget import parse_max_memory_arg
 
 __all__ = ["RunConfig", "parse_args"]
 
@@ -64,7 +64,12 @@ class RunConfig:
     eos_token_id: int | None = _opt(None, "a sequence stops at this token (default: the model "
                                           "config's eos_token_id)")
 
+    # not a flag: `max_memory` parsed once, by `validate`
+    memory_limits: dict | None = field(default=None, metadata={"flag": False})
+
     def validate(self) -> "RunConfig":
+        """This config checked, with `memory_limits` parsed from `max_memory` (see
+        `distload.plan.budget`); ValueError says what to write instead."""
         if self.timeout <= 0:
             raise ValueError("--timeout must be positive")
         if self.read_workers < 1:
@@ -77,13 +82,12 @@ class RunConfig:
             raise ValueError("--max-batch-size must be at least 1")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ValueError("--max-seq-len must be at least 1")
-        parse_max_memory_arg(self.max_memory)  # raises with what to write instead
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("--log-level must be DEBUG, INFO, WARNING or ERROR")
         if self.report and not os.path.isdir(os.path.dirname(os.path.abspath(self.report))):
             raise ValueError(f"--report {self.report}: its directory does not exist")
         self._validate_generation()
-        return self
+        return replace(self, memory_limits=parse_max_memory_arg(self.max_memory))
 
     def _validate_generation(self) -> None:
         sources = [name for name, given in (("--input-ids", self.input_ids), ("--prompt", self.prompt),
@@ -109,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
                     "own tensors, then run it as a pipeline.",
         epilog="example: torchrun --nproc_per_node=2 -m distload.load --model ./llama --dtype bfloat16")
     for f in fields(RunConfig):
+        if f.metadata.get("flag") is False:
+            continue
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
         help_text = meta.pop("help")

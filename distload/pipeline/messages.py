@@ -1,16 +1,11 @@
-"""What flows through the pipeline, and in which pieces: micro-batch splits, positions
-from an attention mask, and the small headers that announce each forward batch and each
-generation step.
-
-Pure functions and plain data: no process group, no model. Every rank computes the same
-split from the same (batch, micro-batches), which is how receivers know the shapes of the
-activations they will get without being told.
+"""The small headers that announce each forward batch and each generation step down the
+ranks, ahead of their data: plain data, encoded as fixed-length int64 tensors so a
+receiver can post its receive before knowing anything.
 
 Example::
 
-    split_sizes(10, 4)                    # (3, 3, 2, 2)
-    micro_batch_slices(10, 4)[1]          # slice(3, 6)
-    position_ids_from_mask(torch.tensor([[0, 1, 1]]))   # tensor([[0, 0, 1]])
+    h = ForwardHeader(BATCH, batch=8, length=128, micro_batches=4)
+    ForwardHeader.decode(h.encode()) == h
 """
 
 from __future__ import annotations
@@ -19,55 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = [
-    "split_sizes", "micro_batch_slices", "position_ids_from_mask", "ForwardHeader",
-    "BATCH", "END", "ABORT", "StepHeader", "STEP", "PREFILL", "DROP", "STOP", "prefill_parts",
-]
-
-
-def split_sizes(batch: int, parts: int) -> tuple[int, ...]:
-    """`batch` rows in `min(parts, batch)` non-empty runs as equal as can be, the larger
-    ones first (as `torch.tensor_split` does)."""
-    if batch < 1:
-        raise ValueError(f"batch must be at least 1, got {batch}")
-    if parts < 1:
-        raise ValueError(f"micro_batches must be at least 1, got {parts}")
-    parts = min(parts, batch)
-    base, extra = divmod(batch, parts)
-    return tuple(base + (i < extra) for i in range(parts))
-
-
-def micro_batch_slices(batch: int, parts: int) -> list[slice]:
-    """The row slices of `split_sizes(batch, parts)`, in order."""
-    out, start = [], 0
-    for size in split_sizes(batch, parts):
-        out.append(slice(start, start + size))
-        start += size
-    return out
-
-
-def prefill_parts(stages: int, groups: int, rows: int) -> int:
-    """Into how many parts to split a group of `rows` sequences for its prefill: the
-    prompts are a forward pass, and with one part per group the pipeline would fill and
-    drain around just `groups` pieces; 4 pieces per stage keep it at least 80% busy
-    (n / (n + stages - 1) for n pieces) while leaving each part big enough to compute
-    well."""
-    if stages <= 1:
-        return 1
-    return max(1, min(rows, -(-4 * stages // groups)))
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor, new_tokens: int | None = None
-                           ) -> torch.Tensor:
-    """RoPE positions as Hugging Face `generate` makes them: the running count of real
-    tokens minus one (padding gets 0), so a left-padded row starts at position 0.
-
-    `attention_mask` is ``[B, L]`` over cache + new tokens; returns the last
-    `new_tokens` columns (all `L` when None).
-    """
-    positions = attention_mask.long().cumsum(-1) - 1
-    positions = positions.masked_fill(attention_mask == 0, 0)
-    return positions if new_tokens is None else positions[:, -new_tokens:]
+__all__ = ["ForwardHeader", "BATCH", "END", "ABORT", "StepHeader", "STEP", "PREFILL", "DROP", "STOP"]
 
 
 # ----------------------------------------------------------------------------- headers

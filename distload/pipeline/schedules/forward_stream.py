@@ -1,4 +1,5 @@
-"""Pipelined forward: logits of batches, streamed through the stages in micro-batches.
+"""The streamed forward (schedule ``forward_stream``): logits of batches, streamed through
+the stages in micro-batches, the pipeline kept full across batches.
 
 GPipe's forward-only schedule. Rank 0 embeds and runs its layers on micro-batch 0, sends
 the hidden states to rank 1 and goes straight on to micro-batch 1 while rank 1 works on
@@ -11,7 +12,7 @@ pipeline fills and drains once per call.
 `pipeline_forward_stream` takes many batches (a batch job) and keeps the pipeline full
 across them: rank 0 starts batch k + 1 before it hands back batch k's logits, so it
 fills and drains once per stream, and the speed-up tends to P for balanced stages.
-`pipeline_forward` is a stream of one batch.
+The ``forward`` schedule (`gpipe.py`) is a stream of one batch.
 
 Each batch is announced down the ranks by a `ForwardHeader` (its size, micro-batches and
 whether an attention mask follows), sent ahead of its data, so no rank waits on a round
@@ -21,7 +22,7 @@ on the others) after the batches before it are through, and the pipeline stays u
 A stage that raises mid-batch ends its process; the ranks waiting on it raise
 `RankError` when its connection closes (or after the process group's timeout).
 
-Who calls what: every rank calls these functions (through `Pipeline.forward` /
+Who calls what: every rank calls `pipeline_forward_stream` (through
 `Pipeline.forward_stream`), or the ranks after the first run `follow_forward` from
 `Pipeline.serve` once rank 0 has announced the call (`calls`); only rank 0's inputs are
 used (others pass None) and only rank 0 gets logits.
@@ -44,73 +45,25 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
-from ..errors import CallAborted, RankError
-from ..log import logger
-from .calls import FORWARD
-from .comm import Inbound, Outbox, activation_dtype, post_recv
-from .schedule import ABORT, BATCH, END, ForwardHeader, micro_batch_slices, position_ids_from_mask
+from ...errors import CallAborted, RankError
+from ...log import logger
+from ..comm import Inbound, Outbox, post_recv
+from ..inputs import validate_inputs
+from ..messages import ABORT, BATCH, END, ForwardHeader
+from ..microbatch import micro_batch_slices, position_ids_from_mask
+from .registry import Schedule, register_schedule
 
-__all__ = ["pipeline_forward", "pipeline_forward_stream", "validate_inputs", "batches_in_flight",
-           "check_no_open_stream", "follow_forward"]
+__all__ = ["pipeline_forward_stream", "stream_batches", "batches_in_flight", "follow_forward"]
+
+NAME = "forward_stream"
 
 _MAX_MESSAGE = 4096  # bytes of rank 0's error carried by an ABORT header
-
-
-def validate_inputs(input_ids, attention_mask, vocab_size: int
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Check rank 0's inputs; return them as int64 CPU tensors (mask None if absent).
-    Errors say what to pass instead."""
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor on rank 0, got "
-                        f"{type(input_ids).__name__}")
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
-        raise ValueError(f"input_ids must be [batch, length] with both >= 1, got "
-                         f"{tuple(input_ids.shape)}")
-    if input_ids.is_floating_point() or input_ids.is_complex():
-        raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
-    input_ids = input_ids.detach().to("cpu", torch.long)
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"token ids must be in [0, {vocab_size}) for this model; "
-                         f"got {low}..{high}")
-    if attention_mask is None:
-        return input_ids, None
-    if not isinstance(attention_mask, torch.Tensor):
-        attention_mask = torch.as_tensor(attention_mask)
-    if attention_mask.dim() == 1:
-        attention_mask = attention_mask[None]
-    if tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; it must match "
-                         f"input_ids {tuple(input_ids.shape)}")
-    attention_mask = attention_mask.detach().to("cpu", torch.long)
-    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
-    if not bool(attention_mask.any(dim=1).all()):
-        raise ValueError("every row of attention_mask needs at least one real token (a 1)")
-    return input_ids, attention_mask
 
 
 def batches_in_flight(stages: int, micro_batches: int) -> int:
     """How many batches rank 0 keeps in the pipeline at once: enough micro-batches to give
     every stage work (at least `stages`), counting the one rank 0 is running."""
     return 1 + math.ceil((stages - 1) / max(1, micro_batches))
-
-
-def pipeline_forward(pipe, input_ids: torch.Tensor | None = None,
-                     attention_mask: torch.Tensor | None = None, *,
-                     micro_batches: int | None = None) -> torch.Tensor | None:
-    """Logits ``[B, T, vocab]`` (the activation dtype, on rank 0's device) of `input_ids`
-    ``[B, T]`` on rank 0; None on the other ranks. Every rank calls it.
-
-    `attention_mask` ``[B, T]`` is 1 for real tokens, 0 for (left) padding; positions
-    count real tokens only, as in Hugging Face `generate`. `micro_batches` (default: the
-    world size, at most B) is how many pieces the batch streams through the stages in.
-    """
-    batches = [(input_ids, attention_mask)] if pipe.world.is_first else None
-    outputs = list(pipeline_forward_stream(pipe, batches, micro_batches=micro_batches))
-    return outputs[0] if pipe.world.is_first else None
 
 
 def pipeline_forward_stream(pipe, batches: Iterable | None, *,
@@ -123,22 +76,20 @@ def pipeline_forward_stream(pipe, batches: Iterable | None, *,
     Rank 0 stops the stream by running out of batches, or by leaving the loop early (the
     batches already started are finished and dropped), so every rank's loop ends.
     """
+    return stream_batches(pipe, batches, micro_batches=micro_batches, name=NAME)
+
+
+def stream_batches(pipe, batches: Iterable | None, *, micro_batches: int | None, name: str
+                   ) -> Iterator[torch.Tensor | None]:
+    """The stream as the call `name` (what rank 0 announces, and the others expect)."""
     world = pipe.world
     micro_batches = micro_batches or world.world_size
     if not world.distributed:
         return _lead_local(pipe, batches, micro_batches)
     if world.is_first:
-        check_no_open_stream(pipe)
-        return _Lead(pipe, micro_batches).run(batches)
-    return _follow(pipe)
-
-
-def check_no_open_stream(pipe) -> None:
-    """Rank 0, before any call: the ranks downstream are still serving an unfinished
-    stream, and would take this call's messages for its next batch."""
-    if pipe._state.get("open_stream"):
-        raise RuntimeError("a forward_stream is still open on rank 0: iterate it to the end "
-                           "or close() it before the next call")
+        pipe.check_idle()
+        return _Lead(pipe, micro_batches, name).run(batches)
+    return _follow(pipe, name)
 
 
 def _unpack(item) -> tuple:
@@ -182,7 +133,7 @@ def _run(module, x: torch.Tensor, mask: torch.Tensor | None, rows: slice) -> tor
 
 def _lead_local(pipe, batches: Iterable, micro_batches: int) -> Iterator[torch.Tensor]:
     """World of one: each batch's micro-batches one after the other (the same numerics)."""
-    vocab, device = int(pipe.plan.config["vocab_size"]), pipe.world.device
+    vocab, device = pipe.vocab_size, pipe.world.device
     for item in _batches(batches):
         ids, mask = _prepare(item, vocab)
         ids, mask = ids.to(device), None if mask is None else mask.to(device)
@@ -198,19 +149,19 @@ class _Lead:
     on, post the receives of their logits, and hand back the oldest batch's logits only
     once enough later batches are in the pipeline to keep every stage busy."""
 
-    def __init__(self, pipe, micro_batches: int) -> None:
+    def __init__(self, pipe, micro_batches: int, name: str) -> None:
+        self.pipe, self.name = pipe, name
         self.module, self.world, self.micro_batches = pipe.module, pipe.world, micro_batches
-        self.state, self.calls = pipe._state, pipe.calls
-        self.vocab = int(pipe.plan.config["vocab_size"])
-        self.dtype = activation_dtype(pipe.plan)
+        self.vocab = pipe.vocab_size
+        self.dtype = pipe.activation_dtype
         self.depth = batches_in_flight(self.world.world_size, micro_batches)
         self.outbox = Outbox()
         self.inflight: deque[list[Inbound]] = deque()
 
     def run(self, batches: Iterable) -> Iterator[torch.Tensor]:
         items, ended = _batches(batches), False
-        self.calls.announce(FORWARD)
-        self.state["open_stream"] = True
+        self.pipe.start_call(self.name)
+        self.pipe.open_stream = True
         try:
             while True:
                 try:
@@ -234,7 +185,7 @@ class _Lead:
             self._drain()
             raise
         finally:
-            self.state["open_stream"] = False
+            self.pipe.open_stream = False
 
     def _start(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
         device, last = self.world.device, self.world.world_size - 1
@@ -280,10 +231,10 @@ class _Lead:
 
 # ----------------------------------------------------------------------------- ranks 1..P-1
 
-def _follow(pipe) -> Iterator[None]:
+def _follow(pipe, name: str) -> Iterator[None]:
     """Ranks after the first: yield once per batch. A caller that leaves its loop early
     still serves rank 0 to the end of the stream (so rank 0 never waits on it)."""
-    pipe.calls.expect(FORWARD)
+    pipe.start_call(name)
     batches = follow_forward(pipe)
     try:
         for _ in batches:  # not `yield from`: that would close `batches` with this one
@@ -300,8 +251,8 @@ def follow_forward(pipe) -> Iterator[None]:
     send it on (the last rank sends the logits back to rank 0), until END; raise rank 0's
     error on ABORT."""
     world, module = pipe.world, pipe.module
-    device, dtype = world.device, activation_dtype(pipe.plan)
-    hidden, prev = int(pipe.plan.config["hidden_size"]), world.rank - 1
+    device, dtype = world.device, pipe.activation_dtype
+    hidden, prev = pipe.hidden_size, world.rank - 1
     nxt = None if world.is_last else world.rank + 1
     outbox = Outbox()
 
@@ -341,3 +292,11 @@ def follow_forward(pipe) -> Iterator[None]:
             else:
                 outbox.send(out, dst=nxt)
         yield None
+
+
+def _serve(pipe) -> None:
+    for _ in follow_forward(pipe):
+        pass
+
+
+register_schedule(Schedule(NAME, pipeline_forward_stream, _serve))

@@ -1,4 +1,5 @@
-"""Pipelined generation with a KV cache per stage and several sequence groups in flight.
+"""The ``generate`` schedule: pipelined generation with a KV cache per stage and several
+sequence groups in flight.
 
 The batch is split into groups (default: one per rank), G of them in flight at once (G =
 `micro_batches`, default the world size); with more groups than that (`group_size`), a
@@ -9,7 +10,7 @@ rank 0 embeds a group's new tokens and runs its layers, each next rank runs its 
 last rank samples each sequence's next token and sends the tokens back to rank 0, which
 feeds them in as the group's next step. While group g is on rank 1, group g + 1 is on
 rank 0, so decoding keeps every rank busy. The prompts (the prefill) are a forward pass
-and go through in smaller parts (`schedule.prefill_parts`), so that the pipeline is full
+and go through in smaller parts (`microbatch.prefill_parts`), so that the pipeline is full
 then too; a group's parts are stacked into one before its first decode step. Each rank
 keeps one `KVCache` (and attention mask) per group, for its own layers only.
 
@@ -38,16 +39,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..log import logger
-from ..models.cache import KVCache
-from .calls import GENERATE
-from .comm import Inbound, Outbox, activation_dtype, broadcast_call, post_recv
-from .forward import check_no_open_stream, validate_inputs
-from .sampling import Sampler, SamplingConfig
-from .schedule import (DROP, PREFILL, STEP, STOP, StepHeader, micro_batch_slices,
-                       position_ids_from_mask, prefill_parts, split_sizes)
+from ...log import logger
+from ..comm import Inbound, Outbox, broadcast_call, post_recv
+from ..inputs import resolve_eos, validate_inputs
+from ..messages import DROP, PREFILL, STEP, STOP, StepHeader
+from ..microbatch import micro_batch_slices, position_ids_from_mask, prefill_parts, split_sizes
+from ..sampling import Sampler, SamplingConfig
+from .registry import Schedule, register_schedule
 
-__all__ = ["pipeline_generate", "follow_generate", "resolve_eos"]
+__all__ = ["pipeline_generate", "follow_generate"]
+
+NAME = "generate"
 
 
 @dataclass(frozen=True)
@@ -65,24 +67,6 @@ class _GenerateCall:
     @property
     def max_rows(self) -> int:
         return max(split_sizes(self.batch, self.groups))
-
-
-def resolve_eos(eos_token_id, pad_token_id, config: dict) -> tuple[tuple[int, ...], int]:
-    """The EOS ids (None: the model config's; an empty list: none) and the pad id (None:
-    the config's, else the first EOS id, else 0), as Hugging Face `generate` picks them."""
-    if eos_token_id is None:
-        eos_token_id = config.get("eos_token_id")
-    if eos_token_id is None:
-        eos: tuple[int, ...] = ()
-    elif isinstance(eos_token_id, (list, tuple)):
-        eos = tuple(int(e) for e in eos_token_id)
-    else:
-        eos = (int(eos_token_id),)
-    if pad_token_id is None:
-        pad_token_id = config.get("pad_token_id")
-    if pad_token_id is None:
-        pad_token_id = eos[0] if eos else 0
-    return eos, int(pad_token_id)
 
 
 def pipeline_generate(pipe, input_ids: torch.Tensor | None = None,
@@ -106,15 +90,12 @@ def pipeline_generate(pipe, input_ids: torch.Tensor | None = None,
     """
     world, config = pipe.world, pipe.plan.config
     rank0: dict = {}  # rank 0's own state: validated ids, EOS and pad
-    if world.distributed and world.is_first:
-        check_no_open_stream(pipe)
-        pipe.calls.announce(GENERATE)
-    elif world.distributed:
-        pipe.calls.expect(GENERATE)
+    pipe.start_call(NAME)
+    if not world.is_first:
         return follow_generate(pipe)
 
     def make_call() -> _GenerateCall:
-        ids, mask = validate_inputs(input_ids, attention_mask, int(config["vocab_size"]))
+        ids, mask = validate_inputs(input_ids, attention_mask, pipe.vocab_size)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
         if mask is None:
@@ -140,7 +121,7 @@ def pipeline_generate(pipe, input_ids: torch.Tensor | None = None,
                  call.groups, call.in_flight, call.max_new_tokens)
     runner = _StageRunner(pipe.module, call, world.device)
     with torch.no_grad():
-        return _Driver(runner, call, world, pipe.plan, rank0).run().to(input_ids.device)
+        return _Driver(runner, call, world, pipe.activation_dtype, rank0).run().to(input_ids.device)
 
 
 def follow_generate(pipe) -> None:
@@ -149,7 +130,7 @@ def follow_generate(pipe) -> None:
     if call.max_new_tokens > 0:
         runner = _StageRunner(pipe.module, call, pipe.world.device)
         with torch.no_grad():
-            _follow(runner, call, pipe.world, pipe.plan)
+            _follow(runner, call, pipe.world, pipe.activation_dtype, pipe.hidden_size)
 
 
 # ----------------------------------------------------------------------------- every rank
@@ -168,7 +149,7 @@ class _GroupState:
         if self.parts:
             rows, masks, caches = zip(*self.parts)
             self.rows, self.mask = torch.cat(rows), torch.cat(masks)
-            self.cache, self.parts = KVCache.stacked(caches), []
+            self.cache, self.parts = type(caches[0]).stacked(caches), []
 
 
 class _StageRunner:
@@ -193,7 +174,7 @@ class _StageRunner:
         elsewhere) of the group's rows `part` (counted from the group's first row)."""
         rows = torch.arange(self.slices[group].start, self.slices[group].stop)[list(part)]
         mask = self.call.mask[rows].to(self.device)
-        cache = KVCache()
+        cache = self.module.new_cache()
         out = self._run(x, mask, None if bool(mask.all()) else mask, cache)  # None: causal
         self.groups.setdefault(group, _GroupState()).parts.append((rows, mask, cache))
         return out, rows.tolist()
@@ -217,11 +198,8 @@ class _StageRunner:
         if x.shape[0] != mask.shape[0]:
             raise RuntimeError(f"got {x.shape[0]} rows for {mask.shape[0]} sequences")
         positions = position_ids_from_mask(mask, x.shape[1])
-        hidden = self.module.model(x, position_ids=positions, attention_mask=attention,
-                                   cache=cache)
-        if self.module.lm_head is None:
-            return hidden
-        return self.module.lm_head(hidden[:, -1])
+        return self.module(x, position_ids=positions, attention_mask=attention, cache=cache,
+                           last_only=True)
 
     def drop(self, group: int) -> None:
         self.groups.pop(group, None)
@@ -233,11 +211,12 @@ class _Driver:
     """Rank 0: launches each group's steps, collects the tokens the last rank sends back
     (in launch order), records them, and decides which sequences go on."""
 
-    def __init__(self, runner: _StageRunner, call: _GenerateCall, world, plan, rank0: dict) -> None:
+    def __init__(self, runner: _StageRunner, call: _GenerateCall, world, dtype: torch.dtype,
+                 rank0: dict) -> None:
         self.runner, self.call, self.world = runner, call, world
         self.ids, self.pad = rank0["ids"], rank0["pad"]
         self.eos = torch.tensor(rank0["eos"], dtype=torch.long)
-        self.dtype = activation_dtype(plan)
+        self.dtype = dtype
         self.outbox = Outbox()
         self.sampler = Sampler(call.sampling, world.device) if not world.distributed else None
         self.inflight: deque[tuple[int, torch.Tensor, Inbound]] = deque()
@@ -312,11 +291,11 @@ class _Driver:
 
 # ----------------------------------------------------------------------------- ranks 1..P-1
 
-def _follow(runner: _StageRunner, call: _GenerateCall, world, plan) -> None:
+def _follow(runner: _StageRunner, call: _GenerateCall, world, dtype: torch.dtype,
+            hidden_size: int) -> None:
     """Ranks after the first: run every step the headers announce, in arrival order, and
     pass it on (the last rank samples and sends the tokens to rank 0) until STOP."""
-    device, dtype = world.device, activation_dtype(plan)
-    hidden_size, prev = int(plan.config["hidden_size"]), world.rank - 1
+    device, prev = world.device, world.rank - 1
     header_len = StepHeader.length(call.max_rows)
     sampler = Sampler(call.sampling, device) if world.is_last else None
     outbox = Outbox()
@@ -344,3 +323,6 @@ def _follow(runner: _StageRunner, call: _GenerateCall, world, plan) -> None:
             outbox.send(raw, dst=world.rank + 1)
             outbox.send(out.to(dtype), dst=world.rank + 1)
     outbox.wait()
+
+
+register_schedule(Schedule(NAME, pipeline_generate, follow_generate))

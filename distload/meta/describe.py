@@ -5,6 +5,11 @@ A *unit* is the smallest piece the planner never splits across ranks or tiers: e
 repeated child of a `ModuleList`/`ModuleDict` (decoder layers), any module whose class is
 named in `no_split_module_classes` (or the model's `_no_split_modules`), and any other
 module that holds parameters of its own (embeddings, final norm, head).
+
+A unit's cost is its per-token FLOPs: ``2 * in * out`` for every `nn.Linear` in it, unless
+the unit module says otherwise with ``flops_per_token()`` (a mixture of experts runs only
+its active experts; its bytes still count them all). Its KV cache per token is the output
+width of its ``k_proj`` and ``v_proj``, unless it defines ``kv_elements_per_token()``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import math
 from dataclasses import dataclass
 
 from torch import nn
+
+from .sizes import find_tied_parameters
 
 __all__ = ["ParamSpec", "UnitSpec", "ModelSpec", "describe_model"]
 
@@ -44,6 +51,7 @@ class ModelSpec:
     units: tuple[UnitSpec, ...]          # in execution (registration) order
     tied: tuple[tuple[str, ...], ...]    # groups of parameter names sharing one tensor
     no_split_classes: tuple[str, ...]    # class names that were treated as units
+    ignored_keys: tuple[str, ...] = ()   # regexes of checkpoint keys that fill no parameter
 
     def unit_of(self) -> dict[str, str]:
         return {p.name: u.name for u in self.units for p in u.params}
@@ -64,7 +72,9 @@ def describe_model(model: nn.Module, *, no_split_module_classes=None) -> ModelSp
     no_split = tuple(sorted(set(no_split_module_classes)))
     units: list[UnitSpec] = []
     _collect(model, "", set(no_split), units)
-    return ModelSpec(units=tuple(units), tied=_tied_groups(model), no_split_classes=no_split)
+    tied = tuple(tuple(group) for group in find_tied_parameters(model))
+    ignored = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    return ModelSpec(units=tuple(units), tied=tied, no_split_classes=no_split, ignored_keys=ignored)
 
 
 def _collect(module: nn.Module, prefix: str, no_split: set[str], out: list[UnitSpec]) -> None:
@@ -102,16 +112,15 @@ def _unit(module: nn.Module, prefix: str) -> UnitSpec:
         elif isinstance(sub, nn.Embedding):
             act += sub.embedding_dim
             widest = max(widest, sub.embedding_dim)
+    flops = getattr(module, "flops_per_token", None)
+    if callable(flops):
+        cost = float(flops())
+    kv_hook = getattr(module, "kv_elements_per_token", None)  # fused qkv, shared KV layers
+    if callable(kv_hook):
+        kv = int(kv_hook())
     return UnitSpec(name=prefix, params=params, cost=cost, kind=type(module).__name__,
                     kv_per_token=kv, act_per_token=act + width_in, max_out=widest)
 
 
 # Linear submodules whose outputs a KV cache keeps (Llama/Mistral/Qwen2 and most HF decoders).
 _KV_PROJECTIONS = ("k_proj", "v_proj")
-
-
-def _tied_groups(model: nn.Module) -> tuple[tuple[str, ...], ...]:
-    by_id: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-    return tuple(sorted(tuple(sorted(names)) for names in by_id.values() if len(names) > 1))

@@ -1,7 +1,10 @@
-"""Turning `--model` into a local checkpoint path: a path as given, or a hub snapshot.
+"""Hub ids ``org/name[@revision]``: a snapshot in huggingface_hub's own cache
+(``$HF_HOME``/``$HF_HUB_CACHE``), downloaded with huggingface_hub where it is missing.
 
-Rank 0 resolves once and passes the path on, so that only one process ever talks to the
-hub. The cache is tried first (no network), and the network only where it is allowed.
+Rank 0 resolves the revision to a commit once; the plan records that commit, and every
+node fetches exactly that commit into its own cache, so a push mid-job cannot mix
+revisions. The cache is tried first (no network), the network only where it is allowed
+(``HF_HUB_OFFLINE=1`` forbids it).
 """
 
 from __future__ import annotations
@@ -9,10 +12,13 @@ from __future__ import annotations
 import os
 import re
 
-from distload.errors import CheckpointError
-from distload.log import logger
+from ..checkpoint.index import CheckpointIndex, index_checkpoint
+from ..errors import CheckpointError
+from ..log import logger
+from .base import Source, register_source
+from .local import local_path
 
-__all__ = ["resolve_model", "parse_hub_id", "HUB_PATTERNS"]
+__all__ = ["HubSource", "resolve_model", "parse_hub_id", "HUB_PATTERNS"]
 
 # What a load needs from a hub repo: config, weights, tokenizer; never *.bin, *.pt, *.h5.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
@@ -50,27 +56,14 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _local(spec: str) -> str | None:
-    path = os.path.abspath(os.path.expanduser(spec))
-    if os.path.isdir(path):
-        return path
-    if os.path.isfile(path):
-        if not path.endswith(_CHECKPOINT_SUFFIXES):
-            raise CheckpointError(
-                f"{path}: not a checkpoint file "
-                "(expected a directory, .safetensors, .bin or *.index.json)"
-            )
-        return path
-    return None
-
-
 def resolve_model(spec: str, *, cache_dir: str | os.PathLike | None = None) -> str:
-    """Return the absolute local path of checkpoint `spec` (rank 0 only).
+    """Return the absolute local path of checkpoint `spec`.
 
     `spec` is an existing directory or `.safetensors`/`.bin` file, or a hub id
     ``org/name`` or ``org/name@revision``. A hub id is looked up in the local cache first
     (no network); failing that it is downloaded (config, safetensors weights, tokenizer),
-    unless ``HF_HUB_OFFLINE=1``. `cache_dir` defaults to ``$HF_HUB_CACHE``, read now.
+    unless ``HF_HUB_OFFLINE=1``. `cache_dir` is huggingface_hub's cache (default
+    ``$HF_HUB_CACHE``, read now), never distload's.
 
     Example::
 
@@ -78,7 +71,7 @@ def resolve_model(spec: str, *, cache_dir: str | os.PathLike | None = None) -> s
         idx = index_checkpoint(path)
     """
     spec = os.fspath(spec)
-    local = _local(spec)
+    local = local_path(spec)
     if local is not None:
         return local
     hub = parse_hub_id(spec)
@@ -121,3 +114,41 @@ def resolve_model(spec: str, *, cache_dir: str | os.PathLike | None = None) -> s
             f"{type(e).__name__}: {e}"
         ) from e
     return os.path.abspath(path)
+
+
+@register_source
+class HubSource(Source):
+    """`--model org/name[@revision]` (when no local path of that name exists)."""
+
+    kind = "hub"
+
+    @classmethod
+    def claims(cls, spec: str) -> bool:
+        return parse_hub_id(spec) is not None
+
+    def __init__(self, spec: str, **kw) -> None:
+        super().__init__(spec, **kw)
+        self.repo, self.revision = parse_hub_id(spec)
+        self.commit: str | None = None   # rank 0 resolves it; the others take the plan's
+
+    def index(self) -> CheckpointIndex:
+        path = resolve_model(self.spec)
+        self.commit = os.path.basename(path)   # .../snapshots/<commit sha>
+        return index_checkpoint(path)
+
+    def identity(self) -> dict:
+        return {"kind": self.kind, "label": f"{self.repo}@{self.commit}", "repo": self.repo,
+                "revision": self.commit}
+
+    def check(self, identity: dict) -> None:
+        if identity.get("kind") != self.kind or identity.get("repo") != self.repo:
+            raise CheckpointError(f"this rank's --model {self.spec!r} is not {identity.get('label')}, "
+                                  "which rank 0 planned: every rank must be given the same checkpoint")
+        self.commit = identity["revision"]
+
+    def fetch(self, files) -> int:
+        resolve_model(f"{self.repo}@{self.commit}")
+        return 0
+
+    def root(self) -> str:
+        return resolve_model(f"{self.repo}@{self.commit}")

@@ -1,5 +1,13 @@
-"""Single-process loading behind `load_checkpoint_and_dispatch`: fill a meta model from a
-checkpoint following a device map, reading each tensor's bytes once.
+"""`load_checkpoint_and_dispatch` with accelerate's meaning, and the single-process
+loading behind it (`dispatch_checkpoint`): fill a meta model from a checkpoint following a
+device map, reading each tensor's bytes once, with distload's reader and offload store.
+
+Under torchrun (``WORLD_SIZE > 1``), ``load_checkpoint_and_dispatch(model, path,
+device_map="auto")`` is the distributed path: every rank calls it, rank 0 plans, each rank
+reads only its own stage, and it returns this rank's `distload.Pipeline` (the stage is
+``.module``; run it with ``.forward`` / ``.generate`` on every rank) — a single
+`nn.Module` cannot span processes. That path builds distload's own split-tolerant model
+of the checkpoint's architecture (`distload.models`), so `model` only has to be on meta.
 
 Placements (per parameter, from the longest device-map key that prefixes its name):
 
@@ -20,22 +28,80 @@ Example::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from .checkpoint import index_checkpoint, load_bin_tensors
-from .checkpoint.types import dtype_from_name, dtype_name
-from .describe import describe_model
-from .errors import LoadError
-from .io.reader import read_tensors
-from .log import logger
-from .plan.build import match_params_to_keys
+from ...checkpoint import index_checkpoint
+from ...dtypes import cast_dtype, dtype_from_name, dtype_name
+from ...errors import LoadError
+from ...io import read_tensors
+from ...log import logger
+from ...meta import check_materialized, describe_model
+from ...offload import OffloadStore, attach_streaming, default_offload_dir, ensure_entries
+from ...plan.build import match_params_to_keys
+from .device_map import Device, as_dtype, infer_auto_device_map
 
-__all__ = ["dispatch_checkpoint", "device_for"]
+__all__ = ["load_checkpoint_and_dispatch", "dispatch_checkpoint", "device_for"]
+
+_AUTO = ("auto", "balanced", "balanced_low_0", "sequential")
 
 RESIDENT, HOST, DISK = "resident", "host", "disk"
+
+
+def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike,
+                                 device_map: Mapping[str, Device] | str | None = None,
+                                 max_memory: Mapping | None = None, no_split_module_classes=None,
+                                 offload_folder: str | os.PathLike | None = None,
+                                 offload_buffers: bool = False, dtype=None,
+                                 offload_state_dict: bool | None = None, skip_keys=None,
+                                 preload_module_classes=None, force_hooks: bool = False,
+                                 strict: bool = False, *, max_batch_size: int | None = None,
+                                 max_seq_len: int | None = None):
+    """Load `checkpoint` (a directory, a ``.safetensors``/``.bin`` file or an
+    ``*.index.json``) into `model` (on meta) following `device_map` — a dict from
+    `infer_auto_device_map`, or ``"auto"`` (also ``"balanced"``, ``"sequential"``) to plan
+    one here. Each parameter's bytes are read once, straight into its place. "cpu" entries
+    live in host memory ("cpu" is the device without GPUs; with GPUs they are streamed to
+    the first GPU to run), "disk" entries go to `offload_folder` (a `distload.offload`
+    store, default ``~/.cache/distload/offload``) and are streamed in to run. Floating
+    tensors take `dtype`, else the model's own parameter dtype (as accelerate does).
+
+    Returns `model`, with ``model.hf_device_map`` set. Under torchrun with
+    ``device_map="auto"``: this rank's `Pipeline` instead (see the module docstring).
+
+    Example::
+
+        model = load_checkpoint_and_dispatch(model, "ckpt/", device_map="auto")
+        logits = model(input_ids).logits
+    """
+    if isinstance(device_map, str) and device_map not in _AUTO:
+        raise ValueError(f"device_map {device_map!r}: use a dict or one of {', '.join(_AUTO)}")
+    if device_map == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from ...loader import load  # the distributed path: this rank's Pipeline
+
+        return load(os.fspath(checkpoint), dtype=dtype, max_memory=max_memory, strict=strict,
+                    offload_dir=None if offload_folder is None else os.fspath(offload_folder),
+                    max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    ignored = {"offload_state_dict": offload_state_dict, "skip_keys": skip_keys,
+               "preload_module_classes": preload_module_classes, "force_hooks": force_hooks or None,
+               "offload_buffers": offload_buffers or None}
+    for name, value in ignored.items():
+        if value is not None:
+            logger.debug("load_checkpoint_and_dispatch: %s is accepted for compatibility and ignored", name)
+    if isinstance(device_map, str):
+        device_map = infer_auto_device_map(model, max_memory, no_split_module_classes, dtype=dtype,
+                                           max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    elif device_map is None:
+        device_map = {"": "cpu"}
+    dispatch_checkpoint(model, os.fspath(checkpoint), dict(device_map),
+                        dtype=None if dtype is None else dtype_name(as_dtype(dtype)), strict=strict,
+                        offload_folder=None if offload_folder is None else os.fspath(offload_folder),
+                        no_split_module_classes=no_split_module_classes)
+    model.hf_device_map = dict(device_map)
+    return model
 
 
 def device_for(name: str, device_map: Mapping[str, int | str]) -> tuple[str, int | str]:
@@ -97,9 +163,9 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
             raise LoadError(f"device_map places no module holding {pname}") from None
         place[pname] = _placement(device, main)
         src = index.tensors[key].dtype
-        floating = dtype_from_name(src).is_floating_point
+        # accelerate's rule: floating tensors take `dtype`, else the model's own dtype
         own = dtype_name(params[pname].dtype) if params[pname].is_floating_point() else src
-        target[pname] = (dtype or own) if floating else src
+        target[pname] = cast_dtype(src, dtype or own)
 
     # One tensor per (checkpoint key, placement, dtype); the key's bytes are read once.
     storage: dict[tuple, torch.Tensor] = {}
@@ -136,27 +202,14 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
     if source:
         _stream(model, spec, source, entry_of, main)
     _align_devices(model, device_map, main)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-            if t.is_meta and n not in source]
-    if left:
-        raise LoadError(f"{len(left)} tensor(s) left on the meta device after loading: {', '.join(left[:8])}")
+    check_materialized(model, streamed=source)
 
 
 def _read(index, dests: dict[str, torch.Tensor]) -> None:
-    if index.format == "bin":
-        by_file: dict[str, list[str]] = {}
-        for key in dests:
-            by_file.setdefault(index.tensors[key].file, []).append(key)
-        for file, names in sorted(by_file.items()):
-            for name, tensor in load_bin_tensors(file, names).items():
-                dests[name].copy_(tensor)
-        return
     read_tensors([index.tensors[k] for k in sorted(dests)], dests)
 
 
 def _disk_entries(index, keys: dict[str, str], target: dict[str, str], folder: str | None) -> dict:
-    from .offload import OffloadStore, default_offload_dir, ensure_entries
-
     store = OffloadStore(folder or default_offload_dir())
     groups: dict[str | None, dict] = {}
     for pname, key in keys.items():
@@ -188,8 +241,6 @@ def _move_buffers(model: nn.Module, device_map: dict, main: torch.device, index)
 
 
 def _stream(model: nn.Module, spec, source: dict, entry_of: dict, main: torch.device) -> None:
-    from .offload import attach_streaming
-
     unit_of = spec.unit_of()
     chosen = {max(entry_of[p], unit_of[p], key=len) for p in source}
     units = {u for u in chosen if not any(o != u and (o == "" or u.startswith(o + ".")) for o in chosen)}

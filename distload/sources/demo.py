@@ -1,9 +1,12 @@
-"""Random-weight checkpoints: the built-in `demo` model, and any Llama-family size for
-tests and benchmarks (`scripts/make_checkpoint.py`).
+"""The `demo` source, and random-weight checkpoints of any registered architecture for
+tests and benchmarks (`make_checkpoint`, `scripts/make_checkpoint.py`).
 
 Weights are a pure function of (config, seed, tensor name), generated one tensor at a time
 and streamed to the sharded writer, so making a checkpoint never holds more than one
-shard, and two machines make byte-identical files.
+shard, and two machines make byte-identical files: each node makes its own demo
+checkpoint once (under a file lock), and every node's is the same.
+
+The one source that knows of models: it builds the demo model on meta for its shapes.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from .checkpoint.types import dtype_from_name, dtype_name
-from .checkpoint.writer import write_sharded_checkpoint
-from .log import logger
-from .models import build_model, config_from_dict
+from ..cache import cache_root
+from ..checkpoint.index import CheckpointIndex, index_checkpoint
+from ..checkpoint.writer import write_sharded_checkpoint
+from ..dtypes import dtype_from_name, dtype_name
+from ..log import logger
+from ..models import build_model, config_from_dict
+from .base import Source, register_source
 
-__all__ = ["DEMO_CONFIG", "DEMO_SHARDS", "ensure_demo_checkpoint", "make_checkpoint"]
+__all__ = ["DEMO_CONFIG", "DEMO_SHARDS", "DemoSource", "ensure_demo_checkpoint", "make_checkpoint"]
 
 # A small Llama (~33.6 M parameters, ~134 MB in float32, 4 shards): big enough that a
 # pipeline over 2-4 ranks has real work, small enough to make in seconds.
@@ -63,11 +69,8 @@ def ensure_demo_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
 
         path = ensure_demo_checkpoint()   # .../demo-1a2b3c4d5e6f
     """
-    root = Path(cache_dir or os.environ.get("DISTLOAD_CACHE") or Path.home() / ".cache" / "distload")
-    recipe = {"config": DEMO_CONFIG, "shards": DEMO_SHARDS, "seed": _DEMO_SEED,
-              "format": _DEMO_FORMAT}
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    path = root / f"demo-{key}"
+    root = cache_root(cache_dir)
+    path = root / f"demo-{_recipe_key()}"
     if path.is_dir():
         return path
     root.mkdir(parents=True, exist_ok=True)
@@ -76,6 +79,40 @@ def ensure_demo_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
             logger.info("making the demo checkpoint in %s", path)
             make_checkpoint(DEMO_CONFIG, path, num_shards=DEMO_SHARDS, seed=_DEMO_SEED)
     return path
+
+
+def _recipe_key() -> str:
+    recipe = {"config": DEMO_CONFIG, "shards": DEMO_SHARDS, "seed": _DEMO_SEED,
+              "format": _DEMO_FORMAT}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@register_source
+class DemoSource(Source):
+    """`--model demo` (or an empty `--model`): the demo checkpoint, made on each node the
+    first time it is needed there."""
+
+    kind = "demo"
+
+    @classmethod
+    def claims(cls, spec: str) -> bool:
+        return spec in ("", "demo")
+
+    def index(self) -> CheckpointIndex:
+        return index_checkpoint(ensure_demo_checkpoint(self.cache_dir))
+
+    def identity(self) -> dict:
+        return {"kind": self.kind, "label": "demo", "recipe": _recipe_key()}
+
+    def fetch(self, files) -> int:
+        path = cache_root(self.cache_dir) / f"demo-{_recipe_key()}"
+        if path.is_dir():
+            return 0
+        ensure_demo_checkpoint(self.cache_dir)
+        return sum(f.stat().st_size for f in path.iterdir())
+
+    def root(self) -> str:
+        return str(ensure_demo_checkpoint(self.cache_dir))
 
 
 def make_checkpoint(
@@ -100,7 +137,7 @@ def make_checkpoint(
     """
     cfg = config_from_dict(config)
     if dtype is None:
-        dtype = cfg.torch_dtype or "float32"
+        dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
     if isinstance(dtype, str):
         dtype = dtype_from_name(dtype.removeprefix("torch."))
     with torch.device("meta"):

@@ -1,15 +1,4 @@
-"""accelerate's names with the same meaning, for single-process use: `infer_auto_device_map`
-and `load_checkpoint_and_dispatch` — planned by distload's planner, loaded by its reader.
-
-The workflow users know runs with only its import line changed::
-
-    from distload import init_empty_weights, infer_auto_device_map, load_checkpoint_and_dispatch
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    device_map = infer_auto_device_map(model, max_memory={"cpu": "2GiB"},
-                                       no_split_module_classes=["LlamaDecoderLayer"])
-    model = load_checkpoint_and_dispatch(model, checkpoint=path, device_map=device_map)
+"""`infer_auto_device_map` with accelerate's meaning, planned by distload's planner.
 
 What differs from accelerate (its known faults, fixed):
 
@@ -20,39 +9,30 @@ What differs from accelerate (its known faults, fixed):
   ``"20G"`` is an error); the caller's `max_memory` dict is never changed.
 * No-split units are found without being told: the repeated children of a
   `ModuleList`/`ModuleDict` and the model's `_no_split_modules` (see `describe_model`).
-* A parameter left on the meta device after loading is an error that names it.
-
-Under torchrun (``WORLD_SIZE > 1``), ``load_checkpoint_and_dispatch(model, path,
-device_map="auto")`` is the distributed path: every rank calls it, rank 0 plans, each rank
-reads only its own stage, and it returns this rank's `distload.Pipeline` (the stage is
-``.module``; run it with ``.forward`` / ``.generate`` on every rank) — a single
-`nn.Module` cannot span processes. That path builds distload's own split-tolerant model
-of the checkpoint's architecture (Llama family), so `model` only has to be on meta.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .checkpoint.types import dtype_name
-from .describe import describe_model
-from .errors import PlanError
-from .log import logger
-from .plan.budget import HOST_FRACTION, RankBudget, device_margin, parse_max_memory
-from .plan.planner import Partition, PlannerOptions, UnitLoad, partition
-from .plan.reserve import run_shape, unit_reserves
-from .plan.types import Tier
+from ...dtypes import dtype_from_name, normalize_dtype
+from ...errors import PlanError
+from ...loader.memory import default_limits
+from ...log import logger
+from ...meta import describe_model, persistent_buffers
+from ...plan.budget import RankBudget, parse_max_memory
+from ...plan.planner import Partition, PlannerOptions, UnitLoad, partition
+from ...plan.reserve import run_shape, unit_reserves
+from ...plan.types import Tier
 
-__all__ = ["infer_auto_device_map", "load_checkpoint_and_dispatch", "plan_device_map", "DeviceMapPlan"]
+__all__ = ["infer_auto_device_map", "plan_device_map", "DeviceMapPlan", "as_dtype", "Device"]
 
 Device = int | str
-_AUTO = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass(frozen=True)
@@ -68,19 +48,19 @@ class DeviceMapPlan:
 
 def _itemsize(t: torch.Tensor, name: str, dtype, special: Mapping) -> int:
     if name in special:
-        return _as_dtype(special[name]).itemsize
+        return as_dtype(special[name]).itemsize
     if dtype is not None and t.is_floating_point():
-        return _as_dtype(dtype).itemsize
+        return as_dtype(dtype).itemsize
     return t.element_size()
 
 
-def _as_dtype(d) -> torch.dtype:
+def as_dtype(d) -> torch.dtype:
+    """A `torch.dtype` from accelerate's ways of naming one (``torch.float16``,
+    ``"float16"``, ``"fp16"``); "auto"/None mean float32 here, as in accelerate."""
     if isinstance(d, torch.dtype):
         return d
-    from .api import normalize_dtype
-
     name = normalize_dtype(d)
-    return getattr(torch, name) if name else torch.float32
+    return dtype_from_name(name) if name else torch.float32
 
 
 def _config_dict(model: nn.Module) -> dict:
@@ -92,17 +72,6 @@ def _config_dict(model: nn.Module) -> dict:
     if dataclasses.is_dataclass(cfg):
         return dataclasses.asdict(cfg)
     return dict(cfg) if isinstance(cfg, Mapping) else {}
-
-
-def _default_limits() -> dict[Device, int]:
-    import psutil
-
-    limits: dict[Device, int] = {}
-    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
-        free = int(torch.cuda.mem_get_info(i)[0])
-        limits[i] = free - device_margin(free)
-    limits["cpu"] = int(psutil.virtual_memory().available * HOST_FRACTION)
-    return limits
 
 
 def plan_device_map(model: nn.Module, max_memory: Mapping | None = None, *,
@@ -117,7 +86,7 @@ def plan_device_map(model: nn.Module, max_memory: Mapping | None = None, *,
         p = plan_device_map(model, {0: "10GiB", 1: "10GiB", "cpu": "64GiB"})
         p.device_map, p.partition.bottleneck
     """
-    limits = _default_limits() if max_memory is None else parse_max_memory(max_memory)
+    limits = default_limits() if max_memory is None else parse_max_memory(max_memory)
     spec = describe_model(model, no_split_module_classes=no_split_module_classes)
     if not spec.units:
         raise PlanError(f"{type(model).__name__} has no parameters to place")
@@ -127,7 +96,7 @@ def plan_device_map(model: nn.Module, max_memory: Mapping | None = None, *,
     shape = None
     if max_batch_size is not None or max_seq_len is not None:
         shape = run_shape(_config_dict(model), max_batch_size=max_batch_size, max_seq_len=max_seq_len)
-    itemsize = _as_dtype(dtype).itemsize if dtype is not None else next(
+    itemsize = as_dtype(dtype).itemsize if dtype is not None else next(
         (p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
     reserves = unit_reserves(spec, shape, itemsize=itemsize, config=_config_dict(model))
     for unit, res in zip(spec.units, reserves):
@@ -135,7 +104,7 @@ def plan_device_map(model: nn.Module, max_memory: Mapping | None = None, *,
         items = [(key_of.get(f"{unit.name}.{n}", f"{unit.name}.{n}"), t.numel() * _itemsize(t, f"{unit.name}.{n}", dtype, special))
                  for n, t in module.named_parameters(remove_duplicate=False)]
         items += [(f"{unit.name}.{n}", t.numel() * _itemsize(t, f"{unit.name}.{n}", dtype, special))
-                  for n, t in _persistent_buffers(module)]
+                  for n, t in persistent_buffers(module)]
         loads.append(UnitLoad(unit.name, unit.cost, tuple(items), res.kv_bytes, res.work_bytes))
     gpus = sorted(k for k in limits if isinstance(k, int))[:len(loads)]
     cpu, disk = limits.get("cpu", 0), limits.get("disk")
@@ -152,13 +121,6 @@ def plan_device_map(model: nn.Module, max_memory: Mapping | None = None, *,
             where[loads[i].name] = devices[r] if tier == Tier.DEVICE else tier
     device_map = _with_leftovers(model, where, devices[0])
     return DeviceMapPlan(device_map, tuple(u.name for u in spec.units), devices, part)
-
-
-def _persistent_buffers(module: nn.Module):
-    for mod_name, mod in module.named_modules():
-        for n, b in mod._buffers.items():
-            if b is not None and n not in mod._non_persistent_buffers_set:
-                yield (f"{mod_name}.{n}" if mod_name else n), b
 
 
 def _with_leftovers(model: nn.Module, where: dict[str, Device], first: Device) -> dict[str, Device]:
@@ -229,58 +191,3 @@ def infer_auto_device_map(model: nn.Module, max_memory: Mapping | None = None,
             logger.info("device %s: units %s..%s (%s)", dev, plan.units[stage.lo],
                         plan.units[stage.hi - 1], reason)
     return _clean(model, plan.device_map) if clean_result else dict(plan.device_map)
-
-
-def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike,
-                                 device_map: Mapping[str, Device] | str | None = None,
-                                 max_memory: Mapping | None = None, no_split_module_classes=None,
-                                 offload_folder: str | os.PathLike | None = None,
-                                 offload_buffers: bool = False, dtype=None,
-                                 offload_state_dict: bool | None = None, skip_keys=None,
-                                 preload_module_classes=None, force_hooks: bool = False,
-                                 strict: bool = False, *, max_batch_size: int | None = None,
-                                 max_seq_len: int | None = None):
-    """Load `checkpoint` (a directory, a ``.safetensors``/``.bin`` file or an
-    ``*.index.json``) into `model` (on meta) following `device_map` — a dict from
-    `infer_auto_device_map`, or ``"auto"`` (also ``"balanced"``, ``"sequential"``) to plan
-    one here. Each parameter's bytes are read once, straight into its place. "cpu" entries
-    live in host memory ("cpu" is the device without GPUs; with GPUs they are streamed to
-    the first GPU to run), "disk" entries go to `offload_folder` (a `distload.offload`
-    store, default ``~/.cache/distload/offload``) and are streamed in to run. Floating
-    tensors take `dtype`, else the model's own parameter dtype (as accelerate does).
-
-    Returns `model`, with ``model.hf_device_map`` set. Under torchrun with
-    ``device_map="auto"``: this rank's `Pipeline` instead (see the module docstring).
-
-    Example::
-
-        model = load_checkpoint_and_dispatch(model, "ckpt/", device_map="auto")
-        logits = model(input_ids).logits
-    """
-    if isinstance(device_map, str) and device_map not in _AUTO:
-        raise ValueError(f"device_map {device_map!r}: use a dict or one of {', '.join(_AUTO)}")
-    if device_map == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from .api import load
-
-        return load(os.fspath(checkpoint), dtype=dtype, max_memory=max_memory, strict=strict,
-                    offload_dir=None if offload_folder is None else os.fspath(offload_folder),
-                    max_batch_size=max_batch_size, max_seq_len=max_seq_len)
-    ignored = {"offload_state_dict": offload_state_dict, "skip_keys": skip_keys,
-               "preload_module_classes": preload_module_classes, "force_hooks": force_hooks or None,
-               "offload_buffers": offload_buffers or None}
-    for name, value in ignored.items():
-        if value is not None:
-            logger.debug("load_checkpoint_and_dispatch: %s is accepted for compatibility and ignored", name)
-    if isinstance(device_map, str):
-        device_map = infer_auto_device_map(model, max_memory, no_split_module_classes, dtype=dtype,
-                                           max_batch_size=max_batch_size, max_seq_len=max_seq_len)
-    elif device_map is None:
-        device_map = {"": "cpu"}
-    from .dispatch_load import dispatch_checkpoint
-
-    dispatch_checkpoint(model, os.fspath(checkpoint), dict(device_map),
-                        dtype=None if dtype is None else dtype_name(_as_dtype(dtype)), strict=strict,
-                        offload_folder=None if offload_folder is None else os.fspath(offload_folder),
-                        no_split_module_classes=no_split_module_classes)
-    model.hf_device_map = dict(device_map)
-    return model

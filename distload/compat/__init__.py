@@ -1,0 +1,1 @@
+"""Other libraries' APIs on top of distload's own: `accelerate` (device maps, dispatch)."""

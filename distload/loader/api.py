@@ -1,0 +1,117 @@
+"""`distload.load` and `distload.plan_job`: the whole per-rank flow behind one call (see
+DESIGN.md) — init the world, plan on rank 0, fetch this node's files, `load_stage`, and
+hand back the rank's `Pipeline`."""
+
+from __future__ import annotations
+
+import torch
+
+from ..dist import World, agree, gather_objects, init_world, run_on_rank0
+from ..dtypes import normalize_dtype
+from ..errors import PlanError
+from ..log import logger
+from ..offload import default_offload_dir
+from ..pipeline import CallChannel, Pipeline
+from ..plan.budget import parse_max_memory
+from ..plan.types import LoadPlan
+from ..sources import Source, open_source
+from .memory import measure_local
+from .prepare import PlanRequest, plan_load
+from .report import job_report
+from .stage import load_stage
+
+__all__ = ["load", "plan_job", "fetch_node_files"]
+
+
+def plan_job(model: str = "demo", *, world: World | None = None, dtype: torch.dtype | str | None = None,
+             max_memory=None, strict: bool = True, cache_dir: str | None = None,
+             offload_dir: str | None = None, max_batch_size: int | None = None,
+             max_seq_len: int | None = None, device: str | None = None,
+             timeout_s: float = 600.0, source: Source | None = None) -> LoadPlan:
+    """The plan every rank will follow, without loading anything (what ``--explain``
+    shows, and the `pipe.plan` of a `load` with the same arguments). Every rank calls it:
+    each measures its own memory (its own GPU only), rank 0 gathers those, resolves them
+    with `max_memory` (see `distload.plan.budget`) and plans; every rank receives the same
+    plan and checks its digest.
+
+    Example::
+
+        plan = distload.plan_job("./llama", max_memory={0: "20GiB", 1: "20GiB", "cpu": "64GiB"})
+        print(explain_plan(plan))
+    """
+    world = world or init_world(timeout_s=timeout_s, device=device)
+    limits = parse_max_memory(max_memory)  # a bad entry fails here, on every rank alike
+    mine = measure_local(world.device, offload_dir=offload_dir or default_offload_dir(cache_dir))
+    measured = tuple(gather_objects(world, mine))
+    request = PlanRequest(model=model, world_size=world.world_size, dtype=normalize_dtype(dtype),
+                          strict=strict, cache_dir=cache_dir, max_memory=limits, measured=measured,
+                          max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+
+    def plan_on_rank0() -> tuple[str, str]:
+        plan = plan_load(request, source)
+        return plan.to_json(), plan.digest()
+
+    text, digest = run_on_rank0(world, plan_on_rank0)
+    plan = LoadPlan.from_json(text)
+    if plan.digest() != digest:
+        raise PlanError(f"rank {world.rank} received a plan whose digest differs from rank 0's")
+    return plan
+
+
+def fetch_node_files(world: World, source: Source, plan: LoadPlan) -> str:
+    """Every rank: the checkpoint's root on this node, after the node's leader made the
+    files its node's ranks read present there (a download for a hub id); the others wait
+    for it. Returns the root."""
+    error = None
+    try:
+        source.check(plan.source)
+        if world.is_node_leader:
+            files = sorted({m.file for r in world.node_ranks() for m in plan.stage(r).reads})
+            fetched = source.fetch(files)
+            if fetched:
+                logger.info("fetched %.1f MB of %s on this node", fetched / 1e6, plan.label)
+    except Exception as exc:  # noqa: BLE001 - every rank learns of it in agree()
+        error = exc
+    agree(world, error)
+    return source.root()
+
+
+def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_memory=None,
+         offload_dir: str | None = None, micro_batches: int | None = None, strict: bool = True,
+         cache_dir: str | None = None, device: str | None = None, timeout_s: float = 600.0,
+         read_workers: int = 2, max_batch_size: int | None = None,
+         max_seq_len: int | None = None) -> Pipeline:
+    """Load `model` (a local directory or file, a hub id ``org/name``, or ``"demo"``)
+    across the ranks torchrun started — or in this one process — and return this rank's
+    `Pipeline`. Every rank calls it with the same arguments.
+
+    Rank 0 plans (see `plan_job`: `max_memory` budgets, room kept for `max_batch_size`
+    sequences of `max_seq_len` tokens); each rank reads only its own stage's byte ranges.
+    Units the plan puts on the disk tier go to `offload_dir` (default ``<cache>/offload``,
+    see `distload.offload`) and are streamed onto the device while they run.
+
+    Example::
+
+        pipe = distload.load("./llama-dir", dtype="bfloat16")
+        pipe.report["bytes_read"], pipe.module, pipe.job_report
+    """
+    world = init_world(timeout_s=timeout_s, device=device)
+    source, error = None, None
+    try:  # a path one node lacks fails there; every rank must hear of it
+        source = open_source(model, cache_dir=cache_dir)
+    except Exception as exc:  # noqa: BLE001
+        error = exc
+    agree(world, error)
+    plan = plan_job(model, world=world, dtype=dtype, max_memory=max_memory, strict=strict,
+                    cache_dir=cache_dir, offload_dir=offload_dir, max_batch_size=max_batch_size,
+                    max_seq_len=max_seq_len, source=source)
+    if world.is_first and plan.unexpected_keys:
+        logger.warning("ignoring %d unexpected checkpoint key(s): %s", len(plan.unexpected_keys),
+                       ", ".join(plan.unexpected_keys[:8]))
+    root = fetch_node_files(world, source, plan)
+    stage = load_stage(plan, world, root=root, read_workers=read_workers, offload_dir=offload_dir,
+                       cache_dir=cache_dir, timeout_s=timeout_s)
+    everyone = job_report(plan, gather_objects(world, stage.report))
+    return Pipeline(module=stage.module, plan=plan, report=stage.report, job_report=everyone,
+                    world=world, root=root, micro_batches=micro_batches,
+                    calls=CallChannel.open(world))

@@ -1,0 +1,115 @@
+"""Making a loaded stage's CPU and disk tiers real, as the plan's `ParamSource.tier` says.
+
+Disk-tier tensors are never allocated on the device: each becomes an entry of the node's
+offload store (a zero-copy reference into the source safetensors file when no cast is
+needed, else a copy written once) and is streamed from there. CPU-tier tensors (on a
+CUDA rank) are read into pinned host memory and streamed from it. On a CPU rank the CPU
+tier *is* the device.
+
+Every rank calls `attach_tiers` during the load, after its reads and the tied exchange::
+
+    result = attach_tiers(plan, rank, module, storage, reads, device, root=root,
+                          offload_dir="/scratch/offload")
+    finish_stage(module, device, offloaded=result.params)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..checkpoint.types import TensorMeta
+from ..offload import Entry, OffloadError, OffloadStore, Streamer, attach_streaming, default_offload_dir
+from ..offload import ensure_entries
+from ..plan.types import LoadPlan, Tier
+
+__all__ = ["OffloadResult", "attach_tiers"]
+
+
+@dataclass
+class OffloadResult:
+    """What `attach_tiers` did on one rank."""
+
+    streamer: Streamer | None = None
+    params: frozenset[str] = frozenset()      # parameters on meta between their unit's uses
+    tier_bytes: dict[str, int] = field(default_factory=dict)   # plan bytes per tier
+    bytes_read: int = 0                       # checkpoint bytes read to make entries
+    bytes_written: int = 0                    # bytes written to the offload directory
+    repaired: int = 0                         # corrupt entries found and rewritten
+    offload_dir: str | None = None
+
+    def report_fields(self) -> dict:
+        """The rank report's offload figures."""
+        return {"offloaded_bytes": self.tier_bytes.get(Tier.CPU, 0) + self.tier_bytes.get(Tier.DISK, 0),
+                "offloaded_bytes_by_tier": {t: self.tier_bytes.get(t, 0) for t in (Tier.CPU, Tier.DISK)},
+                "offload_bytes_written": self.bytes_written, "offload_wait_seconds": 0.0}
+
+    def bind_report(self, report: dict) -> None:
+        """Keep ``report["offload_wait_seconds"]`` current as forwards run."""
+        if self.streamer is not None:
+            self.streamer.bind_report(report)
+
+
+def _homes(plan: LoadPlan, rank: int, device: torch.device) -> dict[str, str]:
+    """key -> the tier it lives on while the model runs (the CPU tier of a CPU device is
+    the device itself)."""
+    return {p.key: (Tier.DEVICE if p.tier == Tier.CPU and device.type != "cuda" else p.tier)
+            for p in plan.stage(rank).params}
+
+
+def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str, torch.Tensor],
+                 reads: Sequence[TensorMeta], device: torch.device | str, *, root: str,
+                 offload_dir: str | os.PathLike | None = None, cache_dir: str | None = None,
+                 prefetch: bool = True, max_resident: int = 2, verify: bool = True,
+                 timeout: float = 600.0) -> OffloadResult:
+    """Give `rank`'s offloaded parameters their tiers and stream them (see the module
+    doc). `storage` is `allocate_stage`'s key -> tensor map; keys moved off the device are
+    removed from it. `reads` are the stage's read items located under `root` on this
+    node. `offload_dir` defaults to `default_offload_dir(cache_dir)`; it is only touched
+    when the stage has disk-tier parameters. `verify` checksums reused entries."""
+    device = torch.device(device)
+    stage = plan.stage(rank)
+    result = OffloadResult(tier_bytes=stage.tier_bytes(plan.unit_bytes))
+    homes = _homes(plan, rank, device)
+    moved = {k for k, t in homes.items() if t != Tier.DEVICE}
+    if not moved:
+        return result
+    # A tied tensor received from another rank is in that rank's reads, not this one's.
+    located = {m.name: m.located(root) for s in plan.stages for m in s.reads}
+    located.update({m.name: m for m in reads})
+    disk = sorted(k for k in moved if homes[k] == Tier.DISK)
+    entries: dict[str, Entry] = {}
+    if disk:
+        store = OffloadStore(offload_dir or default_offload_dir(cache_dir), timeout=timeout)
+        dtypes = {src.key: src.dtype for src in stage.params}
+        entries, result.bytes_read = ensure_entries(
+            store, {k: located[k] for k in disk}, checkpoint=root, dtype=plan.dtype,
+            tensors={k: storage[k] for k in disk if k in storage}, verify=verify)
+        for k, e in entries.items():
+            if e.dtype != dtypes[k]:
+                raise OffloadError(f"offload entry {e.key[:12]} for {k} holds {e.dtype}; "
+                                   f"the plan wants {dtypes[k]}")
+        result.bytes_written, result.repaired = store.bytes_written, store.repaired
+        result.offload_dir = str(store.root)
+    host = {k: _to_host(storage[k], device) for k in moved if homes[k] == Tier.CPU}
+    source: dict[str, torch.Tensor | Entry] = {}
+    for src in stage.params:
+        if src.key in moved:
+            source[src.param] = entries[src.key] if src.key in entries else host[src.key]
+    for k in moved:
+        storage.pop(k, None)   # device copies (of exchanged tensors) go with their params
+    units = [u for u in stage.units if any(p.startswith(u + ".") for p in source)]
+    result.streamer = attach_streaming(module, units, source, device, prefetch=prefetch,
+                                       max_resident=max_resident)
+    result.params = frozenset(source)
+    return result
+
+
+def _to_host(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if t.device.type == "cpu":
+        return t
+    return t.to("cpu").pin_memory() if device.type == "cuda" else t.to("cpu")

@@ -1,0 +1,97 @@
+"""The stage contract: what a model must do to be split into pipeline stages, planned and
+loaded by distload. The pipeline, the planner and the loader use nothing else of a model.
+
+A model of this contract is a decoder-only causal LM with Hugging Face weight names, built
+on the meta device from its config, then cut into stages:
+
+* **Parts.** An optional input embedding, string-keyed layers in a `nn.ModuleDict` (keys
+  ``"0"``..``"N-1"``, so names stay those of the checkpoint when a stage keeps some), an
+  optional final norm and an optional head. A stage keeps a contiguous run of the model's
+  *units* (see `distload.meta.describe_model`); a unit it does not keep is deleted from its
+  `ModuleDict` or set to `None`, and the model must run with whatever is left.
+* **Running a stage.** ``stage(x, position_ids=..., attention_mask=None, cache=None,
+  last_only=False)``: `x` is token ids ``[B, T]`` where the stage has the embedding, else
+  hidden states ``[B, T, H]``; the stage applies the parts it has in order (embedding and
+  any embedding scale; its layers; the final norm; the head with every final-logit
+  transform — softcaps, logit scales — so no caller can skip one) and returns hidden
+  states ``[B, T, H]``, or logits ``[B, T, V]`` on the stage with the head (only the last
+  position's, ``[B, V]``, when `last_only`: generation needs nothing else). Positions are
+  always given (the caller knows the padding); `attention_mask` ``[B, past + T]`` is 1 for
+  real tokens; `cache` is the stage's `KVCache` for one group of sequences.
+* **Facts for the pipeline.** ``config.hidden_size`` and ``config.vocab_size`` size the
+  messages between stages; `has_embedding` / `has_head` say what the stage holds.
+* **Facts for the planner and loader** (class attributes, read on the meta model):
+  `_no_split_modules` (class names never split), `_keys_to_ignore_on_load_unexpected`
+  (regexes of checkpoint keys that are not parameters, e.g. saved RoPE frequencies),
+  `input_embedding_name` (the parameter whose dtype the activations take), and
+  `checkpoint_tensors` (maps the checkpoint's tensors onto parameter names, for
+  checkpoints whose names differ from the model's: nested text models, packed experts).
+  A unit module may define ``flops_per_token()`` when counting its `nn.Linear`s would be
+  wrong (mixture-of-experts: only the active experts run).
+* **Buffers.** Non-persistent buffers (RoPE frequencies) are recomputed by
+  ``init_buffers(device)`` after a stage is materialized from meta.
+
+Example::
+
+    with init_empty_weights():
+        model = build_model(config_dict)          # any registered model_type
+    del model.model.layers["3"]; model.lm_head = None     # keep what this stage runs
+    hidden = model(ids, position_ids=pos)                  # [B, T, H]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint.types import TensorMeta
+from .cache import KVCache
+
+__all__ = ["StageModel"]
+
+
+class StageModel(nn.Module):
+    """Base class of the built-in models: the contract above, with the parts every family
+    shares. A family implements `forward` (and usually `init_buffers`)."""
+
+    config: Any
+    _no_split_modules: list[str] = []
+    _keys_to_ignore_on_load_unexpected: list[str] = []
+    input_embedding_name: str = "model.embed_tokens.weight"
+
+    @property
+    def has_embedding(self) -> bool:
+        module: Any = self
+        for part in self.input_embedding_name.split(".")[:-1]:  # the embedding module's path
+            module = getattr(module, part, None)
+            if module is None:
+                return False
+        return True
+
+    @property
+    def has_head(self) -> bool:
+        return getattr(self, "lm_head", None) is not None
+
+    def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute non-persistent buffers on `device` (none by default)."""
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for one group of sequences on this stage."""
+        return KVCache()
+
+    @classmethod
+    def checkpoint_tensors(cls, config: Any, tensors: Mapping[str, TensorMeta]
+                           ) -> Mapping[str, TensorMeta]:
+        """The checkpoint's tensors under the names of this model's parameters. Rank 0
+        calls it before planning; a returned `TensorMeta` may be a byte range *inside* a
+        stored tensor (one expert of a packed tensor), so each rank still reads only its
+        own bytes. Default: the names already match."""
+        return tensors

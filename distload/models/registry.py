@@ -1,0 +1,89 @@
+"""The model registry: `model_type` (from config.json) → the family that builds it.
+
+A family file registers itself once, at import::
+
+    register_family(ModelFamily(("llama", "mistral", "qwen2"), LlamaConfig.from_dict,
+                                LlamaForCausalLM))
+
+and `distload.models` imports each family file (one line per family). Nothing outside
+`distload.models` names a model type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+__all__ = ["ModelFamily", "register_family", "family_for", "config_from_dict", "build_model",
+           "supported_model_types"]
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """The model types one family file serves, how it reads a config.json dict (raising
+    ValueError naming what is wrong), and the `StageModel` class it builds."""
+
+    model_types: tuple[str, ...]
+    read_config: Callable[[dict], Any]
+    model_class: Callable[[Any], nn.Module]
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Make `family` build its model types; a type registered twice is a programming error."""
+    for model_type in family.model_types:
+        if model_type in _FAMILIES:
+            raise ValueError(f"model_type {model_type!r} is registered twice")
+        _FAMILIES[model_type] = family
+    return family
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """Every registered model type, in registration order."""
+    return tuple(_FAMILIES)
+
+
+def family_for(config: dict) -> ModelFamily:
+    """The family of a config.json dict; ValueError naming the unsupported `model_type`
+    and listing the supported ones."""
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    family = _FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        raise ValueError(f"unsupported model_type {model_type!r}; distload supports "
+                         f"{', '.join(_FAMILIES)}")
+    return family
+
+
+def config_from_dict(d: dict[str, Any]) -> Any:
+    """The model config of a Hugging Face `config.json` dict (see `family_for`).
+
+    Example::
+
+        config_from_dict({"model_type": "gpt2"})  # ValueError: ... supports llama, ...
+    """
+    return family_for(d).read_config(d)
+
+
+def build_model(config: Any) -> nn.Module:
+    """Construct (not load) the model for `config` — a config.json dict or a family's
+    config object — on whatever device context is active (`torch.device("meta")`,
+    `distload.init_empty_weights()`, ...).
+
+    Example::
+
+        with init_empty_weights():
+            model = build_model(json.load(open("ckpt/config.json")))
+        model.model.layers["0"]        # a decoder layer, parameters on meta
+    """
+    if isinstance(config, dict):
+        family = family_for(config)
+        return family.model_class(family.read_config(config))
+    family = _FAMILIES.get(getattr(config, "model_type", None))
+    if family is None:
+        raise ValueError(f"{type(config).__name__} is not the config of a registered model type")
+    return family.model_class(config)

@@ -1,0 +1,67 @@
+"""Filling an offload store with a checkpoint's tensors: each entry made once (a zero-copy
+reference where no cast is needed, else a copy), reused by every later load.
+
+Example::
+
+    store = OffloadStore(offload_dir)
+    entries, _ = ensure_entries(store, {p: index.tensors[p] for p in disk_params},
+                                checkpoint=index.root, dtype="bfloat16")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+from ..checkpoint.types import TensorMeta
+from ..dtypes import cast_dtype, dtype_from_name
+from ..io.reader import read_tensors
+from .entry import Entry, EntrySpec
+from .store import OffloadStore
+
+__all__ = ["ensure_entries"]
+
+
+def ensure_entries(store: OffloadStore, metas: Mapping[str, TensorMeta], *, checkpoint: str,
+                   dtype: str | None = None, tensors: Mapping[str, torch.Tensor] | None = None,
+                   verify: bool = True) -> tuple[dict[str, Entry], int]:
+    """Offload-store entries for tensors `metas` of the checkpoint whose root is
+    `checkpoint` (keyed by any name, e.g. parameter names; a meta's `file` is relative to
+    that root, or absolute) as `dtype` (None: their own;
+    floating-point tensors only), recorded in the manifest under (`checkpoint`, `dtype`).
+    An entry already there and intact is reused; one missing or corrupt is made from
+    `tensors[name]` if given, else read from the checkpoint (one tensor at a time).
+    Returns (name -> Entry, checkpoint bytes read).
+
+    Example::
+
+        store = OffloadStore(offload_dir)
+        entries, _ = ensure_entries(store, {p: index.tensors[p] for p in disk_params},
+                                    checkpoint=index.root, dtype="bfloat16")
+    """
+    metas = {name: meta.located(checkpoint) for name, meta in metas.items()}
+    specs = {name: EntrySpec.from_meta(meta, cast_dtype(meta.dtype, dtype))
+             for name, meta in metas.items()}
+    store.register(checkpoint, dtype, sorted({s.key for s in specs.values()}))
+    read = 0
+
+    def produce(name: str) -> torch.Tensor:
+        nonlocal read
+        if tensors is not None and name in tensors:
+            return tensors[name]
+        meta, spec = metas[name], specs[name]
+        read += meta.length
+        out = torch.empty(spec.shape, dtype=dtype_from_name(spec.dtype))
+        read_tensors([meta], {meta.name: out}, workers=1)
+        return out
+
+    # Concurrent processes start at different places, so they write different entries at
+    # once instead of queueing behind each other on the same one.
+    order = sorted(specs, key=lambda n: specs[n].key)
+    start = os.getpid() % len(order) if order else 0
+    entries = {}
+    for name in order[start:] + order[:start]:
+        entries[name] = store.ensure(specs[name], lambda n=name: produce(n), verify=verify)
+    return entries, read

@@ -1,0 +1,21 @@
+"""Where checkpoints come from: one `Source` per kind of storage (see `base.py` for the
+order of calls), registered in the order they are tried — `demo`, a local path, a hub id.
+Knows nothing of plans or ranks; only the demo source builds a model (for its shapes).
+
+Example::
+
+    source = open_source("Qwen/Qwen2-0.5B")      # or "./llama", or "demo"
+    index = source.index()                       # rank 0: headers and config
+    root = source.root()                         # every rank: the directory on its node
+"""
+
+from .base import Source, open_source, register_source, registered_sources
+from .demo import DEMO_CONFIG, DemoSource, ensure_demo_checkpoint, make_checkpoint  # noqa: F401 - registers
+from .local import LocalSource  # noqa: F401 - registers
+from .hub import HubSource, parse_hub_id, resolve_model  # noqa: F401 - registers
+
+__all__ = [
+    "Source", "open_source", "register_source", "registered_sources", "DemoSource", "LocalSource",
+    "HubSource", "parse_hub_id", "resolve_model", "DEMO_CONFIG", "ensure_demo_checkpoint",
+    "make_checkpoint",
+]

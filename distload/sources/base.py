@@ -1,0 +1,103 @@
+"""The `Source` seam: one subclass per kind of storage a checkpoint can come from, as
+PyTorch DCP has one `StorageReader` per storage.
+
+Who calls what, in order (`distload.loader` does it):
+
+1. every rank: ``source = open_source(spec, cache_dir=...)`` — picks the first registered
+   source that claims `spec`; no I/O;
+2. rank 0: ``source.index()`` — headers and config, no tensor data; the plan records
+   ``source.identity()`` (JSON, no path of rank 0's machine);
+3. every rank: ``source.check(plan.source)`` — the rank's own `spec` names the same
+   checkpoint;
+4. one rank per node: ``source.fetch(files)`` — make `files` (relative to the root)
+   present on this node (a download, or nothing); the node's other ranks wait;
+5. every rank: ``source.root()`` — the directory on this node that the plan's relative
+   file names are joined to.
+
+A new source is a new file with a `Source` subclass and one `register_source` line.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+from ..checkpoint.index import CheckpointIndex
+from ..errors import CheckpointError
+
+__all__ = ["Source", "register_source", "open_source", "registered_sources"]
+
+
+class Source(ABC):
+    """Where one checkpoint lives. `spec` is what the user passed as `--model`;
+    `cache_dir` is distload's own cache root (`distload.cache`)."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, spec: str, *, cache_dir: str | os.PathLike | None = None) -> None:
+        self.spec, self.cache_dir = spec, cache_dir
+
+    @classmethod
+    @abstractmethod
+    def claims(cls, spec: str) -> bool:
+        """Whether this source serves `spec` (cheap: no network, no reading)."""
+
+    @abstractmethod
+    def index(self) -> CheckpointIndex:
+        """Rank 0: every tensor's place and the config, from headers alone."""
+
+    @abstractmethod
+    def identity(self) -> dict:
+        """What the plan records of this checkpoint: ``{"kind", "label", ...}``, JSON,
+        with no absolute path (`label` is for people: logs, --explain, reports; `check`
+        compares the rest)."""
+
+    def check(self, identity: dict) -> None:
+        """Every rank: raise `CheckpointError` if this rank's `spec` names another
+        checkpoint than rank 0 planned (`identity` is the plan's)."""
+        mine = {k: v for k, v in self.identity().items() if k != "label"}
+        if mine != {k: v for k, v in identity.items() if k != "label"}:
+            raise CheckpointError(f"this rank's --model {self.spec!r} is {mine}, but rank 0 planned "
+                                  f"{identity}: every rank must be given the same checkpoint")
+
+    def fetch(self, files: Sequence[str]) -> int:
+        """One rank per node: make `files` (relative to the root) present on this node;
+        returns the bytes this call brought in (downloaded or made). Default: nothing to
+        do, the files are where the root says."""
+        return 0
+
+    @abstractmethod
+    def root(self) -> str:
+        """The checkpoint's directory on this node (after `fetch`)."""
+
+
+_SOURCES: list[type[Source]] = []
+
+
+def register_source(cls: type[Source]) -> type[Source]:
+    """Add `cls` to the sources `open_source` tries, after those registered before it."""
+    _SOURCES.append(cls)
+    return cls
+
+
+def registered_sources() -> tuple[type[Source], ...]:
+    return tuple(_SOURCES)
+
+
+def open_source(spec: str, *, cache_dir: str | os.PathLike | None = None) -> Source:
+    """The source of `spec` (``"demo"``, a local path, a hub id ``org/name[@rev]``): the
+    first registered one that claims it. Raises `CheckpointError` when none does.
+
+    Example::
+
+        source = open_source("./llama")
+        index = source.index()
+    """
+    if not isinstance(spec, str):
+        raise CheckpointError(f"--model must be a path, a hub id or 'demo', not {type(spec).__name__}")
+    for cls in _SOURCES:
+        if cls.claims(spec):
+            return cls(spec, cache_dir=cache_dir)
+    raise CheckpointError(f"no such file or directory: {spec} (nor a hub id like org/name)")
