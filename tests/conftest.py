@@ -12,7 +12,7 @@ import pytest
 _REPO = str(Path(__file__).resolve().parent.parent)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)
 
-from distload.demo import make_checkpoint
+from distload.sources.demo import make_checkpoint
 
 TINY = {
     "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,

@@ -5,12 +5,13 @@ import copy
 import pytest
 import torch
 
-from distload.config import parse_args
-from distload.describe import ModelSpec, ParamSpec, UnitSpec, describe_model
+from distload.cli.config import parse_args
+from distload.meta.describe import ModelSpec, ParamSpec, UnitSpec, describe_model
 from distload.meta import init_empty_weights
 from distload.models import build_model
 from distload.plan import budget
-from distload.plan.budget import (LocalMemory, RankBudget, device_margin, format_bytes, measure_local,
+from distload.loader.memory import measure_local
+from distload.plan.budget import (LocalMemory, RankBudget, device_margin, format_bytes,
                                   parse_max_memory, parse_max_memory_arg, parse_size, resolve_budgets)
 from distload.plan.reserve import RunShape, UnitReserve, run_shape, stage_reserve, unit_reserves
 

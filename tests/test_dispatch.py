@@ -9,10 +9,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distload import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
-from distload.demo import make_checkpoint
-from distload.describe import describe_model
-from distload.dispatch import plan_device_map
-from distload.dispatch_load import device_for
+from distload.sources.demo import make_checkpoint
+from distload.meta.describe import describe_model
+from distload.compat.accelerate.device_map import plan_device_map
+from distload.compat.accelerate.dispatch import device_for
 from distload.errors import LoadError
 
 from .conftest import tiny_config

@@ -11,10 +11,11 @@ import time
 import pytest
 import torch
 
-from distload.demo import make_checkpoint
-from distload.pipeline.generate import pipeline_generate, resolve_eos
+from distload.sources.demo import make_checkpoint
+from distload.pipeline.inputs import resolve_eos
+from distload.pipeline.schedules.ring_decode import pipeline_generate
 from distload.pipeline.sampling import Sampler, SamplingConfig, warp_logits
-from distload.prompts import (
+from distload.cli.prompts import (
     Request, collect_requests, left_pad, load_tokenizer, new_tokens, parse_ids, write_outputs,
 )
 
@@ -180,7 +181,7 @@ def test_single_process_generate_matches_transformers(ckpt, hf):
 
 def test_groups_beyond_those_in_flight_wait_and_finished_ones_free_their_cache(ckpt, monkeypatch):
     import distload
-    from distload.pipeline import generate
+    from distload.pipeline.schedules import ring_decode as generate
 
     live = []
     prefill = generate._StageRunner.prefill

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from distload.demo import DEMO_CONFIG, ensure_demo_checkpoint
+from distload.sources.demo import DEMO_CONFIG, ensure_demo_checkpoint
 from distload.meta import (
     find_tied_parameters, init_empty_weights, init_on_device, materialize, module_sizes,
 )

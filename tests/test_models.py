@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distload.demo import make_checkpoint
+from distload.sources.demo import make_checkpoint
 from distload.meta import find_tied_parameters, materialize
 from distload.models import (
     SUPPORTED_MODEL_TYPES, KVCache, LlamaConfig, build_model, config_from_dict,

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from distload.checkpoint import index_checkpoint
-from distload.demo import make_checkpoint
+from distload.sources.demo import make_checkpoint
 from distload.offload import (EntrySpec, OffloadError, OffloadStore, ensure_entries, gc_store,
                               list_entries, verify_store)
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import distload
-from distload.demo import make_checkpoint
+import distload.cli.table
+from distload.sources.demo import make_checkpoint
 from distload.offload import OffloadStore, attach_streaming, ensure_entries, streamer_of
 from distload.plan.types import Tier
 
@@ -41,12 +42,12 @@ def reference(ckpt):
 
 
 def _load(ckpt, monkeypatch, offload_dir, tier=Tier.DISK, **kw):
-    import distload.api as api
+    import distload.loader.api as api
 
     plan_load = api.plan_load
     with monkeypatch.context() as m:
         if tier is not None:
-            m.setattr(api, "plan_load", lambda req: half_on_disk(plan_load(req), tier))
+            m.setattr(api, "plan_load", lambda *a: half_on_disk(plan_load(*a), tier))
         return distload.load(str(ckpt), device="cpu", offload_dir=str(offload_dir), **kw)
 
 
@@ -91,7 +92,7 @@ def test_report_second_load_writes_nothing_and_wait_is_live(ckpt, tmp_path, monk
     plain = _load(ckpt, monkeypatch, tmp_path / "off", tier=None, dtype="bfloat16")
     assert torch.equal(second.forward(IDS), plain.forward(IDS))
     assert "offloaded_bytes_by_tier" in plain.report and plain.report["offloaded_bytes"] == 0
-    table = distload.report.format_table(second.job_report)
+    table = distload.cli.table.format_table(second.job_report)
     assert "rank 0 offloaded: cpu 0.0 MB, disk" in table and "wrote 0.0 MB" in table
 
 
@@ -100,7 +101,7 @@ def test_planner_budgets_put_units_on_disk_and_they_stream(ckpt, tmp_path, monke
     """No hand-made tiers: a device budget of about half the model, no CPU tier."""
     plain = _load(ckpt, monkeypatch, tmp_path / "off", tier=None)
     shape = {"max_batch_size": 2, "max_seq_len": 16}
-    reserved = distload.api.plan_job(str(ckpt), device="cpu", **shape).stage(0).reserved_bytes
+    reserved = distload.plan_job(str(ckpt), device="cpu", **shape).stage(0).reserved_bytes
     half = sum(plain.plan.unit_bytes.values()) // 2
     pipe = distload.load(str(ckpt), device="cpu", offload_dir=str(tmp_path / "off"),
                          max_memory={0: half + reserved, "cpu": 0}, **shape)

@@ -13,13 +13,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from distload.demo import make_checkpoint
-from distload.pipeline.comm import activation_dtype
-from distload.pipeline.forward import batches_in_flight, validate_inputs
-from distload.pipeline.schedule import (
-    ABORT, BATCH, DROP, END, PREFILL, STEP, STOP, ForwardHeader, StepHeader, micro_batch_slices,
-    position_ids_from_mask, prefill_parts, split_sizes,
-)
+from distload.sources.demo import make_checkpoint
+from distload.pipeline.inputs import validate_inputs
+from distload.pipeline.schedules.forward_stream import batches_in_flight
+from distload.pipeline.messages import ABORT, BATCH, DROP, END, PREFILL, STEP, STOP, ForwardHeader, StepHeader
+from distload.pipeline.microbatch import micro_batch_slices, position_ids_from_mask, prefill_parts, split_sizes
 
 from .conftest import tiny_config
 from .mp import torchrun, worker
@@ -146,9 +144,9 @@ def test_activation_dtype_follows_the_cast(checkpoints):
     import distload
 
     pipe = distload.load(str(checkpoints["llama"]), device="cpu")
-    assert activation_dtype(pipe.plan) == torch.float32
+    assert pipe.activation_dtype == torch.float32
     pipe16 = distload.load(str(checkpoints["llama"]), device="cpu", dtype="bfloat16")
-    assert activation_dtype(pipe16.plan) == torch.bfloat16
+    assert pipe16.activation_dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- one process

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from distload.checkpoint.types import TensorMeta
-from distload.describe import ModelSpec, ParamSpec, UnitSpec
+from distload.meta.describe import ModelSpec, ParamSpec, UnitSpec
 from distload.errors import LoadError, PlanError
 from distload.plan import LoadPlan, make_plan, min_max_partition
 
@@ -41,7 +41,7 @@ def _spec(layers=4, hidden=8, vocab=32, tied=False) -> tuple[ModelSpec, dict[str
 
 def _plan(world, **kw):
     spec, tensors = _spec(**kw)
-    return make_plan(spec, tensors, world_size=world, checkpoint="/ckpt", format="safetensors",
+    return make_plan(spec, tensors, world_size=world, source={"kind": "local", "label": "ckpt"}, format="safetensors",
                      config={"model_type": "llama"}), tensors
 
 
@@ -84,7 +84,7 @@ def test_tied_on_one_rank_shares_storage_bytes():
 
 def test_dtype_cast_changes_param_bytes_not_read_bytes():
     spec, tensors = _spec()
-    plan = make_plan(spec, tensors, world_size=2, checkpoint="/c", format="safetensors", config={},
+    plan = make_plan(spec, tensors, world_size=2, source={"kind": "local", "label": "c"}, format="safetensors", config={},
                      dtype="float32")
     assert sum(s.param_bytes for s in plan.stages) == 2 * sum(m.length for m in tensors.values())
     assert sum(s.tensor_bytes for s in plan.stages) == sum(m.length for m in tensors.values())
@@ -95,15 +95,15 @@ def test_missing_key_is_named():
     spec, tensors = _spec()
     del tensors["model.layers.2.proj.weight"]
     with pytest.raises(LoadError, match=r"model\.layers\.2\.proj\.weight"):
-        make_plan(spec, tensors, world_size=2, checkpoint="/c", format="safetensors", config={})
+        make_plan(spec, tensors, world_size=2, source={"kind": "local", "label": "c"}, format="safetensors", config={})
 
 
 def test_unexpected_key_is_error_unless_not_strict():
     spec, tensors = _spec()
     tensors["extra.weight"] = TensorMeta("extra.weight", "b.safetensors", "bfloat16", (2,), 10_000, 4)
     with pytest.raises(LoadError, match=r"extra\.weight.*strict"):
-        make_plan(spec, tensors, world_size=2, checkpoint="/c", format="safetensors", config={})
-    plan = make_plan(spec, tensors, world_size=2, checkpoint="/c", format="safetensors", config={}, strict=False)
+        make_plan(spec, tensors, world_size=2, source={"kind": "local", "label": "c"}, format="safetensors", config={})
+    plan = make_plan(spec, tensors, world_size=2, source={"kind": "local", "label": "c"}, format="safetensors", config={}, strict=False)
     assert plan.unexpected_keys == ("extra.weight",)
     assert all(m.name != "extra.weight" for s in plan.stages for m in s.reads)
 
@@ -113,7 +113,7 @@ def test_shape_mismatch_names_tensor_and_file():
     m = tensors["model.norm.weight"]
     tensors["model.norm.weight"] = TensorMeta(m.name, m.file, m.dtype, (7,), m.offset, 14)
     with pytest.raises(LoadError, match=r"model\.norm\.weight.*b\.safetensors.*\[7\]"):
-        make_plan(spec, tensors, world_size=1, checkpoint="/c", format="safetensors", config={})
+        make_plan(spec, tensors, world_size=1, source={"kind": "local", "label": "c"}, format="safetensors", config={})
 
 
 def test_too_many_ranks_is_a_plan_error():

@@ -225,7 +225,7 @@ def _seeded_problem() -> str:
 
 def _model_plan(world, budgets, tied=False, shape=None, vocab=32):
     spec, tensors = _spec(layers=4, hidden=8, vocab=vocab, tied=tied)
-    return plan_model(spec, tensors, budgets=budgets, checkpoint="/ckpt", format="safetensors",
+    return plan_model(spec, tensors, budgets=budgets, source={"kind": "local", "label": "ckpt"}, format="safetensors",
                       config={"model_type": "llama"}, shape=shape), tensors
 
 
@@ -251,7 +251,7 @@ def test_plan_model_reserves_for_the_run_shape():
     units = tuple(dataclasses.replace(u, kv_per_token=4 if ".layers." in u.name else 0, act_per_token=10,
                                       max_out=8) for u in spec.units)
     plan = plan_model(dataclasses.replace(spec, units=units), tensors, budgets=[RankBudget(10**6)] * 2,
-                      checkpoint="/c", format="safetensors", config={}, shape=RunShape(2, 16))
+                      source={"kind": "local", "label": "c"}, format="safetensors", config={}, shape=RunShape(2, 16))
     # bf16 (the checkpoint's dtype): KV 32 tokens * 4 * 2 B per layer; work 32 * (10 * 2 + 8 * 4)
     for s in plan.stages:
         layers = sum(".layers." in u for u in s.units)
@@ -289,7 +289,7 @@ TIGHT = {"0": "600KB", "1": "600KB", "cpu": "400KB", "disk": "10MB"}
 @pytest.fixture(scope="module")
 def eight_layers(tmp_path_factory):
     """8 layers, float32, ~1.3 MB: the budgets in TIGHT leave every rank device, cpu and disk."""
-    from distload.demo import make_checkpoint
+    from distload.sources.demo import make_checkpoint
 
     from .conftest import tiny_config
 

@@ -9,7 +9,7 @@ import huggingface_hub
 import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from distload.checkpoint import parse_hub_id, resolve_model
+from distload.sources import parse_hub_id, resolve_model
 from distload.errors import CheckpointError
 
 SHA = "0123456789abcdef0123456789abcdef01234567"

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distload.demo import make_checkpoint
+from distload.sources.demo import make_checkpoint
 from distload.pipeline import calls
 from distload.pipeline.calls import CLOSE, FORWARD, GENERATE, CallChannel
-from distload.pipeline.schedule import position_ids_from_mask
+from distload.pipeline.microbatch import position_ids_from_mask
 
 from .conftest import tiny_config
 from .mp import torchrun, worker

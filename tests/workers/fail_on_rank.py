@@ -4,19 +4,18 @@ import os
 import sys
 
 import distload
-import distload.api
+import distload.loader.stage
 from distload.errors import CheckpointError
 
 ckpt, fail_rank = sys.argv[1], int(sys.argv[2])
-real_read_stage = distload.api.read_stage
+real_read_stage = distload.loader.stage.read_stage
 
 
-def read_stage(plan, rank, storage, **kw):
-    if rank == fail_rank:
-        file = plan.stage(rank).reads[0].file
-        raise CheckpointError(f"injected read failure in {os.path.basename(file)}")
-    return real_read_stage(plan, rank, storage, **kw)
+def read_stage(reads, storage, **kw):
+    if int(os.environ["RANK"]) == fail_rank:
+        raise CheckpointError(f"injected read failure in {os.path.basename(reads[0].file)}")
+    return real_read_stage(reads, storage, **kw)
 
 
-distload.api.read_stage = read_stage
+distload.loader.stage.read_stage = read_stage
 distload.load(ckpt, device="cpu")

@@ -18,7 +18,7 @@ rank = pipe.rank
 handles = {}
 mismatches, checked = [], 0
 for src in pipe.plan.stage(rank).params:
-    meta = next((m for s in pipe.plan.stages for m in s.reads if m.name == src.key))
+    meta = next((m.located(pipe.root) for s in pipe.plan.stages for m in s.reads if m.name == src.key))
     if meta.file not in handles:
         handles[meta.file] = safe_open(meta.file, framework="pt")
     reference = handles[meta.file].get_tensor(src.key)

@@ -17,14 +17,14 @@ def half_on_disk(plan: LoadPlan, tier: str = Tier.DISK, *, everything: bool = Fa
         layers = [u for u in st.units if ".layers." in u]
         moved = set(st.units) if everything else set(layers[len(layers) // 2:])
         tiers = tuple(tier if u in moved else t for u, t in zip(st.units, st.unit_tiers))
-        stages.append(dataclasses.replace(st, unit_tiers=tiers))
+        stages.append(st.with_unit_tiers(tiers))
     return dataclasses.replace(plan, stages=tuple(stages))
 
 
 def install_tiers(tier: str = Tier.DISK, *, everything: bool = False) -> None:
     """Make `distload.load` plan with half of each stage's layers (or all its units) on
     `tier`."""
-    import distload.api as api
+    import distload.loader.api as api
 
     plan_load = api.plan_load
-    api.plan_load = lambda request: half_on_disk(plan_load(request), tier, everything=everything)
+    api.plan_load = lambda *a: half_on_disk(plan_load(*a), tier, everything=everything)

@@ -11,7 +11,7 @@ import sys
 import torch
 
 import distload
-from distload.pipeline.generate import pipeline_generate
+from distload.pipeline.schedules.ring_decode import pipeline_generate
 from pipeline_inputs import batch
 
 out_dir, ckpt, eos = sys.argv[1], sys.argv[2], int(sys.argv[3])

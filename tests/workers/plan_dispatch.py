@@ -18,7 +18,7 @@ with distload.init_empty_weights():
 pipe = distload.load_checkpoint_and_dispatch(model, ckpt, device_map="auto", max_seq_len=16)
 assert isinstance(pipe, distload.Pipeline), type(pipe)
 stage = pipe.plan.stage(pipe.rank)
-metas = {m.name: m for s in pipe.plan.stages for m in s.reads}
+metas = {m.name: m.located(pipe.root) for s in pipe.plan.stages for m in s.reads}
 mismatches, checked = [], 0
 for src in stage.params:
     with safe_open(metas[src.key].file, framework="pt") as f:

@@ -10,7 +10,7 @@ import sys
 import torch
 
 import distload
-from distload.api import load
+from distload.loader import load
 
 ckpt, out_dir, max_memory = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 also_load = len(sys.argv) > 4 and sys.argv[4] == "load"

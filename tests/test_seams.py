@@ -1,0 +1,138 @@
+"""The seams: a plan names no path of rank 0's machine, and a new checkpoint source, model
+type or pipeline schedule is one registration (each checked end to end in one process,
+against transformers or safetensors, never against distload itself)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import distload
+from distload.checkpoint import index_checkpoint
+from distload.models import LlamaConfig, LlamaForCausalLM, ModelFamily, registry
+from distload.pipeline.schedules import registry as schedules
+from distload.pipeline.schedules.registry import Schedule
+from distload.sources import Source, base
+from distload.sources.demo import make_checkpoint
+
+from .conftest import tiny_config
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seams") / "ckpt"
+    return make_checkpoint(tiny_config(num_hidden_layers=2), out, num_shards=2, dtype="float32", seed=9)
+
+
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _strings(v)
+
+
+def test_plan_json_holds_no_absolute_path(ckpt):
+    plan = distload.plan_job(str(ckpt), device="cpu")
+    text = plan.to_json()
+    assert str(ckpt) not in text and str(ckpt.parent) not in text
+    strings = list(_strings(json.loads(text)))
+    assert not [s for s in strings if os.path.isabs(s)]
+    files = {m.file for s in plan.stages for m in s.reads}
+    assert files == set(plan.file_sizes) and files == {p.name for p in ckpt.glob("*.safetensors")}
+    assert plan.source == {"kind": "local", "label": "ckpt"}
+
+
+def test_a_plan_loads_from_another_copy_of_the_checkpoint(ckpt, tmp_path):
+    """What a second node does: the same relative files under its own root."""
+    plan = distload.plan_job(str(ckpt), device="cpu")
+    copy = tmp_path / "elsewhere" / "ckpt"
+    shutil.copytree(ckpt, copy)
+    pipe = distload.load(str(copy), device="cpu")
+    assert pipe.root == str(copy)
+    assert [s.reads for s in pipe.plan.stages] == [s.reads for s in plan.stages]  # same relative items
+    for src in pipe.plan.stage(0).params:
+        meta = index_checkpoint(copy).tensors[src.key]
+        with safe_open(meta.file, framework="pt") as f:
+            assert torch.equal(pipe.module.get_parameter(src.param), f.get_tensor(src.key))
+
+
+def test_a_new_source_is_one_registration(ckpt, tmp_path, monkeypatch):
+    """A source of its own: `vault:NAME` names a directory under a vault root."""
+    vault = tmp_path / "vault"
+    shutil.copytree(ckpt, vault / "tiny")
+
+    class VaultSource(Source):
+        kind = "vault"
+
+        @classmethod
+        def claims(cls, spec):
+            return spec.startswith("vault:")
+
+        def index(self):
+            return index_checkpoint(self.root())
+
+        def identity(self):
+            return {"kind": self.kind, "label": self.spec}
+
+        def root(self):
+            return str(vault / self.spec.removeprefix("vault:"))
+
+    monkeypatch.setattr(base, "_SOURCES", [VaultSource, *base._SOURCES])
+    pipe = distload.load("vault:tiny", device="cpu")
+    assert pipe.plan.source == {"kind": "vault", "label": "vault:tiny"}
+    ids = torch.tensor([[3, 17, 42, 9]])
+    reference = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.forward(ids), reference(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_a_new_model_type_is_one_registration(ckpt, tmp_path, monkeypatch):
+    """A family of its own for `model_type: "toyllama"` (a llama under another name)."""
+    renamed = tmp_path / "toy"
+    shutil.copytree(ckpt, renamed)
+    config = json.loads((renamed / "config.json").read_text())
+    (renamed / "config.json").write_text(json.dumps({**config, "model_type": "toyllama"}))
+
+    class ToyLlama(LlamaForCausalLM):
+        pass
+
+    def read_config(d):
+        return LlamaConfig.from_dict({**d, "model_type": "llama"})
+
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+    registry.register_family(ModelFamily(("toyllama",), read_config, ToyLlama))
+    pipe = distload.load(str(renamed), device="cpu")
+    assert type(pipe.module) is ToyLlama and "toyllama" in registry.supported_model_types()
+    ids = torch.tensor([[3, 17, 42, 9]])
+    reference = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.forward(ids), reference(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_a_new_schedule_is_one_registration(ckpt, monkeypatch):
+    """A schedule of its own: the last position's logits only, run through `pipe.run`."""
+    def last_logits(pipe, ids):
+        pipe.start_call("last_logits")
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        with torch.no_grad():
+            return pipe.module(ids, position_ids=positions, last_only=True)
+
+    monkeypatch.setattr(schedules, "_SCHEDULES", dict(schedules._SCHEDULES))
+    schedules.register_schedule(Schedule("last_logits", last_logits, lambda pipe: None))
+    pipe = distload.load(str(ckpt), device="cpu")
+    ids = torch.tensor([[3, 17, 42, 9], [5, 6, 7, 8]])
+    torch.testing.assert_close(pipe.run("last_logits", ids), pipe.forward(ids)[:, -1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unknown pipeline schedule 'nope'.*last_logits"):
+        pipe.run("nope")
