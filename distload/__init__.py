@@ -8,7 +8,12 @@ Example::
     logits = pipe.forward(input_ids)         # on rank 0; None on the other ranks
 """
 
-from .compat.accelerate import infer_auto_device_map, load_checkpoint_and_dispatch
+import warnings
+
+# torch warns at import when numpy is absent; distload never needs numpy.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+from .compat.accelerate import infer_auto_device_map, load_checkpoint_and_dispatch  # noqa: E402
 from .errors import CheckpointError, DistloadError, LoadError, PlanError, RankError
 from .loader import load, plan_job
 from .meta import init_empty_weights, init_on_device

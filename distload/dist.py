@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from .checkpoint.files import byte_view
 from .errors import RankError
 from .log import logger
 
@@ -108,8 +110,7 @@ def init_world(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = Non
     # A node is a host; torchrun's GROUP_RANK (the node rank) tells apart "nodes" that share
     # a host name (containers, or several launches on one machine).
     here = (socket.gethostname(), os.environ.get("GROUP_RANK", ""))
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, here, group=cpu_group)
+    everyone = _all_gather_pickled(here, cpu_group)
     first_seen = {key: i for i, key in reversed(list(enumerate(everyone)))}
     order = sorted(set(first_seen.values()))
     nodes = tuple(order.index(first_seen[key]) for key in everyone)
@@ -130,16 +131,15 @@ def run_on_rank0(world: World, fn: Callable[[], T] | None) -> T:
     """
     if not world.distributed:
         return fn()
-    box: list[Any] = [None]
+    box: Any = None
     error: BaseException | None = None
     if world.is_first:
         try:
-            box[0] = ("ok", fn())
+            box = ("ok", fn())
         except Exception as exc:  # noqa: BLE001 - forwarded to every rank
             error = exc
-            box[0] = ("error", _error_record(exc))
-    dist.broadcast_object_list(box, src=0, group=world.cpu_group)
-    status, payload = box[0]
+            box = ("error", _error_record(exc))
+    status, payload = _broadcast_pickled(box, world.cpu_group)
     if status == "ok":
         return payload
     if error is not None:
@@ -171,9 +171,37 @@ def gather_objects(world: World, obj: Any) -> list[Any]:
     """All-gather one picklable object per rank (in rank order) over the control group."""
     if not world.distributed:
         return [obj]
-    out: list[Any] = [None] * world.world_size
-    dist.all_gather_object(out, obj, group=world.cpu_group)
-    return out
+    return _all_gather_pickled(obj, world.cpu_group)
+
+
+# torch's *_object collectives turn bytes back into objects through numpy, which is not a
+# dependency of distload; these do the same with byte views of CPU tensors.
+
+def _unpickle(t: torch.Tensor) -> Any:
+    return pickle.loads(bytes(byte_view(t)))
+
+
+def _all_gather_pickled(obj: Any, group: Any) -> list[Any]:
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([data.numel()]), group=group)
+    longest = max(int(s) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[:data.numel()] = data
+    parts = [torch.empty(longest, dtype=torch.uint8) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return [_unpickle(p[:int(n)]) for p, n in zip(parts, sizes)]
+
+
+def _broadcast_pickled(obj: Any, group: Any) -> Any:
+    """Rank 0's `obj` on every rank (the others pass anything)."""
+    first = dist.get_rank() == 0
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8) if first else None
+    size = torch.tensor([data.numel() if first else 0])
+    dist.broadcast(size, src=0, group=group)
+    buffer = data if first else torch.empty(int(size), dtype=torch.uint8)
+    dist.broadcast(buffer, src=0, group=group)
+    return obj if first else _unpickle(buffer)
 
 
 def shutdown(world: World | None = None, *, failed: bool = False) -> None:
