@@ -14,6 +14,7 @@ import struct
 
 import torch
 
+from distload import trace
 from distload.checkpoint.files import open_checkpoint_file
 from distload.checkpoint.types import SAFETENSORS_DTYPES, TensorMeta
 from distload.dtypes import dtype_name
@@ -44,7 +45,9 @@ def read_safetensors_header(path: str | os.PathLike) -> list[TensorMeta]:
 def _read_header(path: str | os.PathLike) -> tuple[list[TensorMeta], int]:
     """Like `read_safetensors_header`, also returning the header's size on disk (8 + n)."""
     file = os.path.abspath(os.fspath(path))
-    raw, size = _read_raw_header(file)
+    with trace.span("header", "io", file=file) as span:
+        raw, size = _read_raw_header(file)
+        span.set(bytes=8 + len(raw))
     header = _parse_json(file, raw)
     data_size = size - 8 - len(raw)
     base = 8 + len(raw)

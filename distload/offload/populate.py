@@ -15,9 +15,10 @@ from collections.abc import Mapping
 
 import torch
 
+from .. import trace
 from ..checkpoint.types import TensorMeta
 from ..dtypes import cast_dtype, dtype_from_name
-from ..io.reader import read_tensors
+from ..io.reader import ReadProgress, read_tensors
 from .entry import Entry, EntrySpec
 from .store import OffloadStore
 
@@ -26,14 +27,16 @@ __all__ = ["ensure_entries"]
 
 def ensure_entries(store: OffloadStore, metas: Mapping[str, TensorMeta], *, checkpoint: str,
                    dtype: str | None = None, tensors: Mapping[str, torch.Tensor] | None = None,
-                   verify: bool = True) -> tuple[dict[str, Entry], int]:
+                   verify: bool = True, progress: ReadProgress | None = None
+                   ) -> tuple[dict[str, Entry], int]:
     """Offload-store entries for tensors `metas` of the checkpoint whose root is
     `checkpoint` (keyed by any name, e.g. parameter names; a meta's `file` is relative to
     that root, or absolute) as `dtype` (None: their own;
     floating-point tensors only), recorded in the manifest under (`checkpoint`, `dtype`).
     An entry already there and intact is reused; one missing or corrupt is made from
     `tensors[name]` if given, else read from the checkpoint (one tensor at a time).
-    Returns (name -> Entry, checkpoint bytes read).
+    Returns (name -> Entry, checkpoint bytes read). `progress` hears of those reads (see
+    `distload.io.reader`); each entry is an ``offload entry`` span of `distload.trace`.
 
     Example::
 
@@ -54,7 +57,7 @@ def ensure_entries(store: OffloadStore, metas: Mapping[str, TensorMeta], *, chec
         meta, spec = metas[name], specs[name]
         read += meta.length
         out = torch.empty(spec.shape, dtype=dtype_from_name(spec.dtype))
-        read_tensors([meta], {meta.name: out}, workers=1)
+        read_tensors([meta], {meta.name: out}, workers=1, progress=progress)
         return out
 
     # Concurrent processes start at different places, so they write different entries at
@@ -63,5 +66,8 @@ def ensure_entries(store: OffloadStore, metas: Mapping[str, TensorMeta], *, chec
     start = os.getpid() % len(order) if order else 0
     entries = {}
     for name in order[start:] + order[:start]:
-        entries[name] = store.ensure(specs[name], lambda n=name: produce(n), verify=verify)
+        with trace.span("offload entry", "offload", tensor=name, bytes=specs[name].nbytes) as s:
+            written = store.bytes_written
+            entries[name] = store.ensure(specs[name], lambda n=name: produce(n), verify=verify)
+            s.set(written=store.bytes_written - written)
     return entries, read

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import trace
 from .entry import Entry
 
 __all__ = ["StreamStats", "Streamer", "attach_streaming", "streamer_of"]
@@ -101,12 +102,14 @@ class Streamer:
         if i in self._resident:
             return
         start = time.perf_counter()
-        if i in self._pending:
-            tensors, ready = self._pending.pop(i).result()
-            self.stats.prefetched += 1
-        else:
-            self._make_room(current=i)
-            tensors, ready = self._load(i)
+        with trace.span("offload wait", "offload", unit=self.units[i].name,
+                        prefetched=i in self._pending, bytes=self.units[i].nbytes):
+            if i in self._pending:
+                tensors, ready = self._pending.pop(i).result()
+                self.stats.prefetched += 1
+            else:
+                self._make_room(current=i)
+                tensors, ready = self._load(i)
         if ready is not None:  # the compute stream waits for this unit's copies only
             torch.cuda.current_stream(self.device).wait_event(ready)
         self.stats.wait_seconds += time.perf_counter() - start

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from .. import trace
 from ..dist import World, run_on_rank0
 from ..errors import CallAborted, RankError
 
@@ -64,12 +65,15 @@ class Outbox:
         """Wait until every send has been delivered; a peer that failed raises
         `RankError` naming it."""
         pending, self._pending = self._pending, []
-        for work, _, dst in pending:
-            try:
-                work.wait()
-            except RuntimeError as exc:
-                raise RankError(f"could not send to rank {dst}: it failed or stopped "
-                                f"(see its own error); {exc}") from exc
+        if not pending:
+            return
+        with trace.span("send wait", "comm", sends=len(pending)):
+            for work, _, dst in pending:
+                try:
+                    work.wait()
+                except RuntimeError as exc:
+                    raise RankError(f"could not send to rank {dst}: it failed or stopped "
+                                    f"(see its own error); {exc}") from exc
 
 
 class Inbound:
@@ -81,11 +85,12 @@ class Inbound:
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
-            try:
-                self._work.wait()
-            except RuntimeError as exc:
-                raise RankError(f"no data from rank {self._src}: it failed or stopped "
-                                f"(see its own error); {exc}") from exc
+            with trace.span("recv wait", "comm", src=self._src, shape=list(self.buffer.shape)):
+                try:
+                    self._work.wait()
+                except RuntimeError as exc:
+                    raise RankError(f"no data from rank {self._src}: it failed or stopped "
+                                    f"(see its own error); {exc}") from exc
             self._work = None
         return self.buffer
 

@@ -45,6 +45,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
+from ... import trace
 from ...errors import CallAborted, RankError
 from ...log import logger
 from ..comm import Inbound, Outbox, post_recv
@@ -121,14 +122,17 @@ def _prepare(item, vocab: int) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 @torch.no_grad()
-def _run(module, x: torch.Tensor, mask: torch.Tensor | None, rows: slice) -> torch.Tensor:
-    """This rank's stage on the micro-batch `rows` (mask on the stage's device, or None)."""
+def _run(module, x: torch.Tensor, mask: torch.Tensor | None, rows: slice, index: int = 0) -> torch.Tensor:
+    """This rank's stage on the micro-batch `rows` (number `index` of its batch; mask on
+    the stage's device, or None)."""
     length = x.shape[1]
-    if mask is None:
-        positions = torch.arange(length, device=x.device).expand(x.shape[0], length)
-        return module(x, position_ids=positions, attention_mask=None)
-    mask = mask[rows]
-    return module(x, position_ids=position_ids_from_mask(mask), attention_mask=mask)
+    with trace.span("forward", "pipeline", micro_batch=index, rows=f"{rows.start}-{rows.stop}",
+                    tokens=length):
+        if mask is None:
+            positions = torch.arange(length, device=x.device).expand(x.shape[0], length)
+            return module(x, position_ids=positions, attention_mask=None)
+        mask = mask[rows]
+        return module(x, position_ids=position_ids_from_mask(mask), attention_mask=mask)
 
 
 def _lead_local(pipe, batches: Iterable, micro_batches: int) -> Iterator[torch.Tensor]:
@@ -137,8 +141,8 @@ def _lead_local(pipe, batches: Iterable, micro_batches: int) -> Iterator[torch.T
     for item in _batches(batches):
         ids, mask = _prepare(item, vocab)
         ids, mask = ids.to(device), None if mask is None else mask.to(device)
-        outs = [_run(pipe.module, ids[sl], mask, sl)
-                for sl in micro_batch_slices(ids.shape[0], micro_batches)]
+        outs = [_run(pipe.module, ids[sl], mask, sl, i)
+                for i, sl in enumerate(micro_batch_slices(ids.shape[0], micro_batches))]
         yield torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
@@ -201,8 +205,8 @@ class _Lead:
             post_recv((sl.stop - sl.start, length, self.vocab), self.dtype, device, src=last,
                       group=self.world.return_group) for sl in slices])
         ids = ids.to(device)
-        for sl in slices:
-            self.outbox.send(_run(self.module, ids[sl], mask, sl).to(self.dtype), dst=1)
+        for i, sl in enumerate(slices):
+            self.outbox.send(_run(self.module, ids[sl], mask, sl, i).to(self.dtype), dst=1)
 
     def _collect(self) -> torch.Tensor:
         logits = [r.wait() for r in self.inflight.popleft()]
@@ -285,8 +289,8 @@ def follow_forward(pipe) -> Iterator[None]:
         if mask is not None:
             mask = mask.wait()
             relay(mask)
-        for sl, act in zip(slices, acts):
-            out = _run(module, act.wait(), mask, sl).to(dtype)
+        for i, (sl, act) in enumerate(zip(slices, acts)):
+            out = _run(module, act.wait(), mask, sl, i).to(dtype)
             if nxt is None:
                 outbox.send(out, dst=0, group=world.return_group)
             else:
