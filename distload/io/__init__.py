@@ -8,6 +8,6 @@ Example::
 """
 
 from .mapped import map_tensors
-from .reader import ReadStats, read_tensors
+from .reader import ReadProgress, ReadStats, read_tensors
 
-__all__ = ["ReadStats", "read_tensors", "map_tensors"]
+__all__ = ["ReadStats", "ReadProgress", "read_tensors", "map_tensors"]

@@ -7,6 +7,9 @@ disk when the cache is cold) and nothing is deferred to the first forward.
 No copy and no fresh anonymous memory: on a small VM, first-touching fresh pages (4 KiB
 page faults + zeroing) costs ~0.3-0.5 s per GB, more than reading from the page cache.
 Writing to a weight copies just that page (private); the file is never written.
+
+A run of adjacent tensors is faulted in by chunks of at most 64 MiB, each a ``read`` span
+of `distload.trace` and a call of `progress(file, nbytes)` (see `distload.io.reader`).
 """
 
 from __future__ import annotations
@@ -19,19 +22,22 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import trace
 from ..checkpoint.types import TensorMeta
 from ..errors import CheckpointError
-from .reader import ReadStats
+from .reader import ReadProgress, ReadStats
 
 __all__ = ["map_tensors"]
 
 _MADV_POPULATE_READ = 22  # Linux >= 5.14
 _PAGE = mmap.PAGESIZE
+_CHUNK = 64 << 20  # bytes faulted in per madvise: progress is never further behind
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
-def map_tensors(reads: Sequence[TensorMeta]) -> tuple[dict[str, torch.Tensor], ReadStats]:
+def map_tensors(reads: Sequence[TensorMeta], *, progress: ReadProgress | None = None
+                ) -> tuple[dict[str, torch.Tensor], ReadStats]:
     """Map every tensor of `reads` whose offset suits its dtype; returns name -> tensor
     (the others are left to `read_tensors`) and what was read. Returns nothing mapped
     where the kernel lacks MADV_POPULATE_READ (the caller then reads as usual)."""
@@ -49,12 +55,19 @@ def map_tensors(reads: Sequence[TensorMeta]) -> tuple[dict[str, torch.Tensor], R
                                   f"{metas[-1].offset + metas[-1].length}: the file was truncated")
         base = torch.empty(0, dtype=torch.uint8)
         base.set_(torch.UntypedStorage.from_file(file, False, size))  # MAP_PRIVATE, nothing read yet
+        if progress is not None:
+            progress(file, 0)
         for run in _runs(metas):
             start, end = run[0].offset, run[-1].offset + run[-1].length
-            if not _populate(base.data_ptr() + start, end - start):
-                return {}, ReadStats()
-            stats.bytes_read += end - start
-            stats.syscalls += 1
+            for first in range(start, end, _CHUNK):
+                n = min(_CHUNK, end - first)
+                with trace.span("read", "io", file=file, offset=first, bytes=n, mapped=True):
+                    if not _populate(base.data_ptr() + first, n):
+                        return {}, ReadStats()
+                stats.bytes_read += n
+                stats.syscalls += 1
+                if progress is not None:
+                    progress(file, n)
             for m in run:
                 out[m.name] = base[m.offset:m.offset + m.length].view(m.torch_dtype).view(m.shape)
     return out, stats

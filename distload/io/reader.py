@@ -6,6 +6,10 @@ cast is needed, bytes go straight into the destination tensors (no staging copy)
 cast or a CUDA destination they pass through a small reusable staging buffer per worker
 (pinned, with asynchronous host-to-device copies, on CUDA), so the extra memory is bounded
 by `workers * staging_bytes` whatever the checkpoint size.
+
+Progress: `read_tensors(..., progress=fn)` calls ``fn(file, nbytes)`` after each
+coalesced read with the bytes it brought in (from the reader threads: `fn` must be
+thread-safe and cheap). Each coalesced read is also a ``read`` span of `distload.trace`.
 """
 
 from __future__ import annotations
@@ -14,21 +18,28 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from .. import trace
 from ..checkpoint.bin import load_bin_tensors
 from ..checkpoint.files import byte_view, open_checkpoint_file
 from ..checkpoint.types import TensorMeta
 from ..errors import CheckpointError
 
-__all__ = ["ReadStats", "read_tensors", "DEFAULT_STAGING_BYTES"]
+__all__ = ["ReadStats", "ReadProgress", "read_tensors", "DEFAULT_STAGING_BYTES"]
 
 DEFAULT_STAGING_BYTES = 32 << 20
 _IOV_MAX = 1024  # Linux limit on buffers per preadv
+# A direct run ends at this many bytes too, so that progress (and a stalled rank's last
+# sign of life) is never more than one such read behind; a single larger tensor is one run.
+_MAX_DIRECT_RUN = 64 << 20
+
+ReadProgress = Callable[[str, int], None]
+"""``progress(file, nbytes)``: `nbytes` more bytes of `file` were read."""
 
 
 @dataclass
@@ -48,13 +59,15 @@ def read_tensors(
     *,
     workers: int = 2,
     staging_bytes: int = DEFAULT_STAGING_BYTES,
+    progress: ReadProgress | None = None,
 ) -> ReadStats:
     """Fill `dests[meta.name]` from `meta.file` (a path to open) for every meta in `reads`.
 
     Each destination must have the meta's shape; its dtype may differ (the bytes are cast
     by torch's `copy_`). Files are read in parallel by up to `workers` threads. Tensors of
     a pickled `.bin` file (offset -1) are taken from its memory map instead. Raises
-    `CheckpointError` naming the file and tensor on a short read.
+    `CheckpointError` naming the file and tensor on a short read. `progress` (see the
+    module doc) hears of every coalesced read.
 
     Example::
 
@@ -71,18 +84,20 @@ def read_tensors(
             by_file[meta.file].append(meta)
     total = ReadStats()
     for file, metas in sorted(pickled.items()):
-        total.add(_copy_pickled(file, metas, dests))
+        total.add(_copy_pickled(file, metas, dests, progress))
     local = threading.local()
 
     def run(file: str) -> ReadStats:
         if not hasattr(local, "stager"):
             local.stager = _Stager(staging_bytes)
-        return _read_file(file, sorted(by_file[file], key=lambda m: m.offset), dests, local.stager)
+        return _read_file(file, sorted(by_file[file], key=lambda m: m.offset), dests, local.stager,
+                          progress)
 
     files = sorted(by_file)
     if workers <= 1 or len(files) <= 1:
         stager = _Stager(staging_bytes)
-        results = [_read_file(f, sorted(by_file[f], key=lambda m: m.offset), dests, stager) for f in files]
+        results = [_read_file(f, sorted(by_file[f], key=lambda m: m.offset), dests, stager, progress)
+                   for f in files]
     else:
         with ThreadPoolExecutor(max_workers=min(workers, len(files)), thread_name_prefix="distload-read") as pool:
             results = list(pool.map(run, files))
@@ -94,13 +109,18 @@ def read_tensors(
     return total
 
 
-def _copy_pickled(file: str, metas: list[TensorMeta], dests: Mapping[str, torch.Tensor]) -> ReadStats:
+def _copy_pickled(file: str, metas: list[TensorMeta], dests: Mapping[str, torch.Tensor],
+                  progress: ReadProgress | None) -> ReadStats:
     """Tensors of a `.bin` file: its pages are mapped (`torch.load(mmap=True)`), so only
     the named tensors' pages are read, by the copy."""
     stats = ReadStats()
     for name, tensor in load_bin_tensors(file, [m.name for m in metas]).items():
-        dests[name].copy_(tensor)
-        stats.bytes_read += tensor.numel() * tensor.element_size()
+        nbytes = tensor.numel() * tensor.element_size()
+        with trace.span("read", "io", file=file, tensors=1, bytes=nbytes):
+            dests[name].copy_(tensor)
+        stats.bytes_read += nbytes
+        if progress is not None:
+            progress(file, nbytes)
     return stats
 
 
@@ -115,7 +135,8 @@ def _runs(metas: list[TensorMeta], direct: list[bool], max_staged_bytes: int):
     run_direct, run_bytes = False, 0
     for meta, is_direct in zip(metas, direct):
         adjacent = bool(run) and meta.offset == run[-1].offset + run[-1].length
-        fits = len(run) < _IOV_MAX if is_direct else run_bytes + meta.length <= max_staged_bytes
+        fits = (len(run) < _IOV_MAX and run_bytes + meta.length <= _MAX_DIRECT_RUN if is_direct
+                else run_bytes + meta.length <= max_staged_bytes)
         if run and not (adjacent and is_direct == run_direct and fits):
             yield run_direct, run
             run, run_bytes = [], 0
@@ -127,7 +148,8 @@ def _runs(metas: list[TensorMeta], direct: list[bool], max_staged_bytes: int):
         yield run_direct, run
 
 
-def _read_file(file: str, metas: list[TensorMeta], dests: Mapping[str, torch.Tensor], stager: "_Stager") -> ReadStats:
+def _read_file(file: str, metas: list[TensorMeta], dests: Mapping[str, torch.Tensor], stager: "_Stager",
+               progress: ReadProgress | None = None) -> ReadStats:
     stats = ReadStats()
     fd, size = open_checkpoint_file(file, f"needed for {metas[0].name}")
     try:
@@ -136,12 +158,19 @@ def _read_file(file: str, metas: list[TensorMeta], dests: Mapping[str, torch.Ten
             raise CheckpointError(f"{file} is {size} bytes but tensor {last.name} ends at byte "
                                   f"{last.offset + last.length}: the file was truncated or changed")
         direct = [_direct(m, dests[m.name]) for m in metas]
+        if progress is not None:
+            progress(file, 0)   # this file is being read now (for a stalled rank's message)
         for is_direct, run in _runs(metas, direct, stager.capacity):
-            if is_direct:
-                views = [byte_view(dests[m.name]) for m in run]
-                _preadv_exact(fd, views, run[0].offset, file, run, stats)
-            else:
-                stager.copy_run(fd, file, run, dests, stats)
+            nbytes = run[-1].offset + run[-1].length - run[0].offset
+            with trace.span("read", "io", file=file, offset=run[0].offset, bytes=nbytes,
+                            tensors=len(run)):
+                if is_direct:
+                    views = [byte_view(dests[m.name]) for m in run]
+                    _preadv_exact(fd, views, run[0].offset, file, run, stats)
+                else:
+                    stager.copy_run(fd, file, run, dests, stats)
+            if progress is not None:
+                progress(file, nbytes)
         stager.drain()
     finally:
         os.close(fd)

@@ -4,9 +4,11 @@ hand back the rank's `Pipeline`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from ..dist import World, agree, gather_objects, init_world, run_on_rank0
+from ..dist import DEFAULT_TIMEOUT_S, World, agree, gather_objects, init_world, run_on_rank0
 from ..dtypes import normalize_dtype
 from ..errors import PlanError
 from ..log import logger
@@ -16,9 +18,11 @@ from ..plan.budget import parse_max_memory
 from ..plan.types import LoadPlan
 from ..sources import Source, open_source
 from .memory import measure_local
+from .board import JobBoard
 from .prepare import PlanRequest, plan_load
-from .report import job_report
+from .report import PhaseClock, job_report
 from .stage import load_stage
+from .waits import node_bytes, wait_for_ranks
 
 __all__ = ["load", "plan_job", "fetch_node_files"]
 
@@ -58,10 +62,11 @@ def plan_job(model: str = "demo", *, world: World | None = None, dtype: torch.dt
     return plan
 
 
-def fetch_node_files(world: World, source: Source, plan: LoadPlan) -> str:
+def fetch_node_files(world: World, source: Source, plan: LoadPlan, *, board: JobBoard | None = None,
+                     timeout_s: float | None = None) -> str:
     """Every rank: the checkpoint's root on this node, after the node's leader made the
     files its node's ranks read present there (a download for a hub id); the others wait
-    for it. Returns the root."""
+    for it (at most as long as the node's files need, see `waits`). Returns the root."""
     error = None
     try:
         source.check(plan.source)
@@ -72,15 +77,18 @@ def fetch_node_files(world: World, source: Source, plan: LoadPlan) -> str:
                 logger.info("fetched %.1f MB of %s on this node", fetched / 1e6, plan.label)
     except Exception as exc:  # noqa: BLE001 - every rank learns of it in agree()
         error = exc
+    wait_for_ranks(board or JobBoard.open(world, plan), world, "fetch", nbytes=node_bytes(world, plan),
+                   override=timeout_s, what="fetching the checkpoint's files", plan=plan)
     agree(world, error)
     return source.root()
 
 
 def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_memory=None,
          offload_dir: str | None = None, micro_batches: int | None = None, strict: bool = True,
-         cache_dir: str | None = None, device: str | None = None, timeout_s: float = 600.0,
+         cache_dir: str | None = None, device: str | None = None, timeout_s: float | None = None,
          read_workers: int = 2, max_batch_size: int | None = None,
-         max_seq_len: int | None = None) -> Pipeline:
+         max_seq_len: int | None = None, world: World | None = None,
+         before_read: Callable[[LoadPlan, str], None] | None = None) -> Pipeline:
     """Load `model` (a local directory or file, a hub id ``org/name``, or ``"demo"``)
     across the ranks torchrun started — or in this one process — and return this rank's
     `Pipeline`. Every rank calls it with the same arguments.
@@ -90,28 +98,40 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
     Units the plan puts on the disk tier go to `offload_dir` (default ``<cache>/offload``,
     see `distload.offload`) and are streamed onto the device while they run.
 
+    The ranks wait for each other within the load as long as its bytes need
+    (`distload.loader.waits`), or `timeout_s`, which also bounds every wait in a call
+    (default 600 s). `before_read(plan, root)` runs on rank 0 once the plan is made and
+    the files are on its node, before any weight is read (the CLI checks its prompts
+    against the model there); its error stops every rank.
+
     Example::
 
         pipe = distload.load("./llama-dir", dtype="bfloat16")
         pipe.report["bytes_read"], pipe.module, pipe.job_report
     """
-    world = init_world(timeout_s=timeout_s, device=device)
+    world = world or init_world(timeout_s=timeout_s or DEFAULT_TIMEOUT_S, device=device)
     source, error = None, None
     try:  # a path one node lacks fails there; every rank must hear of it
         source = open_source(model, cache_dir=cache_dir)
     except Exception as exc:  # noqa: BLE001
         error = exc
     agree(world, error)
-    plan = plan_job(model, world=world, dtype=dtype, max_memory=max_memory, strict=strict,
-                    cache_dir=cache_dir, offload_dir=offload_dir, max_batch_size=max_batch_size,
-                    max_seq_len=max_seq_len, source=source)
+    clock = PhaseClock()
+    with clock("plan"):
+        plan = plan_job(model, world=world, dtype=dtype, max_memory=max_memory, strict=strict,
+                        cache_dir=cache_dir, offload_dir=offload_dir, max_batch_size=max_batch_size,
+                        max_seq_len=max_seq_len, source=source)
     if world.is_first and plan.unexpected_keys:
         logger.warning("ignoring %d unexpected checkpoint key(s): %s", len(plan.unexpected_keys),
                        ", ".join(plan.unexpected_keys[:8]))
-    root = fetch_node_files(world, source, plan)
+    board = JobBoard.open(world, plan)
+    with clock("fetch"):
+        root = fetch_node_files(world, source, plan, board=board, timeout_s=timeout_s)
+    if before_read is not None:
+        run_on_rank0(world, lambda: before_read(plan, root))
     stage = load_stage(plan, world, root=root, read_workers=read_workers, offload_dir=offload_dir,
-                       cache_dir=cache_dir, timeout_s=timeout_s)
-    everyone = job_report(plan, gather_objects(world, stage.report))
+                       cache_dir=cache_dir, timeout_s=timeout_s, board=board)
+    everyone = job_report(plan, gather_objects(world, stage.report), world=world, phases=clock.seconds)
     return Pipeline(module=stage.module, plan=plan, report=stage.report, job_report=everyone,
                     world=world, root=root, micro_batches=micro_batches,
                     calls=CallChannel.open(world))

@@ -16,12 +16,17 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .. import trace
 from ..dist import World, agree
-from ..errors import CheckpointError
+from ..errors import CheckpointError, LoadError
+from ..plan.types import Tier
+from .board import JobBoard
 from .materialize import allocate_stage, exchange_tied, finish_stage, key_tiers, map_stage, read_stage
+from .progress import ProgressMonitor, RankProgress
 from .report import rank_report
 from .skeleton import build_stage_skeleton
 from .tiers import OffloadResult, attach_tiers
+from .waits import wait_for_ranks, work_limit
 
 __all__ = ["StageLoad", "load_stage"]
 
@@ -53,38 +58,85 @@ def check_files(plan, files, root: str) -> None:
 
 def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
                offload_dir: str | os.PathLike | None = None, cache_dir: str | None = None,
-               timeout_s: float = 600.0) -> StageLoad:
+               timeout_s: float | None = None, board: JobBoard | None = None) -> StageLoad:
     """Materialize this rank's stage of `plan` on `world.device` from the checkpoint under
     `root` (this node's directory of it). Every rank calls it; an error on any rank
-    raises on every rank (the others get `RankError`)."""
+    raises on every rank (the others get `RankError`).
+
+    Progress goes to the job's `board` (default: a new one for this load) and rank 0
+    shows it (`distload.loader.progress`); the ranks wait for each other at most as long
+    as the work needs, or `timeout_s` (`distload.loader.waits`)."""
     rank, device = world.rank, world.device
     stage = plan.stage(rank)
+    board = board or JobBoard.open(world, plan)
+    mine = RankProgress(board, plan, rank, root=root)
     start = time.perf_counter()
+    seconds: dict[str, float] = {}
     error, module, storage, bytes_read = None, None, {}, 0
     reads = [m.located(root) for m in stage.reads]
-    try:
-        check_files(plan, sorted({m.file for m in stage.reads}), root)
-        module = build_stage_skeleton(plan, rank)
-        tiers = key_tiers(plan, rank, device)
-        mapped, mapped_stats = map_stage(reads, plan, rank, device, tiers=tiers)
-        storage = allocate_stage(plan, rank, module, device, tiers=tiers, mapped=mapped)
-        bytes_read = mapped_stats.bytes_read + read_stage(reads, storage, workers=read_workers,
-                                                          skip=mapped).bytes_read
-    except Exception as exc:  # noqa: BLE001 - every rank learns of it in agree()
-        error = exc
-    agree(world, error)
-    if world.distributed:
-        exchange_tied(plan, rank, storage)
-    offloaded = OffloadResult()
-    try:  # cpu/disk tiers: pinned host memory, the node's offload directory, streaming hooks
-        offloaded = attach_tiers(plan, rank, module, storage, reads, device, root=root,
-                                 offload_dir=offload_dir, cache_dir=cache_dir, timeout=timeout_s)
-        finish_stage(module, device, offloaded=offloaded.params)
-    except Exception as exc:  # noqa: BLE001
-        error = exc
-    agree(world, error)
+    with ProgressMonitor.maybe(board, plan, world):
+        with trace.span("read stage", "load", bytes=stage.tensor_bytes):
+            try:
+                check_files(plan, sorted({m.file for m in stage.reads}), root)
+                module = build_stage_skeleton(plan, rank)
+                tiers = key_tiers(plan, rank, device)
+                mine.phase("reading")
+                mapped, mapped_stats = map_stage(reads, plan, rank, device, tiers=tiers, progress=mine)
+                storage = allocate_stage(plan, rank, module, device, tiers=tiers, mapped=mapped)
+                bytes_read = mapped_stats.bytes_read + read_stage(
+                    reads, storage, workers=read_workers, skip=mapped, progress=mine).bytes_read
+            except Exception as exc:  # noqa: BLE001 - every rank learns of it in agree()
+                error = exc
+        seconds["read"] = time.perf_counter() - start
+        _meet(world, board, mine, "read", error, plan=plan, timeout_s=timeout_s, what="reading",
+              nbytes=max(s.tensor_bytes for s in plan.stages))
+        mark = time.perf_counter()
+        if world.distributed:
+            mine.phase("exchanging")
+            with trace.span("exchange tied", "load", sends=len(stage.sends)):
+                exchange_tied(plan, rank, storage)
+        seconds["exchange"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        offloaded = OffloadResult()
+        moved = max(_offload_bytes(plan, s) for s in plan.stages)
+        mine.phase("offloading")
+        try:  # cpu/disk tiers: pinned host memory, the node's offload directory, streaming hooks
+            with trace.span("attach tiers", "load"):
+                offloaded = attach_tiers(plan, rank, module, storage, reads, device, root=root,
+                                         offload_dir=offload_dir, cache_dir=cache_dir,
+                                         timeout=work_limit(moved, override=timeout_s), progress=mine)
+            finish_stage(module, device, offloaded=offloaded.params)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+        seconds["offload"] = time.perf_counter() - mark
+        _meet(world, board, mine, "tiers", error, plan=plan, timeout_s=timeout_s, nbytes=moved,
+              what="attaching the cpu/disk tiers (offload writes)")
+        mine.phase("done")
     report = rank_report(plan, rank, device=str(device), seconds=time.perf_counter() - start,
                          bytes_read=bytes_read + offloaded.bytes_read, host=world.hosts[rank]
-                         if world.hosts else "", **offloaded.report_fields())
+                         if world.hosts else "", **{f"{k}_seconds": round(v, 6) for k, v in seconds.items()},
+                         **offloaded.report_fields())
     offloaded.bind_report(report)
     return StageLoad(module, report, offloaded)
+
+
+def _offload_bytes(plan, stage) -> int:
+    """Bytes a stage's offloading moves: each disk-tier byte twice (read, written), each
+    cpu-tier byte once."""
+    tiers = stage.tier_bytes(plan.unit_bytes)
+    return 2 * tiers[Tier.DISK] + tiers[Tier.CPU]
+
+
+def _meet(world: World, board: JobBoard, mine: RankProgress, point: str, error: BaseException | None,
+          *, nbytes: int, timeout_s: float | None, what: str, plan) -> None:
+    """Every rank: wait on the board until all ranks are at `point` (a limit that scales
+    with `nbytes`), then agree on whether any failed. This rank's own error comes first."""
+    mine.phase("waiting")
+    with trace.span("wait for ranks", "load", point=point):
+        try:
+            wait_for_ranks(board, world, point, nbytes=nbytes, override=timeout_s, what=what, plan=plan)
+        except LoadError:
+            if error is not None:
+                raise error from None
+            raise
+        agree(world, error)

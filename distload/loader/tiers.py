@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.types import TensorMeta
+from ..io import ReadProgress
 from ..offload import Entry, OffloadError, OffloadStore, Streamer, attach_streaming, default_offload_dir
 from ..offload import ensure_entries
 from ..plan.types import LoadPlan, Tier
@@ -65,12 +66,14 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
                  reads: Sequence[TensorMeta], device: torch.device | str, *, root: str,
                  offload_dir: str | os.PathLike | None = None, cache_dir: str | None = None,
                  prefetch: bool = True, max_resident: int = 2, verify: bool = True,
-                 timeout: float = 600.0) -> OffloadResult:
+                 timeout: float = 600.0, progress: ReadProgress | None = None) -> OffloadResult:
     """Give `rank`'s offloaded parameters their tiers and stream them (see the module
     doc). `storage` is `allocate_stage`'s key -> tensor map; keys moved off the device are
     removed from it. `reads` are the stage's read items located under `root` on this
     node. `offload_dir` defaults to `default_offload_dir(cache_dir)`; it is only touched
-    when the stage has disk-tier parameters. `verify` checksums reused entries."""
+    when the stage has disk-tier parameters. `verify` checksums reused entries. `timeout`
+    bounds the wait for another process's lock on an entry; `progress` hears of the
+    checkpoint bytes read to make entries."""
     device = torch.device(device)
     stage = plan.stage(rank)
     result = OffloadResult(tier_bytes=stage.tier_bytes(plan.unit_bytes))
@@ -88,7 +91,7 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
         dtypes = {src.key: src.dtype for src in stage.params}
         entries, result.bytes_read = ensure_entries(
             store, {k: located[k] for k in disk}, checkpoint=root, dtype=plan.dtype,
-            tensors={k: storage[k] for k in disk if k in storage}, verify=verify)
+            tensors={k: storage[k] for k in disk if k in storage}, verify=verify, progress=progress)
         for k, e in entries.items():
             if e.dtype != dtypes[k]:
                 raise OffloadError(f"offload entry {e.key[:12]} for {k} holds {e.dtype}; "

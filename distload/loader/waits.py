@@ -1,0 +1,94 @@
+"""Waits within a load, bounded by limits that scale with the work.
+
+A load's long waits are ranks waiting for each other at the points where they agree: after
+the node's files are fetched, after every rank read its stage, after the cpu/disk tiers
+are attached. A process group's timeout is fixed when it is made (and NCCL's watchdog
+kills a job whose ranks finish reading more than that apart), so before each of those
+collectives every rank first says on the job's board that it arrived and waits there for
+the others (`wait_for_ranks`); the collective that follows finds everyone present.
+
+The limit of a wait is `work_limit`: the bytes the slowest rank has to move at a
+pessimistic ``MIN_RATE`` (10 MB/s), and never less than ``FLOOR_SECONDS`` (600 s, the
+former fixed limit); ``--timeout`` (``timeout_s``) overrides it. A wait that runs out
+names the late ranks and what each was doing (from its state on the board: phase, file,
+bytes read, how long since it last read anything), and the late rank, when it arrives,
+says that the others gave up on it.
+
+Example (every rank)::
+
+    wait_for_ranks(board, world, "read", nbytes=max(s.tensor_bytes for s in plan.stages),
+                   override=timeout_s, what="reading", plan=plan)
+    agree(world, error)                # everyone is there: no group timeout to fear
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import LoadError
+from .board import JobBoard
+from .progress import stage_label
+
+__all__ = ["work_limit", "node_bytes", "wait_for_ranks", "FLOOR_SECONDS", "MIN_RATE"]
+
+FLOOR_SECONDS = 600.0
+MIN_RATE = 10e6   # bytes/s a rank moves at the least (a busy network filesystem, a cold disk)
+
+
+def work_limit(nbytes: int, *, override: float | None = None) -> float:
+    """Seconds a rank waits for others that move `nbytes` (the most any rank moves)."""
+    if override is not None:
+        return float(override)
+    return max(FLOOR_SECONDS, nbytes / MIN_RATE)
+
+
+def node_bytes(world, plan) -> int:
+    """The most bytes of checkpoint files one node fetches: those its ranks read."""
+    nodes = world.nodes or (0,) * world.world_size
+    most = 0
+    for node in set(nodes):
+        files = {m.file for r, n in enumerate(nodes) if n == node for m in plan.stage(r).reads}
+        most = max(most, sum(plan.file_sizes.get(f, 0) for f in files))
+    return most
+
+
+def _describe(board: JobBoard, rank: int, plan) -> str:
+    state = board.state(rank)
+    if not state:
+        return f"rank {rank} has not started"
+    parts = [f"rank {rank} is {state.get('phase', '?')}"]
+    if state.get("file"):
+        parts.append(f"file {state['file']}")
+    if state.get("total"):
+        parts.append(f"{state.get('bytes', 0) / 1e6:.1f} of {state['total'] / 1e6:.1f} MB read")
+    if state.get("t"):
+        parts.append(f"last heard of {time.time() - float(state['t']):.0f} s ago")
+    if plan is not None:
+        parts.append(f"stage {stage_label(plan, rank)}")
+    return ", ".join(parts)
+
+
+def wait_for_ranks(board: JobBoard, world, point: str, *, nbytes: int, override: float | None,
+                   what: str, plan=None) -> None:
+    """Every rank: mark this rank arrived at `point` and wait for all the others, at most
+    `work_limit(nbytes, override=override)` seconds (`nbytes`: the most any rank moves
+    before it arrives). Raises `LoadError` naming the late ranks (`what` they should be
+    done with, and what each is doing), or, on a rank that arrives after another gave up
+    on it, that rank's message. Nothing in a world of one."""
+    if not world.distributed:
+        return
+    gave_up = board.aborted()
+    if gave_up is not None:
+        raise LoadError(f"the other ranks stopped waiting for this one: {gave_up}")
+    board.arrive(point)
+    limit = work_limit(nbytes, override=override)
+    missing = board.wait(point, limit)
+    if not missing:
+        return
+    how = ("--timeout" if override is not None else
+           f"the limit for {nbytes / 1e9:.2f} GB at {MIN_RATE / 1e6:.0f} MB/s, at least "
+           f"{FLOOR_SECONDS:.0f} s; --timeout sets another")
+    late = "; ".join(_describe(board, r, plan) for r in missing)
+    message = f"rank {', '.join(map(str, missing))} not done {what} after {limit:.3g} s ({how}): {late}"
+    board.abort(f"rank {world.rank}: {message}")
+    raise LoadError(message)
