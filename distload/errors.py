@@ -1,10 +1,16 @@
 """The exceptions distload raises, each naming what the user must look at."""
 
-__all__ = ["DistloadError", "CheckpointError", "PlanError", "LoadError", "RankError", "CallAborted"]
+__all__ = ["DistloadError", "UsageError", "CheckpointError", "PlanError", "LoadError", "RankError",
+           "CallAborted"]
 
 
 class DistloadError(RuntimeError):
     """Base class of every error distload raises on purpose."""
+
+
+class UsageError(DistloadError, ValueError):
+    """A bad flag or input (a prompt, an input file's line), found before any weight is
+    read; the message names the flag or ``file:line``. The CLI exits with status 2."""
 
 
 class CheckpointError(DistloadError):

@@ -146,8 +146,8 @@ def test_prompt_errors_say_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.json.*--input-ids"):
         collect_requests(prompts=["hello"], model_dir=tmp_path)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "no"}\n')
-    with pytest.raises(ValueError, match="entry 1.*input_ids"):
+    bad.write_text('{"input_ids": [1]}\n\n{"text": "no"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:3: each line needs.*input_ids"):
         collect_requests(input_file=str(bad), model_dir=tmp_path)
     bad.write_text("not json\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: not JSON"):
@@ -277,10 +277,22 @@ def test_cli_text_prompt_without_tokenizer_is_a_clear_error(tmp_path, capfd):
 
 
 @pytest.mark.multiprocess
-def test_demo_run_generates_and_reports_throughput(tmp_path):
+def test_demo_run_results_on_stdout_figures_in_the_report(tmp_path):
+    """Results go to stdout, one line per prompt, even at --log-level WARNING (which keeps
+    stderr free of everything else); the generation's figures go to the report."""
+    report = tmp_path / "r.json"
     proc = torchrun(2, ["distload.load", "--device", "cpu", "--max-new-tokens", "4", "--cache-dir",
-                        str(tmp_path)], module=True, timeout=120)
+                        str(tmp_path), "--log-level", "WARNING", "--report", str(report)],
+                    module=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [line for line in proc.stderr.splitlines() if "] -> [" in line]
-    assert len(results) == 2 and all(line.startswith("[rank 0]") for line in results)
-    assert "tokens/s" in proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, proc.stdout
+    assert all(len(line.split(",")) == 4 and all(t.isdigit() for t in line.split(",")) for line in lines)
+    assert "[rank" not in proc.stderr and "INFO" not in proc.stderr
+    figures = json.loads(report.read_text())
+    gen = figures["generation"]
+    assert gen["prompts"] == 2 and gen["generated_tokens"] == 8 and gen["tokens_per_second"] > 0
+    assert gen["prompt_tokens"] == 10 and gen["decode_tokens"] == 6     # demo prompts: 6 + 4 ids
+    assert 0 < gen["time_to_first_token_seconds"] <= gen["seconds"]
+    assert gen["prefill_tokens_per_second"] > 0 and gen["decode_tokens_per_second"] > 0
+    assert figures["phases"]["first_forward_seconds"] == gen["time_to_first_token_seconds"]

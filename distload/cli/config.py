@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import MISSING, dataclass, field, fields, replace
 
-from ..plan.budget import parse_max_memory_arg
+import torch
 
-__all__ = ["RunConfig", "parse_args"]
+from ..plan.budget import parse_max_memory_arg
+from .prompts import parse_ids
+
+__all__ = ["RunConfig", "parse_args", "check_device"]
 
 
 def _opt(default, help: str, **kw):
@@ -31,9 +35,11 @@ class RunConfig:
                                        "or ~/.cache/distload)")
     offload_dir: str | None = _opt(None, "shared directory for disk-tier weights (default "
                                          "<cache dir>/offload; see python -m distload.offload)")
-    device: str | None = _opt(None, "'cpu' forces CPU ranks (gloo); default cuda:LOCAL_RANK when CUDA is there")
-    timeout: float = _opt(600.0, "seconds a rank waits on another within the load or a call "
-                                 "before giving up (between calls, no limit)")
+    device: str | None = _opt(None, "'cpu' forces CPU ranks (gloo), 'cuda' GPU ranks (cuda:LOCAL_RANK); "
+                                    "default cuda when CUDA is there")
+    timeout: float | None = _opt(None, "seconds a rank waits on another before giving up (between calls, "
+                                       "no limit); default: within the load as long as its bytes need "
+                                       "(at least 600 s), within a call 600 s")
     read_workers: int = _opt(2, "reader threads per rank")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
     input_ids: tuple[str, ...] = _opt((), "comma-separated token ids of one prompt; repeat for a batch",
@@ -56,13 +62,15 @@ class RunConfig:
     output_file: str | None = _opt(None, "write one JSON line per prompt: its input object plus "
                                          "\"output_ids\" (and \"output_text\" with a tokenizer)")
     do_sample: bool = _opt(False, "sample the next token (default: greedy)", negatable=True)
-    temperature: float = _opt(1.0, "sampling temperature (with --do-sample)")
+    temperature: float | None = _opt(None, "sampling temperature (with --do-sample; default 1.0)")
     top_k: int | None = _opt(None, "sample among the k most likely tokens only (with --do-sample)")
     top_p: float | None = _opt(None, "sample from the smallest set of tokens whose probability "
                                      "reaches p (with --do-sample)")
     seed: int | None = _opt(None, "seed for sampling; equal seeds give equal tokens")
     eos_token_id: int | None = _opt(None, "a sequence stops at this token (default: the model "
                                           "config's eos_token_id)")
+    trace: str | None = _opt(None, "write a timeline of the job (every rank's reads, waits, forwards, "
+                                   "decode steps) to this path as Chrome/Perfetto trace JSON")
 
     # not a flag: `max_memory` parsed once, by `validate`
     memory_limits: dict | None = field(default=None, metadata={"flag": False})
@@ -70,7 +78,7 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """This config checked, with `memory_limits` parsed from `max_memory` (see
         `distload.plan.budget`); ValueError says what to write instead."""
-        if self.timeout <= 0:
+        if self.timeout is not None and self.timeout <= 0:
             raise ValueError("--timeout must be positive")
         if self.read_workers < 1:
             raise ValueError("--read-workers must be at least 1")
@@ -84,8 +92,10 @@ class RunConfig:
             raise ValueError("--max-seq-len must be at least 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("--log-level must be DEBUG, INFO, WARNING or ERROR")
-        if self.report and not os.path.isdir(os.path.dirname(os.path.abspath(self.report))):
-            raise ValueError(f"--report {self.report}: its directory does not exist")
+        for flag, path in (("--report", self.report), ("--trace", self.trace)):
+            if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+                raise ValueError(f"{flag} {path}: its directory does not exist")
+        check_device(self.device)
         self._validate_generation()
         return replace(self, memory_limits=parse_max_memory_arg(self.max_memory))
 
@@ -94,20 +104,65 @@ class RunConfig:
                                              ("--input-file", self.input_file)) if given]
         if len(sources) > 1:
             raise ValueError(f"give prompts one way: {' and '.join(sources)} were both given")
-        if self.input_file and not os.path.isfile(self.input_file):
-            raise ValueError(f"--input-file {self.input_file}: no such file")
-        if self.output_file and not os.path.isdir(os.path.dirname(os.path.abspath(self.output_file))):
+        for text in self.input_ids:
+            parse_ids(text)
+        if self.output_file and self.output_file != "-" and \
+                not os.path.isdir(os.path.dirname(os.path.abspath(self.output_file))):
             raise ValueError(f"--output-file {self.output_file}: its directory does not exist")
-        if not self.temperature > 0:
+        if self.temperature is not None and not self.temperature > 0:
             raise ValueError("--temperature must be positive")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError("--top-k must be at least 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError("--top-p must be in (0, 1]")
 
+    def warnings(self) -> list[str]:
+        """Flags that are valid but do nothing as given (rank 0 logs them)."""
+        if self.do_sample:
+            return []
+        unused = [flag for flag, value in (("--temperature", self.temperature), ("--top-k", self.top_k),
+                                            ("--top-p", self.top_p)) if value is not None]
+        return [f"{', '.join(unused)} only apply with --do-sample; generating greedily"] if unused else []
+
+    @property
+    def sampling_temperature(self) -> float:
+        return 1.0 if self.temperature is None else self.temperature
+
+
+def check_device(device: str | None) -> None:
+    """``--device``: ``cpu`` or ``cuda`` (each rank takes cuda:LOCAL_RANK), the latter only
+    where this torch can reach a GPU. ValueError saying so otherwise."""
+    if device is None or device == "cpu":
+        return
+    if device != "cuda":
+        raise ValueError(f"--device {device}: give cpu or cuda (each rank then uses its own GPU, "
+                         "cuda:LOCAL_RANK)")
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"--device cuda: {why}; use --device cpu")
+
+
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, where rank 0 speaks for the job: a bad flag is one line on rank 0 (no
+    usage text) and exit status 2 on every rank; ``--help`` prints on rank 0 only."""
+
+    def error(self, message: str):
+        if _rank0():
+            sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+            sys.stderr.flush()
+        self.exit(2)
+
+    def print_help(self, file=None) -> None:
+        if _rank0():
+            super().print_help(file)
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m distload.load",
         description="Load a model across the ranks torchrun started, each rank reading only its "
                     "own tensors, then run it as a pipeline.",
@@ -130,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
-    """Parse CLI arguments into a validated `RunConfig`; bad values exit with usage."""
+    """Parse CLI arguments into a validated `RunConfig`. A bad flag or value: one line on
+    rank 0 naming it, exit status 2 on every rank (each rank parses the same argv)."""
     parser = _parser()
     ns = vars(parser.parse_args(argv))
     ns = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ns.items()}

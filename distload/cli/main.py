@@ -7,79 +7,130 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
-from ..dist import init_world, run_on_rank0, shutdown
-from ..errors import DistloadError, RankError
+from .. import trace
+from ..dist import DEFAULT_TIMEOUT_S, World, init_world, run_on_rank0, shutdown
+from ..errors import DistloadError, RankError, UsageError
 from ..loader import load, plan_job
+from ..loader.tracing import write_job_trace, write_own_trace
 from ..log import logger, setup_logging
 from ..pipeline.inputs import resolve_eos
 from ..plan.explain import explain_plan
 from .config import RunConfig, parse_args
-from .prompts import collect_requests, left_pad, new_tokens, optional_tokenizer, write_outputs
-from .table import format_table, write_report
+from .prompts import (format_result, left_pad, new_tokens, optional_tokenizer, prepare_requests,
+                      read_prompts, write_outputs)
+from .table import format_generation, format_table, write_report
 
 __all__ = ["main", "run"]
 
 DEMO_INPUT_IDS = ("1,15,27,300,42,7", "5,9,81,2")
 
 
-def _generate(pipe, cfg: RunConfig) -> None:
-    """Every rank: rank 0 collects the prompts (errors reach every rank), all generate,
-    rank 0 logs and writes the outputs and the throughput."""
-    demo_ids = DEMO_INPUT_IDS if cfg.model == "demo" and not (cfg.prompt or cfg.input_file) else ()
-    rank0: dict = {}
+class _Prompts:
+    """Rank 0's prompts, checked before any weight is read: their form when the job starts
+    (`read`), then against the model's config once the plan is made (`check`, the load's
+    ``before_read``). A bad one stops every rank (`UsageError`, naming it)."""
 
-    def collect():
-        rank0["tokenizer"] = optional_tokenizer(pipe.root)
-        return collect_requests(input_ids=cfg.input_ids or demo_ids, prompts=cfg.prompt,
-                                input_file=cfg.input_file, model_dir=pipe.root,
-                                tokenizer=rank0["tokenizer"])
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.prompts: list = []
+        self.requests: list = []
+        self.tokenizer = None
 
-    requests = run_on_rank0(pipe.world, collect)
-    if not requests:
-        return
+    def read(self) -> int:
+        cfg = self.cfg
+        demo = cfg.model == "demo" and not (cfg.input_ids or cfg.prompt or cfg.input_file)
+        try:
+            self.prompts = read_prompts(input_ids=DEMO_INPUT_IDS if demo else cfg.input_ids,
+                                        prompts=cfg.prompt, input_file=cfg.input_file)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        return len(self.prompts)
+
+    def check(self, plan, root: str) -> None:
+        config = plan.config
+        self.tokenizer = optional_tokenizer(root)
+        try:
+            self.requests, notes = prepare_requests(
+                self.prompts, model_dir=root, tokenizer=self.tokenizer,
+                vocab_size=config.get("vocab_size"), context=config.get("max_position_embeddings"),
+                max_new_tokens=self.cfg.max_new_tokens)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        for note in notes:
+            logger.warning("%s", note)
+
+
+def _generate(pipe, cfg: RunConfig, prompts: _Prompts) -> dict:
+    """Every rank generates; rank 0 writes the results (stdout, or --output-file) and
+    returns the generation's figures for the report (elsewhere {})."""
+    requests = prompts.requests
+    count = run_on_rank0(pipe.world, lambda: len(requests))
+    if not count:
+        return {}
     # As many prompts per call as the plan kept KV-cache room for (all, when not given);
     # when there are several calls, prompts of like length go together (less padding).
-    chunk = cfg.max_batch_size or len(requests)
-    order = list(range(len(requests)))
-    if chunk < len(requests):
+    chunk = cfg.max_batch_size or count
+    order = list(range(count))
+    if chunk < count and pipe.rank == 0:
         order.sort(key=lambda i: len(requests[i].ids))
-    outputs: list[list[int]] = [[] for _ in requests]
+    outputs: list[list[int]] = [[] for _ in range(count)]
     eos, _ = resolve_eos(cfg.eos_token_id, None, pipe.plan.config)
+    calls = []
     start = time.perf_counter()
-    for first in range(0, len(order), chunk):
+    for first in range(0, count, chunk):
         batch = order[first:first + chunk]
-        ids, mask = left_pad([requests[i].ids for i in batch])
+        ids = mask = None
+        if pipe.rank == 0:
+            ids, mask = left_pad([requests[i].ids for i in batch])
         out = pipe.generate(ids, mask, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                            temperature=cfg.sampling_temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                             seed=cfg.seed, eos_token_id=cfg.eos_token_id)
         if pipe.rank == 0:
+            calls.append(dict(pipe.last_call))
             for i, row in zip(batch, out.tolist()):
                 outputs[i] = new_tokens(row, ids.shape[1], eos)
-            if chunk < len(requests):
-                logger.info("%d of %d prompts done", first + len(batch), len(requests))
+            if chunk < count:
+                logger.info("%d of %d prompts done", first + len(batch), count)
     seconds = time.perf_counter() - start
     if pipe.rank != 0:
-        return
-    tokenizer = rank0["tokenizer"]
-    if not cfg.output_file or len(requests) <= 16:  # a big batch job speaks through its file
-        for request, generated in zip(requests, outputs):
-            shown = repr(tokenizer.decode(generated)) if tokenizer is not None else generated
-            logger.info("%s -> %s", list(request.ids), shown)
+        return {}
     if cfg.output_file:
-        write_outputs(cfg.output_file, requests, outputs, tokenizer)
-        logger.info("outputs written to %s", cfg.output_file)
-    count = sum(len(g) for g in outputs)
-    logger.info("generated %d tokens for %d prompts in %.3f s (%.1f tokens/s)", count,
-                len(requests), seconds, count / seconds)
+        write_outputs(cfg.output_file, requests, outputs, prompts.tokenizer)
+        if cfg.output_file != "-":
+            logger.info("outputs written to %s", cfg.output_file)
+    else:  # results go to stdout, one line per prompt; logs stay on stderr
+        sys.stdout.write("".join(format_result(g, prompts.tokenizer) + "\n" for g in outputs))
+        sys.stdout.flush()
+    return _generation_figures(calls, prompts=count, generated=sum(len(g) for g in outputs),
+                               seconds=seconds)
+
+
+def _generation_figures(calls: list[dict], *, prompts: int, generated: int, seconds: float) -> dict:
+    """The report's ``generation``: over every `generate` call of the run (see
+    `Pipeline.last_call`)."""
+    def total(key: str) -> float:
+        return sum(c.get(key, 0) for c in calls)
+
+    prefill_s, decode_s = total("prefill_seconds"), total("decode_seconds")
+    return {
+        "prompts": prompts, "generated_tokens": generated, "seconds": round(seconds, 6),
+        "tokens_per_second": round(generated / seconds, 3) if seconds > 0 else None,
+        "time_to_first_token_seconds": calls[0].get("time_to_first_token_seconds") if calls else None,
+        "prompt_tokens": int(total("prompt_tokens")),
+        "prefill_tokens_per_second": round(total("prompt_tokens") / prefill_s, 3) if prefill_s > 0 else None,
+        "decode_tokens": int(total("decode_tokens")),
+        "decode_tokens_per_second": round(total("decode_tokens") / decode_s, 3) if decode_s > 0 else None,
+    }
 
 
 def _explain(cfg: RunConfig) -> int:
     """--explain: every rank takes part in planning (each measures its own memory); rank 0
     writes the plan to stdout; nothing is loaded."""
-    world = init_world(timeout_s=cfg.timeout, device=cfg.device)
+    world = init_world(timeout_s=cfg.timeout or DEFAULT_TIMEOUT_S, device=cfg.device)
     plan = plan_job(cfg.model, world=world, dtype=cfg.dtype, max_memory=cfg.memory_limits,
                     strict=cfg.strict, cache_dir=cfg.cache_dir, offload_dir=cfg.offload_dir,
                     max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len)
@@ -90,23 +141,55 @@ def _explain(cfg: RunConfig) -> int:
     return 0
 
 
-def run(cfg: RunConfig) -> int:
-    if cfg.explain:
-        return _explain(cfg)
+def _load_and_run(cfg: RunConfig, world: World) -> int:
+    prompts = _Prompts(cfg)
+    generating = cfg.max_new_tokens > 0 and run_on_rank0(world, prompts.read) > 0
     pipe = load(cfg.model, dtype=cfg.dtype, strict=cfg.strict, cache_dir=cfg.cache_dir,
                 offload_dir=cfg.offload_dir, device=cfg.device, timeout_s=cfg.timeout,
                 read_workers=cfg.read_workers, micro_batches=cfg.micro_batches,
                 max_memory=cfg.memory_limits, max_batch_size=cfg.max_batch_size,
-                max_seq_len=cfg.max_seq_len)
+                max_seq_len=cfg.max_seq_len, world=world,
+                before_read=prompts.check if generating else None)
+    report = pipe.job_report
     if pipe.rank == 0:
-        logger.info("loaded %s\n%s", pipe.plan.label, format_table(pipe.job_report))
+        logger.info("loaded %s\n%s", pipe.plan.label, format_table(report))
         if cfg.report:
-            write_report(pipe.job_report, cfg.report)
+            write_report(report, cfg.report)
             logger.info("report written to %s", cfg.report)
-    if cfg.max_new_tokens:
-        _generate(pipe, cfg)
+    if generating:
+        figures = _generate(pipe, cfg, prompts)
+        if pipe.rank == 0 and figures:
+            report["generation"] = figures
+            report["phases"]["first_forward_seconds"] = figures["time_to_first_token_seconds"]
+            logger.info("%s", format_generation(figures))
+            if cfg.report:
+                write_report(report, cfg.report)
+    if cfg.trace:
+        write_job_trace(world, cfg.trace)
     shutdown(pipe.world)
     return 0
+
+
+def run(cfg: RunConfig) -> int:
+    if os.environ.get("RANK", "0") == "0":
+        for note in cfg.warnings():
+            logger.warning("%s", note)
+    if cfg.explain:
+        return _explain(cfg)
+    world = init_world(timeout_s=cfg.timeout or DEFAULT_TIMEOUT_S, device=cfg.device)
+    if not cfg.trace:
+        return _load_and_run(cfg, world)
+    trace.enable()
+    try:
+        return _load_and_run(cfg, world)
+    except BaseException:  # what rank 0 recorded up to the failure, without a collective
+        try:
+            write_own_trace(world, cfg.trace)
+        except Exception as exc:  # noqa: BLE001 - the failure itself matters more
+            logger.debug("could not write the trace: %s", exc)
+        raise
+    finally:
+        trace.disable()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,19 @@
 """The CLI's prompts and outputs: token ids from ``--input-ids``, text from ``--prompt``
 (through the model directory's ``tokenizer.json``), or JSON lines from ``--input-file``;
-generated ids (and text) back out to the log and ``--output-file``.
+generated ids (and text) back out to stdout or ``--output-file``.
 
-Only rank 0 reads and writes files; `distload.load`'s CLI broadcasts the prompts so every
-rank agrees on whether there is anything to generate.
+Prompts are checked in two steps, both on rank 0 and both before any weight is read (the
+CLI hands every rank rank 0's error): `read_prompts` checks their form as soon as the job
+starts (a malformed line, an unreadable file); `prepare_requests` turns them into token
+ids once the plan gave the model's config (a prompt without a tokenizer, an id outside
+the vocabulary, a prompt too long for the model's context with ``--max-new-tokens``).
+Each error names the flag or ``file:line`` at fault.
 
 Example::
 
-    requests = collect_requests(input_file="prompts.jsonl", model_dir="./llama")
+    prompts = read_prompts(input_file="prompts.jsonl")
+    requests, notes = prepare_requests(prompts, model_dir="./llama", vocab_size=32000,
+                                       context=4096, max_new_tokens=32)
     ids, mask = left_pad([r.ids for r in requests])
     out = pipe.generate(ids, mask, max_new_tokens=32)
     results = [new_tokens(row, ids.shape[1], eos) for row in out.tolist()]
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +32,23 @@ from typing import Any
 
 import torch
 
-__all__ = ["Request", "parse_ids", "model_directory", "load_tokenizer", "optional_tokenizer",
-           "collect_requests", "left_pad", "new_tokens", "write_outputs", "TOKENIZER_FILE"]
+__all__ = ["Prompt", "Request", "parse_ids", "model_directory", "load_tokenizer", "optional_tokenizer",
+           "read_prompts", "prepare_requests", "tokenizer_notes", "collect_requests", "left_pad", "new_tokens",
+           "write_outputs", "format_result", "TOKENIZER_FILE"]
 
 TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt as given, before the model is known: its ids (``--input-ids``, or
+    ``"input_ids"`` of a line) or its text; the JSON object it came from, which the
+    output echoes; and where it came from, for errors (``--input-ids 2``, ``in.jsonl:3``)."""
+
+    where: str
+    record: dict[str, Any] = field(default_factory=dict)
+    ids: tuple[int, ...] | None = None
+    text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -38,16 +58,20 @@ class Request:
 
     ids: tuple[int, ...]
     record: dict[str, Any] = field(default_factory=dict)
+    where: str = ""
 
 
-def parse_ids(text: str) -> tuple[int, ...]:
-    """``"1,2, 3"`` → ``(1, 2, 3)``; a clear ValueError otherwise."""
+def parse_ids(text: str, flag: str = "--input-ids") -> tuple[int, ...]:
+    """``"1,2, 3"`` → ``(1, 2, 3)``; a clear ValueError naming `flag` otherwise."""
     try:
         ids = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError as e:
-        raise ValueError(f"--input-ids takes comma-separated integers, got {text!r}: {e}") from None
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give comma-separated integer token ids, "
+                         "e.g. --input-ids 1,15,27") from None
     if not ids:
-        raise ValueError(f"--input-ids {text!r} holds no token ids")
+        raise ValueError(f"{flag} {text!r} holds no token ids")
+    if any(i < 0 for i in ids):
+        raise ValueError(f"{flag} {text!r}: token ids cannot be negative")
     return ids
 
 
@@ -62,14 +86,17 @@ def load_tokenizer(model_dir: str | os.PathLike):
     saying what is missing (the file, or the optional ``tokenizers`` package)."""
     path = model_directory(model_dir) / TOKENIZER_FILE
     if not path.is_file():
-        raise ValueError(f"text prompts need {path}, which does not exist; pass token ids "
-                         "with --input-ids (or \"input_ids\" in --input-file) instead")
+        raise ValueError(f"--prompt: text prompts need {path}, which does not exist; pass token "
+                         "ids with --input-ids (or \"input_ids\" in --input-file) instead")
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        raise ValueError("text prompts need the 'tokenizers' package: "
+        raise ValueError("--prompt: text prompts need the 'tokenizers' package: "
                          "pip install 'distload[text]' (or pass --input-ids)") from None
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - the library's own error types vary
+        raise ValueError(f"{path}: not a tokenizer file tokenizers can read ({exc})") from None
 
 
 def optional_tokenizer(model_dir: str | os.PathLike):
@@ -81,53 +108,98 @@ def optional_tokenizer(model_dir: str | os.PathLike):
         return None
 
 
+def read_prompts(*, input_ids: Sequence[str] = (), prompts: Sequence[str] = (),
+                 input_file: str | None = None) -> list[Prompt]:
+    """Every prompt of the run, in order — ``--input-ids`` strings, ``--prompt`` texts,
+    then the lines of `input_file` (objects with ``"input_ids"`` or ``"prompt"``) —
+    checked for form. Needs no model. Rank 0 calls it."""
+    out = [Prompt(f"--input-ids {i + 1}", ids=parse_ids(text)) for i, text in enumerate(input_ids)]
+    out += [Prompt(f"--prompt {i + 1}", {"prompt": text}, text=text) for i, text in enumerate(prompts)]
+    for where, record in _read_jsonl(input_file) if input_file else ():
+        if "input_ids" in record:
+            ids = record["input_ids"]
+            if not (isinstance(ids, list) and ids and all(type(t) is int and t >= 0 for t in ids)):
+                raise ValueError(f"{where}: \"input_ids\" must be a non-empty list of token ids "
+                                 "(integers from 0)")
+            out.append(Prompt(where, record, ids=tuple(ids)))
+        elif isinstance(record.get("prompt"), str):
+            out.append(Prompt(where, record, text=record["prompt"]))
+        else:
+            raise ValueError(f"{where}: each line needs \"input_ids\" (a list of token ids) or "
+                             "\"prompt\" (text)")
+    return out
+
+
+def prepare_requests(prompts: Sequence[Prompt], *, model_dir: str | os.PathLike | None = None,
+                     tokenizer=None, vocab_size: int | None = None, context: int | None = None,
+                     max_new_tokens: int = 0) -> tuple[list[Request], list[str]]:
+    """The token ids of `prompts`, checked against the model: each id below `vocab_size`,
+    each prompt plus `max_new_tokens` within `context` tokens (None: unchecked). Text
+    is encoded with `tokenizer`, else ``model_dir/tokenizer.json`` (loaded only if some
+    prompt is text). Returns the requests and warnings (a tokenizer whose size differs
+    from the model's vocabulary); raises ValueError naming the prompt at fault."""
+    notes: list[str] = []
+    if tokenizer is None and any(p.text is not None for p in prompts):
+        tokenizer = load_tokenizer(model_dir or ".")
+    if tokenizer is not None and vocab_size is not None:
+        notes += tokenizer_notes(tokenizer.get_vocab_size(with_added_tokens=True), vocab_size)
+    requests = []
+    for p in prompts:
+        ids = p.ids
+        if ids is None:
+            ids = tuple(tokenizer.encode(p.text).ids)
+            if not ids:
+                raise ValueError(f"{p.where}: the prompt encodes to no tokens")
+        if vocab_size is not None and max(ids) >= vocab_size:
+            raise ValueError(f"{p.where}: token id {max(ids)} is outside the model's vocabulary "
+                             f"(ids 0 to {vocab_size - 1}, vocab_size in config.json)")
+        if context is not None and len(ids) + max_new_tokens > context:
+            raise ValueError(f"{p.where}: {len(ids)} prompt tokens + --max-new-tokens {max_new_tokens} "
+                             f"= {len(ids) + max_new_tokens} tokens, past the model's context of "
+                             f"{context} (max_position_embeddings in config.json)")
+        requests.append(Request(ids, p.record, p.where))
+    return requests, notes
+
+
+def tokenizer_notes(tokenizer_size: int, vocab_size: int) -> list[str]:
+    """Warnings about a tokenizer whose size differs from the model's vocabulary."""
+    if tokenizer_size < vocab_size:
+        return [f"the tokenizer knows {tokenizer_size} tokens, fewer than the model's vocabulary "
+                f"of {vocab_size}: generated ids from {tokenizer_size} on cannot be shown as text "
+                f"(is {TOKENIZER_FILE} the model's own?)"]
+    if tokenizer_size > vocab_size:
+        return [f"the tokenizer knows {tokenizer_size} tokens, more than the model's vocabulary "
+                f"of {vocab_size}: prompts that encode to ids from {vocab_size} on are refused"]
+    return []
+
+
 def collect_requests(*, input_ids: Sequence[str] = (), prompts: Sequence[str] = (),
                      input_file: str | None = None, model_dir: str | os.PathLike | None = None,
                      tokenizer=None) -> list[Request]:
-    """Every prompt of the run, in order: ``--input-ids`` strings, ``--prompt`` texts, then
-    the lines of `input_file` (objects with ``"input_ids"`` or ``"prompt"``). The
-    tokenizer is loaded from `model_dir` only if some prompt is text. Rank 0 calls it."""
-    requests = [Request(parse_ids(text)) for text in input_ids]
-    records: list[dict[str, Any]] = [{"prompt": p} for p in prompts]
-    if input_file:
-        records += _read_jsonl(input_file)
-    for i, record in enumerate(records):
-        if "input_ids" in record:
-            ids = record["input_ids"]
-            if not (isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids)):
-                raise ValueError(f"{_where(input_file, i)}: \"input_ids\" must be a non-empty "
-                                 "list of integers")
-            requests.append(Request(tuple(ids), record))
-        elif isinstance(record.get("prompt"), str):
-            if tokenizer is None:
-                tokenizer = load_tokenizer(model_dir or ".")
-            ids = tuple(tokenizer.encode(record["prompt"]).ids)
-            if not ids:
-                raise ValueError(f"{_where(input_file, i)}: the prompt encodes to no tokens")
-            requests.append(Request(ids, record))
-        else:
-            raise ValueError(f"{_where(input_file, i)}: each object needs \"input_ids\" "
-                             "(a list of token ids) or \"prompt\" (text)")
-    return requests
+    """`read_prompts` then `prepare_requests` without a model to check against."""
+    return prepare_requests(read_prompts(input_ids=input_ids, prompts=prompts, input_file=input_file),
+                            model_dir=model_dir, tokenizer=tokenizer)[0]
 
 
-def _where(input_file: str | None, index: int) -> str:
-    return f"prompt {index + 1}" if input_file is None else f"{input_file}: entry {index + 1}"
-
-
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
+def _read_jsonl(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """(``path:line``, object) per non-blank line; a ValueError naming the line otherwise."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON: {e}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object per line")
-            records.append(record)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = list(f)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"--input-file {path}: cannot read it: {reason}") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not JSON: {e}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object per line")
+        records.append((f"{path}:{lineno}", record))
     return records
 
 
@@ -155,17 +227,35 @@ def new_tokens(row: Sequence[int], prompt_width: int, eos: Sequence[int] = ()) -
     return generated
 
 
+def format_result(ids: Sequence[int], tokenizer=None) -> str:
+    """One prompt's result as one line of stdout: its generated text, with backslashes,
+    newlines and carriage returns written as ``\\\\``, ``\\n``, ``\\r`` (so each prompt stays one
+    line), or without a tokenizer its generated ids, comma-separated (as --input-ids
+    takes them)."""
+    if tokenizer is None:
+        return ",".join(map(str, ids))
+    text = tokenizer.decode(list(ids))
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def write_outputs(path: str | os.PathLike, requests: Sequence[Request],
                   outputs: Sequence[Sequence[int]], tokenizer=None) -> None:
     """One JSON line per request: its input object (or ``{"input_ids": ...}``) plus
     ``"output_ids"`` and, with a tokenizer, ``"output_text"``. Written to a temporary
-    file and renamed, so the output appears complete or not at all."""
+    file and renamed, so the output appears complete or not at all; ``-`` writes to
+    stdout."""
+    lines = []
+    for request, ids in zip(requests, outputs):
+        record = dict(request.record) or {"input_ids": list(request.ids)}
+        record["output_ids"] = list(ids)
+        if tokenizer is not None:
+            record["output_text"] = tokenizer.decode(list(ids))
+        lines.append(json.dumps(record) + "\n")
+    if os.fspath(path) == "-":
+        sys.stdout.writelines(lines)
+        sys.stdout.flush()
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        for request, ids in zip(requests, outputs):
-            record = dict(request.record) or {"input_ids": list(request.ids)}
-            record["output_ids"] = list(ids)
-            if tokenizer is not None:
-                record["output_text"] = tokenizer.decode(list(ids))
-            f.write(json.dumps(record) + "\n")
+        f.writelines(lines)
     os.replace(tmp, path)

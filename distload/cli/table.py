@@ -13,7 +13,7 @@ import os
 
 from ..plan.explain import compress_units
 
-__all__ = ["format_table", "write_report"]
+__all__ = ["format_table", "format_generation", "write_report"]
 
 
 def _short_units(units: list[str]) -> str:
@@ -40,6 +40,12 @@ def format_table(report: dict) -> str:
     total_read = sum(r["bytes_read"] for r in report["ranks"])
     rows.append(f"checkpoint {report['checkpoint_bytes'] / 1e6:.1f} MB of tensors; "
                 f"read {total_read / 1e6:.1f} MB over {report['world_size']} rank(s)")
+    phases = report.get("phases", {})
+    shown = [f"{name} {phases[f'{name}_seconds']:.3f} s" for name in ("plan", "fetch", "read", "exchange",
+                                                                       "offload")
+             if phases.get(f"{name}_seconds") is not None]
+    if shown:
+        rows.append(f"phases (slowest rank): {', '.join(shown)}")
     for r in report["ranks"]:
         if r.get("offloaded_bytes"):
             tiers = r.get("offloaded_bytes_by_tier", {})
@@ -47,6 +53,19 @@ def format_table(report: dict) -> str:
                         f"{tiers.get('disk', 0) / 1e6:.1f} MB; wrote {r.get('offload_bytes_written', 0) / 1e6:.1f}"
                         f" MB to the offload dir; waited {r.get('offload_wait_seconds', 0.0):.3f} s for weights")
     return "\n".join(rows)
+
+
+def format_generation(figures: dict) -> str:
+    """The generation's figures (the report's ``generation``) in one line."""
+    def rate(key: str) -> str:
+        value = figures.get(key)
+        return "-" if value is None else f"{value:.1f} tokens/s"
+
+    ttft = figures.get("time_to_first_token_seconds")
+    return (f"generated {figures['generated_tokens']} tokens for {figures['prompts']} prompts in "
+            f"{figures['seconds']:.3f} s; first token after "
+            f"{'-' if ttft is None else f'{ttft:.3f} s'}; prefill {rate('prefill_tokens_per_second')}, "
+            f"decode {rate('decode_tokens_per_second')}")
 
 
 def write_report(report: dict, path: str) -> None:

@@ -37,6 +37,8 @@ class Pipeline:
     micro_batches: int | None = None
     calls: CallChannel | None = field(default=None, repr=False)  # None in a world of one
     open_stream: bool = field(default=False, repr=False)  # rank 0: a forward_stream is running
+    # rank 0: the timings of the last `generate` (see `schedules.ring_decode._Driver.run`)
+    last_call: dict = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> torch.device:

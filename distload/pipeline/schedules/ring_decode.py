@@ -34,11 +34,13 @@ Example (under ``torchrun --nproc_per_node=2``)::
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
+from ... import trace
 from ...log import logger
 from ..comm import Inbound, Outbox, broadcast_call, post_recv
 from ..inputs import resolve_eos, validate_inputs
@@ -89,7 +91,7 @@ def pipeline_generate(pipe, input_ids: torch.Tensor | None = None,
     reproducibly per sequence for a given `seed`.
     """
     world, config = pipe.world, pipe.plan.config
-    rank0: dict = {}  # rank 0's own state: validated ids, EOS and pad
+    rank0: dict = {"start": time.perf_counter()}  # rank 0's own state: validated ids, EOS and pad
     pipe.start_call(NAME)
     if not world.is_first:
         return follow_generate(pipe)
@@ -120,8 +122,11 @@ def pipeline_generate(pipe, input_ids: torch.Tensor | None = None,
     logger.debug("generate: %d sequences in %d groups (%d in flight), %d new tokens", call.batch,
                  call.groups, call.in_flight, call.max_new_tokens)
     runner = _StageRunner(pipe.module, call, world.device)
+    driver = _Driver(runner, call, world, pipe.activation_dtype, rank0)
     with torch.no_grad():
-        return _Driver(runner, call, world, pipe.activation_dtype, rank0).run().to(input_ids.device)
+        out = driver.run()
+    pipe.last_call = driver.figures
+    return out.to(input_ids.device)
 
 
 def follow_generate(pipe) -> None:
@@ -175,7 +180,8 @@ class _StageRunner:
         rows = torch.arange(self.slices[group].start, self.slices[group].stop)[list(part)]
         mask = self.call.mask[rows].to(self.device)
         cache = self.module.new_cache()
-        out = self._run(x, mask, None if bool(mask.all()) else mask, cache)  # None: causal
+        with trace.span("prefill", "pipeline", group=group, rows=len(part), tokens=x.shape[1]):
+            out = self._run(x, mask, None if bool(mask.all()) else mask, cache)  # None: causal
         self.groups.setdefault(group, _GroupState()).parts.append((rows, mask, cache))
         return out, rows.tolist()
 
@@ -191,7 +197,9 @@ class _StageRunner:
             state.mask = state.mask[idx.to(self.device)]
             state.cache.select(idx.to(self.device))
         state.mask = torch.cat([state.mask, state.mask.new_ones(len(keep), x.shape[1])], dim=1)
-        return self._run(x, state.mask, state.mask, state.cache), state.rows.tolist()
+        with trace.span("decode step", "pipeline", group=group, rows=len(keep)):
+            out = self._run(x, state.mask, state.mask, state.cache)
+        return out, state.rows.tolist()
 
     def _run(self, x: torch.Tensor, mask: torch.Tensor, attention: torch.Tensor | None,
              cache: KVCache) -> torch.Tensor:
@@ -222,9 +230,16 @@ class _Driver:
         self.inflight: deque[tuple[int, torch.Tensor, Inbound]] = deque()
         self.parts_left: dict[int, int] = {}  # group -> prompt parts still to come back
         self.first_tokens: dict[int, list] = {}  # group -> (rows, tokens) of its parts so far
+        self.start = rank0.get("start", time.perf_counter())
+        self.figures: dict = {}  # see `run`
 
     def run(self) -> torch.Tensor:
+        """The call's output ids; `figures` gets its timings: seconds from the call's start
+        to the first token of any sequence (``time_to_first_token_seconds``) and to every
+        sequence's first token (``prefill_seconds``, for ``prompt_tokens``), then to the
+        end (``decode_seconds``, for the ``decode_tokens`` after each first)."""
         call, t0 = self.call, self.call.prompt_length
+        first = every_first = None
         out = torch.full((call.batch, t0 + call.max_new_tokens), self.pad, dtype=torch.long)
         out[:, :t0] = self.ids
         produced = torch.zeros(call.batch, dtype=torch.long)
@@ -243,6 +258,13 @@ class _Driver:
                 rows, tokens = (torch.cat(t) for t in zip(*self.first_tokens.pop(group)))
             out[rows, t0 + produced[rows]] = tokens
             produced[rows] += 1
+            if every_first is None:
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                    trace.instant("first token", "pipeline")
+                if bool((produced > 0).all()):
+                    every_first = now
             if self.eos.numel():
                 finished[rows] |= torch.isin(tokens, self.eos)
             alive = (~finished[rows]) & (produced[rows] < call.max_new_tokens)
@@ -256,6 +278,13 @@ class _Driver:
             self._launch(STEP, group, tuple(keep.tolist()), rows[keep], tokens[keep][:, None])
         self._send_header(StepHeader(STOP))
         self.outbox.wait()
+        end = time.perf_counter()
+        first, every_first = first or end, every_first or end
+        self.figures = {"time_to_first_token_seconds": round(first - self.start, 6),
+                        "prompt_tokens": int(call.mask.sum()),
+                        "prefill_seconds": round(every_first - self.start, 6),
+                        "decode_tokens": int(produced.sum()) - call.batch,
+                        "decode_seconds": round(end - every_first, 6)}
         return out[:, :t0 + int(produced.max())]
 
     def _start(self, group: int) -> None:
