@@ -37,6 +37,7 @@ __all__ = ["RankProgress", "ProgressMonitor", "stage_label", "progress_enabled"]
 
 PUSH_SECONDS = 0.2      # a rank writes its state at most this often
 POLL_SECONDS = 0.5      # rank 0 reads every rank's state this often
+BAR_DELAY_SECONDS = 1.0  # no bar for a load quicker than this
 # phases in which a rank that reads nothing is stalled (in the others it waits, or writes)
 _ACTIVE = ("starting", "reading")
 
@@ -128,6 +129,7 @@ class ProgressMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bar = None
+        self._tty = False
         self.started = self._logged = time.monotonic()
         # per rank: (bytes, phase) last seen, when it changed, stall warnings given since
         self._seen: list[tuple[int, str]] = [(0, "starting")] * len(self.totals)
@@ -148,13 +150,7 @@ class ProgressMonitor:
                 monitor.stop()
 
     def start(self) -> None:
-        tty = getattr(self.stream, "isatty", lambda: False)()
-        if tty:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=sum(self.totals), unit="B", unit_scale=True, unit_divisor=1000,
-                             desc=f"loading {self.plan.label}", file=self.stream, delay=1.0,
-                             leave=False, dynamic_ncols=True, smoothing=0.1)
+        self._tty = getattr(self.stream, "isatty", lambda: False)()
         self.started = self._logged = time.monotonic()
         self._changed = [self.started] * len(self.totals)
         self._thread = threading.Thread(target=self._run, name="distload-progress", daemon=True)
@@ -189,8 +185,8 @@ class ProgressMonitor:
             done += self.totals[r] if finished else min(seen[0], self.totals[r])
             self._check_stall(r, state, now)
         total = sum(self.totals)
-        if self._bar is not None:
-            self._bar.update(done - self._bar.n)
+        if self._tty:
+            self._show(done, total, now)
         elif now - self._logged >= self.interval_s:
             self._logged = now
             elapsed = now - self.started
@@ -200,6 +196,22 @@ class ProgressMonitor:
             logger.info("loading %s: %s of %s (%.0f%%), %.2f GB/s, ETA %s; %d of %d rank(s) reading",
                         self.plan.label, _gb(done), _gb(total), 100 * done / max(total, 1),
                         rate / 1e9, eta, reading, len(self.totals))
+
+    def _show(self, done: int, total: int, now: float) -> None:
+        """The bar, once the load has taken a second (a quick load shows none)."""
+        if self._bar is None:
+            if now - self.started < BAR_DELAY_SECONDS:
+                return
+            from tqdm import tqdm
+
+            # the rate is the average since the load began (smoothing=0, start back-dated):
+            # ranks report in bursts, and the first second's bytes arrive as one jump
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000,
+                             desc=f"loading {self.plan.label}", file=self.stream, leave=False,
+                             dynamic_ncols=True, smoothing=0)
+            self._bar.start_t -= now - self.started
+        self._bar.update(done - self._bar.n)
+        self._bar.refresh()   # a stalled load's rate and time left still move
 
     def _check_stall(self, r: int, state: dict, now: float) -> None:
         idle = now - self._changed[r]
