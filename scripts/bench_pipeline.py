@@ -77,6 +77,9 @@ def _args(argv=None) -> argparse.Namespace:
                    help="timed calls per figure at most, while others disturb them")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "distload-bench"))
+    p.add_argument("--trace-overhead", action="store_true",
+                   help="also time every pipelined call with distload.trace recording (as --trace "
+                        "does), alternating with the plain calls, and print the ratios")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -176,6 +179,7 @@ def _job(a) -> None:
     import torch.distributed as dist
 
     import distload
+    from distload import trace
     from distload.pipeline.schedules.ring_decode import pipeline_generate
 
     torch.set_num_threads(1)
@@ -208,6 +212,15 @@ def _job(a) -> None:
         return lambda: pipeline_generate(seq, prompts, max_new_tokens=arg, micro_batches=1,
                                          eos_token_id=[])
 
+    def traced(fn):
+        def call():  # every rank records, as under --trace (the events are dropped after)
+            trace.enable()
+            try:
+                fn()
+            finally:
+                trace.disable()
+        return call
+
     def timed(fn, *, alone: bool) -> tuple[float, bool]:
         dist.barrier(group=world.cpu_group)
         if alone and world.rank != 0:  # rank 1 idles in the next barrier meanwhile
@@ -221,13 +234,16 @@ def _job(a) -> None:
         timed(pipelined(kind, min(arg, 2)), alone=False)
         if world.rank == 0:
             sequential(kind, min(arg, 2))()
-    times: dict[str, dict[str, list[float]]] = {"pipeline": {}, "sequential": {}}
-    everything: dict[str, dict[str, list[float]]] = {"pipeline": {}, "sequential": {}}
-    disturbed = {"pipeline": 0, "sequential": 0}
+    roles_all = ["pipeline", "sequential"] + (["traced"] if a.trace_overhead else [])
+    times: dict[str, dict[str, list[float]]] = {r: {} for r in roles_all}
+    everything: dict[str, dict[str, list[float]]] = {r: {} for r in roles_all}
+    disturbed = {r: 0 for r in roles_all}
     for kind, arg in cases:
         key = f"{kind}_{arg}"
         # the sequential forward does not depend on micro-batches: time it once
         roles = {"pipeline": (pipelined(kind, arg), False)}
+        if a.trace_overhead:
+            roles["traced"] = (traced(pipelined(kind, arg)), False)
         if kind not in ("forward", "stream") or arg == a.micro_batches[0]:
             roles["sequential"] = (sequential(kind, arg), True)
         for role in roles:
@@ -301,8 +317,11 @@ def main(argv=None) -> int:
         result = Path(tmp) / "result.json"
         argv = []
         for k, v in vars(a).items():
-            if v is not None and k not in ("worker", "ckpt", "result", "json", "ranks"):
-                argv += [f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, list) else [v])]
+            if v is None or v is False or k in ("worker", "ckpt", "result", "json", "ranks"):
+                continue
+            argv += [f"--{k.replace('_', '-')}"]
+            if v is not True:
+                argv += list(map(str, v if isinstance(v, list) else [v]))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={a.ranks}", os.path.abspath(__file__), *argv, "--worker",
                "--ckpt", str(ckpt), "--result", str(result)]
@@ -339,6 +358,16 @@ def main(argv=None) -> int:
     print(f"generate end to end, {a.new_tokens} new tokens: sequential {seq['generate_tok_s']:8.1f} "
           f"new tok/s | pipeline {pipe['generate_tok_s']:8.1f} new tok/s | ratio "
           f"{fig['generate_ratio']:.2f}")
+    if a.trace_overhead:
+        traced = fig["traced"]
+        parts = [f"forward {traced['forward_tok_s'][m] / pipe['forward_tok_s'][m]:.3f}"
+                 for m in pipe["forward_tok_s"]]
+        parts += [f"stream {traced['stream_tok_s'][m] / pipe['stream_tok_s'][m]:.3f}"
+                  for m in pipe["stream_tok_s"]]
+        parts += [f"{kind} {traced[f'{kind}_tok_s'] / pipe[f'{kind}_tok_s']:.3f}"
+                  for kind in ("decode", "prefill", "generate")
+                  if traced[f"{kind}_tok_s"] and pipe[f"{kind}_tok_s"]]
+        print(f"with tracing on, tokens/s relative to off (pipeline, same run): {', '.join(parts)}")
     if a.json:
         Path(a.json).write_text(json.dumps({"figures": fig, "raw": raw, "args": vars(a)}, indent=1))
     return 0

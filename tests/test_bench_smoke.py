@@ -63,7 +63,7 @@ def test_bench_pipeline_smoke(tmp_path):
            "--kv-heads", "2", "--vocab", "128", "--batch", "4", "--seq", "8",
            "--micro-batches", "2", "4", "--stream-batches", "3", "--decode-batch", "4",
            "--prompt", "4", "--new-tokens", "8", "--repeats", "1", "--max-tries", "2",
-           "--cache", str(tmp_path / "cache"), "--json", str(out)]
+           "--cache", str(tmp_path / "cache"), "--json", str(out), "--trace-overhead"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert proc.stdout.count("forward  batch 4 x 8") == 2
@@ -80,3 +80,18 @@ def test_bench_pipeline_smoke(tmp_path):
     else:
         assert figures["decode_ratio"] > 0 and "decode   batch 4, 8 new tokens: sequential" in proc.stdout
     assert "prefill  batch 4 x 4" in proc.stdout and "generate end to end" in proc.stdout
+    assert "with tracing on, tokens/s relative to off (pipeline, same run): forward " in proc.stdout
+
+
+def test_bench_observe_smoke(tiny_ckpt, tmp_path):
+    """scripts/bench_observe.py: one load per mode, every figure printed and written."""
+    out = tmp_path / "observe.json"
+    cmd = [sys.executable, str(SCRIPT.parent / "bench_observe.py"), str(tiny_ckpt), "--repeats", "1",
+           "--warmup", "0", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    for mode in ("off", "progress", "progress+trace"):
+        assert f"\n{mode} " in proc.stdout
+    figures = json.loads(out.read_text())
+    assert figures["runs"]["progress+trace"][0]["events"] > 0
+    assert figures["steps"]["span_off_ns"] > 0 and "per step: trace.span off" in proc.stdout
