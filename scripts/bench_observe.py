@@ -37,6 +37,8 @@ import time
 import timeit
 from pathlib import Path
 
+from bench_load import warm_cache  # a sibling script: its folder is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 MODES = {"off": ({"DISTLOAD_PROGRESS": "0"}, False), "progress": ({}, False),
          "progress+trace": ({}, True)}
@@ -51,14 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per torchrun")
     p.add_argument("--json", type=Path, help="also write every figure here")
     return p.parse_args(argv)
-
-
-def warm(ckpt: Path) -> None:
-    for f in sorted(ckpt.iterdir()):
-        if f.is_file():
-            with open(f, "rb", buffering=0) as fh:
-                while fh.read(64 << 20):
-                    pass
 
 
 def one_run(a, mode: str, tmp: Path) -> dict:
@@ -114,7 +108,7 @@ def step_costs() -> dict[str, float]:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    warm(a.ckpt)
+    warm_cache(a.ckpt)
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(a.warmup):      # imports, the page cache
