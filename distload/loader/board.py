@@ -5,7 +5,8 @@ they are, without a collective.
 * ``state/<rank>``: that rank's state as JSON — its phase, bytes read of its total, the
   file it reads, the wall time of its last update. Only that rank writes it (at most
   every 0.2 s, see `distload.loader.progress`); rank 0 reads them all in one `multi_get`.
-* ``arrive/<point>/<rank>``: that rank reached `point` (see `distload.loader.waits`).
+* ``arrive/<point>/<rank>`` and ``count/<point>``: that rank reached `point`, and how
+  many have (see `distload.loader.waits`).
 * ``abort``: why a rank gave up waiting, for the late rank to say when it arrives.
 
 Keys live under a prefix made of the plan's digest and a count of the loads this process
@@ -23,9 +24,9 @@ Example::
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import json
+import time
 
 import torch.distributed as dist
 
@@ -34,6 +35,7 @@ from ..dist import World
 __all__ = ["JobBoard"]
 
 _LOADS = itertools.count()  # every rank calls `open` once per load, in the same order
+_MAX_PAUSE = 0.25           # seconds between two looks at who arrived
 
 
 class JobBoard:
@@ -88,16 +90,26 @@ class JobBoard:
     # ------------------------------------------------------------------ arrivals
     def arrive(self, point: str) -> None:
         self.store.set(self._arrive_key(point, self.rank), "1")
+        self.store.add(f"{self.prefix}count/{point}", 1)
 
     def wait(self, point: str, seconds: float) -> list[int]:
         """Wait at most `seconds` until every rank arrived at `point`; returns the ranks
-        that have not (empty: all did)."""
-        keys = [self._arrive_key(point, r) for r in range(self.world_size)]
-        try:
-            self.store.wait(keys, datetime.timedelta(seconds=max(seconds, 0.001)))
-            return []
-        except dist.DistStoreError:   # its time limit (a lost store raises DistNetworkError)
-            return [r for r, k in enumerate(keys) if not self.store.check([k])]
+        that have not (empty: all did).
+
+        Polls the point's arrival count (a few bytes per request) at growing intervals,
+        from 1 ms to 0.25 s, so a wait ends at most ~twice as late as its ranks arrive and
+        never more than 0.25 s late; a blocking store wait could not be interrupted by a
+        signal (Ctrl-C) and logs from C++ when it runs out."""
+        deadline = time.monotonic() + seconds
+        pause = 0.001
+        while self.store.add(f"{self.prefix}count/{point}", 0) < self.world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                keys = [self._arrive_key(point, r) for r in range(self.world_size)]
+                return [r for r, k in enumerate(keys) if not self.store.check([k])]
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, _MAX_PAUSE)
+        return []
 
     def abort(self, message: str) -> None:
         self.store.set(f"{self.prefix}abort", message)
