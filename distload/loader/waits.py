@@ -5,7 +5,9 @@ the node's files are fetched, after every rank read its stage, after the cpu/dis
 are attached. A process group's timeout is fixed when it is made (and NCCL's watchdog
 kills a job whose ranks finish reading more than that apart), so before each of those
 collectives every rank first says on the job's board that it arrived and waits there for
-the others (`wait_for_ranks`); the collective that follows finds everyone present.
+the others (`wait_for_ranks`); the collective that follows finds everyone present. The
+tied exchange comes right after the wait that follows reading, so the process group's
+timeout bounds only its transfer, never another rank's reading.
 
 The limit of a wait is `work_limit`: the bytes the slowest rank has to move at a
 pessimistic ``MIN_RATE`` (10 MB/s), and never less than ``FLOOR_SECONDS`` (600 s, the
