@@ -99,6 +99,20 @@ def test_trace_caps_its_events():
     assert "2 events dropped" in json.dumps(trace.chrome_trace({0: rec}))
 
 
+def test_a_traced_forward_has_a_span_per_micro_batch(tiny_ckpt):
+    import distload
+
+    pipe = distload.load(str(tiny_ckpt), device="cpu")
+    trace.enable()
+    try:
+        pipe.forward(torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]]), micro_batches=2)
+    finally:
+        rec = trace.disable()
+    spans = [e for e in rec.events if e[0] == "forward"]
+    assert [(e[6]["micro_batch"], e[6]["rows"], e[6]["tokens"]) for e in spans] == [
+        (0, "0-2", 3), (1, "2-3", 3)]
+
+
 # ----------------------------------------------------------------------------- progress
 
 def test_monitor_logs_the_jobs_bytes_and_names_a_stalled_rank(plan, caplog):
