@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", type=Path, help="checkpoint directory")
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--dtype", help="--dtype for the loads (a cast reads through the staging "
+                                   "buffers instead of mapping pages: more, smaller reads)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per torchrun")
@@ -63,6 +65,8 @@ def one_run(a, mode: str, tmp: Path) -> dict:
            "--report", str(report)]
     if traced:
         cmd += ["--trace", str(tmp / "trace.json")]
+    if a.dtype:
+        cmd += ["--dtype", a.dtype]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra,
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     start = time.perf_counter()
@@ -119,7 +123,7 @@ def main(argv=None) -> int:
     med = {m: {k: statistics.median(r[k] for r in rs) for k in ("load", "read", "wall")}
            for m, rs in runs.items()}
     size = sum(f.stat().st_size for f in a.ckpt.glob("*.safetensors"))
-    print(f"checkpoint {a.ckpt} ({size / 1e9:.2f} GB), {a.nproc} ranks, medians of {a.repeats} runs "
+    print(f"checkpoint {a.ckpt} ({size / 1e9:.2f} GB{', as ' + a.dtype if a.dtype else ''}), {a.nproc} ranks, medians of {a.repeats} runs "
           f"per mode, interleaved; load average {os.getloadavg()[0]:.1f}")
     for mode, m in med.items():
         ratio = {k: m[k] / med["off"][k] for k in m}
