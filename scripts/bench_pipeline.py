@@ -248,13 +248,14 @@ def _job(a) -> None:
             roles["sequential"] = (sequential(kind, arg), True)
         for role in roles:
             times[role].setdefault(key, [])
-        for _ in range(a.max_tries):
+        for attempt in range(a.max_tries):
             # rank 0 keeps the count; every rank follows its list of what still needs calls
             need = [r for r in roles if len(times[r][key]) < a.repeats]
             need = distload.dist.gather_objects(world, need)[0]
             if not need:
                 break
-            for role in need:
+            # every other round in reverse, so that no role always runs right after another
+            for role in (need if attempt % 2 == 0 else need[::-1]):
                 fn, alone = roles[role]
                 seconds, ok = timed(fn, alone=alone)
                 if world.rank == 0:
