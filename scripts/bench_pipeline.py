@@ -254,8 +254,9 @@ def _job(a) -> None:
             need = distload.dist.gather_objects(world, need)[0]
             if not need:
                 break
-            # every other round in reverse, so that no role always runs right after another
-            for role in (need if attempt % 2 == 0 else need[::-1]):
+            # each round starts with the next role, so that every role takes every place
+            turn = attempt % len(need)
+            for role in need[turn:] + need[:turn]:
                 fn, alone = roles[role]
                 seconds, ok = timed(fn, alone=alone)
                 if world.rank == 0:
