@@ -3,7 +3,7 @@ one run.
 
 Each mode loads the same checkpoint with the CLI (``--max-new-tokens 0 --report``) on
 `--nproc` CPU ranks under torchrun, every run a fresh torchrun, modes interleaved
-(off, progress, progress+trace, off, ...), `--repeats` times, page cache warm:
+(each round starting with the next mode), `--repeats` times, page cache warm:
 
 * off:            ``DISTLOAD_PROGRESS=0`` (the board still serves the waits between ranks);
 * progress:       the default (stderr is not a terminal here: log lines every 10 s, each
@@ -117,8 +117,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(a.warmup):      # imports, the page cache
             one_run(a, "off", Path(tmp))
-        for _ in range(a.repeats):
-            for mode in MODES:
+        order = list(MODES)
+        for i in range(a.repeats):   # each round starts with the next mode: no mode always last
+            for mode in order[i % len(order):] + order[:i % len(order)]:
                 runs[mode].append(one_run(a, mode, Path(tmp)))
     med = {m: {k: statistics.median(r[k] for r in rs) for k in ("load", "read", "wall")}
            for m, rs in runs.items()}
