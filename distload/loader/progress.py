@@ -119,8 +119,11 @@ class ProgressMonitor:
     `start` to `stop`."""
 
     def __init__(self, board: JobBoard, plan, *, stream=None, interval_s: float | None = None,
-                 stall_s: float | None = None, poll_s: float = POLL_SECONDS) -> None:
-        self.board, self.plan = board, plan
+                 stall_s: float | None = None, poll_s: float = POLL_SECONDS,
+                 own_connection: bool = False) -> None:
+        # own_connection: the thread reads through a clone of the board (see `JobBoard.clone`),
+        # made on the thread, so the load does not wait for the connection
+        self.board, self.plan, self._own_connection = board, plan, own_connection
         self.stream = stream or sys.stderr
         self.interval_s = interval_s or _env_float("DISTLOAD_PROGRESS_SECONDS", 10.0)
         self.stall_s = stall_s or _env_float("DISTLOAD_STALL_SECONDS", 60.0)
@@ -140,7 +143,7 @@ class ProgressMonitor:
     @contextlib.contextmanager
     def maybe(cls, board: JobBoard, plan, world) -> Iterator[ProgressMonitor | None]:
         """On rank 0, with reporting on (`progress_enabled`), a running monitor; else None."""
-        monitor = cls(board.clone(), plan) if world.is_first and progress_enabled() else None
+        monitor = cls(board, plan, own_connection=True) if world.is_first and progress_enabled() else None
         if monitor is not None:
             monitor.start()
         try:
@@ -164,12 +167,13 @@ class ProgressMonitor:
             self._bar.close()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            try:
+        try:
+            if self._own_connection:
+                self.board = self.board.clone()
+            while not self._stop.wait(self.poll_s):
                 self.poll()
-            except Exception as exc:  # noqa: BLE001 - the store went with a failed job
-                logger.debug("progress: %s", exc)
-                return
+        except Exception as exc:  # noqa: BLE001 - the store went with a failed job
+            logger.debug("progress: %s", exc)
 
     def poll(self, now: float | None = None) -> None:
         """Read every rank's state once; update the bar or log; name stalled ranks."""
