@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from distload.checkpoint.bin import read_bin_metas
-from distload.checkpoint.safetensors_header import _read_header
+from distload.checkpoint.files import check_checkpoint_file, open_checkpoint_file
+from distload.checkpoint.safetensors_header import MAX_HEADER_BYTES, _read_header
 from distload.checkpoint.types import TensorMeta
 from distload.errors import CheckpointError
 from distload.log import logger
@@ -29,6 +30,7 @@ BIN_SINGLE = "pytorch_model.bin"
 CONFIG = "config.json"
 
 _MAX_READERS = 8  # header reads are tiny; a few threads hide per-file open latency
+MAX_JSON_BYTES = MAX_HEADER_BYTES  # config.json and index files: a larger one is not one
 
 
 @dataclass(frozen=True)
@@ -156,10 +158,19 @@ def _index_file(file: str) -> CheckpointIndex:
 
 def _load_json(file: str, what: str) -> dict:
     try:
-        with open(file, encoding="utf-8") as f:
-            obj = json.load(f)
+        fd, size = open_checkpoint_file(file, f"its {what}")
+        try:
+            if size > MAX_JSON_BYTES:
+                raise CheckpointError(f"{file}: {what} is {size} bytes (limit {MAX_JSON_BYTES}); "
+                                      "not a config or index file?")
+            raw = os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+        obj = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{file}: cannot parse {what}: {e}") from e
+    except RecursionError:
+        raise CheckpointError(f"{file}: cannot parse {what}: nested too deeply") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{file}: {what} is a JSON {type(obj).__name__}, not an object")
     return obj
@@ -177,11 +188,12 @@ def _from_index_file(index_file: str, fmt: str) -> CheckpointIndex:
         if os.path.isabs(shard) or os.path.normpath(shard).startswith(".."):
             raise CheckpointError(f"{index_file}: shard {shard!r} (of {name!r}) lies outside {root}")
         mapped[name] = os.path.normpath(shard)
+    checked: set[str] = set()
     for name, file in mapped.items():
-        if not os.path.isfile(os.path.join(root, file)):
-            raise CheckpointError(
-                f"{index_file}: shard {file} does not exist (tensor {name!r} lives in it)"
-            )
+        if file not in checked:
+            check_checkpoint_file(root, file, needed_for=f"{os.path.basename(index_file)} puts "
+                                                         f"tensor {name!r} in it")
+            checked.add(file)
     return _build(root, fmt, sorted(set(mapped.values())), mapped=mapped)
 
 
@@ -189,6 +201,9 @@ def _build(
     root: str, fmt: str, files: list[str], *, mapped: dict[str, str] | None = None
 ) -> CheckpointIndex:
     """Index `files` (relative to `root`)."""
+    for file in files:
+        check_checkpoint_file(root, file)
+
     def read(file: str) -> tuple[list[TensorMeta], int]:
         path = os.path.join(root, file)
         return _read_header(path) if fmt == "safetensors" else (read_bin_metas(path), 0)

@@ -5,6 +5,8 @@ interrupt or kill a rank while it loads or generates:
   DISTLOAD_TEST_SLOW_RANK's, when set) takes S more seconds, after it logs "reading (slowed)";
 * DISTLOAD_TEST_SLOW_STEP=S: each decode step of a generation takes S more seconds on
   every rank, after rank 0 logs "generating (slowed)" once;
+* DISTLOAD_TEST_SLOW_WRITE=S: writing each offload entry takes S more seconds, half-way
+  through (its temporary file is open), after rank 0 logs "writing (slowed)" once;
 * DISTLOAD_TEST_FAIL_REPORT=1: writing the report's JSON fails as on a full disk.
 """
 
@@ -14,6 +16,7 @@ import time
 
 import distload.cli.table as table
 import distload.loader.stage as stage
+import distload.offload.store as store
 from distload.cli.main import entry
 from distload.log import logger
 from distload.pipeline.schedules import ring_decode
@@ -45,6 +48,21 @@ if step_delay:
         return real_step(self, *args, **kw)
 
     ring_decode._StageRunner.step = slow_step
+
+write_delay = float(os.environ.get("DISTLOAD_TEST_SLOW_WRITE", "0"))
+if write_delay:
+    real_write_all = store._write_all
+    told_write = []
+
+    def slow_write_all(fd, view):
+        if not told_write and len(view) > 1024:  # an entry's bytes, not its header
+            told_write.append(True)
+            logger.warning("writing (slowed)")
+        real_write_all(fd, view[:len(view) // 2])
+        time.sleep(write_delay)
+        real_write_all(fd, view[len(view) // 2:])
+
+    store._write_all = slow_write_all
 
 if os.environ.get("DISTLOAD_TEST_FAIL_REPORT"):
     def full_disk(*args, **kw):
