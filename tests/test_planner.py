@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from distload.checkpoint.types import TensorMeta
 from distload.errors import PlanError
-from distload.plan.budget import RankBudget
+from distload.plan.budget import RankBudget, format_bytes
 from distload.plan.explain import compress_units, explain_plan
 from distload.plan.planner import PlannerOptions, UnitLoad, partition, plan_model, stage_layout
 from distload.plan.reserve import RunShape
@@ -391,6 +391,13 @@ def test_explain_names_ranges_tiers_and_reasons():
     assert "budgets from device: max_memory[0]" in text
     for s in plan.stages:
         assert f"rank {s.rank}: {s.bound}" in text
+    assert "host memory:" in text and "no whole state dict" in text and "workload any" in text
+    tight, _ = _model_plan(2, [RankBudget(400, 150, None), RankBudget(300, 0, None)], tied=True,
+                           shape=RunShape(1, 1, "generate"), vocab=8)
+    text = explain_plan(tight)
+    assert tight.stages[0].stream_slots == 1 and "1 (no prefetch)" in text
+    assert "1 streaming slot (no prefetch: " in text
+    assert f"reserve {format_bytes(tight.stages[0].reserved_bytes)}: KV cache" in text and "workload generate" in text
 
 
 def test_compress_units():
@@ -447,6 +454,9 @@ def test_tiered_plan_identical_on_all_ranks_and_loads(eight_layers, tmp_path):
         assert stage.held_bytes[Tier.DEVICE] + stage.reserved_bytes <= stage.budget["device"] == 600_000
         assert stage.held_bytes[Tier.CPU] <= 200_000                    # 400KB shared by 2 ranks
     assert sum(r["report"]["offloaded_bytes"] for r in results) > 0
+    for stage, r in zip(plan.stages, results):                         # slots as planned
+        assert r["stream"]["max_resident"] == stage.stream_slots >= r["stream"]["peak_resident"]
+        assert r["stream"]["prefetch"] == (stage.stream_slots == 2)
     ids = torch.tensor([[1, 15, 27, 200, 42, 7], [5, 9, 81, 2, 3, 4]])
     with torch.no_grad():
         reference = AutoModelForCausalLM.from_pretrained(eight_layers, dtype=torch.float32)(ids).logits

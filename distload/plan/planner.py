@@ -165,9 +165,12 @@ def _reason(model: StageModel, s: StageLayout, b: RankBudget, bottleneck: float,
     if cpu or disk:
         moved = ", ".join(f"{s.tiers.count(t)} unit(s) ({format_bytes(x)}) to {t}"
                           for t, x in ((Tier.CPU, cpu), (Tier.DISK, disk)) if x)
-        slots = ("2 streaming slots (prefetch)" if s.stream_slots == 2 else
-                 "1 streaming slot (no prefetch: two do not fit)" if model.opt.stream_slots == 2
-                 else "1 streaming slot (no prefetch)")
+        slots = "2 streaming slots (prefetch)" if s.stream_slots == 2 else "1 streaming slot (no prefetch)"
+        if s.stream_slots == 1 and model.opt.stream_slots == 2:
+            prefetching = StageModel(model.units, replace(model.opt, no_prefetch_factor=1e30))
+            slots = slots[:-1] + (": keeping more units resident costs less)"
+                                  if prefetching.layout(s.lo, s.hi, b).stream_slots == 2
+                                  else ": two do not fit)")
         return (f"device budget {format_bytes(b.device)} full ({format_bytes(dev)} weights + "
                 f"{format_bytes(s.reserved)} reserved): {moved}; {slots} of "
                 f"{format_bytes(s.stream_bytes)}")
