@@ -18,6 +18,7 @@ from distload.compat.accelerate import placement
 from distload.compat.accelerate.device_map import plan_device_map
 from distload.meta import describe_model
 from distload.models import build_model
+from distload.offload import streamer_of
 from distload.plan.budget import LocalMemory, parse_max_memory, resolve_budgets
 from distload.plan.planner import plan_model
 from distload.plan.reserve import run_shape
@@ -83,7 +84,9 @@ def test_minilm_at_the_cpu_budgets_accelerate_runs(minilm, mib, tmp_path):
     if mib >= 60:
         assert plan.device_map["embeddings"] == "cpu"
     device_map = infer_auto_device_map(model, max_memory={"cpu": f"{mib}MiB"})
+    assert device_map.stream_slots == stage.stream_slots == (1 if mib == 52 else device_map.stream_slots)
     model = load_checkpoint_and_dispatch(model, path, device_map=device_map, offload_folder=tmp_path)
+    assert streamer_of(model).max_resident == stage.stream_slots       # the room the plan kept
     out = _bert_out(model)
     assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
     assert torch.equal(out.pooler_output, ref.pooler_output)

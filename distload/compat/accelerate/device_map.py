@@ -39,9 +39,18 @@ from ...plan.reserve import run_shape, unit_reserves
 from ...plan.sequential import partition_sequential
 from ...plan.types import Tier
 
-__all__ = ["infer_auto_device_map", "plan_device_map", "DeviceMapPlan", "as_dtype", "Device"]
+__all__ = ["infer_auto_device_map", "plan_device_map", "DeviceMapPlan", "DeviceMap", "as_dtype", "Device"]
 
 Device = int | str
+
+
+class DeviceMap(dict):
+    """The dict `infer_auto_device_map` returns (use it as any device map), carrying
+    `stream_slots`: how many offloaded units the plan keeps room for on the device that
+    runs them (2: the next is prefetched; 1: no prefetch; 0: nothing offloaded), which
+    `load_checkpoint_and_dispatch` honours."""
+
+    stream_slots: int = 2
 
 
 @dataclass(frozen=True)
@@ -219,4 +228,6 @@ def infer_auto_device_map(model: nn.Module, max_memory: Mapping | None = None,
             stage = plan.partition.stages[r]
             logger.info("device %s: units %s..%s (%s)", dev, plan.units[stage.lo],
                         plan.units[stage.hi - 1], reason)
-    return _clean(model, plan.device_map) if clean_result else dict(plan.device_map)
+    out = DeviceMap(_clean(model, plan.device_map) if clean_result else plan.device_map)
+    out.stream_slots = max((s.stream_slots for s in plan.partition.stages), default=0)
+    return out

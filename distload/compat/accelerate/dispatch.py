@@ -70,7 +70,8 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
                                  offload_state_dict: bool | None = None, skip_keys=None,
                                  preload_module_classes=None, force_hooks: bool = False,
                                  strict: bool = False, *, max_batch_size: int | None = None,
-                                 max_seq_len: int | None = None, workload: str = "any"):
+                                 max_seq_len: int | None = None, workload: str = "any",
+                                 stream_slots: int | None = None):
     """Load `checkpoint` (a directory, a ``.safetensors``/``.bin`` file or an
     ``*.index.json``) into `model` (on meta) following `device_map` — a dict from
     `infer_auto_device_map`, or ``"auto"`` (also ``"balanced"``, ``"sequential"``) to plan
@@ -86,6 +87,10 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
     runs); `offload_buffers` is not implemented (buffers stay on the device: a warning,
     once); `offload_state_dict` is needless — no temporary state dict is built, and the
     load's peak host memory (the "cpu" weights plus the read staging) is logged instead.
+
+    `stream_slots` (distload's): offloaded units on the device at once — 2 prefetches the
+    next while one runs, 1 does not; default: what the plan made room for (a map from
+    distload's `infer_auto_device_map` says), else 2.
 
     Returns `model`, with ``model.hf_device_map`` set. Under torchrun with
     ``device_map="auto"``: this rank's `Pipeline` instead (see the module docstring).
@@ -115,11 +120,12 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
                                            workload=workload)
     elif device_map is None:
         device_map = {"": "cpu"}
-    dispatch_checkpoint(model, os.fspath(checkpoint), dict(device_map),
+    dispatch_checkpoint(model, os.fspath(checkpoint), device_map,
                         dtype=None if dtype is None else dtype_name(as_dtype(dtype)), strict=strict,
                         offload_folder=None if offload_folder is None else os.fspath(offload_folder),
                         no_split_module_classes=no_split_module_classes, skip_keys=skip_keys,
-                        force_hooks=force_hooks, offload_state_dict=bool(offload_state_dict))
+                        force_hooks=force_hooks, offload_state_dict=bool(offload_state_dict),
+                        stream_slots=stream_slots or getattr(device_map, "stream_slots", 0) or 2)
     model.hf_device_map = dict(device_map)
     return model
 
@@ -159,7 +165,8 @@ def load_checkpoint_in_model(model: nn.Module, checkpoint: str | os.PathLike,
                         dtype=None if dtype is None else dtype_name(as_dtype(dtype)), strict=strict,
                         offload_folder=None if offload_folder is None else os.fspath(offload_folder),
                         stream_host=False, align=False, keep_in_fp32=fp32,
-                        offload_state_dict=offload_state_dict)
+                        offload_state_dict=offload_state_dict,
+                        stream_slots=getattr(device_map, "stream_slots", 0) or 2)
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -175,12 +182,13 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
                         strict: bool = False, offload_folder: str | None = None,
                         no_split_module_classes=None, skip_keys=None, force_hooks: bool = False,
                         stream_host: bool = True, align: bool = True, keep_in_fp32: tuple = (),
-                        offload_state_dict: bool = False) -> None:
+                        offload_state_dict: bool = False, stream_slots: int = 2) -> None:
     """Fill `model`'s meta parameters from `checkpoint` as `device_map` says (see the module
     docstring). `dtype` (a name) casts floating tensors; None: the model's own dtypes.
     `stream_host`: with GPUs, "cpu" parameters are pinned and streamed to the first GPU
     (else resident in host memory); `align`: hooks move inputs to each mapped module's
-    device (`skip_keys` excepted; on one device only with `force_hooks`)."""
+    device (`skip_keys` excepted; on one device only with `force_hooks`); `stream_slots`:
+    offloaded units held at once (2: prefetch)."""
     check_devices_present(device_map)       # before a byte is read
     index = index_checkpoint(checkpoint)
     spec = describe_model(model, no_split_module_classes=no_split_module_classes)
@@ -244,7 +252,7 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
         source.update(_disk_entries(index, {p: param_to_key[p] for p in disk}, target, offload_folder))
     _move_buffers(model, device_map, main, index, stream_host)
     if source:
-        _stream(model, spec, source, entry_of, main)
+        _stream(model, spec, source, entry_of, main, stream_slots)
     if align:
         _align_devices(model, device_map, main, skip_keys=skip_keys, force=force_hooks)
     check_materialized(model, streamed=source)
@@ -288,12 +296,13 @@ def _move_buffers(model: nn.Module, device_map: dict, main: torch.device, index,
             mod._buffers[name] = buf.to(dev)
 
 
-def _stream(model: nn.Module, spec, source: dict, entry_of: dict, main: torch.device) -> None:
+def _stream(model: nn.Module, spec, source: dict, entry_of: dict, main: torch.device, slots: int) -> None:
     unit_of = spec.unit_of()
     chosen = {max(entry_of[p], unit_of[p], key=len) for p in source}
     units = {u for u in chosen if not any(o != u and (o == "" or u.startswith(o + ".")) for o in chosen)}
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    attach_streaming(model, sorted(units, key=order.__getitem__), source, main)
+    attach_streaming(model, sorted(units, key=order.__getitem__), source, main, prefetch=slots > 1,
+                     max_resident=slots)
 
 
 def _to(obj, device: torch.device, skip: frozenset = frozenset()):
