@@ -254,6 +254,22 @@ def test_fewer_files_break_ties_between_equally_balanced_splits():
     assert brute_force(sharded, budgets)[1][1] == 3
 
 
+def test_plan_model_passes_shard_files_when_shard_aware(monkeypatch):
+    import distload.plan.planner as planner
+
+    seen = []
+    real = planner.partition
+    monkeypatch.setattr(planner, "partition", lambda units, *a: seen.append(units) or real(units, *a))
+    spec, tensors = _spec(layers=4, hidden=8, vocab=32)
+    for aware in (False, True):
+        plan_model(spec, tensors, budgets=[RankBudget(10**6)] * 2, source={"kind": "local", "label": "c"},
+                   format="safetensors", config={}, shard_aware=aware)
+    plain, aware = seen
+    assert all(u.files == () for u in plain)
+    assert {u.name: u.files for u in aware}["model.layers.0"] == ("a.safetensors",)
+    assert {u.name: u.files for u in aware}["lm_head"] == ("b.safetensors",)
+
+
 @pytest.mark.parametrize("costs,world", [
     ([1, 1, 1, 3], 2), ([5, 1, 1, 1, 1, 1], 2), ([0, 4, 4, 4, 4, 4, 4, 4, 4, 0, 16], 3),
     ([3, 1, 4, 1, 5, 9, 2, 6], 4), ([1], 1), ([2, 2], 2), ([0, 0, 0], 3),
