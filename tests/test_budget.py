@@ -163,6 +163,27 @@ def test_unit_reserves_of_a_llama():
     assert all(r == UnitReserve() for r in unit_reserves(spec, None, itemsize=2))
 
 
+def test_reserves_per_workload():
+    cfg = tiny_config()            # hidden 64, vocab 256
+    with init_empty_weights():
+        spec = describe_model(build_model(cfg))
+    assert spec.head == "lm_head"
+    names = [u.name for u in spec.units]
+    shape = dict(max_batch_size=2, max_seq_len=10)
+    anything = unit_reserves(spec, RunShape(**shape), itemsize=2, config=cfg)
+    forward = unit_reserves(spec, RunShape(**shape, workload="forward"), itemsize=2, config=cfg)
+    generate = unit_reserves(spec, RunShape(**shape, workload="generate"), itemsize=2, config=cfg)
+    head, layer = names.index("lm_head"), names.index("model.layers.0")
+    assert forward[layer].kv_bytes == 0 and generate[layer].kv_bytes == anything[layer].kv_bytes > 0
+    assert forward[head].work_bytes == anything[head].work_bytes == 20 * ((64 + 256) * 2 + 256 * 4)
+    # generation: the head reads all 20 positions but makes logits for 2 rows only
+    assert generate[head].work_bytes == 20 * 64 * 2 + 2 * (256 * 2 + 256 * 4)
+    assert generate[layer].work_bytes == anything[layer].work_bytes
+    assert run_shape({}, workload="generate").workload == "generate"
+    with pytest.raises(ValueError, match="workload 'train'"):
+        RunShape(1, 1, "train")
+
+
 def test_kv_from_config_when_no_projections_are_named():
     spec = ModelSpec(units=(UnitSpec("blocks.0", (ParamSpec("blocks.0.w", (4, 4)),), 32.0, kind="Block"),),
                      tied=(), no_split_classes=("Block",))
