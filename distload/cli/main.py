@@ -91,7 +91,8 @@ def _explain(cfg: RunConfig, world) -> int:
     writes the plan to stdout; nothing is loaded."""
     plan = plan_job(cfg.model, world=world, dtype=cfg.dtype, max_memory=cfg.memory_limits,
                     strict=cfg.strict, cache_dir=cfg.cache_dir, offload_dir=cfg.offload_dir,
-                    max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len)
+                    max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len,
+                    workload="generate")
     if world.is_first:
         sys.stdout.write(explain_plan(plan))
         sys.stdout.flush()
@@ -116,7 +117,7 @@ def run(cfg: RunConfig) -> int:
                 offload_dir=cfg.offload_dir, device=cfg.device, timeout_s=cfg.timeout,
                 read_workers=cfg.read_workers, micro_batches=cfg.micro_batches,
                 max_memory=cfg.memory_limits, max_batch_size=cfg.max_batch_size,
-                max_seq_len=cfg.max_seq_len, world=world)
+                max_seq_len=cfg.max_seq_len, world=world, workload="generate")  # the CLI generates
 
     def report() -> None:  # rank 0; a failure here reaches every rank
         logger.info("loaded %s\n%s", pipe.plan.label, format_table(pipe.job_report))

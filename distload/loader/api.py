@@ -34,12 +34,15 @@ def plan_job(model: str = "demo", *, world: World | None = None, dtype: torch.dt
              max_memory=None, strict: bool = True, cache_dir: str | None = None,
              offload_dir: str | None = None, max_batch_size: int | None = None,
              max_seq_len: int | None = None, device: str | None = None,
-             timeout_s: float = 600.0, source: Source | None = None) -> LoadPlan:
+             timeout_s: float = 600.0, source: Source | None = None,
+             workload: str = "any") -> LoadPlan:
     """The plan every rank will follow, without loading anything (what ``--explain``
     shows, and the `pipe.plan` of a `load` with the same arguments). Every rank calls it:
     each measures its own memory (its own GPU only), rank 0 gathers those, resolves them
     with `max_memory` (see `distload.plan.budget`) and plans; every rank receives the same
-    plan and checks its digest.
+    plan and checks its digest. `workload` says what to keep device room for:
+    ``"forward"`` (full logits, no KV cache), ``"generate"`` (KV cache, the head on the
+    last position only) or ``"any"`` (both).
 
     Example::
 
@@ -49,13 +52,13 @@ def plan_job(model: str = "demo", *, world: World | None = None, dtype: torch.dt
     world = world or init_world(timeout_s=timeout_s, device=device)
     agree_on_arguments(world, {"model": model, "dtype": dtype, "max_memory": max_memory,
                                "strict": strict, "max_batch_size": max_batch_size,
-                               "max_seq_len": max_seq_len, **versions()})
+                               "max_seq_len": max_seq_len, "workload": workload, **versions()})
     limits = parse_max_memory(max_memory)  # a bad entry fails here, on every rank alike
     mine = measure_local(world.device, offload_dir=offload_dir or default_offload_dir(cache_dir))
     measured = tuple(gather_objects(world, mine))
     request = PlanRequest(model=model, world_size=world.world_size, dtype=normalize_dtype(dtype),
                           strict=strict, cache_dir=cache_dir, max_memory=limits, measured=measured,
-                          max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+                          max_batch_size=max_batch_size, max_seq_len=max_seq_len, workload=workload)
 
     def plan_on_rank0() -> tuple[str, str]:
         plan = plan_load(request, source)
@@ -90,7 +93,8 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
          offload_dir: str | None = None, micro_batches: int | None = None, strict: bool = True,
          cache_dir: str | None = None, device: str | None = None, timeout_s: float = 600.0,
          read_workers: int = 2, max_batch_size: int | None = None,
-         max_seq_len: int | None = None, world: World | None = None) -> Pipeline:
+         max_seq_len: int | None = None, world: World | None = None,
+         workload: str = "any") -> Pipeline:
     """Load `model` (a local directory or file, a hub id ``org/name``, or ``"demo"``)
     across the ranks torchrun started — or in this one process — and return this rank's
     `Pipeline`. Every rank calls it with the same arguments.
@@ -120,7 +124,7 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
     agree(world, error, what="opening the checkpoint")
     plan = plan_job(model, world=world, dtype=dtype, max_memory=max_memory, strict=strict,
                     cache_dir=cache_dir, offload_dir=offload_dir, max_batch_size=max_batch_size,
-                    max_seq_len=max_seq_len, source=source)
+                    max_seq_len=max_seq_len, source=source, workload=workload)
     if world.is_first and plan.unexpected_keys:
         logger.warning("ignoring %d unexpected checkpoint key(s): %s", len(plan.unexpected_keys),
                        ", ".join(plan.unexpected_keys[:8]))

@@ -38,6 +38,7 @@ class PlanRequest:
     measured: tuple[LocalMemory, ...] | None = None  # each rank's own measurement, in rank order
     max_batch_size: int | None = None        # room kept on each device for running
     max_seq_len: int | None = None
+    workload: str = "any"                    # "forward", "generate" or "any": what to reserve for
 
 
 def plan_load(req: PlanRequest, source: Source | None = None) -> LoadPlan:
@@ -61,7 +62,8 @@ def plan_load(req: PlanRequest, source: Source | None = None) -> LoadPlan:
     # Without measurements (a direct call), every rank is assumed to be like this process.
     measured = req.measured or (measure_local(_local_device()),) * req.world_size
     budgets = resolve_budgets(req.max_memory or {}, measured)
-    shape = run_shape(index.config, max_batch_size=req.max_batch_size, max_seq_len=req.max_seq_len)
+    shape = run_shape(index.config, max_batch_size=req.max_batch_size, max_seq_len=req.max_seq_len,
+                      workload=req.workload)
     embedding = getattr(model, "input_embedding_name", None)
     activation = None
     if embedding in tensors and req.dtype is None:

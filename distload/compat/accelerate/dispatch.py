@@ -107,7 +107,7 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
 
         return load(os.fspath(checkpoint), dtype=dtype, max_memory=max_memory, strict=strict,
                     offload_dir=None if offload_folder is None else os.fspath(offload_folder),
-                    max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+                    max_batch_size=max_batch_size, max_seq_len=max_seq_len, workload=workload)
     if offload_buffers:
         warn_once("offload_buffers", "offload_buffers=True is not implemented by distload: buffers "
                   "of offloaded modules stay on the device they run on")
