@@ -39,6 +39,7 @@ from ..checkpoint.files import byte_view
 from ..log import logger
 from .entry import (KIND_COPY, KIND_REF, Entry, EntrySpec, OffloadError, checksum_bytes,
                     checksum_file, encode_header, read_entry_file, tensor_bytes)
+from .fs import warn_if_network
 
 __all__ = ["MANIFEST_VERSION", "OffloadStore", "default_offload_dir", "model_id"]
 
@@ -75,6 +76,8 @@ class OffloadStore:
         except OSError as e:
             raise OffloadError(f"cannot create the offload directory {self.root}: {e.strerror} "
                                "(choose another with offload_dir= / --offload-dir)") from e
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # the node's first rank speaks for the node
+            warn_if_network(self.root)
 
     # ------------------------------------------------------------------ paths and locks
     def entry_file(self, key: str) -> Path:
