@@ -61,6 +61,7 @@ def hub(source):
     with FakeHub() as hub:
         for repo in (REPO, *FAULTS):
             hub.push(repo, source)
+        hub.create_ref(REPO, "v1")
         hub.push(SLOW[0], source)
         for repo, fault in [*FAULTS.items(), SLOW]:
             hub.add_fault(repo=repo, **fault)
@@ -73,17 +74,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def node_env(hub: FakeHub, home: Path, node: str, *, offline: bool = False) -> dict:
+    """This process's environment as one node's: its own caches, its prefix in HF_ENDPOINT."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "HUGGINGFACE_")) and k not in ("TRANSFORMERS_OFFLINE", "TORCHELASTIC_ERROR_FILE")}
+    env.update(HF_HOME=str(home / "hf"), DISTLOAD_CACHE=str(home / "distload"), HF_ENDPOINT=hub.url(node),
+               HF_HUB_OFFLINE="1" if offline else "0", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1",
+               no_proxy="127.0.0.1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
 def two_nodes(hub: FakeHub, source: Path, homes: Path, out: Path, specs: list[str], *, offline: bool = False,
               timeout: float = 240) -> list[list[dict]]:
     """Both launches at once; per load in `specs`, each rank's result."""
     port, procs = _free_port(), []
     for node, nproc in enumerate(NPROCS):
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("HF_", "HUGGINGFACE_")) and k not in ("TRANSFORMERS_OFFLINE", "TORCHELASTIC_ERROR_FILE")}
-        env.update(HF_HOME=str(homes / f"node{node}" / "hf"), DISTLOAD_CACHE=str(homes / f"node{node}" / "distload"),
-                   HF_ENDPOINT=hub.url(f"node{node}"), HF_HUB_OFFLINE="1" if offline else "0",
-                   HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
-                   OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env = node_env(hub, homes / f"node{node}", f"node{node}", offline=offline)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                "--master_addr=127.0.0.1", f"--master_port={port}", f"--nproc_per_node={nproc}",
                worker("hub_load.py"), str(out), str(source), *specs]
@@ -208,3 +214,23 @@ def test_offline_rerun_makes_no_request(runs, hub, source, tmp_path):
     assert all(r["ok"] and r["checked"] > 0 and r["mismatches"] == [] for r in offline), \
         [r.get("error") for r in offline]
     assert offline[0]["stats"]["log"] == []
+
+
+def test_cli_with_a_hub_id_and_revision(hub, source, tmp_path):
+    """The mission's command on one node: `torchrun --nproc_per_node=2 -m distload.load --model ORG/NAME`."""
+    env = node_env(hub, tmp_path / "node", "cli")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distload.load",
+           "--device", "cpu", "--model", REPO, "--revision", "v1", "--max-new-tokens", "0",
+           "--cache-dir", str(tmp_path / "dl"), "--report", str(tmp_path / "report.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    shards = sorted(p.name for p in source.glob("*.safetensors"))
+    snapshots = tmp_path / "node" / "hf" / "hub" / "models--acme--tiny" / "snapshots"
+    (sha,) = os.listdir(snapshots)                       # huggingface_hub's cache (HF_HOME), not --cache-dir
+    assert sorted(os.listdir(snapshots / sha)) == sorted([*shards, "config.json", "model.safetensors.index.json",
+                                                         "tokenizer.json"])
+    assert sorted(os.listdir(tmp_path / "dl" / "hub" / "models--acme--tiny" / sha / "headers")) == shards
+    assert [r["host"] for r in report["ranks"]] == [socket.gethostname()] * 2
+    assert report["ranks"][0]["fetched_bytes"] > 0 and report["ranks"][1]["fetched_bytes"] == 0
+    assert " host " in proc.stderr and "downloaded" in proc.stderr and f"{REPO}@{sha}" in proc.stderr
