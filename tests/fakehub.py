@@ -100,6 +100,8 @@ class FakeHub:
         self._repos: dict[str, _Repo] = {}
         self._faults: list[dict] = []
         self._log: list[dict] = []
+        self._rate: float | None = None  # bytes/s of file bodies per node, all its connections together
+        self._next_free: dict[str, float] = {}
         self._port = port
         self._servers: list[ThreadingHTTPServer] = []  # [hub, cdn] while started
         for repo_id, directory in (repos or {}).items():
@@ -150,6 +152,22 @@ class FakeHub:
     def faults(self) -> list[dict]:
         with self._lock:
             return [dict(f) for f in self._faults]
+
+    def limit_bandwidth(self, bytes_per_s: float | None):
+        """Serve file bodies to each node (URL prefix) at most `bytes_per_s`, shared by all that node's
+        connections, as a node's network link would (None: no limit)."""
+        with self._lock:
+            self._rate, self._next_free = bytes_per_s, {}
+
+    def _throttle(self, node: str, nbytes: int):
+        """Wait for `nbytes` of `node`'s bandwidth."""
+        with self._lock:
+            if not self._rate:
+                return
+            now = time.monotonic()
+            start = max(now, self._next_free.get(node, now))
+            self._next_free[node] = start + nbytes / self._rate
+        time.sleep(max(0.0, start - now))
 
     def clear_faults(self):
         with self._lock:
@@ -300,6 +318,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if kind == "slow":
                     time.sleep(fault["delay"])
                 chunk = data[pos:min(pos + CHUNK, stop)]
+                hub._throttle(node, len(chunk))
                 self.wfile.write(chunk)
                 pos += len(chunk)
         except (BrokenPipeError, ConnectionResetError):
