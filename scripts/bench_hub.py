@@ -31,9 +31,7 @@ import argparse
 import fnmatch
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,51 +42,26 @@ sys.path.insert(0, str(ROOT))
 
 from distload.sources.demo import DEMO_CONFIG, make_checkpoint  # noqa: E402
 from distload.sources.hub import HUB_PATTERNS  # noqa: E402
-from tests.fakehub import FakeHub  # noqa: E402
+from tests.fakehub import FakeHub, client_env  # noqa: E402
+from tests.mp import torchrun_nodes  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "_bench_hub_worker.py"
 REPO = "bench/llama"
 SYSTEMS = ("distload", "snapshot")
 MB = 1e6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _node_env(hub: FakeHub, home: Path, node: int) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE_")) and k not in ("TRANSFORMERS_OFFLINE", "TORCHELASTIC_ERROR_FILE")}
-    env.update(HF_HOME=str(home / "hf"), DISTLOAD_CACHE=str(home / "distload"), HF_ENDPOINT=hub.url(f"node{node}"),
-               HF_HUB_OFFLINE="0", HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1",
-               NO_PROXY="127.0.0.1", no_proxy="127.0.0.1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-    return env
+PATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # the workers import this checkout
 
 
 def run_once(hub: FakeHub, system: str, nproc: int, work: Path, timeout: float) -> dict:
     """Two launches (nodes) of `nproc` ranks each, fresh caches; the figures of this run."""
     work.mkdir(parents=True)
-    port, procs = _free_port(), []
     hub.reset()
     t0 = time.time()
-    for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
-               "--master_addr=127.0.0.1", f"--master_port={port}", f"--nproc_per_node={nproc}",
-               str(WORKER), system, str(work), REPO, repr(t0)]
-        procs.append(subprocess.Popen(cmd, env=_node_env(hub, work / f"node{node}", node),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, log in zip(procs, logs):
-        if p.returncode != 0:
+    envs = [client_env(hub.url(f"node{n}"), work / f"node{n}") | {"HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": PATH}
+            for n in (0, 1)]
+    for code, log in torchrun_nodes([nproc, nproc], [str(WORKER), system, str(work), REPO, repr(t0)], envs,
+                                    timeout=timeout):
+        if code != 0:
             raise SystemExit(f"{system} on 2 x {nproc} failed:\n{log[-3000:]}")
     ranks = [json.loads((work / f"rank{r}.json").read_text()) for r in range(2 * nproc)]
     served: dict[str, int] = {}

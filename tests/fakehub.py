@@ -402,6 +402,19 @@ class _Handler(BaseHTTPRequestHandler):
                    [("X-Error-Message", message), *([("X-Error-Code", code)] if code else []), *headers])
 
 
+def client_env(endpoint: str, home: str | Path, *, offline: bool = False, base: dict | None = None) -> dict:
+    """The environment of a process that plays one node against the fake hub: `base` (default os.environ)
+    without any HF_ setting, then HF_ENDPOINT (the node's URL), HF_HOME=home/hf, DISTLOAD_CACHE=home/distload
+    (each node its own caches), HF_HUB_OFFLINE, no progress bars, no proxy for 127.0.0.1, one OMP thread."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if not k.startswith(("HF_", "HUGGINGFACE_")) and k not in ("TRANSFORMERS_OFFLINE", "DISTLOAD_CACHE",
+                                                                      "TORCHELASTIC_ERROR_FILE")}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(Path(home) / "hf"), DISTLOAD_CACHE=str(Path(home) / "distload"),
+               HF_HUB_OFFLINE="1" if offline else "0", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1",
+               no_proxy="127.0.0.1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
 def _true(query: dict, key: str) -> bool:
     return query.get(key, [""])[0].lower() in ("1", "true")
 

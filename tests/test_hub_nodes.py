@@ -23,8 +23,8 @@ import pytest
 from distload.sources.demo import make_checkpoint
 
 from .conftest import tiny_config
-from .fakehub import FakeHub
-from .mp import worker
+from .fakehub import FakeHub, client_env
+from .mp import torchrun_nodes, worker
 
 pytestmark = pytest.mark.multiprocess
 
@@ -68,41 +68,13 @@ def hub(source):
         yield hub
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def node_env(hub: FakeHub, home: Path, node: str, *, offline: bool = False) -> dict:
-    """This process's environment as one node's: its own caches, its prefix in HF_ENDPOINT."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE_")) and k not in ("TRANSFORMERS_OFFLINE", "TORCHELASTIC_ERROR_FILE")}
-    env.update(HF_HOME=str(home / "hf"), DISTLOAD_CACHE=str(home / "distload"), HF_ENDPOINT=hub.url(node),
-               HF_HUB_OFFLINE="1" if offline else "0", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1",
-               no_proxy="127.0.0.1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
-
-
 def two_nodes(hub: FakeHub, source: Path, homes: Path, out: Path, specs: list[str], *, offline: bool = False,
               timeout: float = 240) -> list[list[dict]]:
     """Both launches at once; per load in `specs`, each rank's result."""
-    port, procs = _free_port(), []
-    for node, nproc in enumerate(NPROCS):
-        env = node_env(hub, homes / f"node{node}", f"node{node}", offline=offline)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
-               "--master_addr=127.0.0.1", f"--master_port={port}", f"--nproc_per_node={nproc}",
-               worker("hub_load.py"), str(out), str(source), *specs]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    envs = [client_env(hub.url(f"node{n}"), homes / f"node{n}", offline=offline) for n in range(len(NPROCS))]
+    for code, log in torchrun_nodes(list(NPROCS), [worker("hub_load.py"), str(out), str(source), *specs], envs,
+                                    timeout=timeout):
+        assert code == 0, log[-4000:]
     loads = sum(not s.startswith("@") for s in specs)
     return [[json.loads((out / str(i) / f"rank{r}.json").read_text()) for r in range(sum(NPROCS))]
             for i in range(loads)]
@@ -218,7 +190,7 @@ def test_offline_rerun_makes_no_request(runs, hub, source, tmp_path):
 
 def test_cli_with_a_hub_id_and_revision(hub, source, tmp_path):
     """The mission's command on one node: `torchrun --nproc_per_node=2 -m distload.load --model ORG/NAME`."""
-    env = node_env(hub, tmp_path / "node", "cli")
+    env = client_env(hub.url("cli"), tmp_path / "node")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distload.load",
            "--device", "cpu", "--model", REPO, "--revision", "v1", "--max-new-tokens", "0",
            "--cache-dir", str(tmp_path / "dl"), "--report", str(tmp_path / "report.json")]

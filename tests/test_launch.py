@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from .mp import free_port
 
 pytestmark = pytest.mark.multiprocess
 
@@ -30,12 +31,6 @@ exit $rc
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_slurm_template_on_two_nodes(tiny_ckpt, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -45,7 +40,7 @@ def test_slurm_template_on_two_nodes(tiny_ckpt, tmp_path):
         (bin_dir / tool).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HF_HUB_CACHE", "DISTLOAD_CACHE"))}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SLURM_JOB_NODELIST="node[1-2]", SLURM_NNODES="2",
-               SLURM_JOB_ID="42", SLURM_GPUS_PER_NODE="h100:1", MASTER_PORT=str(_free_port()),
+               SLURM_JOB_ID="42", SLURM_GPUS_PER_NODE="h100:1", MASTER_PORT=str(free_port()),
                NODE_CACHE=str(tmp_path / "node-cache"), FAKE_SLURM_LOG=str(tmp_path / "log"), OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", str(SBATCH), "--model", str(tiny_ckpt), "--device", "cpu", "--max-new-tokens", "0"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)

@@ -21,7 +21,7 @@ from distload.sources import parse_hub_id, resolve_model
 from distload.sources.demo import make_checkpoint
 
 from .conftest import tiny_config
-from .fakehub import FakeHub
+from .fakehub import FakeHub, client_env
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 REPO = "acme/tiny"
@@ -96,12 +96,8 @@ def attempt(fn, *args, **kwargs):
 
 def client(node: Path, endpoint: str, code: str, *, offline: bool = False):
     """Runs `code` (after PRELUDE) as one node's process; returns the JSON it printed last."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE_")) and k not in ("TRANSFORMERS_OFFLINE", "DISTLOAD_CACHE")}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(node / "hf"), DISTLOAD_CACHE=str(node / "distload"),
-               HF_HUB_OFFLINE="1" if offline else "0", HF_HUB_DISABLE_PROGRESS_BARS="1",
-               NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
-    r = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
+                       env=client_env(endpoint, node, offline=offline), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.splitlines()[-1])
