@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from distload.checkpoint.bin import read_bin_metas
-from distload.checkpoint.safetensors_header import _read_header, parse_safetensors_header
+from distload.checkpoint.files import check_checkpoint_file, open_checkpoint_file
+from distload.checkpoint.safetensors_header import MAX_HEADER_BYTES, _read_header, parse_safetensors_header
 from distload.checkpoint.types import TensorMeta
 from distload.errors import CheckpointError
 from distload.log import logger
@@ -29,6 +30,7 @@ BIN_SINGLE = "pytorch_model.bin"
 CONFIG = "config.json"
 
 _MAX_READERS = 8  # header reads are tiny; a few threads hide per-file open latency
+MAX_JSON_BYTES = MAX_HEADER_BYTES  # config.json and index files: a larger one is not one
 
 
 @dataclass(frozen=True)
@@ -156,10 +158,19 @@ def _index_file(file: str) -> CheckpointIndex:
 
 def _load_json(file: str, what: str) -> dict:
     try:
-        with open(file, encoding="utf-8") as f:
-            obj = json.load(f)
+        fd, size = open_checkpoint_file(file, f"its {what}")
+        try:
+            if size > MAX_JSON_BYTES:
+                raise CheckpointError(f"{file}: {what} is {size} bytes (limit {MAX_JSON_BYTES}); "
+                                      "not a config or index file?")
+            raw = os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+        obj = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{file}: cannot parse {what}: {e}") from e
+    except RecursionError:
+        raise CheckpointError(f"{file}: cannot parse {what}: nested too deeply") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{file}: {what} is a JSON {type(obj).__name__}, not an object")
     return obj
@@ -191,11 +202,12 @@ def read_weight_map(index_file: str) -> dict[str, str]:
 def _from_index_file(index_file: str, fmt: str) -> CheckpointIndex:
     root = os.path.dirname(index_file)
     mapped = read_weight_map(index_file)
+    checked: set[str] = set()
     for name, file in mapped.items():
-        if not os.path.isfile(os.path.join(root, file)):
-            raise CheckpointError(
-                f"{index_file}: shard {file} does not exist (tensor {name!r} lives in it)"
-            )
+        if file not in checked:
+            check_checkpoint_file(root, file, needed_for=f"{os.path.basename(index_file)} puts "
+                                                         f"tensor {name!r} in it")
+            checked.add(file)
     return _build(root, fmt, sorted(set(mapped.values())), mapped=mapped)
 
 
@@ -211,13 +223,13 @@ def index_from_headers(
     file, relative to `root`, to (its first bytes, at least the 8-byte length and the JSON
     header; the file's size). `root` is where the files would lie on this machine;
     `weight_map` (tensor -> file, as `read_weight_map` gives) is checked as for a local
-    index; `config` is the parsed ``config.json``. Validated exactly as `index_checkpoint`
+    index; `config` is the parsed ``config.json`` (default: ``root/config.json`` where it
+    exists, read as for a local checkpoint). Validated exactly as `index_checkpoint`
     validates local files.
 
     Example::
 
-        idx = index_from_headers("/hf/snapshots/abc", {"model.safetensors": (first_bytes, size)},
-                                 config=json.load(open("config.json")))
+        idx = index_from_headers("/hf/snapshots/abc", {"model.safetensors": (first_bytes, size)})
     """
     files = sorted(headers)
     if weight_map is not None:
@@ -227,7 +239,8 @@ def index_from_headers(
                                   "index's weight_map")
     results = [parse_safetensors_header(headers[f][0], headers[f][1], file=os.path.join(root, f))
                for f in files]
-    return _assemble(root, "safetensors", files, results, mapped=weight_map, config=config,
+    return _assemble(root, "safetensors", files, results, mapped=weight_map,
+                     config=_read_config(root) if config is None else config,
                      sizes={f: headers[f][1] for f in files})
 
 
@@ -235,6 +248,9 @@ def _build(
     root: str, fmt: str, files: list[str], *, mapped: dict[str, str] | None = None
 ) -> CheckpointIndex:
     """Index `files` (relative to `root`)."""
+    for file in files:
+        check_checkpoint_file(root, file)
+
     def read(file: str) -> tuple[list[TensorMeta], int]:
         path = os.path.join(root, file)
         return _read_header(path) if fmt == "safetensors" else (read_bin_metas(path), 0)

@@ -92,7 +92,7 @@ def parse_safetensors_header(data: bytes, file_size: int, *, file: str) -> tuple
         if name != "__metadata__"
     ]
     metas.sort(key=lambda m: (m.offset, m.length, m.name))
-    _check_no_overlap(file, metas)
+    _check_layout(file, metas, base, data_size)
     return metas, base
 
 
@@ -143,6 +143,8 @@ def _parse_json(file: str, raw: bytes) -> dict:
         raise CheckpointError(f"{file}: header is not valid UTF-8 ({e.reason} at byte {e.start})") from e
     except ValueError as e:  # JSONDecodeError is a ValueError, as is a duplicate key
         raise CheckpointError(f"{file}: header is not valid JSON: {e}") from e
+    except RecursionError:
+        raise CheckpointError(f"{file}: header is nested too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: header is a JSON {type(header).__name__}, not an object")
     return header
@@ -204,16 +206,26 @@ def _entry_to_meta(file: str, name: str, entry: object, base: int, data_size: in
     return TensorMeta(name, file, dtype_name(dtype), tuple(shape), base + begin, end - begin)
 
 
-def _check_no_overlap(file: str, metas: list[TensorMeta]) -> None:
-    # metas are sorted by offset; an empty tensor occupies no bytes and overlaps nothing.
+def _check_layout(file: str, metas: list[TensorMeta], base: int, data_size: int) -> None:
+    """The tensors tile the data area: no overlap, no gap, nothing after the last one —
+    what safetensors' own reader demands ("file not fully covered"). An empty tensor
+    occupies no bytes and may sit anywhere. `metas` are sorted by offset."""
+    cursor = base  # where the next tensor must begin
     last: TensorMeta | None = None
     for m in metas:
         if m.length == 0:
             continue
-        if last is not None and m.offset < last.offset + last.length:
+        if m.offset < cursor:
             raise CheckpointError(
                 f"{file}: tensors {last.name!r} and {m.name!r} overlap "
                 f"([{last.offset}, {last.offset + last.length}) and [{m.offset}, {m.offset + m.length}))"
             )
-        if last is None or m.offset + m.length > last.offset + last.length:
-            last = m
+        if m.offset > cursor:
+            raise CheckpointError(
+                f"{file}: {m.offset - cursor} byte(s) before tensor {m.name!r} belong to no "
+                "tensor; safetensors refuses such a file (the data area must be fully covered)")
+        cursor, last = m.offset + m.length, m
+    if cursor != base + data_size:
+        raise CheckpointError(
+            f"{file}: {base + data_size - cursor} byte(s) after the last tensor belong to no "
+            "tensor; safetensors refuses such a file (the data area must be fully covered)")

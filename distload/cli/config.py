@@ -87,6 +87,9 @@ class RunConfig:
             raise ValueError("--max-seq-len must be at least 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("--log-level must be DEBUG, INFO, WARNING or ERROR")
+        for flag, path in (("--report", self.report), ("--output-file", self.output_file)):
+            if path and os.path.isdir(path):
+                raise ValueError(f"{flag} {path} is a directory; give a file path")
         if self.report and not os.path.isdir(os.path.dirname(os.path.abspath(self.report))):
             raise ValueError(f"--report {self.report}: its directory does not exist")
         self._validate_generation()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dist import World, agree, gather_objects, init_world, run_on_rank0
+from ..dist import World, agree, agree_on_arguments, gather_objects, init_world, run_on_rank0
 from ..dtypes import normalize_dtype
 from ..errors import PlanError
 from ..log import logger
@@ -21,7 +21,14 @@ from .prepare import PlanRequest, plan_load
 from .report import job_report
 from .stage import load_stage
 
-__all__ = ["load", "plan_job", "fetch_node_files"]
+__all__ = ["load", "plan_job", "fetch_node_files", "versions"]
+
+
+def versions() -> dict[str, str]:
+    """The versions every rank of a job must share."""
+    from .. import __version__
+
+    return {"distload": __version__, "torch": torch.__version__}
 
 
 def plan_job(model: str = "demo", *, world: World | None = None, dtype: torch.dtype | str | None = None,
@@ -41,6 +48,9 @@ def plan_job(model: str = "demo", *, world: World | None = None, dtype: torch.dt
         print(explain_plan(plan))
     """
     world = world or init_world(timeout_s=timeout_s, device=device)
+    agree_on_arguments(world, {"model": model, "dtype": dtype, "max_memory": max_memory,
+                               "strict": strict, "max_batch_size": max_batch_size,
+                               "max_seq_len": max_seq_len, **versions()})
     limits = parse_max_memory(max_memory)  # a bad entry fails here, on every rank alike
     # RAM and disk are per node, shared by its ranks: as many as the world says are on it
     mine = measure_local(world.device, offload_dir=offload_dir or default_offload_dir(cache_dir),
@@ -65,7 +75,7 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
          offload_dir: str | None = None, micro_batches: int | None = None, strict: bool = True,
          cache_dir: str | None = None, device: str | None = None, timeout_s: float = 600.0,
          read_workers: int = 2, max_batch_size: int | None = None,
-         max_seq_len: int | None = None) -> Pipeline:
+         max_seq_len: int | None = None, world: World | None = None) -> Pipeline:
     """Load `model` (a local directory or file, a hub id ``org/name``, or ``"demo"``)
     across the ranks torchrun started — or in this one process — and return this rank's
     `Pipeline`. Every rank calls it with the same arguments.
@@ -75,18 +85,24 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
     Units the plan puts on the disk tier go to `offload_dir` (default ``<cache>/offload``,
     see `distload.offload`) and are streamed onto the device while they run.
 
+    Every rank checks that its arguments (and distload and torch versions) are rank 0's;
+    only the node-local paths `cache_dir` and `offload_dir` and `read_workers` may
+    differ. `world` is the job already joined (`distload.dist.init_world`), if any.
+
     Example::
 
         pipe = distload.load("./llama-dir", dtype="bfloat16")
         pipe.report["bytes_read"], pipe.module, pipe.job_report
     """
-    world = init_world(timeout_s=timeout_s, device=device)
+    world = world or init_world(timeout_s=timeout_s, device=device)
+    agree_on_arguments(world, {"micro_batches": micro_batches, "device": device,
+                               "timeout_s": timeout_s})
     source, error = None, None
     try:  # a path one node lacks fails there; every rank must hear of it
         source = open_source(model, cache_dir=cache_dir)
     except Exception as exc:  # noqa: BLE001
         error = exc
-    agree(world, error)
+    agree(world, error, what="opening the checkpoint")
     plan = plan_job(model, world=world, dtype=dtype, max_memory=max_memory, strict=strict,
                     cache_dir=cache_dir, offload_dir=offload_dir, max_batch_size=max_batch_size,
                     max_seq_len=max_seq_len, source=source)

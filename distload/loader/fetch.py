@@ -51,7 +51,7 @@ def fetch_node_files(world: World, source: Source, plan: LoadPlan, *,
         source.check(plan.source)
     except Exception as exc:  # noqa: BLE001 - every rank learns of it in agree()
         error = exc
-    agree(world, error)
+    agree(world, error, what="checking the plan's checkpoint")
     node_ranks = world.node_ranks()
 
     def fetch() -> int:
@@ -73,7 +73,7 @@ def on_node_leaders(world: World, fn: Callable[[], T], *, what: str, timeout_s: 
     module doc); a leader silent for `timeout_s` fails every rank."""
     if not world.distributed:
         return fn()
-    token = run_on_rank0(world, lambda: uuid.uuid4().hex[:16])
+    token = run_on_rank0(world, lambda: uuid.uuid4().hex[:16], what=what)
     keys = _Keys(f"distload/{token}/leaders", sorted(set(world.nodes)))
     # the store every rank joined the job with; torch has no public getter for it
     store = dist.distributed_c10d._get_default_store()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..log import logger
 from ..meta import describe_model, init_empty_weights
 from ..models import build_model
@@ -48,10 +48,13 @@ def plan_load(req: PlanRequest, source: Source | None = None) -> LoadPlan:
     if index.config is None:
         raise CheckpointError(f"{index.path('config.json')} is missing: distload needs the "
                               "model's config.json beside its weights")
-    # Parameters on meta; buffers (RoPE frequencies, a few floats) computed on the CPU:
-    # computing them on meta would import torch's reference kernels (~1-2 s).
-    with init_empty_weights(include_buffers=False):
-        model = build_model(index.config)
+    # Everything on meta, nothing allocated (a config's sizes are not trusted yet); the
+    # models compute their few buffer values on the CPU before moving them to meta.
+    try:
+        with init_empty_weights(include_buffers=True):
+            model = build_model(index.config)
+    except ValueError as e:  # the config's values, named by the family or validate_config
+        raise ConfigError(f"{index.path('config.json')}: {e}") from None
     spec = describe_model(model)
     tensors, file_sizes = index.relative()   # a plan names no path of this machine
     tensors = type(model).checkpoint_tensors(model.config, tensors)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..dtypes import dtype_name
 from .sizes import find_tied_parameters
 
 __all__ = ["ParamSpec", "UnitSpec", "ModelSpec", "describe_model"]
@@ -29,6 +30,7 @@ __all__ = ["ParamSpec", "UnitSpec", "ModelSpec", "describe_model"]
 class ParamSpec:
     name: str
     shape: tuple[int, ...]
+    dtype: str | None = None   # the model's dtype name for it (None: unknown)
 
     @property
     def numel(self) -> int:
@@ -98,7 +100,7 @@ def _has_own_params(module: nn.Module) -> bool:
 
 def _unit(module: nn.Module, prefix: str) -> UnitSpec:
     params = tuple(
-        ParamSpec(f"{prefix}.{n}", tuple(p.shape))
+        ParamSpec(f"{prefix}.{n}", tuple(p.shape), dtype_name(p.dtype))
         for n, p in module.named_parameters(remove_duplicate=False)
     )
     cost, kv, act, widest, width_in = 0.0, 0, 0, 0, 0

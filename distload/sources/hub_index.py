@@ -107,7 +107,8 @@ def download(repo: str, file: str, revision: str) -> str:
 
 
 def resolve_commit(repo: str, revision: str | None) -> tuple[str, str]:
-    """(commit sha, local path of its ``config.json``) for `revision` (a branch, tag or
+    """(commit sha, local path of its ``config.json``, in the commit's snapshot directory
+    of this node's hub cache) for `revision` (a branch, tag or
     sha; default ``main``): one HEAD request when online (none for a sha whose config is
     cached); offline, huggingface_hub's cache maps a branch or tag to its last commit."""
     path = download(repo, CONFIG, revision or "main")
@@ -271,12 +272,8 @@ def remote_index(repo: str, revision: str | None, *, cache_dir=None) -> RemoteCh
 
     with ThreadPoolExecutor(min(_MAX_FETCHERS, len(shards)), thread_name_prefix="distload-hub") as pool:
         headers = dict(zip(shards, pool.map(one, shards)))  # raises the first failing shard's error
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_path}: cannot parse model config: {e}") from e
-    index = index_from_headers(snapshot_dir(repo, sha), headers, weight_map=weight_map, config=config)
+    # config.json lies in the snapshot: read as a local checkpoint's (bounded, validated)
+    index = index_from_headers(os.path.dirname(config_path), headers, weight_map=weight_map)
     support = tuple(sorted(f for f in files if "/" not in f and f not in headers
                            and any(fnmatch.fnmatch(f, p) for p in SUPPORT_PATTERNS)))
     logger.debug("%s@%s: %d shard headers, %d support files", repo, sha, len(headers), len(support))
