@@ -160,7 +160,8 @@ class OffloadStore:
             tensor = produce()
             if tuple(tensor.shape) != spec.shape:
                 raise ValueError(f"{spec.name}: produced shape {tuple(tensor.shape)} != {spec.shape}")
-            view = byte_view(tensor_bytes(tensor, spec.dtype))
+            data = tensor_bytes(tensor, spec.dtype)  # held while `view` is used: it owns the bytes
+            view = byte_view(data)
             checksum = checksum_bytes(view)
         final = self.entry_file(spec.key)
         final.parent.mkdir(exist_ok=True, mode=_DIR_MODE)
