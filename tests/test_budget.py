@@ -110,6 +110,19 @@ def test_resolve_budgets_cpu_device_has_no_separate_cpu_tier():
     assert (b.device, b.cpu) == (GiB, 4 * GiB)
 
 
+def test_resolve_budgets_per_node_from_each_ranks_measure():
+    """Two nodes of unequal size and RAM: each rank's host and disk budgets are its own node's, shared by
+    that node's ranks (what each rank measured: its node's RAM and disk, its node's rank count)."""
+    big = LocalMemory("cuda", 10 * GiB, 64 * GiB, disk_free=900 * GiB, local_world_size=1)
+    small = LocalMemory("cuda", 10 * GiB, 32 * GiB, disk_free=300 * GiB, local_world_size=3)
+    b = resolve_budgets({}, [big, small, small, small])
+    assert b[0].cpu == int(64 * GiB * budget.HOST_FRACTION) and b[0].disk == 900 * GiB
+    assert [x.cpu for x in b[1:]] == [int(32 * GiB * budget.HOST_FRACTION) // 3] * 3
+    assert [x.disk for x in b[1:]] == [100 * GiB] * 3 and "/ 3 ranks" in b[1].source
+    b = resolve_budgets({"cpu": 12 * GiB, "disk": 30 * GiB}, [big, small, small, small])
+    assert [(x.cpu, x.disk) for x in b] == [(12 * GiB, 30 * GiB)] + [(4 * GiB, 10 * GiB)] * 3
+
+
 def test_resolve_budgets_rejects_ranks_outside_the_world():
     with pytest.raises(ValueError, match=r"device\(s\) \[2\].*2 rank"):
         resolve_budgets({2: 1}, [LocalMemory("cpu", None, GiB)] * 2)

@@ -16,12 +16,12 @@ from types import MappingProxyType
 
 from distload.checkpoint.bin import read_bin_metas
 from distload.checkpoint.files import check_checkpoint_file, open_checkpoint_file
-from distload.checkpoint.safetensors_header import MAX_HEADER_BYTES, _read_header
+from distload.checkpoint.safetensors_header import MAX_HEADER_BYTES, _read_header, parse_safetensors_header
 from distload.checkpoint.types import TensorMeta
 from distload.errors import CheckpointError
 from distload.log import logger
 
-__all__ = ["CheckpointIndex", "index_checkpoint"]
+__all__ = ["CheckpointIndex", "index_checkpoint", "index_from_headers", "read_weight_map"]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -176,7 +176,15 @@ def _load_json(file: str, what: str) -> dict:
     return obj
 
 
-def _from_index_file(index_file: str, fmt: str) -> CheckpointIndex:
+def read_weight_map(index_file: str) -> dict[str, str]:
+    """The ``weight_map`` of the index file `index_file` (``model.safetensors.index.json``):
+    tensor name -> shard file relative to the index's directory, each checked to be a
+    file name inside that directory. Raises `CheckpointError` naming the index.
+
+    Example::
+
+        read_weight_map("ckpt/model.safetensors.index.json")   # {"lm_head.weight": "model-00002-of-00002.safetensors", ...}
+    """
     root = os.path.dirname(index_file)
     weight_map = _load_json(index_file, "checkpoint index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -188,6 +196,12 @@ def _from_index_file(index_file: str, fmt: str) -> CheckpointIndex:
         if os.path.isabs(shard) or os.path.normpath(shard).startswith(".."):
             raise CheckpointError(f"{index_file}: shard {shard!r} (of {name!r}) lies outside {root}")
         mapped[name] = os.path.normpath(shard)
+    return mapped
+
+
+def _from_index_file(index_file: str, fmt: str) -> CheckpointIndex:
+    root = os.path.dirname(index_file)
+    mapped = read_weight_map(index_file)
     checked: set[str] = set()
     for name, file in mapped.items():
         if file not in checked:
@@ -195,6 +209,39 @@ def _from_index_file(index_file: str, fmt: str) -> CheckpointIndex:
                                                          f"tensor {name!r} in it")
             checked.add(file)
     return _build(root, fmt, sorted(set(mapped.values())), mapped=mapped)
+
+
+def index_from_headers(
+    root: str,
+    headers: Mapping[str, tuple[bytes, int]],
+    *,
+    weight_map: Mapping[str, str] | None = None,
+    config: dict | None = None,
+) -> CheckpointIndex:
+    """The index of a safetensors checkpoint whose files are not (all) on this machine,
+    from their headers obtained elsewhere (a hub's range requests): `headers` maps each
+    file, relative to `root`, to (its first bytes, at least the 8-byte length and the JSON
+    header; the file's size). `root` is where the files would lie on this machine;
+    `weight_map` (tensor -> file, as `read_weight_map` gives) is checked as for a local
+    index; `config` is the parsed ``config.json`` (default: ``root/config.json`` where it
+    exists, read as for a local checkpoint). Validated exactly as `index_checkpoint`
+    validates local files.
+
+    Example::
+
+        idx = index_from_headers("/hf/snapshots/abc", {"model.safetensors": (first_bytes, size)})
+    """
+    files = sorted(headers)
+    if weight_map is not None:
+        missing = sorted(set(weight_map.values()) - set(files))
+        if missing:
+            raise CheckpointError(f"{os.path.join(root, missing[0])}: no header for this shard of the "
+                                  "index's weight_map")
+    results = [parse_safetensors_header(headers[f][0], headers[f][1], file=os.path.join(root, f))
+               for f in files]
+    return _assemble(root, "safetensors", files, results, mapped=weight_map,
+                     config=_read_config(root) if config is None else config,
+                     sizes={f: headers[f][1] for f in files})
 
 
 def _build(
@@ -214,7 +261,15 @@ def _build(
             results = list(pool.map(read, files))  # raises the first failing file's error
     else:
         results = [read(f) for f in files]
+    return _assemble(root, fmt, files, results, mapped=mapped, config=_read_config(root),
+                     sizes={f: os.path.getsize(os.path.join(root, f)) for f in files})
 
+
+def _assemble(root: str, fmt: str, files: list[str], results: list[tuple[list[TensorMeta], int]], *,
+              mapped: Mapping[str, str] | None, config: dict | None, sizes: Mapping[str, int]
+              ) -> CheckpointIndex:
+    """One index from each file's (metas, header size): no tensor twice, the weight map
+    (tensor -> file relative to `root`) where the files say."""
     tensors: dict[str, TensorMeta] = {}
     for metas, _ in results:
         for meta in metas:
@@ -226,15 +281,14 @@ def _build(
             tensors[meta.name] = meta
     if mapped is not None:
         _check_weight_map(root, {n: os.path.join(root, f) for n, f in mapped.items()}, tensors)
-    paths = [os.path.join(root, f) for f in files]
     return CheckpointIndex(
         root=root,
         format=fmt,
-        files=tuple(paths),
+        files=tuple(os.path.join(root, f) for f in files),
         tensors=tensors,
         header_bytes=sum(size for _, size in results),
-        config=_read_config(root),
-        file_sizes={f: os.path.getsize(f) for f in paths},
+        config=config,
+        file_sizes={os.path.join(root, f): sizes[f] for f in files},
     )
 
 

@@ -15,6 +15,7 @@ from ..pipeline import CallChannel, Pipeline
 from ..plan.budget import parse_max_memory
 from ..plan.types import LoadPlan
 from ..sources import Source, open_source
+from .fetch import fetch_node_files
 from .memory import measure_local
 from .prepare import PlanRequest, plan_load
 from .report import job_report
@@ -54,7 +55,9 @@ def plan_job(model: str = "demo", *, world: World | None = None, dtype: torch.dt
                                "strict": strict, "max_batch_size": max_batch_size,
                                "max_seq_len": max_seq_len, "workload": workload, **versions()})
     limits = parse_max_memory(max_memory)  # a bad entry fails here, on every rank alike
-    mine = measure_local(world.device, offload_dir=offload_dir or default_offload_dir(cache_dir))
+    # RAM and disk are per node, shared by its ranks: as many as the world says are on it
+    mine = measure_local(world.device, offload_dir=offload_dir or default_offload_dir(cache_dir),
+                         local_world_size=len(world.node_ranks()))
     measured = tuple(gather_objects(world, mine))
     request = PlanRequest(model=model, world_size=world.world_size, dtype=normalize_dtype(dtype),
                           strict=strict, cache_dir=cache_dir, max_memory=limits, measured=measured,
@@ -69,24 +72,6 @@ def plan_job(model: str = "demo", *, world: World | None = None, dtype: torch.dt
     if plan.digest() != digest:
         raise PlanError(f"rank {world.rank} received a plan whose digest differs from rank 0's")
     return plan
-
-
-def fetch_node_files(world: World, source: Source, plan: LoadPlan) -> str:
-    """Every rank: the checkpoint's root on this node, after the node's leader made the
-    files its node's ranks read present there (a download for a hub id); the others wait
-    for it. Returns the root."""
-    error = None
-    try:
-        source.check(plan.source)
-        if world.is_node_leader:
-            files = sorted({m.file for r in world.node_ranks() for m in plan.stage(r).reads})
-            fetched = source.fetch(files)
-            if fetched:
-                logger.info("fetched %.1f MB of %s on this node", fetched / 1e6, plan.label)
-    except Exception as exc:  # noqa: BLE001 - every rank learns of it in agree()
-        error = exc
-    agree(world, error, what="fetching the checkpoint's files")
-    return source.root()
 
 
 def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_memory=None,
@@ -128,9 +113,10 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
     if world.is_first and plan.unexpected_keys:
         logger.warning("ignoring %d unexpected checkpoint key(s): %s", len(plan.unexpected_keys),
                        ", ".join(plan.unexpected_keys[:8]))
-    root = fetch_node_files(world, source, plan)
+    root, fetched = fetch_node_files(world, source, plan, timeout_s=timeout_s)
     stage = load_stage(plan, world, root=root, read_workers=read_workers, offload_dir=offload_dir,
                        cache_dir=cache_dir, timeout_s=timeout_s)
+    stage.report["fetched_bytes"] = fetched   # the node's download, on its leader's row
     everyone = job_report(plan, gather_objects(world, stage.report))
     return Pipeline(module=stage.module, plan=plan, report=stage.report, job_report=everyone,
                     world=world, root=root, micro_batches=micro_batches,

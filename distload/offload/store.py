@@ -40,6 +40,7 @@ from ..checkpoint.files import byte_view
 from ..log import logger
 from .entry import (KIND_COPY, KIND_REF, Entry, EntrySpec, OffloadError, checksum_bytes,
                     checksum_file, encode_header, read_entry_file, tensor_bytes)
+from .fs import warn_if_network
 
 __all__ = ["MANIFEST_VERSION", "OffloadStore", "default_offload_dir", "model_id"]
 
@@ -78,6 +79,8 @@ class OffloadStore:
         except OSError as e:
             raise OffloadError(f"cannot create the offload directory {self.root}: {e.strerror} "
                                "(choose another with offload_dir= / --offload-dir)") from e
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # the node's first rank speaks for the node
+            warn_if_network(self.root)
 
     # ------------------------------------------------------------------ paths and locks
     def entry_file(self, key: str) -> Path:
@@ -157,7 +160,8 @@ class OffloadStore:
             tensor = produce()
             if tuple(tensor.shape) != spec.shape:
                 raise ValueError(f"{spec.name}: produced shape {tuple(tensor.shape)} != {spec.shape}")
-            view = byte_view(tensor_bytes(tensor, spec.dtype))
+            data = tensor_bytes(tensor, spec.dtype)  # held while `view` is used: it owns the bytes
+            view = byte_view(data)
             checksum = checksum_bytes(view)
         final = self.entry_file(spec.key)
         final.parent.mkdir(exist_ok=True, mode=_DIR_MODE)
