@@ -227,3 +227,14 @@ def test_a_pickled_payload_in_a_bin_never_runs(tmp_path, kind):
         index_checkpoint(tmp_path)
     assert "pytorch_model.bin" in str(ei.value)
     assert not marker.exists()
+
+
+def test_a_byte_view_keeps_its_tensor_alive():
+    import gc
+
+    from distload.checkpoint import byte_view
+
+    view = byte_view(torch.full((1 << 20,), 7, dtype=torch.uint8).contiguous())  # a temporary
+    gc.collect()
+    filler = [torch.zeros(1 << 20, dtype=torch.uint8) for _ in range(8)]  # reuse freed memory
+    assert view[0] == 7 and view[len(view) - 1] == 7 and len(filler) == 8

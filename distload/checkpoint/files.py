@@ -85,11 +85,13 @@ def check_checkpoint_file(root: str, name: str, *, needed_for: str = "") -> None
 
 def byte_view(t: torch.Tensor) -> memoryview:
     """A writable byte view of the contiguous CPU tensor `t` (any dtype, pinned or not):
-    the buffer `preadv`/`write` fill or send. The caller keeps `t` alive while it uses
-    the view."""
+    the buffer `preadv`/`write` fill or send. The view keeps `t` alive (so a temporary
+    such as ``byte_view(x.contiguous())`` is safe)."""
     if t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError(f"byte_view needs a contiguous CPU tensor, got one on {t.device}")
     nbytes = t.numel() * t.element_size()
     if nbytes == 0:
         return memoryview(bytearray())
-    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
+    array = (ctypes.c_char * nbytes).from_address(t.data_ptr())
+    array._tensor = t  # the memoryview holds `array`, which holds the tensor and its storage
+    return memoryview(array).cast("B")
