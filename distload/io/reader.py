@@ -76,6 +76,10 @@ def read_tensors(
         if meta.offset < 0:
             pickled[meta.file].append(meta)
         elif meta.length:
+            dest = dests[meta.name]
+            if tuple(dest.shape) != tuple(meta.shape):  # copies write raw bytes: never past the end
+                raise ValueError(f"destination of {meta.name} has shape {tuple(dest.shape)}, "
+                                 f"the checkpoint's is {tuple(meta.shape)}")
             by_file[meta.file].append(meta)
     for file, metas in sorted(pickled.items()):
         total.add(_copy_pickled(file, metas, dests))
@@ -101,12 +105,17 @@ def _needs_staging(meta: TensorMeta, dest: torch.Tensor) -> bool:
     return dest.device.type != "cpu" or dest.dtype != meta.torch_dtype
 
 
+def _pins(dests: Sequence[torch.Tensor]) -> bool:
+    """Pinned, doubled staging rings: when any destination is on a CUDA device."""
+    return any(d.is_cuda for d in dests)
+
+
 def _run(segments: list[Segment], by_file: Mapping[str, list[TensorMeta]], dests: Mapping[str, torch.Tensor],
          *, workers: int, chunk: int, direct_io: bool) -> ReadStats:
     """Open the files, read `segments` on up to `workers` threads (each taking the next
     segment in file order), close the files. The first error stops every thread."""
     src_dtypes = {m.name: m.torch_dtype for ms in by_file.values() for m in ms}
-    pin = any(dests[n].is_cuda for n in src_dtypes)
+    pin = _pins([dests[n] for n in src_dtypes])
     fallbacks, account = Fallbacks(), StagingAccount()
     handles: dict[str, FileHandle] = {}
     stats = ReadStats()
