@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
-import struct
 
 import pytest
 import torch
@@ -30,74 +28,14 @@ from distload.io import staging as staging_mod
 from distload.io.pagecache import evict, resident_fraction
 from distload.io.segments import BLOCK
 
-_ST = {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float32: "F32", torch.bool: "BOOL",
-       torch.float16: "F16", torch.int64: "I64", torch.float64: "F64"}
-
-
-def write_odd_safetensors(path, tensors: dict[str, torch.Tensor]) -> None:
-    """A valid safetensors file whose header length is odd and whose tensors follow each
-    other with no padding, in the order given."""
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header).encode()
-    if (8 + len(text)) % 2 == 0:
-        text += b" "
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
-
-
-def _tensors(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {f"{seed}.{name}": t for name, t in _layout(g).items()}
-
-
-def _layout(g: torch.Generator) -> dict[str, torch.Tensor]:
-    return {
-        "a.u8": torch.randint(0, 256, (7,), dtype=torch.uint8, generator=g),
-        "b.bf16": torch.randn(301, 257, generator=g).to(torch.bfloat16),     # ~155 KB: 3 chunks of 64K
-        "c.f32": torch.randn(33, generator=g),
-        "d.bool": torch.randint(0, 2, (5,), generator=g).bool(),
-        "e.f16": torch.randn(70001, generator=g).to(torch.float16),
-        "f.scalar": torch.tensor(3.25, dtype=torch.float64),
-        "g.i64": torch.randint(-9, 9, (3, 5), generator=g),
-        "h.f32": torch.randn(128, 300, generator=g),                          # ~154 KB
-        "i.empty": torch.empty(0, 4),
-    }
+from .odd_files import assert_equal, make_dests, odd_checkpoint, odd_tensors, write_odd_safetensors
 
 
 @pytest.fixture(scope="module")
 def odd_ckpt(tmp_path_factory):
-    """Two hand-written files on the test's filesystem (ext4 here), and their metas."""
-    root = tmp_path_factory.mktemp("odd")
-    files = []
-    for k in range(2):
-        path = root / f"part{k}.safetensors"
-        write_odd_safetensors(path, _tensors(k))
-        files.append(str(path))
-    metas = [m for f in files for m in read_safetensors_header(f)]
-    assert any(m.offset % m.torch_dtype.itemsize for m in metas), "no misaligned tensor: the test is moot"
-    reference = {k: v for f in files for k, v in load_file(f).items()}
-    return files, metas, reference
-
-
-def _dests(metas, cast=None):
-    out = {}
-    for m in metas:
-        dtype = cast if cast is not None and m.torch_dtype.is_floating_point else m.torch_dtype
-        out[m.name] = torch.full(m.shape, 7, dtype=dtype) if m.numel else torch.empty(m.shape, dtype=dtype)
-    return out
-
-
-def _assert_equal(dests, reference, cast=None):
-    assert set(dests) == set(reference)
-    for name, want in reference.items():
-        if cast is not None and want.dtype.is_floating_point:
-            want = want.to(cast)
-        assert dests[name].dtype == want.dtype and torch.equal(dests[name], want), name
+    """Two hand-written files on the test's filesystem (ext4 here), their metas, and
+    safetensors' tensors."""
+    return odd_checkpoint(tmp_path_factory.mktemp("odd"))
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 8])
@@ -105,9 +43,9 @@ def _assert_equal(dests, reference, cast=None):
 @pytest.mark.parametrize("direct_io", [False, True])
 def test_staged_bit_exact(odd_ckpt, workers, staging, direct_io):
     files, metas, reference = odd_ckpt
-    dests = _dests(metas)
+    dests = make_dests(metas)
     stats = read_tensors(metas, dests, workers=workers, staging_bytes=staging, staged=True, direct_io=direct_io)
-    _assert_equal(dests, reference)
+    assert_equal(dests, reference)
     assert stats.bytes_read == sum(m.length for m in metas)
     assert stats.io_bytes >= stats.bytes_read
     if not direct_io:
@@ -119,15 +57,15 @@ def test_staged_bit_exact(odd_ckpt, workers, staging, direct_io):
 def test_unstaged_and_cast_bit_exact(odd_ckpt, workers):
     """Straight into CPU destinations (chunked, several threads), and with a cast."""
     _, metas, reference = odd_ckpt
-    dests = _dests(metas)
+    dests = make_dests(metas)
     stats = read_tensors(metas, dests, workers=workers, staging_bytes=64 << 10)
-    _assert_equal(dests, reference)
+    assert_equal(dests, reference)
     assert stats.staging_bytes == 0
     for cast in (torch.float32, torch.float16, torch.bfloat16):
         for staged in (False, True):
-            dests = _dests(metas, cast)
+            dests = make_dests(metas, cast)
             read_tensors(metas, dests, workers=workers, staging_bytes=64 << 10, staged=staged)
-            _assert_equal(dests, reference, cast)
+            assert_equal(dests, reference, cast)
 
 
 def test_noncontiguous_destination_and_wrong_shape(odd_ckpt):
@@ -157,15 +95,15 @@ def _count_allocations(monkeypatch):
 def test_staging_memory_is_bounded(odd_ckpt, monkeypatch, workers):
     _, metas, reference = odd_ckpt
     made = _count_allocations(monkeypatch)
-    chunk = 64 << 10
-    dests = _dests(metas)
-    stats = read_tensors(metas, dests, workers=workers, staging_bytes=chunk, staged=True, direct_io=True)
-    _assert_equal(dests, reference)
-    # the CPU ring has one buffer per thread; each holds a chunk and a block either side
-    assert 1 <= len(made) <= workers and set(made) == {chunk + 2 * BLOCK}
-    assert 0 < stats.staging_bytes <= workers * (chunk + 3 * BLOCK)
+    staging = 64 << 10
+    dests = make_dests(metas)
+    stats = read_tensors(metas, dests, workers=workers, staging_bytes=staging, staged=True, direct_io=True)
+    assert_equal(dests, reference)
+    # the CPU ring has one buffer per thread, of the staging size (with its alignment slack)
+    assert 1 <= len(made) <= workers and set(made) == {staging - BLOCK}
+    assert 0 < stats.staging_bytes <= workers * staging
     made.clear()
-    read_tensors(metas, _dests(metas), workers=workers, staging_bytes=chunk)
+    read_tensors(metas, make_dests(metas), workers=workers, staging_bytes=staging)
     assert made == []   # nothing staged: CPU destinations, no cast, no O_DIRECT
 
 
@@ -223,9 +161,9 @@ def test_pinned_ring_waits_for_copies_before_reuse(odd_ckpt, monkeypatch):
     # the reader pins (and doubles) its ring when a destination is on CUDA
     monkeypatch.setattr("distload.io.reader._pins", lambda dests: True, raising=True)
     _Deferred.log = []
-    dests = _dests(metas)
+    dests = make_dests(metas)
     read_tensors(metas, dests, workers=1, staging_bytes=64 << 10, staged=True)
-    _assert_equal(dests, reference)
+    assert_equal(dests, reference)
     assert len(made) == staging_mod.BUFFERS == 2
     assert copiers and max(c.peak for c in copiers) == 2
     log = _Deferred.log
@@ -249,13 +187,13 @@ def test_direct_io_skips_the_page_cache(tmp_path):
     reference = safetensors_load(path.read_bytes())   # no mapping left behind to pin pages
     evict(path)
     assert resident_fraction(path) < 0.05
-    dests = _dests(metas)
+    dests = make_dests(metas)
     stats = read_tensors(metas, dests, workers=3, staging_bytes=64 << 10, direct_io=True)
-    _assert_equal(dests, reference)
+    assert_equal(dests, reference)
     assert stats.direct_files == 1 and stats.refused_files == 0
     assert stats.io_bytes % BLOCK == 0 or stats.io_bytes > stats.bytes_read
     assert resident_fraction(path) < 0.05, "O_DIRECT reads went through the page cache"
-    read_tensors(metas, _dests(metas), workers=3, staging_bytes=64 << 10)
+    read_tensors(metas, make_dests(metas), workers=3, staging_bytes=64 << 10)
     assert resident_fraction(path) > 0.9
 
 
@@ -272,10 +210,10 @@ def test_direct_io_refused_when_switched_on(odd_ckpt, monkeypatch, caplog):
     read through the page cache, bit-exact."""
     files, metas, reference = odd_ckpt
     _refuse_direct_switch(monkeypatch)
-    dests = _dests(metas)
+    dests = make_dests(metas)
     with caplog.at_level(logging.INFO, logger="distload"):
         stats = read_tensors(metas, dests, workers=2, staging_bytes=64 << 10, direct_io=True)
-    _assert_equal(dests, reference)
+    assert_equal(dests, reference)
     assert stats.direct_files == 0 and stats.refused_files == len(files)
     lines = [r for r in caplog.records if "O_DIRECT refused" in r.getMessage()]
     assert len(lines) == 1 and "page cache" in lines[0].getMessage()
@@ -293,10 +231,10 @@ def test_direct_io_refused_at_the_first_read(odd_ckpt, monkeypatch, caplog):
         return real(fd, buffers, offset, *a)
 
     monkeypatch.setattr(os, "preadv", preadv)
-    dests = _dests(metas)
+    dests = make_dests(metas)
     with caplog.at_level(logging.INFO, logger="distload"):
         stats = read_tensors(metas, dests, workers=3, staging_bytes=64 << 10, direct_io=True)
-    _assert_equal(dests, reference)
+    assert_equal(dests, reference)
     assert stats.direct_files == 0 and stats.refused_files == len(files)
     assert sum("O_DIRECT refused" in r.getMessage() for r in caplog.records) == 1
 
@@ -308,11 +246,11 @@ def test_direct_io_on_tmpfs(odd_ckpt):
         pytest.skip("no /dev/shm")
     path = f"/dev/shm/distload-test-{os.getpid()}.safetensors"
     try:
-        write_odd_safetensors(path, _tensors(5))
+        write_odd_safetensors(path, odd_tensors(5))
         metas = read_safetensors_header(path)
-        dests = _dests(metas)
+        dests = make_dests(metas)
         stats = read_tensors(metas, dests, workers=2, staging_bytes=64 << 10, direct_io=True)
-        _assert_equal(dests, load_file(path))
+        assert_equal(dests, load_file(path))
         assert stats.direct_files + stats.refused_files == 1
     finally:
         os.unlink(path)
@@ -321,11 +259,11 @@ def test_direct_io_on_tmpfs(odd_ckpt):
 @pytest.mark.parametrize("direct_io", [False, True])
 def test_truncated_file_is_named(tmp_path, direct_io):
     path = tmp_path / "t.safetensors"
-    write_odd_safetensors(path, _tensors(3))
+    write_odd_safetensors(path, odd_tensors(3))
     metas = read_safetensors_header(path)
     os.truncate(path, os.path.getsize(path) - 100)
     with pytest.raises(CheckpointError, match="t.safetensors.*truncated"):
-        read_tensors(metas, _dests(metas), workers=3, staging_bytes=64 << 10, staged=True, direct_io=direct_io)
+        read_tensors(metas, make_dests(metas), workers=3, staging_bytes=64 << 10, staged=True, direct_io=direct_io)
 
 
 def test_bad_arguments():

@@ -97,8 +97,8 @@ class FileHandle:
         """The filesystem took the flag but refuses direct reads: go through the cache."""
         with self._lock:
             if self.direct:
-                self.direct = False
-                _set_direct(self.fd, False)
+                _set_direct(self.fd, False)   # first: a thread that sees direct False must
+                self.direct = False           # find the descriptor buffered already
                 self._refused(err)
 
     def read_segment(self, buffer: torch.Tensor, seg: Segment, stats) -> torch.Tensor:

@@ -2,13 +2,15 @@
 already allocated on its device.
 
 Each file's tensors are planned into segments (`distload.io.segments`): neighbours
-coalesced, long ranges cut into chunks of `staging_bytes`, so that `workers` threads
-share every file, big or small, and no read is larger than one staging buffer. A segment
-goes straight into its CPU destinations (one `preadv`, no staging copy) when no cast is
-needed; with a cast, a CUDA destination, O_DIRECT or `staged=True` it passes through
-its thread's staging ring (`distload.io.staging`: pinned and double-buffered with
+coalesced, long ranges cut into chunks that fill a staging buffer of `staging_bytes`
+(less 12 KiB: a 4 KiB block either side for O_DIRECT's aligned reads, and one for the
+buffer's own alignment), so that `workers` threads share every file, big or small. A
+segment goes straight into its CPU destinations (one `preadv`, no staging copy) when no
+cast is needed; with a cast, a CUDA destination, O_DIRECT or `staged=True` it passes
+through its thread's staging ring (`distload.io.staging`: pinned and double-buffered with
 asynchronous host-to-device copies on CUDA), so the extra memory is bounded by
-``workers * buffers * (staging_bytes + 8 KiB)`` whatever the checkpoint size.
+``workers * buffers * staging_bytes`` (buffers: 2 on CUDA, else 1) whatever the
+checkpoint size.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ def read_tensors(
 
     Each destination must have the meta's shape; its dtype may differ (floating-point
     casts: on the destination's device, after the copy). `workers` threads read the
-    segments of all files (chunks of at most `staging_bytes`, rounded down to 4 KiB,
-    at least 64 KiB). `direct_io` reads with O_DIRECT where the filesystem allows it
+    segments of all files; each thread stages through buffers of `staging_bytes` (rounded
+    down to 4 KiB, at least 64 KiB; a power of two suits the pinned-memory cache). `direct_io` reads with O_DIRECT where the filesystem allows it
     (through staging: aligned buffers; one log line and the page cache elsewhere).
     `staged` sends every byte through staging, as a CUDA destination does (benchmarks and
     tests of that path on the CPU). Tensors of a pickled `.bin` file (offset -1) are taken
@@ -65,8 +67,8 @@ def read_tensors(
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    chunk = align_down(staging_bytes)
-    if chunk < MIN_STAGING_BYTES:
+    chunk = align_down(staging_bytes) - 3 * BLOCK
+    if chunk + 3 * BLOCK < MIN_STAGING_BYTES:
         raise ValueError(f"staging_bytes must be at least {MIN_STAGING_BYTES} (64 KiB), got {staging_bytes}")
     start = time.perf_counter()
     by_file: dict[str, list[TensorMeta]] = defaultdict(list)
@@ -116,6 +118,9 @@ def _run(segments: list[Segment], by_file: Mapping[str, list[TensorMeta]], dests
     segment in file order), close the files. The first error stops every thread."""
     src_dtypes = {m.name: m.torch_dtype for ms in by_file.values() for m in ms}
     pin = _pins([dests[n] for n in src_dtypes])
+    # A new thread's current CUDA device is 0: pinning or copying there would make a
+    # context (and take memory) on another rank's GPU.
+    device = next((dests[n].device for n in src_dtypes if dests[n].is_cuda), None)
     fallbacks, account = Fallbacks(), StagingAccount()
     handles: dict[str, FileHandle] = {}
     stats = ReadStats()
@@ -131,6 +136,8 @@ def _run(segments: list[Segment], by_file: Mapping[str, list[TensorMeta]], dests
         lock, failed = threading.Lock(), threading.Event()
 
         def loop() -> ReadStats:
+            if device is not None:
+                torch.cuda.set_device(device)
             worker = SegmentWorker(dests, src_dtypes, handles, buffer_bytes=chunk + 2 * BLOCK, pin=pin,
                                    account=account)
             try:

@@ -12,7 +12,7 @@ pieces to the copier of their device:
   CPU, their device, when a cast is asked); reads and copies overlap across threads.
 
 Memory is bounded: at most ``threads * buffers * (chunk + 3 * BLOCK)`` bytes of staging
-for a call of `read_tensors`, whatever the checkpoint; `StagingAccount` counts what was
+(``staging_bytes`` of `read_tensors` per buffer) for a call, whatever the checkpoint; `StagingAccount` counts what was
 allocated (buffers are made on first use, so a one-segment read allocates one).
 
 Example::
