@@ -1,6 +1,6 @@
 """`scripts/bench_load.py CKPT --staged`: distload's staged read path forced on the CPU
-(the GPU path minus the copy to the device) against a raw read of the same bytes, in one
-torchrun, warm and (``--cold``) cold, for several thread counts, with and without
+(the GPU path minus the copy to the device) — or, with ``--device cuda``, the real GPU
+path into each rank's GPU — against a raw read of the same bytes, in one torchrun, warm and (``--cold``) cold, for several thread counts, with and without
 O_DIRECT. See `_bench_staged_worker.py` for what each rank times.
 
 Figures per mode and configuration, medians over repeats: the job's GB/s (the bytes of
@@ -35,7 +35,7 @@ def run_worker(a, plan_path: Path, out: Path, modes: list[str]) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
            str(WORKER), f"--ckpt={a.ckpt.resolve()}", f"--plan={plan_path}", f"--out={out}",
            f"--modes={','.join(modes)}", f"--repeats={a.repeats}", f"--threads={a.threads}",
-           f"--direct={a.direct}", f"--staging-bytes={a.staging_bytes}"]
+           f"--direct={a.direct}", f"--staging-bytes={a.staging_bytes}", f"--device={a.device}"]
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
@@ -62,7 +62,7 @@ def summarize(ranks: list[dict]) -> dict:
     out: dict = {}
     med = statistics.median
     for (mode, rep, system, threads, direct), job in jobs.items():
-        raw, raw_dest = jobs[(mode, rep, "raw", 1, False)], jobs[(mode, rep, "raw_dest", 1, False)]
+        raw, raw_dest = jobs[(mode, rep, "raw", 1, False)], jobs.get((mode, rep, "raw_dest", 1, False))
         c = out.setdefault(mode, {}).setdefault(f"{system}|{threads}|{direct}", {
             "system": system, "threads": threads, "direct": direct, "gbps": [], "rank_gbps": [],
             "x_raw": [], "x_raw_dest": [], "staging_bytes": 0, "direct_files": 0, "refused_files": 0,
@@ -70,7 +70,8 @@ def summarize(ranks: list[dict]) -> dict:
         c["gbps"].append(job["bytes"] / job["seconds"] / GB)
         c["rank_gbps"].append(job["rank_gbps"])
         c["x_raw"].append(raw["seconds"] / job["seconds"])
-        c["x_raw_dest"].append(raw_dest["seconds"] / job["seconds"])
+        if raw_dest is not None:
+            c["x_raw_dest"].append(raw_dest["seconds"] / job["seconds"])
         e = job["extra"]
         c["staging_bytes"] = max(c["staging_bytes"], e.get("staging_bytes", 0))
         c["direct_files"] = max(c["direct_files"], e.get("direct_files", 0))
@@ -80,7 +81,8 @@ def summarize(ranks: list[dict]) -> dict:
             c["resident_after_evict"].append(e["resident_after_evict"])
     for mode in out.values():
         for c in mode.values():
-            c["median"] = {"gbps": med(c["gbps"]), "x_raw": med(c["x_raw"]), "x_raw_dest": med(c["x_raw_dest"]),
+            c["median"] = {"gbps": med(c["gbps"]), "x_raw": med(c["x_raw"]),
+                           "x_raw_dest": med(c["x_raw_dest"]) if c["x_raw_dest"] else None,
                            "rank_gbps": [med(v) for v in zip(*c["rank_gbps"])]}
     return out
 
@@ -97,8 +99,12 @@ def format_mode(mode: str, configs: dict, nproc: int) -> str:
         files = f"{c['direct_files']} ({c['refused_files']} refused)" if c["direct"] else ""
         lines.append(f"{c['system']:<9} {c['threads']:>7} {direct:>8} {m['gbps']:>6.2f} "
                      f"{' '.join(f'{g:.2f}' for g in m['rank_gbps']):>15} {m['x_raw']:>5.2f}x "
-                     f"{m['x_raw_dest']:>9.2f}x {c['staging_bytes'] / 1e6:>10.1f} {files:>12}")
+                     f"{_ratio(m['x_raw_dest']):>10} {c['staging_bytes'] / 1e6:>10.1f} {files:>12}")
     return "\n".join(lines)
+
+
+def _ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
 
 
 def goal_lines(summary: dict) -> list[str]:
@@ -122,7 +128,7 @@ def staged_main(a, make_plan, machine_note, cpu_seconds) -> int:
         plan_path = Path(tmp) / "plan.json"
         plan = make_plan(a.ckpt, a.nproc, plan_path)
         total = sum(s.tensor_bytes for s in plan.stages)
-        print(f"checkpoint {a.ckpt}: {total / 1e6:.1f} MB of tensors; {a.nproc} rank(s); staging "
+        print(f"checkpoint {a.ckpt}: {total / 1e6:.1f} MB of tensors; {a.nproc} rank(s) on {a.device}; staging "
               f"{a.staging_bytes / (1 << 20):g} MiB; threads {a.threads}; O_DIRECT {a.direct}; "
               f"{a.repeats} repeat(s); modes {', '.join(modes)}; load average before "
               f"{' '.join(f'{x:.2f}' for x in load_before)}", flush=True)
@@ -134,7 +140,7 @@ def staged_main(a, make_plan, machine_note, cpu_seconds) -> int:
         resident = [x for c in summary[mode].values() for x in c["resident_after_evict"]]
         loads = [x for c in summary[mode].values() for x in c["loadavg"]]
         note = f"; resident after eviction: max {100 * max(resident):.1f}%" if resident else ""
-        print(f"\n== {mode}: {a.nproc} rank(s), medians of {a.repeats} (load average during: "
+        print(f"\n== {mode}: {a.nproc} rank(s) ({a.device}), medians of {a.repeats} (load average during: "
               f"{min(loads):.1f}-{max(loads):.1f}{note}) ==")
         print(format_mode(mode, summary[mode], a.nproc))
     exact = all(r["bit_exact"] for r in ranks)
@@ -147,6 +153,7 @@ def staged_main(a, make_plan, machine_note, cpu_seconds) -> int:
           f"benchmark took {time.perf_counter() - start:.0f} s")
     if a.json:
         a.json.write_text(json.dumps({"checkpoint": str(a.ckpt), "nproc": a.nproc, "repeats": a.repeats,
+                                      "device": a.device,
                                       "staging_bytes": a.staging_bytes, "modes": modes, "summary": summary,
                                       "bit_exact": exact, "goals": goals, "machine": note,
                                       "load_before": load_before, "ranks": ranks}, indent=1, default=str))

@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", default="1,2,4,8", help="--staged: reader thread counts (default 1,2,4,8)")
     p.add_argument("--direct", default="off,on", help="--staged: O_DIRECT settings to run (default off,on)")
     p.add_argument("--staging-size", default="16MiB", help="--staged: read and staging buffer size")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="--staged: destinations on the CPU (the staged path forced) or on each "
+                        "rank's GPU (the real GPU path)")
     a = p.parse_args(argv)
     try:
         a.staging_bytes = _parse_size(a.staging_size)
