@@ -3,6 +3,10 @@
 path into each rank's GPU — against a raw read of the same bytes, in one torchrun, warm and (``--cold``) cold, for several thread counts, with and without
 O_DIRECT. See `_bench_staged_worker.py` for what each rank times.
 
+On the CPU the row ``copy`` times the staging copy alone (memmove into the destinations,
+no read): the work a GPU's copy engine does in place of the CPU, and why the staged path
+on the CPU is bounded by 1 / (1/raw + 1/copy) when no core is spare (printed).
+
 Figures per mode and configuration, medians over repeats: the job's GB/s (the bytes of
 every rank over the slowest rank's seconds), each rank's GB/s, and the ratio to the raw
 read (``x raw``: raw seconds / staged seconds within the same repeat, then the median)
@@ -92,7 +96,7 @@ def format_mode(mode: str, configs: dict, nproc: int) -> str:
             f"{'x raw→dest':>10} {'staging MB':>10} {'direct files':>12}")
     lines = [head, "-" * len(head)]
     order = sorted(configs.values(), key=lambda c: (c["system"] != "raw", c["system"] != "raw_dest",
-                                                    c["direct"], c["threads"]))
+                                                    c["system"] != "copy", c["direct"], c["threads"]))
     for c in order:
         m = c["median"]
         direct = ("yes" if c["direct_files"] else "refused") if c["direct"] else "no"
@@ -105,6 +109,20 @@ def format_mode(mode: str, configs: dict, nproc: int) -> str:
 
 def _ratio(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
+
+
+def copy_lines(summary: dict) -> list[str]:
+    """What the staging copy costs on the CPU: one thread that reads then copies each
+    chunk can reach at best 1 / (1/raw + 1/copy) of the two alone (no core to spare)."""
+    out = []
+    for mode, configs in summary.items():
+        if "copy|1|False" not in configs:
+            continue
+        raw, copy = configs["raw|1|False"]["median"]["gbps"], configs["copy|1|False"]["median"]["gbps"]
+        serial = 1 / (1 / raw + 1 / copy)
+        out.append(f"{mode}: raw read {raw:.2f} GB/s, the staging copy alone {copy:.2f} GB/s: read then copy "
+                   f"on one core at best {serial:.2f} GB/s = {serial / raw:.2f}x raw")
+    return out
 
 
 def goal_lines(summary: dict) -> list[str]:
@@ -146,7 +164,7 @@ def staged_main(a, make_plan, machine_note, cpu_seconds) -> int:
     exact = all(r["bit_exact"] for r in ranks)
     print(f"\nstaged read bit-exact against safetensors on every rank: {'yes' if exact else 'NO'}")
     goals = goal_lines(summary)
-    print("\n".join(goals))
+    print("\n".join(copy_lines(summary) + goals))
     note = machine_note(cpu0)
     print(note["text"])
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "

@@ -96,7 +96,7 @@ def test_bench_load_staged_smoke(tiny_ckpt, tmp_path):
     for mode in ("warm", "cold"):
         configs = report["summary"][mode]
         assert {(c["system"], c["threads"], c["direct"]) for c in configs.values()} == {
-            ("raw", 1, False), ("raw_dest", 1, False), ("staged", 1, False), ("staged", 1, True),
+            ("raw", 1, False), ("raw_dest", 1, False), ("copy", 1, False), ("staged", 1, False), ("staged", 1, True),
             ("staged", 3, False), ("staged", 3, True)}
         for c in configs.values():
             assert c["median"]["gbps"] > 0 and c["median"]["x_raw"] > 0

@@ -26,7 +26,7 @@ from distload.io import read_tensors
 from distload.io import direct as direct_mod
 from distload.io import staging as staging_mod
 from distload.io.pagecache import evict, resident_fraction
-from distload.io.segments import BLOCK
+from distload.io.segments import BLOCK, plan_segments
 
 from .odd_files import assert_equal, make_dests, odd_checkpoint, odd_tensors, write_odd_safetensors
 
@@ -271,3 +271,34 @@ def test_bad_arguments():
         read_tensors([], {}, staging_bytes=4096)
     with pytest.raises(ValueError, match="workers"):
         read_tensors([], {}, workers=0)
+
+
+def test_an_error_in_one_thread_stops_the_others(odd_ckpt, monkeypatch):
+    """A copy that fails on one thread is raised once the others stopped (after their
+    current segment), with every ring closed: nothing hangs, no staging memory is left."""
+    _, metas, _ = odd_ckpt
+    real, calls = staging_mod._host_copies, []
+
+    def failing(copies):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("copy failed on purpose")
+        real(copies)
+
+    accounts = []
+    real_account = staging_mod.StagingAccount
+
+    def account():
+        accounts.append(real_account())
+        return accounts[-1]
+
+    monkeypatch.setattr(staging_mod, "_host_copies", failing)
+    monkeypatch.setattr("distload.io.reader.StagingAccount", account)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        read_tensors(metas, make_dests(metas), workers=3, staging_bytes=64 << 10, staged=True)
+    segments = 0
+    for file in {m.file for m in metas}:
+        ms = sorted((m for m in metas if m.file == file and m.length), key=lambda m: m.offset)
+        segments += len(plan_segments(ms, [True] * len(ms), chunk_bytes=(64 << 10) - 3 * BLOCK))
+    assert len(calls) < segments              # the others stopped early
+    assert accounts and accounts[0].current == 0 and accounts[0].peak > 0

@@ -111,7 +111,7 @@ class FileHandle:
             direct = self.direct
             first, last = (base, align_up(seg.end)) if direct else (seg.start, seg.end)
             try:
-                self._read_exact(byte_view(buffer[first - base:last - base]), first, seg.end, seg, stats)
+                self._preadv_until([byte_view(buffer[first - base:last - base])], first, seg.end - first, seg, stats)
                 break
             except OSError as e:
                 if not direct or e.errno != errno.EINVAL:
@@ -120,31 +120,17 @@ class FileHandle:
         return buffer[head:head + seg.length]
 
     def read_into(self, views: list[memoryview], seg: Segment, stats) -> None:
-        """One `preadv` of `seg` straight into `views` (its pieces' destination bytes, in
-        order; through the page cache), repeated until all are full."""
-        views = list(views)
-        offset = seg.start
-        while views:
-            n = os.preadv(self.fd, views, offset)
-            stats.syscalls += 1
-            stats.io_bytes += n
-            if n == 0:
-                names = ", ".join(p.name for p in seg.pieces[:3])
-                raise CheckpointError(f"unexpected end of {self.path} at byte {offset} while "
-                                      f"reading {names}: the file is truncated")
-            offset += n
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
+        """`seg` straight into `views` (its pieces' destination bytes, in order; through
+        the page cache): one `preadv`, repeated until all are full."""
+        self._preadv_until(views, seg.start, seg.length, seg, stats)
 
-    def _read_exact(self, view: memoryview, offset: int, need_end: int, seg: Segment, stats) -> None:
-        """preadv into `view` from `offset` until byte `need_end` is in; with O_DIRECT
-        the aligned tail past the end of the file may stay unread."""
-        done, want = 0, need_end - offset
-        while done < want:
-            n = os.preadv(self.fd, [view[done:]], offset + done)
+    def _preadv_until(self, views: list[memoryview], offset: int, need: int, seg: Segment, stats) -> None:
+        """`preadv` into `views` from `offset` until `need` bytes are in (with O_DIRECT
+        the aligned tail past the end of the file may stay unread). Zero bytes before
+        that: the file is truncated."""
+        views, done = list(views), 0
+        while done < need:
+            n = os.preadv(self.fd, views, offset + done)
             stats.syscalls += 1
             stats.io_bytes += n
             if n == 0:
@@ -152,6 +138,11 @@ class FileHandle:
                 raise CheckpointError(f"unexpected end of {self.path} at byte {offset + done} while "
                                       f"reading {names}: the file is truncated")
             done += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
 
 
 def _set_direct(fd: int, on: bool) -> None:

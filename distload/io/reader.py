@@ -15,11 +15,9 @@ checkpoint size.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -30,7 +28,7 @@ from .direct import Fallbacks, FileHandle
 from .segments import BLOCK, Segment, align_down, plan_segments
 from .staging import StagingAccount
 from .stats import ReadStats
-from .worker import SegmentWorker
+from .worker import SegmentWorker, run_workers
 
 __all__ = ["ReadStats", "read_tensors", "DEFAULT_STAGING_BYTES", "MIN_STAGING_BYTES"]
 
@@ -118,8 +116,6 @@ def _run(segments: list[Segment], by_file: Mapping[str, list[TensorMeta]], dests
     segment in file order), close the files. The first error stops every thread."""
     src_dtypes = {m.name: m.torch_dtype for ms in by_file.values() for m in ms}
     pin = _pins([dests[n] for n in src_dtypes])
-    # A new thread's current CUDA device is 0: pinning or copying there would make a
-    # context (and take memory) on another rank's GPU.
     device = next((dests[n].device for n in src_dtypes if dests[n].is_cuda), None)
     fallbacks, account = Fallbacks(), StagingAccount()
     handles: dict[str, FileHandle] = {}
@@ -132,35 +128,9 @@ def _run(segments: list[Segment], by_file: Mapping[str, list[TensorMeta]], dests
             if last.offset + last.length > handle.size:
                 raise CheckpointError(f"{file} is {handle.size} bytes but tensor {last.name} ends at byte "
                                       f"{last.offset + last.length}: the file was truncated or changed")
-        queue = iter(segments)
-        lock, failed = threading.Lock(), threading.Event()
-
-        def loop() -> ReadStats:
-            if device is not None:
-                torch.cuda.set_device(device)
-            worker = SegmentWorker(dests, src_dtypes, handles, buffer_bytes=chunk + 2 * BLOCK, pin=pin,
-                                   account=account)
-            try:
-                while not failed.is_set():
-                    with lock:
-                        seg = next(queue, None)
-                    if seg is None:
-                        break
-                    worker.run(seg)
-            except BaseException:
-                failed.set()
-                raise
-            finally:
-                worker.close()
-            return worker.stats
-
         threads = min(workers, len(segments))
-        if threads == 1:
-            parts = [loop()]
-        else:
-            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="distload-read") as pool:
-                futures = [pool.submit(loop) for _ in range(threads)]
-            parts = [f.result() for f in futures]   # the first error, raised here
+        parts = run_workers(segments, threads, device=device, make_worker=lambda: SegmentWorker(
+            dests, src_dtypes, handles, buffer_bytes=chunk + 2 * BLOCK, pin=pin, account=account))
         for part in parts:
             stats.add(part)
         stats.threads = threads

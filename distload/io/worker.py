@@ -9,11 +9,16 @@ Example::
     for seg in my_segments:
         worker.run(seg)
     worker.close()          # waits for its copies; worker.stats holds what it read
+
+    # or: `threads` threads taking the segments in turn, one worker each
+    parts = run_workers(segments, threads, make_worker=lambda: SegmentWorker(...))
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -23,7 +28,7 @@ from .segments import Segment
 from .staging import BUFFERS, StagingAccount, StagingRing, copier_for
 from .stats import ReadStats
 
-__all__ = ["SegmentWorker"]
+__all__ = ["SegmentWorker", "run_workers"]
 
 
 class SegmentWorker:
@@ -80,3 +85,43 @@ class SegmentWorker:
             for copier in self._copiers.values():
                 copier.close()
             self._copiers.clear()
+
+
+def run_workers(segments: Sequence[Segment], threads: int, *, make_worker: Callable[[], SegmentWorker],
+                device: torch.device | None = None) -> list[ReadStats]:
+    """Read `segments` on `threads` threads (the caller's own when 1), each with its own
+    `make_worker()` and taking the next segment in order, so neighbouring chunks of a
+    file are read at once. The first error stops the others (after their current
+    segment) and is raised; every worker is closed. With `device` (a CUDA device) each
+    thread works with it current: a new thread's is device 0, where pinning or copying
+    would make a context (and take memory) on another rank's GPU."""
+    queue = iter(segments)
+    lock, failed = threading.Lock(), threading.Event()
+
+    def work() -> ReadStats:
+        worker = make_worker()
+        try:
+            while not failed.is_set():
+                with lock:
+                    seg = next(queue, None)
+                if seg is None:
+                    break
+                worker.run(seg)
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            worker.close()
+        return worker.stats
+
+    def loop() -> ReadStats:
+        if device is None:
+            return work()
+        with torch.cuda.device(device):   # restores the caller's when run on its thread
+            return work()
+
+    if threads <= 1:
+        return [loop()]
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="distload-read") as pool:
+        futures = [pool.submit(loop) for _ in range(threads)]
+    return [f.result() for f in futures]   # the first failed thread's error, raised here
