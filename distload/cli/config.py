@@ -10,7 +10,7 @@ import argparse
 import os
 from dataclasses import MISSING, dataclass, field, fields, replace
 
-from ..plan.budget import parse_max_memory_arg
+from ..plan.budget import parse_max_memory_arg, parse_size
 
 __all__ = ["RunConfig", "parse_args"]
 
@@ -38,6 +38,11 @@ class RunConfig:
     timeout: float = _opt(600.0, "seconds a rank waits on another within the load or a call "
                                  "before giving up (between calls, no limit)")
     read_workers: int = _opt(2, "reader threads per rank")
+    direct_io: bool = _opt(False, "read with O_DIRECT where the filesystem allows it (no page cache: "
+                                  "for cold loads; CPU ranks then read instead of mapping pages)",
+                           negatable=True)
+    staging_size: str | None = _opt(None, "bytes per read and per staging buffer (pinned, two per "
+                                          "reader thread on CUDA), e.g. 16MiB (default), at least 64KiB")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
     input_ids: tuple[str, ...] = _opt((), "comma-separated token ids of one prompt; repeat for a batch",
                                       action="append")
@@ -69,6 +74,8 @@ class RunConfig:
 
     # not a flag: `max_memory` parsed once, by `validate`
     memory_limits: dict | None = field(default=None, metadata={"flag": False})
+    # not a flag: `staging_size` parsed once, by `validate` (None: the reader's default)
+    staging_bytes: int | None = field(default=None, metadata={"flag": False})
 
     def validate(self) -> "RunConfig":
         """This config checked, with `memory_limits` parsed from `max_memory` (see
@@ -93,7 +100,13 @@ class RunConfig:
         if self.report and not os.path.isdir(os.path.dirname(os.path.abspath(self.report))):
             raise ValueError(f"--report {self.report}: its directory does not exist")
         self._validate_generation()
-        return replace(self, model=self._model_at_revision(), memory_limits=parse_max_memory_arg(self.max_memory))
+        staging = None
+        if self.staging_size is not None:
+            staging = parse_size(self.staging_size)
+            if staging < 64 << 10:
+                raise ValueError(f"--staging-size {self.staging_size} is below the smallest, 64KiB")
+        return replace(self, model=self._model_at_revision(),
+                       memory_limits=parse_max_memory_arg(self.max_memory), staging_bytes=staging)
 
     def _model_at_revision(self) -> str:
         """`model` with `revision` folded in (``ORG/NAME@REV``), checked to be a hub id."""

@@ -28,7 +28,7 @@ from .table import format_table, write_report
 __all__ = ["main", "run", "entry"]
 
 # Flags that may differ between ranks: paths on each node, and how much a rank logs.
-_PER_RANK_FLAGS = ("cache_dir", "offload_dir", "log_level", "read_workers")
+_PER_RANK_FLAGS = ("cache_dir", "offload_dir", "log_level", "read_workers", "direct_io", "staging_size")
 
 DEMO_INPUT_IDS = ("1,15,27,300,42,7", "5,9,81,2")
 
@@ -115,7 +115,8 @@ def run(cfg: RunConfig) -> int:
         return _explain(cfg, world)
     pipe = load(cfg.model, dtype=cfg.dtype, strict=cfg.strict, cache_dir=cfg.cache_dir,
                 offload_dir=cfg.offload_dir, device=cfg.device, timeout_s=cfg.timeout,
-                read_workers=cfg.read_workers, micro_batches=cfg.micro_batches,
+                read_workers=cfg.read_workers, direct_io=cfg.direct_io,
+                staging_bytes=cfg.staging_bytes, micro_batches=cfg.micro_batches,
                 max_memory=cfg.memory_limits, max_batch_size=cfg.max_batch_size,
                 max_seq_len=cfg.max_seq_len, world=world, workload="generate")  # the CLI generates
 

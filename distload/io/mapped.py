@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint.types import TensorMeta
 from ..errors import CheckpointError
-from .reader import ReadStats
+from .stats import ReadStats
 
 __all__ = ["map_tensors"]
 

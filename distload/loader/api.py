@@ -9,10 +9,11 @@ import torch
 from ..dist import World, agree, agree_on_arguments, gather_objects, init_world, run_on_rank0
 from ..dtypes import normalize_dtype
 from ..errors import PlanError
+from ..io import DEFAULT_STAGING_BYTES, MIN_STAGING_BYTES
 from ..log import logger
 from ..offload import default_offload_dir
 from ..pipeline import CallChannel, Pipeline
-from ..plan.budget import parse_max_memory
+from ..plan.budget import parse_max_memory, parse_size
 from ..plan.types import LoadPlan
 from ..sources import Source, open_source
 from .fetch import fetch_node_files
@@ -79,7 +80,8 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
          cache_dir: str | None = None, device: str | None = None, timeout_s: float = 600.0,
          read_workers: int = 2, max_batch_size: int | None = None,
          max_seq_len: int | None = None, world: World | None = None,
-         workload: str = "any") -> Pipeline:
+         workload: str = "any", direct_io: bool = False,
+         staging_bytes: int | str | None = None) -> Pipeline:
     """Load `model` (a local directory or file, a hub id ``org/name``, or ``"demo"``)
     across the ranks torchrun started — or in this one process — and return this rank's
     `Pipeline`. Every rank calls it with the same arguments.
@@ -89,15 +91,24 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
     Units the plan puts on the disk tier go to `offload_dir` (default ``<cache>/offload``,
     see `distload.offload`) and are streamed onto the device while they run.
 
+    How each rank reads (node-local, may differ between ranks): `read_workers` threads,
+    reads and staging buffers of `staging_bytes` (``"16MiB"`` by default; pinned and
+    doubled per thread on CUDA), and `direct_io` (O_DIRECT where the filesystem allows
+    it: no page cache, for cold loads; CPU ranks then read instead of mapping pages).
+
     Every rank checks that its arguments (and distload and torch versions) are rank 0's;
-    only the node-local paths `cache_dir` and `offload_dir` and `read_workers` may
-    differ. `world` is the job already joined (`distload.dist.init_world`), if any.
+    only the node-local paths `cache_dir` and `offload_dir` and the read settings above
+    may differ. `world` is the job already joined (`distload.dist.init_world`), if any.
 
     Example::
 
         pipe = distload.load("./llama-dir", dtype="bfloat16")
         pipe.report["bytes_read"], pipe.module, pipe.job_report
     """
+    staging = DEFAULT_STAGING_BYTES if staging_bytes is None else parse_size(staging_bytes)
+    if staging < MIN_STAGING_BYTES or read_workers < 1:
+        raise ValueError(f"staging_bytes must be at least 64KiB (got {staging}) and read_workers "
+                         f"at least 1 (got {read_workers})")
     world = world or init_world(timeout_s=timeout_s, device=device)
     agree_on_arguments(world, {"micro_batches": micro_batches, "device": device,
                                "timeout_s": timeout_s})
@@ -115,7 +126,8 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
                        ", ".join(plan.unexpected_keys[:8]))
     root, fetched = fetch_node_files(world, source, plan, timeout_s=timeout_s)
     stage = load_stage(plan, world, root=root, read_workers=read_workers, offload_dir=offload_dir,
-                       cache_dir=cache_dir, timeout_s=timeout_s)
+                       cache_dir=cache_dir, timeout_s=timeout_s, direct_io=direct_io,
+                       staging_bytes=staging)
     stage.report["fetched_bytes"] = fetched   # the node's download, on its leader's row
     everyone = job_report(plan, gather_objects(world, stage.report))
     return Pipeline(module=stage.module, plan=plan, report=stage.report, job_report=everyone,

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..dist import World, agree, watch_peers
 from ..errors import CheckpointError
+from ..io import DEFAULT_STAGING_BYTES, ReadStats
 from .materialize import allocate_stage, exchange_tied, finish_stage, key_tiers, map_stage, read_stage
 from .report import rank_report
 from .skeleton import build_stage_skeleton
@@ -53,23 +54,25 @@ def check_files(plan, files, root: str) -> None:
 
 def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
                offload_dir: str | os.PathLike | None = None, cache_dir: str | None = None,
-               timeout_s: float = 600.0) -> StageLoad:
+               timeout_s: float = 600.0, direct_io: bool = False,
+               staging_bytes: int = DEFAULT_STAGING_BYTES) -> StageLoad:
     """Materialize this rank's stage of `plan` on `world.device` from the checkpoint under
     `root` (this node's directory of it). Every rank calls it; an error on any rank
-    raises on every rank (the others get `RankError`)."""
+    raises on every rank (the others get `RankError`). `read_workers`, `direct_io` and
+    `staging_bytes` tune the reads (`distload.io.read_tensors`)."""
     rank, device = world.rank, world.device
     stage = plan.stage(rank)
     start = time.perf_counter()
-    error, module, storage, bytes_read = None, None, {}, 0
+    error, module, storage, stats = None, None, {}, ReadStats()
     reads = [m.located(root) for m in stage.reads]
     try:
         check_files(plan, sorted({m.file for m in stage.reads}), root)
         module = build_stage_skeleton(plan, rank)
         tiers = key_tiers(plan, rank, device)
-        mapped, mapped_stats = map_stage(reads, plan, rank, device, tiers=tiers)
+        mapped, stats = map_stage(reads, plan, rank, device, tiers=tiers, direct_io=direct_io)
         storage = allocate_stage(plan, rank, module, device, tiers=tiers, mapped=mapped)
-        bytes_read = mapped_stats.bytes_read + read_stage(reads, storage, workers=read_workers,
-                                                          skip=mapped).bytes_read
+        stats.add(read_stage(reads, storage, workers=read_workers, skip=mapped, direct_io=direct_io,
+                             staging_bytes=staging_bytes))
     except Exception as exc:  # noqa: BLE001 - every rank learns of it in agree()
         error = exc
     agree(world, error)
@@ -85,7 +88,9 @@ def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
         error = exc
     agree(world, error)
     report = rank_report(plan, rank, device=str(device), seconds=time.perf_counter() - start,
-                         bytes_read=bytes_read + offloaded.bytes_read, host=world.hosts[rank]
-                         if world.hosts else "", **offloaded.report_fields())
+                         bytes_read=stats.bytes_read + offloaded.bytes_read, host=world.hosts[rank]
+                         if world.hosts else "", staging_bytes=stats.staging_bytes,
+                         direct_io_files=stats.direct_files, direct_io_refused_files=stats.refused_files,
+                         **offloaded.report_fields())
     offloaded.bind_report(report)
     return StageLoad(module, report, offloaded)
