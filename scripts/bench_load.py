@@ -32,10 +32,16 @@ Warm page cache: the checkpoint is read once before the warm runs. ``--cold``: c
 dropped (``sync; echo 3 > /proc/sys/vm/drop_caches``) before every cold run, when that
 file is writable (else the cold runs are skipped, and the output says so).
 
+``--staged`` measures something else: distload's staged read path forced on the CPU (the
+GPU path minus the copy to the device) against a raw, dd-like read of the same bytes, for
+``--threads`` and with and without O_DIRECT, warm and (``--cold``, by
+`posix_fadvise(DONTNEED)`, no root needed) cold; see `scripts/_bench_staged.py`.
+
 Example::
 
     python scripts/make_checkpoint.py /tmp/bench-ckpt --preset 1.4gb
     python scripts/bench_load.py /tmp/bench-ckpt --nproc 2 --repeats 3 --cold --json out.json
+    python scripts/bench_load.py /tmp/bench-ckpt --nproc 2 --staged --cold --threads 1,2,4,8
 """
 
 from __future__ import annotations
@@ -75,7 +81,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interval-ms", type=float, default=10.0, help="memory sampling period")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per torchrun")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    p.add_argument("--staged", action="store_true",
+                   help="benchmark the staged read path (forced on the CPU) against a raw read instead")
+    p.add_argument("--threads", default="1,2,4,8", help="--staged: reader thread counts (default 1,2,4,8)")
+    p.add_argument("--direct", default="off,on", help="--staged: O_DIRECT settings to run (default off,on)")
+    p.add_argument("--staging-size", default="16MiB", help="--staged: read and staging buffer size")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="--staged: destinations on the CPU (the staged path forced) or on each "
+                        "rank's GPU (the real GPU path)")
     a = p.parse_args(argv)
+    try:
+        a.staging_bytes = _parse_size(a.staging_size)
+    except ValueError as e:
+        p.error(str(e))
     a.systems = tuple(s for s in a.systems.split(",") if s)
     bad = set(a.systems) - set(SYSTEMS)
     if bad or "distload" not in a.systems:
@@ -357,8 +375,20 @@ def machine_note(before: dict) -> dict:
 
 # ----------------------------------------------------------------------------- main
 
+def _parse_size(text: str) -> int:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from distload.plan.budget import parse_size
+
+    return parse_size(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.staged:
+        from _bench_staged import staged_main
+
+        return staged_main(a, make_plan, machine_note, cpu_seconds)
     start, cpu0 = time.perf_counter(), cpu_seconds()
     layout = safetensors_layout(a.ckpt)
     modes = ["warm"]

@@ -22,6 +22,10 @@ PRESETS: dict[str, dict] = {
     "1.4gb": {"layers": 12, "hidden": 2048, "intermediate": 5632, "heads": 16, "kv_heads": 8,
               "vocab": 32000, "dtype": "bfloat16", "shards": 6, "model_type": "llama",
               "tie": False},
+    # ~2.0 B parameters: 4.04 GB in bfloat16, 16 shards of ~250 MB (scripts/gpu_check.sh).
+    "4gb": {"layers": 40, "hidden": 2048, "intermediate": 5632, "heads": 16, "kv_heads": 8,
+            "vocab": 32000, "dtype": "bfloat16", "shards": 16, "model_type": "llama",
+            "tie": False},
 }
 
 

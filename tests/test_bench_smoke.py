@@ -95,3 +95,45 @@ def test_bench_observe_smoke(tiny_ckpt, tmp_path):
     figures = json.loads(out.read_text())
     assert figures["runs"]["progress+trace"][0]["events"] > 0
     assert figures["steps"]["span_off_ns"] > 0 and "per step: trace.span off" in proc.stdout
+
+
+def test_bench_plan_seed_smoke(tmp_path):
+    """scripts/bench_plan.py's seed figures (meta models only): bytes per tier per device for
+    distload and accelerate; distload's map never offloads between GPUs."""
+    out = tmp_path / "plan.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_plan.py"), "--only", "seed", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "slowest stage accelerate / distload" in proc.stdout and "shared" in proc.stdout
+    rows = json.loads(out.read_text())["seed_70b"]
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    for r in rows:
+        ours = r["distload"]
+        assert not ours["offloaded_between_gpus"] and ours["bytes"]["cpu"] <= 100 * 10**9
+        assert max(ours["bytes"]["0"], ours["bytes"]["1"]) <= 20 * 10**9
+        assert sum(ours["bytes"].values()) == sum(r["accelerate"]["bytes"].values())
+
+
+def test_bench_load_staged_smoke(tiny_ckpt, tmp_path):
+    """--staged: the staged path forced on the CPU against raw reads, warm and cold, in one
+    torchrun; every configuration has a row and a ratio, the staged read is bit-exact."""
+    out = tmp_path / "staged.json"
+    cmd = [sys.executable, str(SCRIPT), str(tiny_ckpt), "--staged", "--nproc", "2", "--repeats", "1",
+           "--cold", "--threads", "1,3", "--staging-size", "64KiB", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "== warm: 2 rank(s)" in proc.stdout and "== cold: 2 rank(s)" in proc.stdout
+    assert "bit-exact against safetensors on every rank: yes" in proc.stdout
+    report = json.loads(out.read_text())
+    for mode in ("warm", "cold"):
+        configs = report["summary"][mode]
+        assert {(c["system"], c["threads"], c["direct"]) for c in configs.values()} == {
+            ("raw", 1, False), ("raw_dest", 1, False), ("copy", 1, False), ("staged", 1, False), ("staged", 1, True),
+            ("staged", 3, False), ("staged", 3, True)}
+        for c in configs.values():
+            assert c["median"]["gbps"] > 0 and c["median"]["x_raw"] > 0
+            assert len(c["median"]["rank_gbps"]) == 2
+            if c["system"] == "staged":   # bounded: threads x one CPU buffer of 64 KiB
+                assert 0 < c["staging_bytes"] <= c["threads"] * (64 << 10)
+        assert any(line.startswith(f"goal {mode}:") for line in report["goals"])
+    assert max(c for c in report["summary"]["cold"]["raw|1|False"]["resident_after_evict"]) < 0.05

@@ -272,7 +272,7 @@ def test_cli_text_prompt_without_tokenizer_is_a_clear_error(tmp_path, capfd):
     from distload.load import main
 
     plain = make_checkpoint(CONFIG, tmp_path / "plain", num_shards=1, dtype="float32")
-    assert main(["--device", "cpu", "--model", str(plain), "--prompt", "hello"]) == 1
+    assert main(["--device", "cpu", "--model", str(plain), "--prompt", "hello"]) == 2   # usage
     assert "tokenizer.json" in capfd.readouterr().err
 
 

@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 
 import torch
 
-from ..plan.budget import parse_max_memory_arg
+from ..plan.budget import parse_max_memory_arg, parse_size
 from .prompts import parse_ids
 
 __all__ = ["RunConfig", "parse_args", "check_device"]
@@ -25,14 +25,17 @@ def _opt(default, help: str, **kw):
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = _opt("demo", "local directory or .safetensors file, hub id ORG/NAME, or 'demo'")
+    model: str = _opt("demo", "local directory or .safetensors file, hub id ORG/NAME[@REV], or 'demo'")
+    revision: str | None = _opt(None, "branch, tag or commit of a hub id --model (the same as ORG/NAME@REV); "
+                                      "rank 0 resolves it to one commit for every node")
     dtype: str | None = _opt(None, "cast weights to this dtype (bfloat16, float16, float32); "
                                    "default: the checkpoint's own dtype")
     report: str | None = _opt(None, "write the job's load report as JSON to this path")
     strict: bool = _opt(True, "unexpected checkpoint keys are an error (--no-strict: a warning)",
                         negatable=True)
-    cache_dir: str | None = _opt(None, "where the demo checkpoint is made (default $DISTLOAD_CACHE "
-                                       "or ~/.cache/distload)")
+    cache_dir: str | None = _opt(None, "distload's own cache on each node: the demo checkpoint, hub headers, "
+                                       "the default offload dir (default $DISTLOAD_CACHE or ~/.cache/distload); "
+                                       "hub files stay in huggingface_hub's cache ($HF_HOME)")
     offload_dir: str | None = _opt(None, "shared directory for disk-tier weights (default "
                                          "<cache dir>/offload; see python -m distload.offload)")
     device: str | None = _opt(None, "'cpu' forces CPU ranks (gloo), 'cuda' GPU ranks (cuda:LOCAL_RANK); "
@@ -41,6 +44,11 @@ class RunConfig:
                                        "no limit); default: within the load as long as its bytes need "
                                        "(at least 600 s), within a call 600 s")
     read_workers: int = _opt(2, "reader threads per rank")
+    direct_io: bool = _opt(False, "read with O_DIRECT where the filesystem allows it (no page cache: "
+                                  "for cold loads; CPU ranks then read instead of mapping pages)",
+                           negatable=True)
+    staging_size: str | None = _opt(None, "bytes per read and per staging buffer (pinned, two per "
+                                          "reader thread on CUDA), e.g. 16MiB (default), at least 64KiB")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
     input_ids: tuple[str, ...] = _opt((), "comma-separated token ids of one prompt; repeat for a batch",
                                       action="append")
@@ -74,6 +82,8 @@ class RunConfig:
 
     # not a flag: `max_memory` parsed once, by `validate`
     memory_limits: dict | None = field(default=None, metadata={"flag": False})
+    # not a flag: `staging_size` parsed once, by `validate` (None: the reader's default)
+    staging_bytes: int | None = field(default=None, metadata={"flag": False})
 
     def validate(self) -> "RunConfig":
         """This config checked, with `memory_limits` parsed from `max_memory` (see
@@ -92,12 +102,35 @@ class RunConfig:
             raise ValueError("--max-seq-len must be at least 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("--log-level must be DEBUG, INFO, WARNING or ERROR")
-        for flag, path in (("--report", self.report), ("--trace", self.trace)):
-            if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        for flag, path in (("--report", self.report), ("--output-file", self.output_file),
+                           ("--trace", self.trace)):
+            if path and path != "-" and os.path.isdir(path):
+                raise ValueError(f"{flag} {path} is a directory; give a file path")
+            if path and path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
                 raise ValueError(f"{flag} {path}: its directory does not exist")
         check_device(self.device)
         self._validate_generation()
-        return replace(self, memory_limits=parse_max_memory_arg(self.max_memory))
+        staging = None
+        if self.staging_size is not None:
+            staging = parse_size(self.staging_size)
+            if staging < 64 << 10:
+                raise ValueError(f"--staging-size {self.staging_size} is below the smallest, 64KiB")
+        return replace(self, model=self._model_at_revision(),
+                       memory_limits=parse_max_memory_arg(self.max_memory), staging_bytes=staging)
+
+    def _model_at_revision(self) -> str:
+        """`model` with `revision` folded in (``ORG/NAME@REV``), checked to be a hub id."""
+        if self.revision is None:
+            return self.model
+        from ..sources import local_path, parse_hub_id
+
+        hub = parse_hub_id(self.model)
+        if hub is None or local_path(self.model) is not None:
+            raise ValueError(f"--revision needs a hub id --model ORG/NAME, not {self.model!r}")
+        repo, at = hub
+        if at is not None and at != self.revision:
+            raise ValueError(f"--model {self.model} names revision {at!r} but --revision says {self.revision!r}")
+        return f"{repo}@{self.revision}"
 
     def _validate_generation(self) -> None:
         sources = [name for name, given in (("--input-ids", self.input_ids), ("--prompt", self.prompt),
@@ -106,9 +139,6 @@ class RunConfig:
             raise ValueError(f"give prompts one way: {' and '.join(sources)} were both given")
         for text in self.input_ids:
             parse_ids(text)
-        if self.output_file and self.output_file != "-" and \
-                not os.path.isdir(os.path.dirname(os.path.abspath(self.output_file))):
-            raise ValueError(f"--output-file {self.output_file}: its directory does not exist")
         if self.temperature is not None and not self.temperature > 0:
             raise ValueError("--temperature must be positive")
         if self.top_k is not None and self.top_k < 1:

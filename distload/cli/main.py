@@ -7,24 +7,31 @@
 
 from __future__ import annotations
 
-import os
+import signal
 import sys
 import time
+import traceback
+from dataclasses import fields
 
 from .. import trace
-from ..dist import DEFAULT_TIMEOUT_S, World, init_world, run_on_rank0, shutdown
+from ..dist import DEFAULT_TIMEOUT_S, World, agree_on_arguments, init_world, run_on_rank0, shutdown
 from ..errors import DistloadError, RankError, UsageError
 from ..loader import load, plan_job
+from ..loader.api import versions
 from ..loader.tracing import write_job_trace, write_own_trace
 from ..log import logger, setup_logging
 from ..pipeline.inputs import resolve_eos
 from ..plan.explain import explain_plan
 from .config import RunConfig, parse_args
+from .exits import ERROR, OK, USAGE, Interrupted, install_signal_handlers, leave
 from .prompts import (format_result, left_pad, new_tokens, optional_tokenizer, prepare_requests,
                       read_prompts, write_outputs)
 from .table import format_generation, format_table, write_report
 
-__all__ = ["main", "run"]
+__all__ = ["main", "run", "entry"]
+
+# Flags that may differ between ranks: paths on each node, and how much a rank logs.
+_PER_RANK_FLAGS = ("cache_dir", "offload_dir", "log_level", "read_workers", "direct_io", "staging_size")
 
 DEMO_INPUT_IDS = ("1,15,27,300,42,7", "5,9,81,2")
 
@@ -65,8 +72,9 @@ class _Prompts:
 
 
 def _generate(pipe, cfg: RunConfig, prompts: _Prompts) -> dict:
-    """Every rank generates; rank 0 writes the results (stdout, or --output-file) and
-    returns the generation's figures for the report (elsewhere {})."""
+    """Every rank generates; rank 0 writes the results (stdout, or --output-file; a failure
+    there reaches every rank) and returns the generation's figures for the report
+    (elsewhere {})."""
     requests = prompts.requests
     count = run_on_rank0(pipe.world, lambda: len(requests))
     if not count:
@@ -96,17 +104,20 @@ def _generate(pipe, cfg: RunConfig, prompts: _Prompts) -> dict:
             if chunk < count:
                 logger.info("%d of %d prompts done", first + len(batch), count)
     seconds = time.perf_counter() - start
-    if pipe.rank != 0:
-        return {}
-    if cfg.output_file:
-        write_outputs(cfg.output_file, requests, outputs, prompts.tokenizer)
-        if cfg.output_file != "-":
-            logger.info("outputs written to %s", cfg.output_file)
-    else:  # results go to stdout, one line per prompt; logs stay on stderr
-        sys.stdout.write("".join(format_result(g, prompts.tokenizer) + "\n" for g in outputs))
-        sys.stdout.flush()
-    return _generation_figures(calls, prompts=count, generated=sum(len(g) for g in outputs),
-                               seconds=seconds)
+
+    def finish() -> dict:  # rank 0; a failure here (a full disk) reaches every rank
+        if cfg.output_file:
+            write_outputs(cfg.output_file, requests, outputs, prompts.tokenizer)
+            if cfg.output_file != "-":
+                logger.info("outputs written to %s", cfg.output_file)
+        else:  # results go to stdout, one line per prompt; logs stay on stderr
+            sys.stdout.write("".join(format_result(g, prompts.tokenizer) + "\n" for g in outputs))
+            sys.stdout.flush()
+        return _generation_figures(calls, prompts=count, generated=sum(len(g) for g in outputs),
+                                   seconds=seconds)
+
+    figures = run_on_rank0(pipe.world, finish, what="writing the outputs")
+    return figures if pipe.rank == 0 else {}
 
 
 def _generation_figures(calls: list[dict], *, prompts: int, generated: int, seconds: float) -> dict:
@@ -127,56 +138,72 @@ def _generation_figures(calls: list[dict], *, prompts: int, generated: int, seco
     }
 
 
-def _explain(cfg: RunConfig) -> int:
+def _explain(cfg: RunConfig, world) -> int:
     """--explain: every rank takes part in planning (each measures its own memory); rank 0
     writes the plan to stdout; nothing is loaded."""
-    world = init_world(timeout_s=cfg.timeout or DEFAULT_TIMEOUT_S, device=cfg.device)
     plan = plan_job(cfg.model, world=world, dtype=cfg.dtype, max_memory=cfg.memory_limits,
                     strict=cfg.strict, cache_dir=cfg.cache_dir, offload_dir=cfg.offload_dir,
-                    max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len)
+                    max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len,
+                    workload="generate")
     if world.is_first:
         sys.stdout.write(explain_plan(plan))
         sys.stdout.flush()
     shutdown(world)
-    return 0
+    return OK
+
+
+def _flags(cfg: RunConfig) -> dict:
+    """The command line as rank 0 must agree with it (``--flag``: value), and versions."""
+    flags = {"--" + f.name.replace("_", "-"): getattr(cfg, f.name) for f in fields(cfg)
+             if f.metadata.get("flag") is not False and f.name not in _PER_RANK_FLAGS}
+    return {**flags, **versions()}
 
 
 def _load_and_run(cfg: RunConfig, world: World) -> int:
     prompts = _Prompts(cfg)
-    generating = cfg.max_new_tokens > 0 and run_on_rank0(world, prompts.read) > 0
+    generating = cfg.max_new_tokens > 0 and run_on_rank0(world, prompts.read, what="reading the prompts") > 0
     pipe = load(cfg.model, dtype=cfg.dtype, strict=cfg.strict, cache_dir=cfg.cache_dir,
                 offload_dir=cfg.offload_dir, device=cfg.device, timeout_s=cfg.timeout,
-                read_workers=cfg.read_workers, micro_batches=cfg.micro_batches,
+                read_workers=cfg.read_workers, direct_io=cfg.direct_io,
+                staging_bytes=cfg.staging_bytes, micro_batches=cfg.micro_batches,
                 max_memory=cfg.memory_limits, max_batch_size=cfg.max_batch_size,
-                max_seq_len=cfg.max_seq_len, world=world,
+                max_seq_len=cfg.max_seq_len, world=world, workload="generate",  # the CLI generates
                 before_read=prompts.check if generating else None)
     report = pipe.job_report
-    if pipe.rank == 0:
+
+    def write() -> None:  # rank 0; a failure here reaches every rank
         logger.info("loaded %s\n%s", pipe.plan.label, format_table(report))
         if cfg.report:
             write_report(report, cfg.report)
             logger.info("report written to %s", cfg.report)
+
+    run_on_rank0(world, write, what="writing the report")
     if generating:
         figures = _generate(pipe, cfg, prompts)
-        if pipe.rank == 0 and figures:
+
+        def add_figures() -> None:  # rank 0: the report again, with the generation's figures
             report["generation"] = figures
             report["phases"]["first_forward_seconds"] = figures["time_to_first_token_seconds"]
             logger.info("%s", format_generation(figures))
             if cfg.report:
                 write_report(report, cfg.report)
+
+        run_on_rank0(world, add_figures, what="writing the report")
     if cfg.trace:
         write_job_trace(world, cfg.trace)
-    shutdown(pipe.world)
-    return 0
+    shutdown(world)
+    return OK
 
 
 def run(cfg: RunConfig) -> int:
-    if os.environ.get("RANK", "0") == "0":
+    """Every rank: the whole run of one command line; raises on any failure."""
+    world = init_world(timeout_s=cfg.timeout or DEFAULT_TIMEOUT_S, device=cfg.device)
+    agree_on_arguments(world, _flags(cfg))
+    if world.is_first:
         for note in cfg.warnings():
             logger.warning("%s", note)
     if cfg.explain:
-        return _explain(cfg)
-    world = init_world(timeout_s=cfg.timeout or DEFAULT_TIMEOUT_S, device=cfg.device)
+        return _explain(cfg, world)
     if not cfg.trace:
         return _load_and_run(cfg, world)
     trace.enable()
@@ -193,15 +220,49 @@ def run(cfg: RunConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    """Run the CLI; return its exit code (see `distload.cli.exits`). Every rank logs one
+    line for a failure — no traceback unless ``--log-level DEBUG``."""
+    install_signal_handlers()
+    try:
+        cfg = parse_args(argv)
+    except SystemExit as e:  # argparse: usage printed, or --help
+        return e.code if isinstance(e.code, int) else USAGE
+    except Interrupted as e:
+        return e.exit_code
     setup_logging(cfg.log_level.upper())
     try:
         return run(cfg)
+    except Interrupted as e:
+        code = e.exit_code
+        _ignore_signals()
+        logger.warning("%s: stopping", e)
+    except UsageError as e:
+        code = USAGE
+        logger.error("%s", e)
     except RankError as e:  # another rank failed; it printed its own error
+        code = ERROR
         logger.error("%s", e)
     except (DistloadError, ValueError, OSError) as e:
+        code = ERROR
         logger.error("%s: %s", type(e).__name__, e)
-    except Exception:  # noqa: BLE001 - an unexpected failure still stops this rank cleanly
-        logger.exception("unexpected failure")
-    shutdown(failed=True)
-    return 1
+    except Exception as e:  # noqa: BLE001 - an unexpected failure still stops this rank cleanly
+        code = ERROR
+        logger.error("unexpected failure: %s: %s (--log-level DEBUG shows where)", type(e).__name__, e)
+        logger.debug("%s", traceback.format_exc())
+    try:
+        shutdown(failed=True)
+    except Interrupted:
+        pass
+    return code
+
+
+def _ignore_signals() -> None:
+    """A second Ctrl-C (or torchrun forwarding the first) must not interrupt the stop."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """The process's entry point (``distload``, ``python -m distload.load``): run, then
+    leave with the exit code at once (`distload.cli.exits.leave`)."""
+    leave(main(argv))

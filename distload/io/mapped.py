@@ -25,7 +25,7 @@ import torch
 from .. import trace
 from ..checkpoint.types import TensorMeta
 from ..errors import CheckpointError
-from .reader import ReadProgress, ReadStats
+from .stats import ReadProgress, ReadStats
 
 __all__ = ["map_tensors"]
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .. import trace
-from ..dist import World, agree
+from ..dist import World, agree, watch_peers
 from ..errors import CheckpointError, LoadError
+from ..io import DEFAULT_STAGING_BYTES, ReadStats
 from ..plan.types import Tier
 from .board import JobBoard
 from .materialize import allocate_stage, exchange_tied, finish_stage, key_tiers, map_stage, read_stage
@@ -58,10 +59,12 @@ def check_files(plan, files, root: str) -> None:
 
 def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
                offload_dir: str | os.PathLike | None = None, cache_dir: str | None = None,
-               timeout_s: float | None = None, board: JobBoard | None = None) -> StageLoad:
+               timeout_s: float | None = None, direct_io: bool = False,
+               staging_bytes: int = DEFAULT_STAGING_BYTES, board: JobBoard | None = None) -> StageLoad:
     """Materialize this rank's stage of `plan` on `world.device` from the checkpoint under
     `root` (this node's directory of it). Every rank calls it; an error on any rank
-    raises on every rank (the others get `RankError`).
+    raises on every rank (the others get `RankError`). `read_workers`, `direct_io` and
+    `staging_bytes` tune the reads (`distload.io.read_tensors`).
 
     Progress goes to the job's `board` (default: a new one for this load) and rank 0
     shows it (`distload.loader.progress`); the ranks wait for each other at most as long
@@ -72,7 +75,7 @@ def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
     mine = RankProgress(board, plan, rank, root=root)
     start = time.perf_counter()
     seconds: dict[str, float] = {}
-    error, module, storage, bytes_read = None, None, {}, 0
+    error, module, storage, stats = None, None, {}, ReadStats()
     reads = [m.located(root) for m in stage.reads]
     with ProgressMonitor.maybe(board, plan, world):
         with trace.span("read stage", "load", bytes=stage.tensor_bytes):
@@ -81,10 +84,11 @@ def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
                 module = build_stage_skeleton(plan, rank)
                 tiers = key_tiers(plan, rank, device)
                 mine.phase("reading")
-                mapped, mapped_stats = map_stage(reads, plan, rank, device, tiers=tiers, progress=mine)
+                mapped, stats = map_stage(reads, plan, rank, device, tiers=tiers, direct_io=direct_io,
+                                          progress=mine)
                 storage = allocate_stage(plan, rank, module, device, tiers=tiers, mapped=mapped)
-                bytes_read = mapped_stats.bytes_read + read_stage(
-                    reads, storage, workers=read_workers, skip=mapped, progress=mine).bytes_read
+                stats.add(read_stage(reads, storage, workers=read_workers, skip=mapped, direct_io=direct_io,
+                                     staging_bytes=staging_bytes, progress=mine))
             except Exception as exc:  # noqa: BLE001 - every rank learns of it in agree()
                 error = exc
         seconds["read"] = time.perf_counter() - start
@@ -93,7 +97,8 @@ def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
         mark = time.perf_counter()
         if world.distributed:
             mine.phase("exchanging")
-            with trace.span("exchange tied", "load", sends=len(stage.sends)):
+            with trace.span("exchange tied", "load", sends=len(stage.sends)), \
+                    watch_peers("the exchange of tied weights"):
                 exchange_tied(plan, rank, storage)
         seconds["exchange"] = time.perf_counter() - mark
         mark = time.perf_counter()
@@ -113,8 +118,10 @@ def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
               what="attaching the cpu/disk tiers (offload writes)")
         mine.phase("done")
     report = rank_report(plan, rank, device=str(device), seconds=time.perf_counter() - start,
-                         bytes_read=bytes_read + offloaded.bytes_read, host=world.hosts[rank]
-                         if world.hosts else "", **{f"{k}_seconds": round(v, 6) for k, v in seconds.items()},
+                         bytes_read=stats.bytes_read + offloaded.bytes_read, host=world.hosts[rank]
+                         if world.hosts else "", staging_bytes=stats.staging_bytes,
+                         direct_io_files=stats.direct_files, direct_io_refused_files=stats.refused_files,
+                         **{f"{k}_seconds": round(v, 6) for k, v in seconds.items()},
                          **offloaded.report_fields())
     offloaded.bind_report(report)
     return StageLoad(module, report, offloaded)

@@ -1,8 +1,9 @@
 """Waits within a load, bounded by limits that scale with the work.
 
-A load's long waits are ranks waiting for each other at the points where they agree: after
-the node's files are fetched, after every rank read its stage, after the cpu/disk tiers
-are attached. A process group's timeout is fixed when it is made (and NCCL's watchdog
+A load's long waits are ranks waiting for each other at the points where they agree:
+after every rank read its stage, and after the cpu/disk tiers are attached (the wait for
+each node's download has its own keys, `distload.loader.fetch`: no limit while the
+leaders live). A process group's timeout is fixed when it is made (and NCCL's watchdog
 kills a job whose ranks finish reading more than that apart), so before each of those
 collectives every rank first says on the job's board that it arrived and waits there for
 the others (`wait_for_ranks`); the collective that follows finds everyone present. The
@@ -31,7 +32,7 @@ from ..errors import LoadError
 from .board import JobBoard
 from .progress import stage_label
 
-__all__ = ["work_limit", "node_bytes", "wait_for_ranks", "FLOOR_SECONDS", "MIN_RATE"]
+__all__ = ["work_limit", "wait_for_ranks", "FLOOR_SECONDS", "MIN_RATE"]
 
 FLOOR_SECONDS = 600.0
 MIN_RATE = 10e6   # bytes/s a rank moves at the least (a busy network filesystem, a cold disk)
@@ -42,16 +43,6 @@ def work_limit(nbytes: int, *, override: float | None = None) -> float:
     if override is not None:
         return float(override)
     return max(FLOOR_SECONDS, nbytes / MIN_RATE)
-
-
-def node_bytes(world, plan) -> int:
-    """The most bytes of checkpoint files one node fetches: those its ranks read."""
-    nodes = world.nodes or (0,) * world.world_size
-    most = 0
-    for node in set(nodes):
-        files = {m.file for r, n in enumerate(nodes) if n == node for m in plan.stage(r).reads}
-        most = max(most, sum(plan.file_sizes.get(f, 0) for f in files))
-    return most
 
 
 def _describe(board: JobBoard, rank: int, plan) -> str:

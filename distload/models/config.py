@@ -102,12 +102,12 @@ class LlamaConfig:
         missing = [k for k in _REQUIRED if d.get(k) is None]
         if missing:
             raise ValueError(f"config.json of a {model_type} model lacks {', '.join(missing)}")
-        hidden_act = d.get("hidden_act", "silu")
+        hidden_act = _value(d, "hidden_act", "silu")
         if hidden_act not in ("silu", "swish"):
             raise ValueError(f"hidden_act {hidden_act!r} is not supported (only silu)")
         heads = d["num_attention_heads"]
         layers = d["num_hidden_layers"]
-        max_pos = d.get("max_position_embeddings", _DEFAULT_MAX_POSITIONS[model_type])
+        max_pos = _value(d, "max_position_embeddings", _DEFAULT_MAX_POSITIONS[model_type])
         rope_theta, rope_scaling = _read_rope(d, max_pos)
         window, layer_types = _read_sliding_window(d, model_type, layers)
         dtype = d.get("dtype") or d.get("torch_dtype")
@@ -123,11 +123,11 @@ class LlamaConfig:
             num_attention_heads=heads,
             num_key_value_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(_value(d, "rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=max_pos,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(_value(d, "tie_word_embeddings", False)),
             attention_bias=qkv_bias,
             mlp_bias=bool(model_type == "llama" and d.get("mlp_bias", False)),
             sliding_window=window,
@@ -159,11 +159,23 @@ class LlamaConfig:
         return d
 
 
+def _value(d: dict[str, Any], key: str, default: Any) -> Any:
+    """`d[key]`, or `default` where the key is absent or null (as transformers reads it)."""
+    value = d.get(key)
+    return default if value is None else value
+
+
 def _read_rope(d: dict[str, Any], max_pos: int) -> tuple[float, dict[str, Any] | None]:
     # transformers 5 keeps everything in `rope_parameters`; 4 used `rope_theta` +
     # `rope_scaling` (with `type` or `rope_type`). `rope_scaling` wins, as in transformers.
-    params = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
-    theta = float(params.pop("rope_theta", d.get("rope_theta", 10000.0)))
+    params = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"rope_scaling must be an object, not {params!r}")
+    params = dict(params)
+    theta = params.pop("rope_theta", _value(d, "rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise ValueError(f"rope_theta must be a positive number, not {theta!r}")
+    theta = float(theta)
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     if rope_type not in SUPPORTED_ROPE_TYPES:

@@ -68,7 +68,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # on the CPU even under a meta device context (cheap; meta kernels cost seconds to load)
+        self.register_buffer("inv_freq", rope_inv_freq(config, "cpu"), persistent=False)
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute `inv_freq` on `device` (default: where it is now, unless meta)."""
