@@ -28,7 +28,7 @@ from .errors import RankError, UsageError
 from .log import logger
 
 __all__ = ["World", "init_world", "run_on_rank0", "agree", "agree_on_arguments", "gather_objects",
-           "shutdown", "watch_peers"]
+           "shutdown", "watch_peers", "peers_gone"]
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600.0
@@ -150,6 +150,14 @@ def _dead_ranks() -> list[int]:
         if dead or time.monotonic() > deadline:
             return dead
         time.sleep(0.05)
+
+
+def peers_gone(ranks) -> list[int]:
+    """Of `ranks`, those on this host whose process is gone, at once: a rank that waits on
+    the job's store (`distload.loader.waits`) rather than in a collective learns here that a
+    peer died."""
+    host = socket.gethostname()
+    return [r for r in ranks if r < len(_PEERS) and _PEERS[r][0] == host and not _alive(_PEERS[r][1])]
 
 
 @contextlib.contextmanager

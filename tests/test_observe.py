@@ -18,7 +18,7 @@ import torch.distributed as dist
 from distload import trace
 from distload.checkpoint import index_checkpoint
 from distload.dist import World
-from distload.errors import LoadError
+from distload.errors import LoadError, RankError
 from distload.loader.board import JobBoard
 from distload.loader.prepare import PlanRequest, plan_load
 from distload.loader.progress import ProgressMonitor, RankProgress
@@ -186,6 +186,20 @@ def test_a_wait_that_runs_out_names_the_late_rank_and_what_it_does(plan):
     assert "file model-00002-of-00003.safetensors" in message and "stage layers.2-3" in message
     with pytest.raises(LoadError, match="the other ranks stopped waiting for this one: rank 0: rank 1"):
         wait_for_ranks(boards[1], _world(1), "read", nbytes=10**9, override=0.3, what="reading")
+
+
+def test_rank_0_names_a_rank_whose_heartbeat_stopped(plan, monkeypatch):
+    import distload.loader.waits as waits
+
+    monkeypatch.setattr(waits, "DEAD_SECONDS", 0.5)
+    boards = _boards()
+    for r in range(2):
+        boards[0].store.compare_set(boards[0]._state_key(r), "", json.dumps({"phase": "starting"}))
+    RankProgress(boards[1], plan, 1).phase("reading")     # then nothing: no heartbeat
+    with pytest.raises(RankError, match=r"^rank 1 has not been heard of for 0 s while reading: it died"):
+        wait_for_ranks(boards[0], _world(0), "read", nbytes=0, override=30.0, what="reading")
+    with pytest.raises(LoadError, match="stopped waiting for this one: rank 1 has not been heard of"):
+        wait_for_ranks(boards[1], _world(1), "read", nbytes=0, override=30.0, what="reading")
 
 
 def test_ranks_that_all_arrive_go_on():

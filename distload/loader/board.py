@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 
 import torch.distributed as dist
 
@@ -35,7 +34,6 @@ from ..dist import World
 __all__ = ["JobBoard"]
 
 _LOADS = itertools.count()  # every rank calls `open` once per load, in the same order
-_MAX_PAUSE = 0.25           # seconds between two looks at who arrived
 
 
 class JobBoard:
@@ -92,24 +90,13 @@ class JobBoard:
         self.store.set(self._arrive_key(point, self.rank), "1")
         self.store.add(f"{self.prefix}count/{point}", 1)
 
-    def wait(self, point: str, seconds: float) -> list[int]:
-        """Wait at most `seconds` until every rank arrived at `point`; returns the ranks
-        that have not (empty: all did).
+    def count(self, point: str) -> int:
+        """How many ranks arrived at `point` (a few bytes per request)."""
+        return self.store.add(f"{self.prefix}count/{point}", 0)
 
-        Polls the point's arrival count (a few bytes per request) at growing intervals,
-        from 1 ms to 0.25 s, so a wait ends at most ~twice as late as its ranks arrive and
-        never more than 0.25 s late; a blocking store wait could not be interrupted by a
-        signal (Ctrl-C) and logs from C++ when it runs out."""
-        deadline = time.monotonic() + seconds
-        pause = 0.001
-        while self.store.add(f"{self.prefix}count/{point}", 0) < self.world_size:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                keys = [self._arrive_key(point, r) for r in range(self.world_size)]
-                return [r for r, k in enumerate(keys) if not self.store.check([k])]
-            time.sleep(min(pause, left))
-            pause = min(2 * pause, _MAX_PAUSE)
-        return []
+    def missing(self, point: str) -> list[int]:
+        """The ranks that have not arrived at `point` (one request per rank)."""
+        return [r for r in range(self.world_size) if not self.store.check([self._arrive_key(point, r)])]
 
     def abort(self, message: str) -> None:
         self.store.set(f"{self.prefix}abort", message)

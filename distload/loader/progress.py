@@ -36,6 +36,7 @@ from .board import JobBoard
 __all__ = ["RankProgress", "ProgressMonitor", "stage_label", "progress_enabled"]
 
 PUSH_SECONDS = 0.2      # a rank writes its state at most this often
+HEARTBEAT_SECONDS = 2.0  # ... and at least this often while it loads (`RankProgress.beating`)
 POLL_SECONDS = 0.5      # rank 0 reads every rank's state this often
 BAR_DELAY_SECONDS = 1.0  # no bar for a load quicker than this
 # phases in which a rank that reads nothing is stalled (in the others it waits, or writes)
@@ -69,7 +70,7 @@ class RankProgress:
         self.total = plan.stage(rank).tensor_bytes
         self.root = root.rstrip(os.sep) + os.sep if root else ""
         self.bytes, self.file, self._phase = 0, "", "starting"
-        self._pushed = 0.0
+        self._pushed, self._beat = 0.0, 0
         self._lock = threading.Lock()
 
     def __call__(self, file: str, nbytes: int) -> None:
@@ -93,12 +94,33 @@ class RankProgress:
         with self._lock:
             self._push(time.monotonic())
 
+    @contextlib.contextmanager
+    def beating(self) -> Iterator[None]:
+        """Within it, a thread writes the state every `HEARTBEAT_SECONDS` even when nothing
+        moves (a long read, a wait): its ``beat`` count tells rank 0 this rank is alive."""
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(HEARTBEAT_SECONDS):
+                try:
+                    self.flush()
+                except Exception:  # noqa: BLE001 - the store went with the job: nothing to tell
+                    return
+
+        thread = threading.Thread(target=run, name="distload-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
     def state(self) -> dict:
         return {"phase": self._phase, "bytes": self.bytes, "total": self.total, "file": self.file,
-                "t": time.time()}
+                "t": time.time(), "beat": self._beat}
 
     def _push(self, now: float) -> None:
-        self._pushed = now
+        self._pushed, self._beat = now, self._beat + 1
         self.board.set_state(self.rank, self.state())
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import trace
 from ..dist import World, agree, watch_peers
-from ..errors import CheckpointError, LoadError
+from ..errors import CheckpointError, LoadError, RankError
 from ..io import DEFAULT_STAGING_BYTES, ReadStats
 from ..plan.types import Tier
 from .board import JobBoard
@@ -77,7 +77,7 @@ def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
     seconds: dict[str, float] = {}
     error, module, storage, stats = None, None, {}, ReadStats()
     reads = [m.located(root) for m in stage.reads]
-    with ProgressMonitor.maybe(board, plan, world):
+    with ProgressMonitor.maybe(board, plan, world), mine.beating():
         with trace.span("read stage", "load", bytes=stage.tensor_bytes):
             try:
                 check_files(plan, sorted({m.file for m in stage.reads}), root)
@@ -142,7 +142,7 @@ def _meet(world: World, board: JobBoard, mine: RankProgress, point: str, error: 
     with trace.span("wait for ranks", "load", point=point):
         try:
             wait_for_ranks(board, world, point, nbytes=nbytes, override=timeout_s, what=what, plan=plan)
-        except LoadError:
+        except (LoadError, RankError):
             if error is not None:
                 raise error from None
             raise
