@@ -187,10 +187,12 @@ class DecoderForCausalLM(StageModel):
 
 # Where multimodal checkpoints keep their text model: transformers 4.50's layout (what
 # 5.x's save_pretrained writes, and the hub holds) and 4.52+'s in-memory names.
+# A text-only export under the outer config keeps its plain names.
 _TEXT_PREFIXES = ((re.compile(r"^language_model\.model\."), "model."),
                   (re.compile(r"^model\.language_model\."), "model."),
                   (re.compile(r"^language_model\.lm_head\."), "lm_head."),
-                  (re.compile(r"^lm_head\."), "lm_head."))
+                  (re.compile(r"^lm_head\."), "lm_head."),
+                  (re.compile(r"^model\.(?=(layers|embed_tokens|norm)\.)"), "model."))
 
 
 def nested_text_tensors(tensors: Mapping[str, TensorMeta], *, outer: str) -> dict[str, TensorMeta]:
