@@ -60,10 +60,8 @@ class CohereDecoderLayer(DecoderLayer):
         norms = dict(q_norm=LayerNormNoBias((heads, d), eps), k_norm=LayerNormNoBias((kv_heads, d), eps)) \
             if config.use_qk_norm else {}
         self.input_layernorm = LayerNormNoBias(h, eps)
-        self.self_attn = Attention(
-            hidden=h, heads=heads, kv_heads=kv_heads, head_dim=d, layer_key=str(layer_idx),
-            qkv_bias=bias, o_bias=bias, **norms, rope_key="rotary_emb", interleaved_rope=True,
-            rope_upcast=True)
+        self.self_attn = Attention.for_layer(config, layer_idx, qkv_bias=bias, o_bias=bias, **norms,
+                                             interleaved_rope=True, rope_upcast=True)
         self.mlp = GatedMLP(h, config.intermediate_size, act=config.hidden_act)
 
     def forward(self, x: torch.Tensor, *, rope, mask: torch.Tensor | None,

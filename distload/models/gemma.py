@@ -26,7 +26,7 @@ import torch
 from .cache import KVCache
 from .common.attention import Attention
 from .common.config import FULL, SLIDING, DecoderConfig, read_decoder, text_config
-from .common.decoder import DecoderForCausalLM, DecoderLayer, DecoderModel
+from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer
 from .common.layers import GatedMLP, RMSNorm, activation
 from .common.rope import RopeParams, RotaryEmbedding, read_rope
 from .registry import ModelFamily, register_family
@@ -141,16 +141,13 @@ def _attention(config: GemmaConfig, layer_idx: int) -> Attention:
     scalar = config.query_pre_attn_scalar
     norms = dict(q_norm=RMSNorm(d, eps, style="gemma"), k_norm=RMSNorm(d, eps, style="gemma")) \
         if config.generation == 3 else {}
-    return Attention(
-        hidden=config.hidden_size, heads=config.num_attention_heads,
-        kv_heads=config.num_key_value_heads, head_dim=d, layer_key=str(layer_idx),
-        qkv_bias=config.attention_bias, o_bias=config.attention_bias, **norms,
+    return Attention.for_layer(
+        config, layer_idx, qkv_bias=config.attention_bias, o_bias=config.attention_bias, **norms,
         scale=None if scalar is None else scalar ** -0.5, softcap=config.attn_logit_softcapping,
-        sliding_window=window,
         rope_key="rotary_local" if config.local_rope is not None and window is not None else "rotary_emb")
 
 
-class GemmaDecoderLayer(DecoderLayer):
+class GemmaDecoderLayer(PreNormDecoderLayer):
     """Gemma 1: pre-norm attention and MLP, as Llama."""
 
     def __init__(self, config: GemmaConfig, layer_idx: int) -> None:
@@ -161,23 +158,15 @@ class GemmaDecoderLayer(DecoderLayer):
         self.post_attention_layernorm = RMSNorm(h, eps, style="gemma")
         self.mlp = GatedMLP(h, config.intermediate_size, act=config.hidden_act)
 
-    def forward(self, x: torch.Tensor, *, rope, mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
-
-class Gemma2DecoderLayer(DecoderLayer):
-    """Gemma 2 and 3: sandwich norms around attention and MLP."""
+class Gemma2DecoderLayer(GemmaDecoderLayer):
+    """Gemma 2 and 3: sandwich norms around attention and MLP (`post_attention_layernorm`
+    is applied to the attention's output here, not before the MLP)."""
 
     def __init__(self, config: GemmaConfig, layer_idx: int) -> None:
-        super().__init__()
+        super().__init__(config, layer_idx)
         h, eps = config.hidden_size, config.rms_norm_eps
-        self.input_layernorm = RMSNorm(h, eps, style="gemma")
-        self.self_attn = _attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(h, eps, style="gemma")
         self.pre_feedforward_layernorm = RMSNorm(h, eps, style="gemma")
-        self.mlp = GatedMLP(h, config.intermediate_size, act=config.hidden_act)
         self.post_feedforward_layernorm = RMSNorm(h, eps, style="gemma")
 
     def forward(self, x: torch.Tensor, *, rope, mask: torch.Tensor | None,

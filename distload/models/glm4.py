@@ -51,10 +51,8 @@ class Glm4DecoderLayer(DecoderLayer):
         super().__init__()
         h, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(h, eps)
-        self.self_attn = Attention(
-            hidden=h, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
-            head_dim=config.head_dim, layer_key=str(layer_idx), qkv_bias=config.attention_bias,
-            rope_key="rotary_emb", interleaved_rope=True)
+        self.self_attn = Attention.for_layer(config, layer_idx, qkv_bias=config.attention_bias,
+                                             interleaved_rope=True)
         self.post_self_attn_layernorm = RMSNorm(h, eps)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.mlp = FusedGatedMLP(h, config.intermediate_size, act=config.hidden_act)

@@ -62,10 +62,8 @@ class GraniteDecoderLayer(DecoderLayer):
         super().__init__()
         h, eps, bias = config.hidden_size, config.rms_norm_eps, config.attention_bias
         self.input_layernorm = RMSNorm(h, eps)
-        self.self_attn = Attention(
-            hidden=h, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
-            head_dim=config.head_dim, layer_key=str(layer_idx), qkv_bias=bias, o_bias=bias,
-            scale=config.attention_multiplier, rope_key="rotary_emb")
+        self.self_attn = Attention.for_layer(config, layer_idx, qkv_bias=bias, o_bias=bias,
+                                             scale=config.attention_multiplier)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.mlp = GatedMLP(h, config.intermediate_size, act=config.hidden_act, bias=config.mlp_bias)
         self.residual_multiplier = config.residual_multiplier

@@ -16,12 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from .cache import KVCache
 from .common.attention import Attention, attention_mask_bias
-from .common.config import FULL, SLIDING, DecoderConfig, read_decoder
-from .common.decoder import DecoderForCausalLM, DecoderLayer, DecoderModel
+from .common.config import DecoderConfig, qwen_layer_types, read_decoder
+from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer
 from .common.layers import GatedMLP, RMSNorm, activation
 from .common.rope import RotaryEmbedding, rope_inv_freq as _inv_freq
 from .registry import ModelFamily, register_family
@@ -114,17 +112,9 @@ def _read_sliding_window(d: dict[str, Any], model_type: str, layers: int
                          ) -> tuple[int | None, tuple[str, ...] | None]:
     if model_type == "llama":
         return None, None
-    # Both default to a 4096 window when the key is absent, as transformers does.
-    window = d.get("sliding_window", 4096)
-    if model_type == "mistral" or window is None:
-        return window, None
-    if not d.get("use_sliding_window", False):
-        return None, None
-    layer_types = d.get("layer_types") or [
-        SLIDING if i >= d.get("max_window_layers", 28) else FULL for i in range(layers)]
-    if SLIDING not in layer_types:
-        return None, None
-    return window, tuple(layer_types)
+    if model_type == "mistral":  # every layer; 4096 when the key is absent, as transformers
+        return d.get("sliding_window", 4096), None
+    return qwen_layer_types(d, layers)
 
 
 def rope_inv_freq(config: LlamaConfig, device: torch.device | str | None = None) -> torch.Tensor:
@@ -146,7 +136,7 @@ class LlamaMLP(GatedMLP):
                          bias=config.mlp_bias)
 
 
-class LlamaDecoderLayer(DecoderLayer):
+class LlamaDecoderLayer(PreNormDecoderLayer):
     """Pre-norm attention then pre-norm MLP, each with a residual; the unit a pipeline
     never splits."""
 
@@ -154,18 +144,10 @@ class LlamaDecoderLayer(DecoderLayer):
         super().__init__()
         h, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(h, eps)
-        self.self_attn = Attention(
-            hidden=h, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
-            head_dim=config.head_dim, layer_key=str(layer_idx), qkv_bias=config.attention_bias,
-            o_bias=config.o_proj_bias, sliding_window=config.layer_sliding_window(layer_idx),
-            rope_key="rotary_emb")
+        self.self_attn = Attention.for_layer(config, layer_idx, qkv_bias=config.attention_bias,
+                                             o_bias=config.o_proj_bias)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.mlp = LlamaMLP(config)
-
-    def forward(self, x: torch.Tensor, *, rope, mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(DecoderModel):

@@ -77,10 +77,7 @@ class MixtralDecoderLayer(DecoderLayer):
         super().__init__()
         h, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(h, eps)
-        self.self_attn = Attention(
-            hidden=h, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
-            head_dim=config.head_dim, layer_key=str(layer_idx), sliding_window=config.sliding_window,
-            rope_key="rotary_emb")
+        self.self_attn = Attention.for_layer(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.block_sparse_moe = SparseMoE(
             hidden=h, experts=[MixtralExpert(config) for _ in range(config.num_local_experts)],

@@ -48,11 +48,9 @@ class Olmo2DecoderLayer(DecoderLayer):
         super().__init__()
         h, eps, d = config.hidden_size, config.rms_norm_eps, config.head_dim
         heads, kv_heads, bias = config.num_attention_heads, config.num_key_value_heads, config.attention_bias
-        self.self_attn = Attention(
-            hidden=h, heads=heads, kv_heads=kv_heads, head_dim=d, layer_key=str(layer_idx),
-            qkv_bias=bias, o_bias=bias, q_norm=RMSNorm(heads * d, eps, style="olmo"),
-            k_norm=RMSNorm(kv_heads * d, eps, style="olmo"), norm_full_width=True,
-            rope_key="rotary_emb")
+        self.self_attn = Attention.for_layer(
+            config, layer_idx, qkv_bias=bias, o_bias=bias, q_norm=RMSNorm(heads * d, eps, style="olmo"),
+            k_norm=RMSNorm(kv_heads * d, eps, style="olmo"), norm_full_width=True)
         self.post_attention_layernorm = RMSNorm(h, eps, style="olmo")
         self.mlp = GatedMLP(h, config.intermediate_size, act=config.hidden_act)
         self.post_feedforward_layernorm = RMSNorm(h, eps, style="olmo")

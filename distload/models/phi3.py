@@ -14,12 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 
-from .cache import KVCache
 from .common.attention import Attention
 from .common.config import DecoderConfig, read_decoder
-from .common.decoder import DecoderForCausalLM, DecoderLayer, DecoderModel
+from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer
 from .common.layers import FusedGatedMLP, RMSNorm, activation
 from .registry import ModelFamily, register_family
 
@@ -49,22 +47,14 @@ def read_phi3(d: dict[str, Any]) -> Phi3Config:
     return Phi3Config(**fields, sliding_window=None if window is None else int(window))
 
 
-class Phi3DecoderLayer(DecoderLayer):
+class Phi3DecoderLayer(PreNormDecoderLayer):
     def __init__(self, config: Phi3Config, layer_idx: int) -> None:
         super().__init__()
         h, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(h, eps)
-        self.self_attn = Attention(
-            hidden=h, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
-            head_dim=config.head_dim, layer_key=str(layer_idx), fused_qkv=True,
-            sliding_window=config.sliding_window, rope_key="rotary_emb")
+        self.self_attn = Attention.for_layer(config, layer_idx, fused_qkv=True)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.mlp = FusedGatedMLP(h, config.intermediate_size, act=config.hidden_act)
-
-    def forward(self, x: torch.Tensor, *, rope, mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Phi3ForCausalLM(DecoderForCausalLM):

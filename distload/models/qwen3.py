@@ -11,16 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from .cache import KVCache
 from .common.attention import Attention
-from .common.config import FULL, SLIDING, DecoderConfig, read_decoder
-from .common.decoder import DecoderForCausalLM, DecoderLayer, DecoderModel
+from .common.config import DecoderConfig, qwen_layer_types, read_decoder
+from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer
 from .common.layers import GatedMLP, RMSNorm, activation
 from .registry import ModelFamily, register_family
 
-__all__ = ["Qwen3Config", "Qwen3ForCausalLM", "Qwen3DecoderLayer", "qwen_attention", "qwen_layer_types"]
+__all__ = ["Qwen3Config", "Qwen3ForCausalLM", "Qwen3DecoderLayer", "qwen_attention"]
 
 # Qwen3Config's defaults (transformers 5) for keys a config.json may leave out.
 _DEFAULTS = {"head_dim": 128, "max_position_embeddings": 32768, "rope_theta": 10000.0}
@@ -34,21 +31,6 @@ class Qwen3Config(DecoderConfig):
     """
 
     attention_bias: bool = False
-
-
-def qwen_layer_types(d: dict[str, Any], layers: int, *, every_layer: bool = False
-                     ) -> tuple[int | None, tuple[str, ...] | None]:
-    """(window, layer types) of a Qwen config: none unless `use_sliding_window`; then the
-    config's `layer_types`, else (Qwen3) the layers from `max_window_layers` on slide, or
-    (`every_layer`, Qwen3-MoE) all of them."""
-    window = d.get("sliding_window", 4096)
-    if not d.get("use_sliding_window", False) or window is None:
-        return None, None
-    if every_layer:
-        return int(window), None
-    layer_types = d.get("layer_types") or [
-        SLIDING if i >= d.get("max_window_layers", 28) else FULL for i in range(layers)]
-    return (int(window), tuple(layer_types)) if SLIDING in layer_types else (None, None)
 
 
 def read_qwen3(d: dict[str, Any]) -> Qwen3Config:
@@ -66,13 +48,10 @@ def qwen_attention(config: DecoderConfig, layer_idx: int, *, qkv_bias: bool, o_b
     Qwen2's without."""
     d, eps = config.head_dim, config.rms_norm_eps
     norms = dict(q_norm=RMSNorm(d, eps), k_norm=RMSNorm(d, eps)) if qk_norm else {}
-    return Attention(hidden=config.hidden_size, heads=config.num_attention_heads,
-                     kv_heads=config.num_key_value_heads, head_dim=d, layer_key=str(layer_idx),
-                     qkv_bias=qkv_bias, o_bias=o_bias, **norms,
-                     sliding_window=config.layer_sliding_window(layer_idx), rope_key="rotary_emb")
+    return Attention.for_layer(config, layer_idx, qkv_bias=qkv_bias, o_bias=o_bias, **norms)
 
 
-class Qwen3DecoderLayer(DecoderLayer):
+class Qwen3DecoderLayer(PreNormDecoderLayer):
     def __init__(self, config: Qwen3Config, layer_idx: int) -> None:
         super().__init__()
         h, eps = config.hidden_size, config.rms_norm_eps
@@ -81,11 +60,6 @@ class Qwen3DecoderLayer(DecoderLayer):
         self.self_attn = qwen_attention(config, layer_idx, qkv_bias=bias, o_bias=bias)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.mlp = GatedMLP(h, config.intermediate_size, act=config.hidden_act)
-
-    def forward(self, x: torch.Tensor, *, rope, mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Qwen3ForCausalLM(DecoderForCausalLM):

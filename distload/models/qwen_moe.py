@@ -20,15 +20,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 
 from ..checkpoint.types import TensorMeta
-from .cache import KVCache
-from .common.config import FULL, SLIDING, DecoderConfig, positive_int, read_decoder
-from .common.decoder import DecoderForCausalLM, DecoderLayer, DecoderModel
+from .common.config import FULL, SLIDING, DecoderConfig, positive_int, qwen_layer_types, read_decoder
+from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer
 from .common.layers import GatedMLP, RMSNorm, activation
 from .common.moe import SparseMoE, unpack_experts
-from .qwen3 import qwen_attention, qwen_layer_types
+from .qwen3 import qwen_attention
 from .registry import ModelFamily, register_family
 
 __all__ = ["QwenMoeConfig", "QwenMoeForCausalLM", "QwenMoeDecoderLayer", "read_qwen_moe"]
@@ -123,7 +121,7 @@ def qwen_sparse_block(config: QwenMoeConfig) -> SparseMoE:
                      shared_expert_gate=shared is not None)
 
 
-class QwenMoeDecoderLayer(DecoderLayer):
+class QwenMoeDecoderLayer(PreNormDecoderLayer):
     def __init__(self, config: QwenMoeConfig, layer_idx: int) -> None:
         super().__init__()
         h, eps = config.hidden_size, config.rms_norm_eps
@@ -133,11 +131,6 @@ class QwenMoeDecoderLayer(DecoderLayer):
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.mlp = qwen_sparse_block(config) if config.is_sparse(layer_idx) \
             else GatedMLP(h, config.intermediate_size, act=config.hidden_act)
-
-    def forward(self, x: torch.Tensor, *, rope, mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class QwenMoeForCausalLM(DecoderForCausalLM):

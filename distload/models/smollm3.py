@@ -8,12 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 
-from .cache import KVCache
 from .common.attention import Attention
 from .common.config import FULL, SLIDING, DecoderConfig, positive_int, read_decoder
-from .common.decoder import DecoderForCausalLM, DecoderLayer, DecoderModel
+from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer
 from .common.layers import GatedMLP, RMSNorm, activation
 from .registry import ModelFamily, register_family
 
@@ -59,23 +57,16 @@ def read_smollm3(d: dict[str, Any]) -> SmolLM3Config:
                          mlp_bias=bool(d.get("mlp_bias", False)))
 
 
-class SmolLM3DecoderLayer(DecoderLayer):
+class SmolLM3DecoderLayer(PreNormDecoderLayer):
     def __init__(self, config: SmolLM3Config, layer_idx: int) -> None:
         super().__init__()
         h, eps, bias = config.hidden_size, config.rms_norm_eps, config.attention_bias
         self.input_layernorm = RMSNorm(h, eps)
-        self.self_attn = Attention(
-            hidden=h, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
-            head_dim=config.head_dim, layer_key=str(layer_idx), qkv_bias=bias, o_bias=bias,
-            sliding_window=config.layer_sliding_window(layer_idx),
+        self.self_attn = Attention.for_layer(
+            config, layer_idx, qkv_bias=bias, o_bias=bias,
             rope_key="rotary_emb" if config.use_rope[layer_idx] else None)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.mlp = GatedMLP(h, config.intermediate_size, act=config.hidden_act, bias=config.mlp_bias)
-
-    def forward(self, x: torch.Tensor, *, rope, mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class SmolLM3ForCausalLM(DecoderForCausalLM):

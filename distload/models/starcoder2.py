@@ -11,13 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from .cache import KVCache
 from .common.attention import Attention
 from .common.config import DecoderConfig, read_decoder
-from .common.decoder import DecoderForCausalLM, DecoderLayer, DecoderModel
+from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer
 from .common.layers import PlainMLP, activation
 from .registry import ModelFamily, register_family
 
@@ -48,22 +46,14 @@ def read_starcoder2(d: dict[str, Any]) -> Starcoder2Config:
                             use_bias=bool(d.get("use_bias", True)))
 
 
-class Starcoder2DecoderLayer(DecoderLayer):
+class Starcoder2DecoderLayer(PreNormDecoderLayer):
     def __init__(self, config: Starcoder2Config, layer_idx: int) -> None:
         super().__init__()
         h, eps, bias = config.hidden_size, config.rms_norm_eps, config.use_bias
         self.input_layernorm = nn.LayerNorm(h, eps=eps)
-        self.self_attn = Attention(
-            hidden=h, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
-            head_dim=config.head_dim, layer_key=str(layer_idx), qkv_bias=bias, o_bias=bias,
-            sliding_window=config.sliding_window, rope_key="rotary_emb")
+        self.self_attn = Attention.for_layer(config, layer_idx, qkv_bias=bias, o_bias=bias)
         self.post_attention_layernorm = nn.LayerNorm(h, eps=eps)
         self.mlp = PlainMLP(h, config.intermediate_size, act=config.hidden_act, bias=bias)
-
-    def forward(self, x: torch.Tensor, *, rope, mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Starcoder2ForCausalLM(DecoderForCausalLM):

@@ -124,6 +124,22 @@ class Attention(nn.Module):
         if q_norm is not None:
             self.q_norm, self.k_norm = q_norm, k_norm
 
+    @classmethod
+    def for_layer(cls, config, layer_idx: int, **switches) -> "Attention":
+        """The attention of layer `layer_idx` of a `DecoderConfig`: its sizes, its key, its
+        window (``config.layer_sliding_window``) and the model's `rotary_emb`, with the
+        family's `switches` on top.
+
+        Example::
+
+            Attention.for_layer(cfg, 3, qkv_bias=True)
+        """
+        kw = dict(hidden=config.hidden_size, heads=config.num_attention_heads,
+                  kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
+                  layer_key=str(layer_idx), sliding_window=config.layer_sliding_window(layer_idx),
+                  rope_key="rotary_emb")
+        return cls(**(kw | switches))
+
     def kv_elements_per_token(self) -> int:
         """Elements the KV cache keeps per token for this layer."""
         return 2 * self.num_kv_heads * self.head_dim

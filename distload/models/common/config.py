@@ -24,7 +24,7 @@ from typing import Any
 from .rope import RopeParams, read_rope
 
 __all__ = ["DecoderConfig", "read_decoder", "need", "positive_int", "SLIDING", "FULL",
-           "text_config"]
+           "text_config", "qwen_layer_types"]
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
@@ -140,6 +140,21 @@ def read_decoder(d: dict[str, Any], *, defaults: dict[str, Any], eps_key: str = 
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=d.get("pad_token_id", defaults.get("pad_token_id")),
     )
+
+
+def qwen_layer_types(d: dict[str, Any], layers: int, *, every_layer: bool = False
+                     ) -> tuple[int | None, tuple[str, ...] | None]:
+    """(window, layer types) of a Qwen config: none unless `use_sliding_window`; then the
+XX
+    (`every_layer`, Qwen3-MoE) all of them."""
+    window = d.get("sliding_window", 4096)
+    if not d.get("use_sliding_window", False) or window is None:
+        return None, None
+    if every_layer:
+        return int(window), None
+    layer_types = d.get("layer_types") or [
+        SLIDING if i >= d.get("max_window_layers", 28) else FULL for i in range(layers)]
+    return (int(window), tuple(layer_types)) if SLIDING in layer_types else (None, None)
 
 
 def text_config(d: dict[str, Any], outer: str, inner: str) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from .attention import Attention, attention_mask_bias
 from .layers import linear_flops, linear_outputs
 from .rope import RotaryEmbedding
 
-__all__ = ["DecoderLayer", "DecoderModel", "DecoderForCausalLM", "nested_text_tensors"]
+__all__ = ["DecoderLayer", "PreNormDecoderLayer", "DecoderModel", "DecoderForCausalLM", "nested_text_tensors"]
 
 
 class DecoderLayer(nn.Module):
@@ -60,6 +60,17 @@ class DecoderLayer(nn.Module):
     def activation_elements_per_token(self) -> int:
         """Elements its Linears output per token (a mixture of experts: the active ones)."""
         return linear_outputs(self)
+
+
+class PreNormDecoderLayer(DecoderLayer):
+    """Llama's layer shape, which most families share: ``x + attn(input_layernorm(x))``,
+    then ``+ mlp(post_attention_layernorm(x))``. A family's subclass makes the four
+    modules."""
+
+    def forward(self, x: torch.Tensor, *, rope, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DecoderModel(nn.Module):
