@@ -254,3 +254,37 @@ def test_hf_model_helper_is_seeded():
     a, b = hf_model(hf_config("glm4")), hf_model(hf_config("glm4"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert VOCAB == a.config.vocab_size
+
+
+def test_packed_experts_become_exact_byte_ranges():
+    """Hand-built metadata: expert e's gate, up and down matrices are the contiguous byte
+    ranges of the packed tensors, together exactly their bytes; other keys of a Mixtral
+    block move under `block_sparse_moe`; a pickled or misshapen packed tensor is refused."""
+    from distload.checkpoint.types import TensorMeta
+    from distload.models.common.moe import unpack_experts
+
+    # 3 experts, I = 2, H = 4, bfloat16: gate_up [3, 4, 4] = 96 bytes, down [3, 4, 2] = 48.
+    gate_up = TensorMeta("model.layers.1.mlp.experts.gate_up_proj", "a.safetensors", "bfloat16",
+                         (3, 4, 4), 1000, 96)
+    down = TensorMeta("model.layers.1.mlp.experts.down_proj", "b.safetensors", "bfloat16", (3, 4, 2), 8, 48)
+    router = TensorMeta("model.layers.1.mlp.gate.weight", "b.safetensors", "bfloat16", (3, 4), 56, 24)
+    out = unpack_experts({m.name: m for m in (gate_up, down, router)}, block="block_sparse_moe",
+                         names=("w1", "w3", "w2"), packed_blocks=("mlp", "block_sparse_moe"))
+    p = "model.layers.1.block_sparse_moe"
+    assert out[f"{p}.gate.weight"] == TensorMeta(f"{p}.gate.weight", "b.safetensors", "bfloat16", (3, 4), 56, 24)
+    for e in range(3):
+        w1, w3, w2 = (out[f"{p}.experts.{e}.{w}.weight"] for w in ("w1", "w3", "w2"))
+        assert (w1.file, w1.shape, w1.offset, w1.length) == ("a.safetensors", (2, 4), 1000 + 32 * e, 16)
+        assert (w3.shape, w3.offset, w3.length) == ((2, 4), 1000 + 32 * e + 16, 16)
+        assert (w2.file, w2.shape, w2.offset, w2.length) == ("b.safetensors", (4, 2), 8 + 16 * e, 16)
+        assert w1.name == f"{p}.experts.{e}.w1.weight"
+    assert sum(m.length for m in out.values()) == 96 + 48 + 24
+    # Qwen names stay where they are.
+    qwen = unpack_experts({gate_up.name: gate_up}, block="mlp")
+    assert sorted(qwen)[:2] == ["model.layers.1.mlp.experts.0.gate_proj.weight",
+                                "model.layers.1.mlp.experts.0.up_proj.weight"]
+    import dataclasses
+    with pytest.raises(ValueError, match="pickled"):
+        unpack_experts({gate_up.name: dataclasses.replace(gate_up, offset=-1)}, block="mlp")
+    with pytest.raises(ValueError, match=r"shape \[3, 5, 4\]"):
+        unpack_experts({gate_up.name: dataclasses.replace(gate_up, shape=(3, 5, 4))}, block="mlp")

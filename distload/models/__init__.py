@@ -3,8 +3,10 @@ behind a registry keyed by config.json's `model_type`. Knows nothing of checkpoi
 files or of ranks.
 
 `contract.py` writes down what a model must do for the pipeline, the planner and the
-loader (`StageModel`); `registry.py` maps model types to families; each family is one
-file that registers itself, imported below (one line per family).
+loader (`StageModel`); `registry.py` maps model types to families; `common/` holds what
+the families share (config readers, RoPE variants, norms, MLPs, attention, mixtures of
+experts, the split-tolerant skeleton); each family is one file that composes those and
+registers itself, imported below (one line per family).
 
 Example::
 
