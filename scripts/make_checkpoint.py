@@ -86,7 +86,7 @@ _ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 def write_headers_only(config: dict, out_dir: Path, *, num_shards: int, dtype: str) -> Path:
     """A checkpoint of `config` whose shards hold real safetensors headers, sized as the
     full files (`os.truncate`: the data area is a hole, no byte written), with its index
-    and config.json. Tensors in the model's state-dict order, split into `num_shards`."""
+    and config.json. Tensors in the model's state-dict order, in at most `num_shards`."""
     import torch
 
     from distload.models import build_model
@@ -101,7 +101,7 @@ def write_headers_only(config: dict, out_dir: Path, *, num_shards: int, dtype: s
     fill = 0
     for name, shape in specs:
         size = math.prod(shape) * itemsize
-        if fill and fill + size > cap:
+        if fill and fill + size > cap and len(shards) < num_shards:  # the last takes the rest
             shards.append([])
             fill = 0
         shards[-1].append((name, shape))

@@ -117,3 +117,30 @@ def test_an_moe_layer_costs_its_active_experts_and_weighs_all_of_them():
     # Activations per token: q, k, v, o, router, 8 experts' (768 + 768 + 2048), plus the
     # widest input (4096): not 128 experts' outputs.
     assert unit.act_per_token == 4096 + 512 + 512 + 2048 + 128 + 8 * (768 + 768 + 2048) + 4096
+
+
+def test_a_headers_only_checkpoint_plans_as_the_real_one(tmp_path):
+    """`scripts/make_checkpoint.py --headers-only`: real safetensors headers over a data
+    area that is a hole in the file (no byte written), so a real-size MoE is planned (its
+    experts' bytes, every rank's share) without its weights."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import distload
+
+    spec = importlib.util.spec_from_file_location(
+        "make_checkpoint", Path(__file__).resolve().parent.parent / "scripts" / "make_checkpoint.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config, _, params, _, _, _ = CASES["mixtral"]
+    out = script.write_headers_only({**config, "num_hidden_layers": 2}, tmp_path / "mx",
+                                    num_shards=3, dtype="bfloat16")
+    files = sorted(out.glob("*.safetensors"))
+    total = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    assert len(files) == 3 and total == 2 * (2 * params + 2 * 32000 * 4096 + 4096)
+    assert sum(f.stat().st_size for f in files) > total            # headers + the full data area
+    assert sum(f.stat().st_blocks * 512 for f in files) < 1 << 20   # of which nothing is on disk
+    plan = distload.plan_job(str(out), device="cpu")
+    assert plan.checkpoint_bytes == total
+    assert plan.unit_bytes["model.layers.0"] == 2 * params
