@@ -9,12 +9,14 @@ timeout, so nothing waits forever.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import pickle
 import socket
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -22,10 +24,11 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint.files import byte_view
-from .errors import RankError
+from .errors import RankError, UsageError
 from .log import logger
 
-__all__ = ["World", "init_world", "run_on_rank0", "agree", "gather_objects", "shutdown"]
+__all__ = ["World", "init_world", "run_on_rank0", "agree", "agree_on_arguments", "gather_objects",
+           "shutdown", "watch_peers"]
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600.0
@@ -34,6 +37,8 @@ DEFAULT_TIMEOUT_S = 600.0
 # so that `shutdown` lets go of them: a gloo group still referenced at interpreter exit
 # is torn down with its threads running.
 _GROUPS: dict[str, Any] = {}
+# Each rank's (host, pid), from init_world: which rank died, when a connection is lost.
+_PEERS: list[tuple[str, int]] = []
 
 
 @dataclass(frozen=True)
@@ -109,13 +114,60 @@ def init_world(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = Non
         _GROUPS["return"] = dist.new_group(backend=backend, timeout=timeout)
     # A node is a host; torchrun's GROUP_RANK (the node rank) tells apart "nodes" that share
     # a host name (containers, or several launches on one machine).
-    here = (socket.gethostname(), os.environ.get("GROUP_RANK", ""))
-    everyone = _all_gather_pickled(here, cpu_group)
-    first_seen = {key: i for i, key in reversed(list(enumerate(everyone)))}
+    here = (socket.gethostname(), os.environ.get("GROUP_RANK", ""), os.getpid())
+    with watch_peers("starting the job"):
+        everyone = _all_gather_pickled(here, cpu_group)
+    _PEERS[:] = [(host, pid) for host, _, pid in everyone]
+    node_keys = [(host, group) for host, group, _ in everyone]
+    first_seen = {key: i for i, key in reversed(list(enumerate(node_keys)))}
     order = sorted(set(first_seen.values()))
-    nodes = tuple(order.index(first_seen[key]) for key in everyone)
+    nodes = tuple(order.index(first_seen[key]) for key in node_keys)
     return World(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, cpu_group,
-                 hosts=tuple(h for h, _ in everyone), nodes=nodes)
+                 hosts=tuple(host for host, _, _ in everyone), nodes=nodes)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:   # a killed child not yet reaped is a zombie
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def _dead_ranks() -> list[int]:
+    """The ranks on this host whose process is gone (a peer's connection closes as it dies,
+    so allow it a moment to be seen dead)."""
+    host = socket.gethostname()
+    deadline = time.monotonic() + 1.0
+    while True:
+        dead = [r for r, (h, pid) in enumerate(_PEERS) if h == host and not _alive(pid)]
+        if dead or time.monotonic() > deadline:
+            return dead
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def watch_peers(what: str) -> Iterator[None]:
+    """Turn a lost connection or a timeout in a collective into a `RankError` that says
+    which rank died, or that the others did not answer, and during what."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo/nccl errors (DistBackendError is one)
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        dead = _dead_ranks()
+        if dead:
+            who = ", ".join(map(str, dead))
+            raise RankError(f"rank {who} died (connection lost) during {what}") from exc
+        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+            raise RankError(f"another rank did not answer in time during {what} ({detail})") from exc
+        raise RankError(f"lost the connection to another rank during {what}: it died or "
+                        f"stopped ({detail})") from exc
 
 
 def _error_record(exc: BaseException) -> dict:
@@ -123,11 +175,12 @@ def _error_record(exc: BaseException) -> dict:
             "traceback": "".join(traceback.format_exception(exc))}
 
 
-def run_on_rank0(world: World, fn: Callable[[], T] | None) -> T:
+def run_on_rank0(world: World, fn: Callable[[], T] | None, *, what: str = "rank 0's step") -> T:
     """Rank 0 runs `fn` (the others may pass None); every rank gets its result, or raises
     its error.
 
     On rank 0 the original exception propagates; elsewhere a `RankError` carries it.
+    `what` names the step in the error of a rank whose peer died.
     """
     if not world.distributed:
         return fn()
@@ -139,7 +192,8 @@ def run_on_rank0(world: World, fn: Callable[[], T] | None) -> T:
         except Exception as exc:  # noqa: BLE001 - forwarded to every rank
             error = exc
             box = ("error", _error_record(exc))
-    status, payload = _broadcast_pickled(box, world.cpu_group)
+    with watch_peers(what):
+        status, payload = _broadcast_pickled(box, world.cpu_group)
     if status == "ok":
         return payload
     if error is not None:
@@ -147,17 +201,17 @@ def run_on_rank0(world: World, fn: Callable[[], T] | None) -> T:
     raise RankError(f"rank 0 failed: {payload['type']}: {payload['message']}")
 
 
-def agree(world: World, error: BaseException | None) -> None:
+def agree(world: World, error: BaseException | None, *, what: str = "loading") -> None:
     """Every rank says whether it succeeded; if any failed, every rank raises.
 
     A rank's own exception is re-raised as is; the others raise `RankError` naming the
-    first failed rank and its message.
+    first failed rank and its message. A rank that died is named (`what` says during what).
     """
     if not world.distributed:
         if error is not None:
             raise error
         return
-    records = gather_objects(world, None if error is None else _error_record(error))
+    records = gather_objects(world, None if error is None else _error_record(error), what=what)
     failed = [(r, rec) for r, rec in enumerate(records) if rec is not None]
     if not failed:
         return
@@ -167,11 +221,31 @@ def agree(world: World, error: BaseException | None) -> None:
     raise RankError(f"rank {r} failed: {rec['type']}: {rec['message']}")
 
 
-def gather_objects(world: World, obj: Any) -> list[Any]:
+def agree_on_arguments(world: World, arguments: dict[str, Any]) -> None:
+    """Every rank, at the start: raise `UsageError` on every rank when any rank's
+    `arguments` (name -> value; include the versions that must match) differ from rank
+    0's, naming each difference. A job whose ranks were launched with different flags
+    would otherwise run rank 0's model silently, or hang on mismatched messages."""
+    if not world.distributed:
+        return
+    mine = {name: repr(value) for name, value in arguments.items()}
+    everyone = gather_objects(world, mine, what="checking the ranks' arguments")
+    first = everyone[0]
+    differences = [f"rank {r} has {name} {theirs.get(name, '(none)')} but rank 0 has "
+                   f"{first.get(name, '(none)')}"
+                   for r, theirs in enumerate(everyone) if r
+                   for name in sorted(set(first) | set(theirs)) if first.get(name) != theirs.get(name)]
+    if differences:
+        shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
+        raise UsageError(f"the ranks were started with different arguments: {shown}")
+
+
+def gather_objects(world: World, obj: Any, *, what: str = "exchanging control messages") -> list[Any]:
     """All-gather one picklable object per rank (in rank order) over the control group."""
     if not world.distributed:
         return [obj]
-    return _all_gather_pickled(obj, world.cpu_group)
+    with watch_peers(what):
+        return _all_gather_pickled(obj, world.cpu_group)
 
 
 # torch's *_object collectives turn bytes back into objects through numpy, which is not a

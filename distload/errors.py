@@ -1,6 +1,7 @@
 """The exceptions distload raises, each naming what the user must look at."""
 
-__all__ = ["DistloadError", "CheckpointError", "PlanError", "LoadError", "RankError", "CallAborted"]
+__all__ = ["DistloadError", "CheckpointError", "ConfigError", "PlanError", "LoadError", "RankError",
+           "CallAborted", "UsageError"]
 
 
 class DistloadError(RuntimeError):
@@ -10,6 +11,16 @@ class DistloadError(RuntimeError):
 class CheckpointError(DistloadError):
     """A checkpoint file is missing, malformed or inconsistent; the message names the file
     (and the tensor, where one is at fault)."""
+
+
+class ConfigError(CheckpointError):
+    """A checkpoint's config.json holds a value the architecture cannot use; the message
+    names the file and the field."""
+
+
+class UsageError(DistloadError):
+    """The arguments are wrong: a bad value, or ranks started with different arguments
+    (the CLI exits with 2)."""
 
 
 class PlanError(DistloadError):

@@ -8,10 +8,10 @@ from __future__ import annotations
 import sys
 import types
 
-from .cli.main import main
+from .cli.main import entry, main
 from .loader import load
 
-__all__ = ["main"]
+__all__ = ["main", "entry"]
 
 
 class _CallableCLIModule(types.ModuleType):
@@ -23,6 +23,6 @@ class _CallableCLIModule(types.ModuleType):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
 else:
     sys.modules[__name__].__class__ = _CallableCLIModule

@@ -100,6 +100,8 @@ class FakeHub:
         self._repos: dict[str, _Repo] = {}
         self._faults: list[dict] = []
         self._log: list[dict] = []
+        self._rate: float | None = None  # bytes/s of file bodies per node, all its connections together
+        self._next_free: dict[str, float] = {}
         self._port = port
         self._servers: list[ThreadingHTTPServer] = []  # [hub, cdn] while started
         for repo_id, directory in (repos or {}).items():
@@ -150,6 +152,22 @@ class FakeHub:
     def faults(self) -> list[dict]:
         with self._lock:
             return [dict(f) for f in self._faults]
+
+    def limit_bandwidth(self, bytes_per_s: float | None):
+        """Serve file bodies to each node (URL prefix) at most `bytes_per_s`, shared by all that node's
+        connections, as a node's network link would (None: no limit)."""
+        with self._lock:
+            self._rate, self._next_free = bytes_per_s, {}
+
+    def _throttle(self, node: str, nbytes: int):
+        """Wait for `nbytes` of `node`'s bandwidth."""
+        with self._lock:
+            if not self._rate:
+                return
+            now = time.monotonic()
+            start = max(now, self._next_free.get(node, now))
+            self._next_free[node] = start + nbytes / self._rate
+        time.sleep(max(0.0, start - now))
 
     def clear_faults(self):
         with self._lock:
@@ -300,6 +318,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if kind == "slow":
                     time.sleep(fault["delay"])
                 chunk = data[pos:min(pos + CHUNK, stop)]
+                hub._throttle(node, len(chunk))
                 self.wfile.write(chunk)
                 pos += len(chunk)
         except (BrokenPipeError, ConnectionResetError):
@@ -381,6 +400,19 @@ class _Handler(BaseHTTPRequestHandler):
         """An error as the Hub words it; the client picks its exception from X-Error-Code."""
         self._json({"error": message}, status,
                    [("X-Error-Message", message), *([("X-Error-Code", code)] if code else []), *headers])
+
+
+def client_env(endpoint: str, home: str | Path, *, offline: bool = False, base: dict | None = None) -> dict:
+    """The environment of a process that plays one node against the fake hub: `base` (default os.environ)
+    without any HF_ setting, then HF_ENDPOINT (the node's URL), HF_HOME=home/hf, DISTLOAD_CACHE=home/distload
+    (each node its own caches), HF_HUB_OFFLINE, no progress bars, no proxy for 127.0.0.1, one OMP thread."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if not k.startswith(("HF_", "HUGGINGFACE_")) and k not in ("TRANSFORMERS_OFFLINE", "DISTLOAD_CACHE",
+                                                                      "TORCHELASTIC_ERROR_FILE")}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(Path(home) / "hf"), DISTLOAD_CACHE=str(Path(home) / "distload"),
+               HF_HUB_OFFLINE="1" if offline else "0", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1",
+               no_proxy="127.0.0.1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
 
 
 def _true(query: dict, key: str) -> bool:

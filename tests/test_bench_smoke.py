@@ -80,3 +80,20 @@ def test_bench_pipeline_smoke(tmp_path):
     else:
         assert figures["decode_ratio"] > 0 and "decode   batch 4, 8 new tokens: sequential" in proc.stdout
     assert "prefill  batch 4 x 4" in proc.stdout and "generate end to end" in proc.stdout
+
+
+def test_bench_plan_seed_smoke(tmp_path):
+    """scripts/bench_plan.py's seed figures (meta models only): bytes per tier per device for
+    distload and accelerate; distload's map never offloads between GPUs."""
+    out = tmp_path / "plan.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_plan.py"), "--only", "seed", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "slowest stage accelerate / distload" in proc.stdout and "shared" in proc.stdout
+    rows = json.loads(out.read_text())["seed_70b"]
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    for r in rows:
+        ours = r["distload"]
+        assert not ours["offloaded_between_gpus"] and ours["bytes"]["cpu"] <= 100 * 10**9
+        assert max(ours["bytes"]["0"], ours["bytes"]["1"]) <= 20 * 10**9
+        assert sum(ours["bytes"].values()) == sum(r["accelerate"]["bytes"].values())

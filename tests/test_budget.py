@@ -110,6 +110,19 @@ def test_resolve_budgets_cpu_device_has_no_separate_cpu_tier():
     assert (b.device, b.cpu) == (GiB, 4 * GiB)
 
 
+def test_resolve_budgets_per_node_from_each_ranks_measure():
+    """Two nodes of unequal size and RAM: each rank's host and disk budgets are its own node's, shared by
+    that node's ranks (what each rank measured: its node's RAM and disk, its node's rank count)."""
+    big = LocalMemory("cuda", 10 * GiB, 64 * GiB, disk_free=900 * GiB, local_world_size=1)
+    small = LocalMemory("cuda", 10 * GiB, 32 * GiB, disk_free=300 * GiB, local_world_size=3)
+    b = resolve_budgets({}, [big, small, small, small])
+    assert b[0].cpu == int(64 * GiB * budget.HOST_FRACTION) and b[0].disk == 900 * GiB
+    assert [x.cpu for x in b[1:]] == [int(32 * GiB * budget.HOST_FRACTION) // 3] * 3
+    assert [x.disk for x in b[1:]] == [100 * GiB] * 3 and "/ 3 ranks" in b[1].source
+    b = resolve_budgets({"cpu": 12 * GiB, "disk": 30 * GiB}, [big, small, small, small])
+    assert [(x.cpu, x.disk) for x in b] == [(12 * GiB, 30 * GiB)] + [(4 * GiB, 10 * GiB)] * 3
+
+
 def test_resolve_budgets_rejects_ranks_outside_the_world():
     with pytest.raises(ValueError, match=r"device\(s\) \[2\].*2 rank"):
         resolve_budgets({2: 1}, [LocalMemory("cpu", None, GiB)] * 2)
@@ -161,6 +174,27 @@ def test_unit_reserves_of_a_llama():
     assert head.kv_bytes == 0 and head.work_bytes == 20 * ((64 + 256) * 2 + 256 * 4)   # logits
     assert res[names.index("model.embed_tokens")].work_bytes == 20 * (64 * 2 + 64 * 4)
     assert all(r == UnitReserve() for r in unit_reserves(spec, None, itemsize=2))
+
+
+def test_reserves_per_workload():
+    cfg = tiny_config()            # hidden 64, vocab 256
+    with init_empty_weights():
+        spec = describe_model(build_model(cfg))
+    assert spec.head == "lm_head"
+    names = [u.name for u in spec.units]
+    shape = dict(max_batch_size=2, max_seq_len=10)
+    anything = unit_reserves(spec, RunShape(**shape), itemsize=2, config=cfg)
+    forward = unit_reserves(spec, RunShape(**shape, workload="forward"), itemsize=2, config=cfg)
+    generate = unit_reserves(spec, RunShape(**shape, workload="generate"), itemsize=2, config=cfg)
+    head, layer = names.index("lm_head"), names.index("model.layers.0")
+    assert forward[layer].kv_bytes == 0 and generate[layer].kv_bytes == anything[layer].kv_bytes > 0
+    assert forward[head].work_bytes == anything[head].work_bytes == 20 * ((64 + 256) * 2 + 256 * 4)
+    # generation: the head reads all 20 positions but makes logits for 2 rows only
+    assert generate[head].work_bytes == 20 * 64 * 2 + 2 * (256 * 2 + 256 * 4)
+    assert generate[layer].work_bytes == anything[layer].work_bytes
+    assert run_shape({}, workload="generate").workload == "generate"
+    with pytest.raises(ValueError, match="workload 'train'"):
+        RunShape(1, 1, "train")
 
 
 def test_kv_from_config_when_no_projections_are_named():

@@ -24,9 +24,11 @@ from distload.checkpoint import (
     CheckpointIndex,
     TensorMeta,
     index_checkpoint,
+    index_from_headers,
     load_bin_tensors,
     read_bin_metas,
     read_safetensors_header,
+    read_weight_map,
     write_sharded_checkpoint,
 )
 from distload.errors import CheckpointError
@@ -524,6 +526,50 @@ def test_malformed_config(tmp_path):
     save_file({"a": torch.ones(2)}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text("{oops")
     expect_index_error(tmp_path, "config.json")
+
+
+# ---------------------------------------------------------------- headers from bytes (a hub's range reads)
+
+
+def test_header_from_bytes_is_the_files_header(tmp_path):
+    """A remote header (its first bytes and the file's size) and the local file give the same metas."""
+    ckpt, _ = make_sharded(tmp_path)
+    for file in sorted(ckpt.glob("*.safetensors")):
+        data, size = sh.read_header_bytes(str(file))
+        assert size == file.stat().st_size and file.read_bytes().startswith(data)
+        metas, header_size = sh.parse_safetensors_header(data, size, file=str(file))
+        assert header_size == len(data)
+        assert metas == read_safetensors_header(file)
+        # more bytes than the header (a 100 kB range read of a small file) change nothing
+        assert sh.parse_safetensors_header(file.read_bytes(), size, file=str(file))[0] == metas
+
+
+def test_header_from_bytes_errors_name_the_file(tmp_path):
+    ckpt, _ = make_sharded(tmp_path)
+    file = sorted(ckpt.glob("*.safetensors"))[0]
+    data, size = sh.read_header_bytes(str(file))
+    with pytest.raises(CheckpointError, match=f"{file.name}: short read of header"):
+        sh.parse_safetensors_header(data[:-5], size, file=str(file))
+    with pytest.raises(CheckpointError, match=f"{file.name}: .*run past the data area"):
+        sh.parse_safetensors_header(data, size - 1, file=str(file))   # the server's file is shorter
+    with pytest.raises(CheckpointError, match="remote.safetensors: header length .* runs past the end"):
+        sh.parse_safetensors_header(data, len(data) - 1, file="remote.safetensors")
+    with pytest.raises(CheckpointError, match="shorter than the 8-byte"):
+        sh.parse_safetensors_header(data[:5], size, file="remote.safetensors")
+
+
+def test_index_from_headers_equals_the_local_index(tmp_path):
+    ckpt, _ = make_sharded(tmp_path)
+    local = index_checkpoint(ckpt)
+    headers = {Path(f).name: sh.read_header_bytes(f) for f in local.files}
+    weight_map = read_weight_map(str(ckpt / "model.safetensors.index.json"))
+    remote = index_from_headers("/elsewhere/snapshot", headers, weight_map=weight_map, config=local.config)
+    assert remote.relative() == local.relative()
+    assert remote.header_bytes == local.header_bytes and remote.config == local.config
+    assert remote.root == "/elsewhere/snapshot" and remote.files[0].startswith("/elsewhere/snapshot/")
+    del headers[sorted(headers)[1]]
+    with pytest.raises(CheckpointError, match="no header for this shard"):
+        index_from_headers("/elsewhere", headers, weight_map=weight_map)
 
 
 # ---------------------------------------------------------------- .bin checkpoints

@@ -263,3 +263,30 @@ def test_subprocess_server_and_control_endpoints(source, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+
+
+def test_bandwidth_is_shared_by_a_nodes_connections(source):
+    """limit_bandwidth caps each node's bodies as one link: two downloads through node0 at once take twice as
+    long as one; node1's runs beside them at its own rate."""
+    import threading
+
+    size = (source / SHARDS[0]).stat().st_size
+
+    def fetch(node: str, out: dict):
+        start = time.monotonic()
+        with urllib.request.urlopen(f"{hub.url(node)}/{REPO}/resolve/main/{SHARDS[0]}") as r:
+            assert r.read() == (source / SHARDS[0]).read_bytes()
+        out[node + str(threading.get_ident())] = time.monotonic() - start
+
+    with FakeHub() as hub:
+        hub.push(REPO, source)
+        hub.limit_bandwidth(size / 0.4)  # one shard in 0.4 s
+        times: dict = {}
+        threads = [threading.Thread(target=fetch, args=(n, times)) for n in ("node0", "node0", "node1")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    node0 = sorted(v for k, v in times.items() if k.startswith("node0"))
+    node1 = [v for k, v in times.items() if k.startswith("node1")]
+    assert node0[1] >= 0.75 and 0.35 <= node1[0] < node0[1]

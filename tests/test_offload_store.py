@@ -231,3 +231,41 @@ def test_cli_ls_verify_gc(ckpt, tmp_path, capsys):
             main(["ls", str(bad_dir)])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (ckpt / "data").exists()
+
+
+# ---------------------------------------------------------------- a node-local directory
+
+
+def test_filesystem_type_from_mounts(tmp_path):
+    from distload.offload.fs import filesystem_type, is_network_filesystem
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\n"
+                      "server:/export /shared nfs4 rw 0 0\n"
+                      "lustre@tcp:/fs /shared/lus lustre rw 0 0\n"
+                      "sshfs#me@host: /mnt/my\\040dir fuse.sshfs rw 0 0\n")
+    kind = lambda p: filesystem_type(p, mounts=str(mounts))  # noqa: E731
+    assert kind("/home/me/offload") == "ext4"
+    assert kind("/shared/models/offload") == "nfs4" and kind("/shared") == "nfs4"
+    assert kind("/shared/lus/x") == "lustre" and kind("/sharedother") == "ext4"
+    assert kind("/mnt/my dir/off") == "fuse.sshfs"
+    assert [is_network_filesystem(k) for k in ("ext4", "xfs", "tmpfs", "nfs4", "lustre", "gpfs", "cifs",
+                                                 "fuse.sshfs", None)] == [False] * 3 + [True] * 5 + [False]
+    assert filesystem_type(tmp_path, mounts=str(tmp_path / "none")) is None
+
+
+def test_store_on_a_network_filesystem_warns_once(tmp_path, monkeypatch, caplog):
+    import distload.offload.fs as fs
+
+    monkeypatch.setattr(fs, "filesystem_type", lambda path: "nfs4")
+    monkeypatch.setattr(fs, "_warned", set())
+    with caplog.at_level("WARNING", logger="distload"):
+        OffloadStore(tmp_path / "off")
+        OffloadStore(tmp_path / "off")
+    warnings = [r.getMessage() for r in caplog.records if "file locks may not hold" in r.getMessage()]
+    assert len(warnings) == 1 and "nfs4" in warnings[0] and str(tmp_path / "off") in warnings[0]
+    monkeypatch.setattr(fs, "filesystem_type", lambda path: "ext4")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="distload"):
+        OffloadStore(tmp_path / "local")
+    assert not caplog.records

@@ -108,6 +108,8 @@ def test_planner_budgets_put_units_on_disk_and_they_stream(ckpt, tmp_path, monke
     tiers = dict(zip(pipe.plan.stage(0).units, pipe.plan.stage(0).unit_tiers))
     assert Tier.DISK in tiers.values() and pipe.report["offloaded_bytes_by_tier"]["disk"] > 0
     assert streamer_of(pipe.module).unit_names == [u for u, t in tiers.items() if t == Tier.DISK]
+    slots = pipe.plan.stage(0).stream_slots                       # the executor follows the plan
+    assert streamer_of(pipe.module).max_resident == slots and streamer_of(pipe.module).prefetch == (slots == 2)
     assert torch.equal(pipe.forward(IDS, MASK), plain.forward(IDS, MASK))
     assert torch.equal(pipe.generate(IDS, MASK, max_new_tokens=4), plain.generate(IDS, MASK, max_new_tokens=4))
 

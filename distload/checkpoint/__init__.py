@@ -15,8 +15,8 @@ Example::
 
 from distload.checkpoint.bin import load_bin_tensors, read_bin_metas
 from distload.checkpoint.files import byte_view, open_checkpoint_file
-from distload.checkpoint.index import CheckpointIndex, index_checkpoint
-from distload.checkpoint.safetensors_header import read_safetensors_header
+from distload.checkpoint.index import CheckpointIndex, index_checkpoint, index_from_headers, read_weight_map
+from distload.checkpoint.safetensors_header import parse_safetensors_header, read_safetensors_header
 from distload.checkpoint.types import SAFETENSORS_DTYPES, TensorMeta
 from distload.checkpoint.writer import INDEX_NAME, write_sharded_checkpoint
 
@@ -24,10 +24,13 @@ __all__ = [
     "TensorMeta",
     "SAFETENSORS_DTYPES",
     "read_safetensors_header",
+    "parse_safetensors_header",
     "read_bin_metas",
     "load_bin_tensors",
     "CheckpointIndex",
     "index_checkpoint",
+    "index_from_headers",
+    "read_weight_map",
     "write_sharded_checkpoint",
     "INDEX_NAME",
     "open_checkpoint_file",

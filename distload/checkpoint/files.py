@@ -1,8 +1,15 @@
 """Opening checkpoint files for reading, with errors that name the file and why it was
-needed; tensors as writable bytes (no numpy needed).
+needed; which files a checkpoint may use; tensors as writable bytes (no numpy needed).
+
+The symlink policy: a checkpoint's file may be a symlink only to a file inside the
+checkpoint's own directory tree — or, where the directory is a huggingface_hub snapshot
+(``.../snapshots/<commit>``), inside that repository's ``blobs/``, where the hub cache
+keeps every file. A link anywhere else is refused, as are directories, FIFOs, sockets and
+devices where a file should be (a FIFO would block the reader forever).
 
 Example::
 
+    check_checkpoint_file("/models/llama", "model-00001-of-00002.safetensors")
     fd, size = open_checkpoint_file("model-00001-of-00002.safetensors", "its header")
     os.preadv(fd, [byte_view(tensor)], offset)
 """
@@ -11,35 +18,80 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 
 import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["open_checkpoint_file", "byte_view"]
+__all__ = ["open_checkpoint_file", "check_checkpoint_file", "file_kind", "byte_view"]
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def file_kind(mode: int) -> str | None:
+    """None for a regular file, else what it is ("a directory", "a FIFO", ...)."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
 def open_checkpoint_file(file: str, purpose: str) -> tuple[int, int]:
-    """A read-only descriptor of `file` and its size in bytes; the caller closes it. A file
-    that cannot be opened raises `CheckpointError` naming it and `purpose`."""
-    try:
-        fd = os.open(file, os.O_RDONLY)
+    """A read-only descriptor of the regular file `file` and its size in bytes; the caller
+    closes it. A file that cannot be opened, or is no regular file, raises
+    `CheckpointError` naming it and `purpose`."""
+    try:  # non-blocking: opening a FIFO for reading would wait for a writer forever
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise CheckpointError(f"cannot open {file} ({purpose}): {e.strerror}") from e
     try:
-        return fd, os.fstat(fd).st_size
+        st = os.fstat(fd)
     except OSError as e:
         os.close(fd)
         raise CheckpointError(f"cannot stat {file} ({purpose}): {e.strerror}") from e
+    kind = file_kind(st.st_mode)
+    if kind is not None:
+        os.close(fd)
+        raise CheckpointError(f"{file} is {kind}, not a file ({purpose})")
+    return fd, st.st_size
+
+
+def check_checkpoint_file(root: str, name: str, *, needed_for: str = "") -> None:
+    """Raise `CheckpointError` unless `name` (relative to the checkpoint directory
+    `root`) is a regular file that the symlink policy (module doc) allows."""
+    path = os.path.join(root, name)
+    why = f" ({needed_for})" if needed_for else ""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        link = os.path.islink(path)
+        raise CheckpointError(f"{path} does not exist{why}" if not link else
+                              f"{path} is a broken symlink to {os.readlink(path)}{why}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot stat {path}{why}: {e.strerror}") from e
+    kind = file_kind(st.st_mode)
+    if kind is not None:
+        raise CheckpointError(f"{path} is {kind}, not a file{why}")
+    real, home = os.path.realpath(path), os.path.realpath(root)
+    allowed = [home]
+    snapshots = os.path.dirname(home)
+    if os.path.basename(snapshots) == "snapshots":  # a hub cache: <repo>/snapshots/<commit>
+        allowed.append(os.path.join(os.path.dirname(snapshots), "blobs"))
+    if not any(real == a or real.startswith(a + os.sep) for a in allowed):
+        raise CheckpointError(f"{path} is a symlink to {real}, outside the checkpoint's directory"
+                              f"{why}; copy the file in, or point --model at its directory")
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
     """A writable byte view of the contiguous CPU tensor `t` (any dtype, pinned or not):
-    the buffer `preadv`/`write` fill or send. The caller keeps `t` alive while it uses
-    the view."""
+    the buffer `preadv`/`write` fill or send. The view keeps `t` alive (so a temporary
+    such as ``byte_view(x.contiguous())`` is safe)."""
     if t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError(f"byte_view needs a contiguous CPU tensor, got one on {t.device}")
     nbytes = t.numel() * t.element_size()
     if nbytes == 0:
         return memoryview(bytearray())
-    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
+    array = (ctypes.c_char * nbytes).from_address(t.data_ptr())
+    array._tensor = t  # the memoryview holds `array`, which holds the tensor and its storage
+    return memoryview(array).cast("B")

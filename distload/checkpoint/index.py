@@ -15,12 +15,13 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from distload.checkpoint.bin import read_bin_metas
-from distload.checkpoint.safetensors_header import _read_header
+from distload.checkpoint.files import check_checkpoint_file, open_checkpoint_file
+from distload.checkpoint.safetensors_header import MAX_HEADER_BYTES, _read_header, parse_safetensors_header
 from distload.checkpoint.types import TensorMeta
 from distload.errors import CheckpointError
 from distload.log import logger
 
-__all__ = ["CheckpointIndex", "index_checkpoint"]
+__all__ = ["CheckpointIndex", "index_checkpoint", "index_from_headers", "read_weight_map"]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -29,6 +30,7 @@ BIN_SINGLE = "pytorch_model.bin"
 CONFIG = "config.json"
 
 _MAX_READERS = 8  # header reads are tiny; a few threads hide per-file open latency
+MAX_JSON_BYTES = MAX_HEADER_BYTES  # config.json and index files: a larger one is not one
 
 
 @dataclass(frozen=True)
@@ -156,16 +158,33 @@ def _index_file(file: str) -> CheckpointIndex:
 
 def _load_json(file: str, what: str) -> dict:
     try:
-        with open(file, encoding="utf-8") as f:
-            obj = json.load(f)
+        fd, size = open_checkpoint_file(file, f"its {what}")
+        try:
+            if size > MAX_JSON_BYTES:
+                raise CheckpointError(f"{file}: {what} is {size} bytes (limit {MAX_JSON_BYTES}); "
+                                      "not a config or index file?")
+            raw = os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+        obj = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{file}: cannot parse {what}: {e}") from e
+    except RecursionError:
+        raise CheckpointError(f"{file}: cannot parse {what}: nested too deeply") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{file}: {what} is a JSON {type(obj).__name__}, not an object")
     return obj
 
 
-def _from_index_file(index_file: str, fmt: str) -> CheckpointIndex:
+def read_weight_map(index_file: str) -> dict[str, str]:
+    """The ``weight_map`` of the index file `index_file` (``model.safetensors.index.json``):
+    tensor name -> shard file relative to the index's directory, each checked to be a
+    file name inside that directory. Raises `CheckpointError` naming the index.
+
+    Example::
+
+        read_weight_map("ckpt/model.safetensors.index.json")   # {"lm_head.weight": "model-00002-of-00002.safetensors", ...}
+    """
     root = os.path.dirname(index_file)
     weight_map = _load_json(index_file, "checkpoint index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -177,18 +196,61 @@ def _from_index_file(index_file: str, fmt: str) -> CheckpointIndex:
         if os.path.isabs(shard) or os.path.normpath(shard).startswith(".."):
             raise CheckpointError(f"{index_file}: shard {shard!r} (of {name!r}) lies outside {root}")
         mapped[name] = os.path.normpath(shard)
+    return mapped
+
+
+def _from_index_file(index_file: str, fmt: str) -> CheckpointIndex:
+    root = os.path.dirname(index_file)
+    mapped = read_weight_map(index_file)
+    checked: set[str] = set()
     for name, file in mapped.items():
-        if not os.path.isfile(os.path.join(root, file)):
-            raise CheckpointError(
-                f"{index_file}: shard {file} does not exist (tensor {name!r} lives in it)"
-            )
+        if file not in checked:
+            check_checkpoint_file(root, file, needed_for=f"{os.path.basename(index_file)} puts "
+                                                         f"tensor {name!r} in it")
+            checked.add(file)
     return _build(root, fmt, sorted(set(mapped.values())), mapped=mapped)
+
+
+def index_from_headers(
+    root: str,
+    headers: Mapping[str, tuple[bytes, int]],
+    *,
+    weight_map: Mapping[str, str] | None = None,
+    config: dict | None = None,
+) -> CheckpointIndex:
+    """The index of a safetensors checkpoint whose files are not (all) on this machine,
+    from their headers obtained elsewhere (a hub's range requests): `headers` maps each
+    file, relative to `root`, to (its first bytes, at least the 8-byte length and the JSON
+    header; the file's size). `root` is where the files would lie on this machine;
+    `weight_map` (tensor -> file, as `read_weight_map` gives) is checked as for a local
+    index; `config` is the parsed ``config.json`` (default: ``root/config.json`` where it
+    exists, read as for a local checkpoint). Validated exactly as `index_checkpoint`
+    validates local files.
+
+    Example::
+
+        idx = index_from_headers("/hf/snapshots/abc", {"model.safetensors": (first_bytes, size)})
+    """
+    files = sorted(headers)
+    if weight_map is not None:
+        missing = sorted(set(weight_map.values()) - set(files))
+        if missing:
+            raise CheckpointError(f"{os.path.join(root, missing[0])}: no header for this shard of the "
+                                  "index's weight_map")
+    results = [parse_safetensors_header(headers[f][0], headers[f][1], file=os.path.join(root, f))
+               for f in files]
+    return _assemble(root, "safetensors", files, results, mapped=weight_map,
+                     config=_read_config(root) if config is None else config,
+                     sizes={f: headers[f][1] for f in files})
 
 
 def _build(
     root: str, fmt: str, files: list[str], *, mapped: dict[str, str] | None = None
 ) -> CheckpointIndex:
     """Index `files` (relative to `root`)."""
+    for file in files:
+        check_checkpoint_file(root, file)
+
     def read(file: str) -> tuple[list[TensorMeta], int]:
         path = os.path.join(root, file)
         return _read_header(path) if fmt == "safetensors" else (read_bin_metas(path), 0)
@@ -199,7 +261,15 @@ def _build(
             results = list(pool.map(read, files))  # raises the first failing file's error
     else:
         results = [read(f) for f in files]
+    return _assemble(root, fmt, files, results, mapped=mapped, config=_read_config(root),
+                     sizes={f: os.path.getsize(os.path.join(root, f)) for f in files})
 
+
+def _assemble(root: str, fmt: str, files: list[str], results: list[tuple[list[TensorMeta], int]], *,
+              mapped: Mapping[str, str] | None, config: dict | None, sizes: Mapping[str, int]
+              ) -> CheckpointIndex:
+    """One index from each file's (metas, header size): no tensor twice, the weight map
+    (tensor -> file relative to `root`) where the files say."""
     tensors: dict[str, TensorMeta] = {}
     for metas, _ in results:
         for meta in metas:
@@ -211,15 +281,14 @@ def _build(
             tensors[meta.name] = meta
     if mapped is not None:
         _check_weight_map(root, {n: os.path.join(root, f) for n, f in mapped.items()}, tensors)
-    paths = [os.path.join(root, f) for f in files]
     return CheckpointIndex(
         root=root,
         format=fmt,
-        files=tuple(paths),
+        files=tuple(os.path.join(root, f) for f in files),
         tensors=tensors,
         header_bytes=sum(size for _, size in results),
-        config=_read_config(root),
-        file_sizes={f: os.path.getsize(f) for f in paths},
+        config=config,
+        file_sizes={os.path.join(root, f): sizes[f] for f in files},
     )
 
 

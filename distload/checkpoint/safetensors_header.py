@@ -19,7 +19,8 @@ from distload.checkpoint.types import SAFETENSORS_DTYPES, TensorMeta
 from distload.dtypes import dtype_name
 from distload.errors import CheckpointError
 
-__all__ = ["read_safetensors_header", "MAX_HEADER_BYTES"]
+__all__ = ["read_safetensors_header", "parse_safetensors_header", "read_header_bytes", "header_length",
+           "MAX_HEADER_BYTES"]
 
 # Same bound as the safetensors reader: a larger header means a corrupt or hostile file.
 MAX_HEADER_BYTES = 100_000_000
@@ -41,44 +42,84 @@ def read_safetensors_header(path: str | os.PathLike) -> list[TensorMeta]:
     return _read_header(path)[0]
 
 
-def _read_header(path: str | os.PathLike) -> tuple[list[TensorMeta], int]:
-    """Like `read_safetensors_header`, also returning the header's size on disk (8 + n)."""
-    file = os.path.abspath(os.fspath(path))
-    raw, size = _read_raw_header(file)
-    header = _parse_json(file, raw)
-    data_size = size - 8 - len(raw)
-    base = 8 + len(raw)
+def header_length(prefix: bytes, file_size: int, *, file: str) -> int:
+    """The length of the header that the 8 bytes `prefix` (the start of `file`, a file of
+    `file_size` bytes) announce: how many bytes past the first 8 to read (or to fetch with
+    a range request). Raises `CheckpointError` for an absurd length, or one that runs past
+    the file's end.
+
+    Example::
+
+        n = header_length(first_bytes[:8], size, file="model.safetensors")   # then read 8 + n
+    """
+    if file_size < 8 or len(prefix) < 8:
+        raise CheckpointError(
+            f"{file}: file is {file_size} bytes, shorter than the 8-byte safetensors header length"
+        )
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(
+            f"{file}: header length {n} is absurd (limit {MAX_HEADER_BYTES}); not a safetensors file?"
+        )
+    if 8 + n > file_size:
+        raise CheckpointError(
+            f"{file}: header length {n} runs past the end of the file ({file_size} bytes); truncated?"
+        )
+    return n
+
+
+def parse_safetensors_header(data: bytes, file_size: int, *, file: str) -> tuple[list[TensorMeta], int]:
+    """The tensors of a safetensors file from its first bytes alone: `data` holds at least
+    the 8-byte length and the JSON header (more is ignored), `file_size` is the whole
+    file's size, `file` names it in the metas and in errors. Returns the metas sorted by
+    offset (absolute file offsets) and the header's size in the file (8 + n). The one
+    validator of headers: a local file's (`read_safetensors_header`) and a remote one's
+    (fetched by range requests, `distload.sources.hub_index`) go through it alike.
+
+    Example::
+
+        metas, header_size = parse_safetensors_header(first_bytes, size, file="model.safetensors")
+    """
+    n = header_length(data, file_size, file=file)
+    if len(data) < 8 + n:
+        raise CheckpointError(f"{file}: short read of header ({max(0, len(data) - 8)} of {n} bytes)")
+    header = _parse_json(file, bytes(data[8:8 + n]))
+    base = 8 + n
+    data_size = file_size - base
     metas = [
         _entry_to_meta(file, name, entry, base, data_size)
         for name, entry in header.items()
         if name != "__metadata__"
     ]
     metas.sort(key=lambda m: (m.offset, m.length, m.name))
-    _check_no_overlap(file, metas)
+    _check_layout(file, metas, base, data_size)
     return metas, base
 
 
-def _read_raw_header(file: str) -> tuple[bytes, int]:
+def _read_header(path: str | os.PathLike) -> tuple[list[TensorMeta], int]:
+    """Like `read_safetensors_header`, also returning the header's size on disk (8 + n)."""
+    file = os.path.abspath(os.fspath(path))
+    data, size = read_header_bytes(file)
+    return parse_safetensors_header(data, size, file=file)
+
+
+def read_header_bytes(file: str) -> tuple[bytes, int]:
+    """The first 8 + n bytes of the safetensors file `file` (its length and JSON header)
+    and the file's size: two preads, whatever the file's size.
+
+    Example::
+
+        data, size = read_header_bytes("model.safetensors")
+        metas, _ = parse_safetensors_header(data, size, file="model.safetensors")
+    """
     fd, size = open_checkpoint_file(file, "reading its safetensors header")
     try:
-        if size < 8:
-            raise CheckpointError(
-                f"{file}: file is {size} bytes, shorter than the 8-byte safetensors header length"
-            )
-        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-        if n > MAX_HEADER_BYTES:
-            raise CheckpointError(
-                f"{file}: header length {n} is absurd (limit {MAX_HEADER_BYTES}); "
-                "not a safetensors file?"
-            )
-        if 8 + n > size:
-            raise CheckpointError(
-                f"{file}: header length {n} runs past the end of the file ({size} bytes); truncated?"
-            )
+        prefix = os.pread(fd, 8, 0)
+        n = header_length(prefix, size, file=file)
         raw = os.pread(fd, n, 8)
         if len(raw) != n:  # the file shrank under us
             raise CheckpointError(f"{file}: short read of header ({len(raw)} of {n} bytes)")
-        return raw, size
+        return prefix + raw, size
     except OSError as e:
         raise CheckpointError(f"{file}: cannot read safetensors header: {e.strerror}") from e
     finally:
@@ -102,6 +143,8 @@ def _parse_json(file: str, raw: bytes) -> dict:
         raise CheckpointError(f"{file}: header is not valid UTF-8 ({e.reason} at byte {e.start})") from e
     except ValueError as e:  # JSONDecodeError is a ValueError, as is a duplicate key
         raise CheckpointError(f"{file}: header is not valid JSON: {e}") from e
+    except RecursionError:
+        raise CheckpointError(f"{file}: header is nested too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: header is a JSON {type(header).__name__}, not an object")
     return header
@@ -163,16 +206,26 @@ def _entry_to_meta(file: str, name: str, entry: object, base: int, data_size: in
     return TensorMeta(name, file, dtype_name(dtype), tuple(shape), base + begin, end - begin)
 
 
-def _check_no_overlap(file: str, metas: list[TensorMeta]) -> None:
-    # metas are sorted by offset; an empty tensor occupies no bytes and overlaps nothing.
+def _check_layout(file: str, metas: list[TensorMeta], base: int, data_size: int) -> None:
+    """The tensors tile the data area: no overlap, no gap, nothing after the last one —
+    what safetensors' own reader demands ("file not fully covered"). An empty tensor
+    occupies no bytes and may sit anywhere. `metas` are sorted by offset."""
+    cursor = base  # where the next tensor must begin
     last: TensorMeta | None = None
     for m in metas:
         if m.length == 0:
             continue
-        if last is not None and m.offset < last.offset + last.length:
+        if m.offset < cursor:
             raise CheckpointError(
                 f"{file}: tensors {last.name!r} and {m.name!r} overlap "
                 f"([{last.offset}, {last.offset + last.length}) and [{m.offset}, {m.offset + m.length}))"
             )
-        if last is None or m.offset + m.length > last.offset + last.length:
-            last = m
+        if m.offset > cursor:
+            raise CheckpointError(
+                f"{file}: {m.offset - cursor} byte(s) before tensor {m.name!r} belong to no "
+                "tensor; safetensors refuses such a file (the data area must be fully covered)")
+        cursor, last = m.offset + m.length, m
+    if cursor != base + data_size:
+        raise CheckpointError(
+            f"{file}: {base + data_size - cursor} byte(s) after the last tensor belong to no "
+            "tensor; safetensors refuses such a file (the data area must be fully covered)")

@@ -116,6 +116,7 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
         f.write(blob)
         for t in tensors.values():
             if t.numel():
-                f.write(byte_view(t.detach().cpu().contiguous()))
+                data = t.detach().cpu().contiguous()  # held while its view is written: it owns the bytes
+                f.write(byte_view(data))
         f.flush()
         os.fsync(f.fileno())

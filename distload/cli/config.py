@@ -21,14 +21,17 @@ def _opt(default, help: str, **kw):
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = _opt("demo", "local directory or .safetensors file, hub id ORG/NAME, or 'demo'")
+    model: str = _opt("demo", "local directory or .safetensors file, hub id ORG/NAME[@REV], or 'demo'")
+    revision: str | None = _opt(None, "branch, tag or commit of a hub id --model (the same as ORG/NAME@REV); "
+                                      "rank 0 resolves it to one commit for every node")
     dtype: str | None = _opt(None, "cast weights to this dtype (bfloat16, float16, float32); "
                                    "default: the checkpoint's own dtype")
     report: str | None = _opt(None, "write the job's load report as JSON to this path")
     strict: bool = _opt(True, "unexpected checkpoint keys are an error (--no-strict: a warning)",
                         negatable=True)
-    cache_dir: str | None = _opt(None, "where the demo checkpoint is made (default $DISTLOAD_CACHE "
-                                       "or ~/.cache/distload)")
+    cache_dir: str | None = _opt(None, "distload's own cache on each node: the demo checkpoint, hub headers, "
+                                       "the default offload dir (default $DISTLOAD_CACHE or ~/.cache/distload); "
+                                       "hub files stay in huggingface_hub's cache ($HF_HOME)")
     offload_dir: str | None = _opt(None, "shared directory for disk-tier weights (default "
                                          "<cache dir>/offload; see python -m distload.offload)")
     device: str | None = _opt(None, "'cpu' forces CPU ranks (gloo); default cuda:LOCAL_RANK when CUDA is there")
@@ -84,10 +87,27 @@ class RunConfig:
             raise ValueError("--max-seq-len must be at least 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("--log-level must be DEBUG, INFO, WARNING or ERROR")
+        for flag, path in (("--report", self.report), ("--output-file", self.output_file)):
+            if path and os.path.isdir(path):
+                raise ValueError(f"{flag} {path} is a directory; give a file path")
         if self.report and not os.path.isdir(os.path.dirname(os.path.abspath(self.report))):
             raise ValueError(f"--report {self.report}: its directory does not exist")
         self._validate_generation()
-        return replace(self, memory_limits=parse_max_memory_arg(self.max_memory))
+        return replace(self, model=self._model_at_revision(), memory_limits=parse_max_memory_arg(self.max_memory))
+
+    def _model_at_revision(self) -> str:
+        """`model` with `revision` folded in (``ORG/NAME@REV``), checked to be a hub id."""
+        if self.revision is None:
+            return self.model
+        from ..sources import local_path, parse_hub_id
+
+        hub = parse_hub_id(self.model)
+        if hub is None or local_path(self.model) is not None:
+            raise ValueError(f"--revision needs a hub id --model ORG/NAME, not {self.model!r}")
+        repo, at = hub
+        if at is not None and at != self.revision:
+            raise ValueError(f"--model {self.model} names revision {at!r} but --revision says {self.revision!r}")
+        return f"{repo}@{self.revision}"
 
     def _validate_generation(self) -> None:
         sources = [name for name, given in (("--input-ids", self.input_ids), ("--prompt", self.prompt),

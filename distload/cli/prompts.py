@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -161,11 +162,16 @@ def write_outputs(path: str | os.PathLike, requests: Sequence[Request],
     ``"output_ids"`` and, with a tokenizer, ``"output_text"``. Written to a temporary
     file and renamed, so the output appears complete or not at all."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for request, ids in zip(requests, outputs):
-            record = dict(request.record) or {"input_ids": list(request.ids)}
-            record["output_ids"] = list(ids)
-            if tokenizer is not None:
-                record["output_text"] = tokenizer.decode(list(ids))
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for request, ids in zip(requests, outputs):
+                record = dict(request.record) or {"input_ids": list(request.ids)}
+                record["output_ids"] = list(ids)
+                if tokenizer is not None:
+                    record["output_text"] = tokenizer.decode(list(ids))
+                f.write(json.dumps(record) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

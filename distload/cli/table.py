@@ -8,6 +8,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -28,19 +29,27 @@ def _short_units(units: list[str]) -> str:
 
 
 def format_table(report: dict) -> str:
-    """The job's table, one row per rank, as rank 0 prints it."""
-    head = f"{'rank':>4}  {'device':<8} {'modules':<34} {'tensors':>7} {'tensor MB':>10} " \
+    """The job's table, one row per rank (with its host: a job may span nodes), as rank
+    0 prints it; then what each node downloaded, where it downloaded anything."""
+    ranks = report["ranks"]
+    width = min(16, max([4, *(len(r.get("host", "")) for r in ranks)]))
+    head = f"{'rank':>4}  {'host':<{width}} {'device':<8} {'modules':<34} {'tensors':>7} {'tensor MB':>10} " \
            f"{'read MB':>9} {'seconds':>8} {'GB/s':>6} {'peak RSS MB':>11}"
     rows = [head, "-" * len(head)]
-    for r in report["ranks"]:
+    for r in ranks:
         gbps = r["bytes_read"] / r["load_seconds"] / 1e9 if r["load_seconds"] > 0 else 0.0
-        rows.append(f"{r['rank']:>4}  {r['device']:<8} {_short_units(r['modules'])[:34]:<34} "
+        rows.append(f"{r['rank']:>4}  {r.get('host', '')[:width]:<{width}} {r['device']:<8} "
+                    f"{_short_units(r['modules'])[:34]:<34} "
                     f"{r['tensors']:>7} {r['tensor_bytes'] / 1e6:>10.1f} {r['bytes_read'] / 1e6:>9.1f} "
                     f"{r['load_seconds']:>8.3f} {gbps:>6.2f} {r['peak_rss_bytes'] / 2**20:>11.0f}")
-    total_read = sum(r["bytes_read"] for r in report["ranks"])
+    total_read = sum(r["bytes_read"] for r in ranks)
     rows.append(f"checkpoint {report['checkpoint_bytes'] / 1e6:.1f} MB of tensors; "
                 f"read {total_read / 1e6:.1f} MB over {report['world_size']} rank(s)")
-    for r in report["ranks"]:
+    for r in ranks:
+        if r.get("fetched_bytes"):  # on the node leader's row: what its node downloaded
+            rows.append(f"rank {r['rank']} ({r.get('host', '?')}) downloaded {r['fetched_bytes'] / 1e6:.1f} MB "
+                        "for its node")
+    for r in ranks:
         if r.get("offloaded_bytes"):
             tiers = r.get("offloaded_bytes_by_tier", {})
             rows.append(f"rank {r['rank']} offloaded: cpu {tiers.get('cpu', 0) / 1e6:.1f} MB, disk "
@@ -50,9 +59,15 @@ def format_table(report: dict) -> str:
 
 
 def write_report(report: dict, path: str) -> None:
-    """Write atomically: a reader never sees half a report."""
+    """Write atomically: a reader never sees half a report, and a failed write (a full
+    disk) leaves no temporary file behind."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -9,7 +9,8 @@ Example::
     plan = plan_job("./llama")                      # the plan alone
 """
 
-from .api import fetch_node_files, load, plan_job
+from .api import load, plan_job
+from .fetch import fetch_node_files
 from .prepare import PlanRequest, plan_load
 from .stage import StageLoad, load_stage
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dist import World, agree, gather_objects, init_world, run_on_rank0
+from ..dist import World, agree, agree_on_arguments, gather_objects, init_world, run_on_rank0
 from ..dtypes import normalize_dtype
 from ..errors import PlanError
 from ..log import logger
@@ -15,24 +15,35 @@ from ..pipeline import CallChannel, Pipeline
 from ..plan.budget import parse_max_memory
 from ..plan.types import LoadPlan
 from ..sources import Source, open_source
+from .fetch import fetch_node_files
 from .memory import measure_local
 from .prepare import PlanRequest, plan_load
 from .report import job_report
 from .stage import load_stage
 
-__all__ = ["load", "plan_job", "fetch_node_files"]
+__all__ = ["load", "plan_job", "fetch_node_files", "versions"]
+
+
+def versions() -> dict[str, str]:
+    """The versions every rank of a job must share."""
+    from .. import __version__
+
+    return {"distload": __version__, "torch": torch.__version__}
 
 
 def plan_job(model: str = "demo", *, world: World | None = None, dtype: torch.dtype | str | None = None,
              max_memory=None, strict: bool = True, cache_dir: str | None = None,
              offload_dir: str | None = None, max_batch_size: int | None = None,
              max_seq_len: int | None = None, device: str | None = None,
-             timeout_s: float = 600.0, source: Source | None = None) -> LoadPlan:
+             timeout_s: float = 600.0, source: Source | None = None,
+             workload: str = "any") -> LoadPlan:
     """The plan every rank will follow, without loading anything (what ``--explain``
     shows, and the `pipe.plan` of a `load` with the same arguments). Every rank calls it:
     each measures its own memory (its own GPU only), rank 0 gathers those, resolves them
     with `max_memory` (see `distload.plan.budget`) and plans; every rank receives the same
-    plan and checks its digest.
+    plan and checks its digest. `workload` says what to keep device room for:
+    ``"forward"`` (full logits, no KV cache), ``"generate"`` (KV cache, the head on the
+    last position only) or ``"any"`` (both).
 
     Example::
 
@@ -40,12 +51,17 @@ def plan_job(model: str = "demo", *, world: World | None = None, dtype: torch.dt
         print(explain_plan(plan))
     """
     world = world or init_world(timeout_s=timeout_s, device=device)
+    agree_on_arguments(world, {"model": model, "dtype": dtype, "max_memory": max_memory,
+                               "strict": strict, "max_batch_size": max_batch_size,
+                               "max_seq_len": max_seq_len, "workload": workload, **versions()})
     limits = parse_max_memory(max_memory)  # a bad entry fails here, on every rank alike
-    mine = measure_local(world.device, offload_dir=offload_dir or default_offload_dir(cache_dir))
+    # RAM and disk are per node, shared by its ranks: as many as the world says are on it
+    mine = measure_local(world.device, offload_dir=offload_dir or default_offload_dir(cache_dir),
+                         local_world_size=len(world.node_ranks()))
     measured = tuple(gather_objects(world, mine))
     request = PlanRequest(model=model, world_size=world.world_size, dtype=normalize_dtype(dtype),
                           strict=strict, cache_dir=cache_dir, max_memory=limits, measured=measured,
-                          max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+                          max_batch_size=max_batch_size, max_seq_len=max_seq_len, workload=workload)
 
     def plan_on_rank0() -> tuple[str, str]:
         plan = plan_load(request, source)
@@ -58,29 +74,12 @@ def plan_job(model: str = "demo", *, world: World | None = None, dtype: torch.dt
     return plan
 
 
-def fetch_node_files(world: World, source: Source, plan: LoadPlan) -> str:
-    """Every rank: the checkpoint's root on this node, after the node's leader made the
-    files its node's ranks read present there (a download for a hub id); the others wait
-    for it. Returns the root."""
-    error = None
-    try:
-        source.check(plan.source)
-        if world.is_node_leader:
-            files = sorted({m.file for r in world.node_ranks() for m in plan.stage(r).reads})
-            fetched = source.fetch(files)
-            if fetched:
-                logger.info("fetched %.1f MB of %s on this node", fetched / 1e6, plan.label)
-    except Exception as exc:  # noqa: BLE001 - every rank learns of it in agree()
-        error = exc
-    agree(world, error)
-    return source.root()
-
-
 def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_memory=None,
          offload_dir: str | None = None, micro_batches: int | None = None, strict: bool = True,
          cache_dir: str | None = None, device: str | None = None, timeout_s: float = 600.0,
          read_workers: int = 2, max_batch_size: int | None = None,
-         max_seq_len: int | None = None) -> Pipeline:
+         max_seq_len: int | None = None, world: World | None = None,
+         workload: str = "any") -> Pipeline:
     """Load `model` (a local directory or file, a hub id ``org/name``, or ``"demo"``)
     across the ranks torchrun started — or in this one process — and return this rank's
     `Pipeline`. Every rank calls it with the same arguments.
@@ -90,27 +89,34 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
     Units the plan puts on the disk tier go to `offload_dir` (default ``<cache>/offload``,
     see `distload.offload`) and are streamed onto the device while they run.
 
+    Every rank checks that its arguments (and distload and torch versions) are rank 0's;
+    only the node-local paths `cache_dir` and `offload_dir` and `read_workers` may
+    differ. `world` is the job already joined (`distload.dist.init_world`), if any.
+
     Example::
 
         pipe = distload.load("./llama-dir", dtype="bfloat16")
         pipe.report["bytes_read"], pipe.module, pipe.job_report
     """
-    world = init_world(timeout_s=timeout_s, device=device)
+    world = world or init_world(timeout_s=timeout_s, device=device)
+    agree_on_arguments(world, {"micro_batches": micro_batches, "device": device,
+                               "timeout_s": timeout_s})
     source, error = None, None
     try:  # a path one node lacks fails there; every rank must hear of it
         source = open_source(model, cache_dir=cache_dir)
     except Exception as exc:  # noqa: BLE001
         error = exc
-    agree(world, error)
+    agree(world, error, what="opening the checkpoint")
     plan = plan_job(model, world=world, dtype=dtype, max_memory=max_memory, strict=strict,
                     cache_dir=cache_dir, offload_dir=offload_dir, max_batch_size=max_batch_size,
-                    max_seq_len=max_seq_len, source=source)
+                    max_seq_len=max_seq_len, source=source, workload=workload)
     if world.is_first and plan.unexpected_keys:
         logger.warning("ignoring %d unexpected checkpoint key(s): %s", len(plan.unexpected_keys),
                        ", ".join(plan.unexpected_keys[:8]))
-    root = fetch_node_files(world, source, plan)
+    root, fetched = fetch_node_files(world, source, plan, timeout_s=timeout_s)
     stage = load_stage(plan, world, root=root, read_workers=read_workers, offload_dir=offload_dir,
                        cache_dir=cache_dir, timeout_s=timeout_s)
+    stage.report["fetched_bytes"] = fetched   # the node's download, on its leader's row
     everyone = job_report(plan, gather_objects(world, stage.report))
     return Pipeline(module=stage.module, plan=plan, report=stage.report, job_report=everyone,
                     world=world, root=root, micro_batches=micro_batches,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..log import logger
 from ..meta import describe_model, init_empty_weights
 from ..models import build_model
@@ -38,6 +38,7 @@ class PlanRequest:
     measured: tuple[LocalMemory, ...] | None = None  # each rank's own measurement, in rank order
     max_batch_size: int | None = None        # room kept on each device for running
     max_seq_len: int | None = None
+    workload: str = "any"                    # "forward", "generate" or "any": what to reserve for
 
 
 def plan_load(req: PlanRequest, source: Source | None = None) -> LoadPlan:
@@ -48,17 +49,21 @@ def plan_load(req: PlanRequest, source: Source | None = None) -> LoadPlan:
     if index.config is None:
         raise CheckpointError(f"{index.path('config.json')} is missing: distload needs the "
                               "model's config.json beside its weights")
-    # Parameters on meta; buffers (RoPE frequencies, a few floats) computed on the CPU:
-    # computing them on meta would import torch's reference kernels (~1-2 s).
-    with init_empty_weights(include_buffers=False):
-        model = build_model(index.config)
+    # Everything on meta, nothing allocated (a config's sizes are not trusted yet); the
+    # models compute their few buffer values on the CPU before moving them to meta.
+    try:
+        with init_empty_weights(include_buffers=True):
+            model = build_model(index.config)
+    except ValueError as e:  # the config's values, named by the family or validate_config
+        raise ConfigError(f"{index.path('config.json')}: {e}") from None
     spec = describe_model(model)
     tensors, file_sizes = index.relative()   # a plan names no path of this machine
     tensors = type(model).checkpoint_tensors(model.config, tensors)
     # Without measurements (a direct call), every rank is assumed to be like this process.
     measured = req.measured or (measure_local(_local_device()),) * req.world_size
     budgets = resolve_budgets(req.max_memory or {}, measured)
-    shape = run_shape(index.config, max_batch_size=req.max_batch_size, max_seq_len=req.max_seq_len)
+    shape = run_shape(index.config, max_batch_size=req.max_batch_size, max_seq_len=req.max_seq_len,
+                      workload=req.workload)
     embedding = getattr(model, "input_embedding_name", None)
     activation = None
     if embedding in tensors and req.dtype is None:

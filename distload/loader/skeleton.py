@@ -14,9 +14,8 @@ __all__ = ["build_stage_skeleton", "prune_to_units"]
 
 def build_stage_skeleton(plan: LoadPlan, rank: int) -> nn.Module:
     """Every rank calls this for its own rank after receiving the plan."""
-    # Parameters on meta; the tiny RoPE buffers on the CPU (computing them on meta pulls
-    # in torch's compiler stack, ~1 s); `finish_stage` recomputes them on the device.
-    with init_empty_weights():
+    # Everything on meta; `finish_stage` computes the buffers (RoPE) on the device.
+    with init_empty_weights(include_buffers=True):
         model = build_model(plan.config)
     all_units = [u for s in plan.stages for u in s.units]
     prune_to_units(model, all_units, keep=set(plan.stage(rank).units))

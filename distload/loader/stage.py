@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..dist import World, agree
+from ..dist import World, agree, watch_peers
 from ..errors import CheckpointError
 from .materialize import allocate_stage, exchange_tied, finish_stage, key_tiers, map_stage, read_stage
 from .report import rank_report
@@ -74,7 +74,8 @@ def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
         error = exc
     agree(world, error)
     if world.distributed:
-        exchange_tied(plan, rank, storage)
+        with watch_peers("the exchange of tied weights"):
+            exchange_tied(plan, rank, storage)
     offloaded = OffloadResult()
     try:  # cpu/disk tiers: pinned host memory, the node's offload directory, streaming hooks
         offloaded = attach_tiers(plan, rank, module, storage, reads, device, root=root,

@@ -64,13 +64,16 @@ def _homes(plan: LoadPlan, rank: int, device: torch.device) -> dict[str, str]:
 def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str, torch.Tensor],
                  reads: Sequence[TensorMeta], device: torch.device | str, *, root: str,
                  offload_dir: str | os.PathLike | None = None, cache_dir: str | None = None,
-                 prefetch: bool = True, max_resident: int = 2, verify: bool = True,
+                 prefetch: bool | None = None, max_resident: int | None = None, verify: bool = True,
                  timeout: float = 600.0) -> OffloadResult:
     """Give `rank`'s offloaded parameters their tiers and stream them (see the module
     doc). `storage` is `allocate_stage`'s key -> tensor map; keys moved off the device are
     removed from it. `reads` are the stage's read items located under `root` on this
     node. `offload_dir` defaults to `default_offload_dir(cache_dir)`; it is only touched
-    when the stage has disk-tier parameters. `verify` checksums reused entries."""
+    when the stage has disk-tier parameters. `verify` checksums reused entries.
+    `max_resident` and `prefetch` default to the plan's streaming slots for this stage
+    (2: one unit runs while the next is fetched; 1: no prefetch — the device room the
+    planner kept holds one streamed unit)."""
     device = torch.device(device)
     stage = plan.stage(rank)
     result = OffloadResult(tier_bytes=stage.tier_bytes(plan.unit_bytes))
@@ -103,6 +106,9 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
     for k in moved:
         storage.pop(k, None)   # device copies (of exchanged tensors) go with their params
     units = [u for u in stage.units if any(p.startswith(u + ".") for p in source)]
+    slots = stage.stream_slots or 2   # a plan without slots (older) streamed with two
+    max_resident = slots if max_resident is None else max_resident
+    prefetch = max_resident > 1 if prefetch is None else prefetch
     result.streamer = attach_streaming(module, units, source, device, prefetch=prefetch,
                                        max_resident=max_resident)
     result.params = frozenset(source)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..dtypes import dtype_name
 from .sizes import find_tied_parameters
 
 __all__ = ["ParamSpec", "UnitSpec", "ModelSpec", "describe_model"]
@@ -31,6 +32,7 @@ __all__ = ["ParamSpec", "UnitSpec", "ModelSpec", "describe_model"]
 class ParamSpec:
     name: str
     shape: tuple[int, ...]
+    dtype: str | None = None   # the model's dtype name for it (None: unknown)
 
     @property
     def numel(self) -> int:
@@ -46,6 +48,7 @@ class UnitSpec:
     kv_per_token: int = 0    # KV-cache elements kept per token (k_proj + v_proj outputs)
     act_per_token: int = 0   # activation elements per token: its input plus every output
     max_out: int = 0         # the widest Linear/Embedding output (logits: the vocabulary)
+    in_width: int = 0        # its widest Linear input (the hidden size a head reads)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class ModelSpec:
     tied: tuple[tuple[str, ...], ...]    # groups of parameter names sharing one tensor
     no_split_classes: tuple[str, ...]    # class names that were treated as units
     ignored_keys: tuple[str, ...] = ()   # regexes of checkpoint keys that fill no parameter
+    head: str = ""                       # the unit making the logits (output embedding), if known
 
     def unit_of(self) -> dict[str, str]:
         return {p.name: u.name for u in self.units for p in u.params}
@@ -76,7 +80,24 @@ def describe_model(model: nn.Module, *, no_split_module_classes=None) -> ModelSp
     _collect(model, "", set(no_split), units)
     tied = tuple(tuple(group) for group in find_tied_parameters(model))
     ignored = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
-    return ModelSpec(units=tuple(units), tied=tied, no_split_classes=no_split, ignored_keys=ignored)
+    return ModelSpec(units=tuple(units), tied=tied, no_split_classes=no_split, ignored_keys=ignored,
+                     head=_head_unit(model, units))
+
+
+def _head_unit(model: nn.Module, units: list[UnitSpec]) -> str:
+    """The unit holding the output embedding (``get_output_embeddings()``, else a module
+    named ``lm_head``), "" when there is none."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = None
+    try:
+        head = getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        head = None
+    head = head if isinstance(head, nn.Module) else getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Module):
+        return ""
+    names = {u.name for u in units}
+    return next((name for name, mod in model.named_modules() if mod is head and name in names), "")
 
 
 def _collect(module: nn.Module, prefix: str, no_split: set[str], out: list[UnitSpec]) -> None:
@@ -100,7 +121,7 @@ def _has_own_params(module: nn.Module) -> bool:
 
 def _unit(module: nn.Module, prefix: str) -> UnitSpec:
     params = tuple(
-        ParamSpec(f"{prefix}.{n}", tuple(p.shape))
+        ParamSpec(f"{prefix}.{n}", tuple(p.shape), dtype_name(p.dtype))
         for n, p in module.named_parameters(remove_duplicate=False)
     )
     cost, kv, act, widest, width_in = 0.0, 0, 0, 0, 0
@@ -124,7 +145,7 @@ def _unit(module: nn.Module, prefix: str) -> UnitSpec:
     if callable(act_hook):
         act = int(act_hook())
     return UnitSpec(name=prefix, params=params, cost=cost, kind=type(module).__name__,
-                    kv_per_token=kv, act_per_token=act + width_in, max_out=widest)
+                    kv_per_token=kv, act_per_token=act + width_in, max_out=widest, in_width=width_in)
 
 
 # Linear submodules whose outputs a KV cache keeps (Llama/Mistral/Qwen2 and most HF decoders).

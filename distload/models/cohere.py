@@ -46,7 +46,7 @@ def read_cohere(d: dict[str, Any]) -> CohereConfig:
     activation(fields["hidden_act"])
     scale = d.get("logit_scale", 0.0625)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ValueError(f"config.json: logit_scale must be a number, not {scale!r}")
+        raise ValueError(f"logit_scale must be a number, not {scale!r}")
     return CohereConfig(**fields, logit_scale=float(scale),
                         attention_bias=bool(d.get("attention_bias", False)),
                         use_qk_norm=bool(d.get("use_qk_norm", False)))

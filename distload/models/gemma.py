@@ -25,11 +25,12 @@ import torch
 
 from .cache import KVCache
 from .common.attention import Attention
-from .common.config import FULL, SLIDING, DecoderConfig, read_decoder, text_config
+from .common.config import FULL, SLIDING, DecoderConfig, positive_int, read_decoder, text_config
 from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer
 from .common.layers import GatedMLP, RMSNorm, activation
 from .common.rope import RopeParams, RotaryEmbedding, read_rope
 from .registry import ModelFamily, register_family
+from .validate import validate_config
 
 __all__ = ["GemmaConfig", "GemmaForCausalLM", "GemmaDecoderLayer", "Gemma2DecoderLayer", "read_gemma"]
 
@@ -91,10 +92,12 @@ def _layer_types(d: dict[str, Any], model_type: str, layers: int) -> tuple[str, 
     if model_type == "gemma":
         return None
     if d.get("layer_types"):
+        if not isinstance(d["layer_types"], list):
+            raise ValueError(f"layer_types must be a list, not {d['layer_types']!r}")
         return tuple(d["layer_types"])
     # Gemma 2: even layers slide; Gemma 3: every `sliding_window_pattern`-th layer is global.
-    pattern = 2 if model_type == "gemma2" else \
-        int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
+    key = "sliding_window_pattern" if d.get("sliding_window_pattern") is not None else "_sliding_window_pattern"
+    pattern = 2 if model_type == "gemma2" else positive_int(d, key, 6)
     return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(layers))
 
 
@@ -104,7 +107,7 @@ def read_gemma(d: dict[str, Any], *, nested_in: str | None = None) -> GemmaConfi
     model_type = d["model_type"]
     defaults = _DEFAULTS[model_type]
     if d.get("use_bidirectional_attention"):
-        raise ValueError(f"config.json: use_bidirectional_attention is set: this {model_type} model "
+        raise ValueError(f"use_bidirectional_attention is set: this {model_type} model "
                          "is an encoder (embeddings), not a causal LM distload can run")
     act_key = "hidden_act" if model_type == "gemma" else "hidden_activation"
     max_pos = int(d.get("max_position_embeddings") or defaults["max_position_embeddings"])
@@ -118,6 +121,8 @@ def read_gemma(d: dict[str, Any], *, nested_in: str | None = None) -> GemmaConfi
 
     def opt_float(key: str) -> float | None:
         value = d.get(key, defaults.get(key))
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise ValueError(f"{key} must be a positive number or null, not {value!r}")
         return None if value is None else float(value)
 
     return GemmaConfig(
@@ -132,7 +137,12 @@ def read_gemma(d: dict[str, Any], *, nested_in: str | None = None) -> GemmaConfi
 
 def read_gemma3(d: dict[str, Any]) -> GemmaConfig:
     """The text model of a Gemma 3 multimodal config.json (``model_type: gemma3``)."""
-    return read_gemma(text_config(d, "gemma3", "gemma3_text"), nested_in="gemma3")
+    text = text_config(d, "gemma3", "gemma3_text")
+    try:
+        validate_config(text)
+    except ValueError as e:
+        raise ValueError(f"text_config: {e}") from None
+    return read_gemma(text, nested_in="gemma3")
 
 
 def _attention(config: GemmaConfig, layer_idx: int) -> Attention:

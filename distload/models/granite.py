@@ -51,7 +51,7 @@ def read_granite(d: dict[str, Any]) -> GraniteConfig:
     for key in _MULTIPLIERS:
         value = d.get(key, 1.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value == 0:
-            raise ValueError(f"config.json: {key} must be a non-zero number, not {value!r}")
+            raise ValueError(f"{key} must be a non-zero number, not {value!r}")
         multipliers[key] = float(value)
     return GraniteConfig(**fields, **multipliers, attention_bias=bool(d.get("attention_bias", False)),
                          mlp_bias=bool(d.get("mlp_bias", False)))

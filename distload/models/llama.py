@@ -76,9 +76,11 @@ class LlamaConfig(DecoderConfig):
             raise ValueError(f"unsupported model_type {model_type!r}; distload supports "
                              f"{', '.join(LLAMA_FAMILY_TYPES)}")
         fields = read_decoder(d, defaults={"max_position_embeddings": _DEFAULT_MAX_POSITIONS[model_type]})
-        activation(fields["hidden_act"])
+        if fields["hidden_act"] not in ("silu", "swish"):
+            raise ValueError(f"hidden_act {fields['hidden_act']!r} is not supported for {model_type} "
+                             "(only silu)")
         if fields["rope"].partial_rotary_factor != 1.0:
-            raise ValueError(f"config.json: partial_rotary_factor != 1 is not supported for {model_type}")
+            raise ValueError(f"partial_rotary_factor != 1 is not supported for {model_type}")
         window, layer_types = _read_sliding_window(d, model_type, fields["num_hidden_layers"])
         # qwen2 always has q/k/v biases; mistral never; llama as its config says.
         qkv_bias = model_type == "qwen2" or (model_type == "llama" and bool(d.get("attention_bias")))

@@ -91,12 +91,12 @@ def read_qwen_moe(d: dict[str, Any]) -> QwenMoeConfig:
         bias = dict(qkv_bias=bool(d.get("attention_bias", False)),
                     o_bias=bool(d.get("attention_bias", False)))
     only = d.get("mlp_only_layers") or []
-    if not all(isinstance(i, int) for i in only):
-        raise ValueError(f"config.json: mlp_only_layers must be layer indices, not {only!r}")
+    if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+        raise ValueError(f"mlp_only_layers must be layer indices, not {only!r}")
     # transformers 5 writes `num_local_experts` (its alias of `num_experts`); the hub has the latter.
     experts = d.get("num_experts", d.get("num_local_experts", defaults["num_experts"]))
     if isinstance(experts, bool) or not isinstance(experts, int) or experts < 0:
-        raise ValueError(f"config.json: num_experts must be an integer >= 0, not {experts!r}")
+        raise ValueError(f"num_experts must be an integer >= 0, not {experts!r}")
     shared = d.get("shared_expert_intermediate_size", defaults.get("shared_expert_intermediate_size", 0))
     return QwenMoeConfig(
         **fields, sliding_window=window, layer_types=layer_types, **bias,

@@ -17,6 +17,8 @@ from typing import Any
 
 from torch import nn
 
+from .validate import validate_config
+
 __all__ = ["ModelFamily", "register_family", "family_for", "config_from_dict", "build_model",
            "supported_model_types"]
 
@@ -52,10 +54,12 @@ def supported_model_types() -> tuple[str, ...]:
 
 
 def family_for(config: dict) -> ModelFamily:
-    """The family of a config.json dict; ValueError naming the unsupported `model_type`
-    and listing the supported ones."""
+    """The family of a config.json dict, after `validate_config`; ValueError naming the
+    field at fault, or the unsupported `model_type` and the supported ones."""
     model_type = config.get("model_type") if isinstance(config, dict) else None
     family = _FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is not None:
+        validate_config(config)
     if family is None:
         text = config.get("text_config") if isinstance(config, dict) else None
         inner = text.get("model_type") if isinstance(text, dict) else None

@@ -43,8 +43,8 @@ def read_smollm3(d: dict[str, Any]) -> SmolLM3Config:
     layers = fields["num_hidden_layers"]
     interval = positive_int(d, "no_rope_layer_interval", 4)
     flags = d.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
-    if len(flags) != layers:
-        raise ValueError(f"config.json: no_rope_layers has {len(flags)} entries for {layers} layers")
+    if not isinstance(flags, list) or len(flags) != layers:
+        raise ValueError(f"no_rope_layers has {len(flags)} entries for {layers} layers")
     window = d.get("sliding_window")
     layer_types = d.get("layer_types") or [
         SLIDING if d.get("use_sliding_window") and window is not None and not flags[i] else FULL

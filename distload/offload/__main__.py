@@ -18,7 +18,7 @@ import os
 import sys
 
 from .entry import OffloadError
-from .maintenance import gc_store, list_entries, verify_store
+from .maintenance import gc_store, list_entries, pending_entries, verify_store
 from .store import OffloadStore
 
 __all__ = ["main"]
@@ -59,6 +59,10 @@ def _verify(store: OffloadStore, args) -> int:
     count = sum(1 for _ in list_entries(store))
     print(f"{count} entries checked, {len(problems)} problem(s)"
           + ("; the next load that needs a bad entry rewrites it" if problems else ""))
+    pending = pending_entries(store)
+    if pending:
+        print(f"{len(pending)} entries recorded but not written yet (e.g. for {pending[0][1]}); "
+              "the next load of that model writes them")
     return 1 if problems else 0
 
 

@@ -23,7 +23,8 @@ from filelock import Timeout
 from .entry import Entry, OffloadError, read_entry_file
 from .store import OffloadStore
 
-__all__ = ["iter_entry_files", "list_entries", "verify_store", "GcResult", "gc_store"]
+__all__ = ["iter_entry_files", "list_entries", "verify_store", "pending_entries", "GcResult",
+           "gc_store"]
 
 
 def iter_entry_files(store: OffloadStore) -> Iterator[Path]:
@@ -64,19 +65,24 @@ def list_entries(store: OffloadStore) -> list[dict]:
 
 
 def verify_store(store: OffloadStore) -> list[tuple[str, str, str]]:
-    """(key, tensor name, problem) for every entry whose size or checksum is wrong, whose
-    referenced source changed, or that a model needs but is missing. Empty: all intact."""
+    """(key, tensor name, problem) for every entry whose size or checksum is wrong, or
+    whose referenced source changed. Empty: all intact. (An entry a model recorded but
+    nobody wrote yet — a load in progress, or one stopped by a full disk or a signal — is
+    no problem: see `pending_entries`.)"""
     problems = []
-    present = set()
     for path in iter_entry_files(store):
-        present.add(path.name)
         entry, problem = store.probe(path.name, verify=True)
         if problem is not None:
             problems.append((path.name, entry.name if entry else "?", problem))
-    for key, models in sorted(_models_by_key(store).items()):
-        if key not in present:
-            problems.append((key, "?", f"missing (needed by {models[0]}); the next load writes it"))
     return problems
+
+
+def pending_entries(store: OffloadStore) -> list[tuple[str, str]]:
+    """(key, model) of every entry the manifest records but the directory lacks: the next
+    load of that model writes it."""
+    present = {path.name for path in iter_entry_files(store)}
+    return [(key, models[0]) for key, models in sorted(_models_by_key(store).items())
+            if key not in present]
 
 
 @dataclass

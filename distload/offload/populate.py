@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 
 import torch
@@ -18,10 +19,23 @@ import torch
 from ..checkpoint.types import TensorMeta
 from ..dtypes import cast_dtype, dtype_from_name
 from ..io.reader import read_tensors
-from .entry import Entry, EntrySpec
+from .entry import Entry, EntrySpec, OffloadError
 from .store import OffloadStore
 
-__all__ = ["ensure_entries"]
+__all__ = ["ensure_entries", "bytes_to_write"]
+
+_HEADER_ROOM = 4096  # an entry's header (generous)
+
+
+def bytes_to_write(store: OffloadStore, specs: Mapping[str, EntrySpec]) -> int:
+    """What making the missing entries of `specs` will write into `store`: a copy's bytes,
+    a zero-copy reference's header only."""
+    needed = 0
+    for spec in {s.key: s for s in specs.values()}.values():
+        if store.lookup(spec.key) is None:
+            copy = not (store.zero_copy and spec.can_reference)
+            needed += _HEADER_ROOM + (spec.nbytes if copy else 0)
+    return needed
 
 
 def ensure_entries(store: OffloadStore, metas: Mapping[str, TensorMeta], *, checkpoint: str,
@@ -44,6 +58,11 @@ def ensure_entries(store: OffloadStore, metas: Mapping[str, TensorMeta], *, chec
     metas = {name: meta.located(checkpoint) for name, meta in metas.items()}
     specs = {name: EntrySpec.from_meta(meta, cast_dtype(meta.dtype, dtype))
              for name, meta in metas.items()}
+    needed, free = bytes_to_write(store, specs), shutil.disk_usage(store.root).free
+    if needed > free:
+        raise OffloadError(f"{store.root}: the disk tier needs {needed / 1e9:.2f} GB more here, "
+                           f"but {free / 1e9:.2f} GB are free; free space there, choose another "
+                           "--offload-dir, or give the device and cpu tiers more memory")
     store.register(checkpoint, dtype, sorted({s.key for s in specs.values()}))
     read = 0
 

@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -39,11 +40,13 @@ from ..checkpoint.files import byte_view
 from ..log import logger
 from .entry import (KIND_COPY, KIND_REF, Entry, EntrySpec, OffloadError, checksum_bytes,
                     checksum_file, encode_header, read_entry_file, tensor_bytes)
+from .fs import warn_if_network
 
 __all__ = ["MANIFEST_VERSION", "OffloadStore", "default_offload_dir", "model_id"]
 
 MANIFEST_VERSION = 1
 _WRITE_CHUNK = 16 << 20
+_DIR_MODE = 0o755
 
 
 def default_offload_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -69,12 +72,15 @@ class OffloadStore:
         self.bytes_written = 0      # bytes this process wrote into the directory
         self.entries_written = 0
         self.repaired = 0           # corrupt entries found and rewritten
-        try:
-            (self.root / "data").mkdir(parents=True, exist_ok=True)
-            (self.root / "locks").mkdir(exist_ok=True)
+        try:  # nobody but its owner may write into it: entries are trusted once verified
+            self.root.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+            (self.root / "data").mkdir(exist_ok=True, mode=_DIR_MODE)
+            (self.root / "locks").mkdir(exist_ok=True, mode=_DIR_MODE)
         except OSError as e:
             raise OffloadError(f"cannot create the offload directory {self.root}: {e.strerror} "
                                "(choose another with offload_dir= / --offload-dir)") from e
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # the node's first rank speaks for the node
+            warn_if_network(self.root)
 
     # ------------------------------------------------------------------ paths and locks
     def entry_file(self, key: str) -> Path:
@@ -154,10 +160,11 @@ class OffloadStore:
             tensor = produce()
             if tuple(tensor.shape) != spec.shape:
                 raise ValueError(f"{spec.name}: produced shape {tuple(tensor.shape)} != {spec.shape}")
-            view = byte_view(tensor_bytes(tensor, spec.dtype))
+            data = tensor_bytes(tensor, spec.dtype)  # held while `view` is used: it owns the bytes
+            view = byte_view(data)
             checksum = checksum_bytes(view)
         final = self.entry_file(spec.key)
-        final.parent.mkdir(exist_ok=True)
+        final.parent.mkdir(exist_ok=True, mode=_DIR_MODE)
         tmp = final.parent / f".{spec.key}.tmp.{os.getpid()}.{secrets.token_hex(4)}"
         header = encode_header(spec, spec.key, kind, checksum)
         try:
@@ -177,8 +184,13 @@ class OffloadStore:
                 raise OffloadError(f"offload entry {tmp} did not read back as written "
                                    f"({size} of {expected} bytes): is the disk full or failing?")
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise OffloadError(f"{self.root}: {exc.strerror} while writing offload entry "
+                                   f"{spec.key[:12]} ({spec.name}, {spec.nbytes} bytes); nothing "
+                                   "half-written was left; free space there or choose another "
+                                   "--offload-dir") from None
             raise
         _fsync_dir(final.parent)
         self.bytes_written += expected

@@ -1,6 +1,8 @@
-"""Pure planning: memory budgets (`budget`), run reserves (`reserve`), the partition into
-stages and tiers (`planner`), the read items of each rank (`build`) → a frozen,
-JSON-serializable `LoadPlan` (`types`), and `--explain` (`explain`). Knows nothing of
+"""Pure planning: memory budgets (`budget`), run reserves (`reserve`), the model of one
+stage — which units stay resident, what streams from the CPU or disk tier, with how many
+slots (`stage`) — the partition into stages (`planner`), accelerate's single-process
+order behind device maps (`sequential`), the read items of each rank (`build`) → a
+frozen, JSON-serializable `LoadPlan` (`types`), and `--explain` (`explain`). Knows nothing of
 files, devices or torch.distributed: numbers and names in, data out."""
 
 from .build import make_plan, match_params_to_keys

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from ..checkpoint.types import TensorMeta
-from ..dtypes import cast_dtype, dtype_from_name
+from ..dtypes import cast_dtype, dtype_from_name, is_floating
 from ..errors import LoadError, PlanError
 from ..meta.describe import ModelSpec
 from .partition import min_max_partition
@@ -41,6 +41,11 @@ def match_params_to_keys(
                 raise LoadError(
                     f"shape mismatch for {p.name}: the model expects {list(p.shape)}, "
                     f"checkpoint tensor {key} in {meta.file} has {list(meta.shape)}")
+            if p.dtype is not None and is_floating(p.dtype) != is_floating(meta.dtype):
+                kind = "floating-point" if is_floating(p.dtype) else "integer"
+                raise LoadError(
+                    f"dtype mismatch for {p.name}: the model needs {kind} values, checkpoint "
+                    f"tensor {key} in {meta.file} is {meta.dtype}")
             param_to_key[p.name] = key
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")

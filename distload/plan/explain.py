@@ -1,8 +1,9 @@
 """`--explain`: the plan as text a person reads before loading anything.
 
 Per rank: its run of units (decoder layers as a range), bytes on each tier, the bytes kept
-free for activations and KV cache, its share of the estimated cost, and why its stage ends
-where it does (which budget bound it). Pure: a `LoadPlan` in, a string out.
+free on the device (KV cache, activations, streaming slots) and whether streamed units are
+prefetched, the host memory the load needs, its share of the estimated cost, and why its
+stage ends where it does (which budget bound it). Pure: a `LoadPlan` in, a string out.
 
 Example::
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+from ..io.reader import DEFAULT_STAGING_BYTES
 from .budget import format_bytes
 from .types import LoadPlan, StagePlan, Tier
 
@@ -57,6 +59,12 @@ def _held(plan: LoadPlan, stage: StagePlan) -> dict[str, int]:
     return stage.tier_bytes(plan.unit_bytes)
 
 
+def _slots(stage: StagePlan) -> str:
+    if not stage.stream_slots:
+        return "-"
+    return "2 (prefetch)" if stage.stream_slots > 1 else "1 (no prefetch)"
+
+
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -77,25 +85,42 @@ def explain_plan(plan: LoadPlan) -> str:
     lines.append(f"units ({len(plan.no_split_units)}, in execution order; kept whole: {kept}): "
                  f"{compress_units(plan.no_split_units)}")
     if plan.run_shape:
+        workload = plan.run_shape.get("workload", "any")
+        what = {"forward": "activations and full-sequence logits, no KV cache",
+                "generate": "KV cache and activations; logits for the last position only",
+                }.get(workload, "KV cache, activations and full-sequence logits")
         lines.append(f"reserved for running: batch {plan.run_shape['max_batch_size']} x "
-                     f"{plan.run_shape['max_seq_len']} tokens (KV cache and activations)")
+                     f"{plan.run_shape['max_seq_len']} tokens, workload {workload} ({what})")
     sends = [(s.rank, key, dst) for s in plan.stages for key, dst in s.sends]
     for src, key, dst in sends:
         lines.append(f"tied: {key} is read once by rank {src} and sent to rank {dst}")
-    rows = [["rank", "units", "device", "cpu", "disk", "reserved", "device budget", "cost share"]]
+    rows = [["rank", "units", "device", "cpu", "disk", "reserved", "slots", "device budget", "cost share"]]
     for s, cost in zip(plan.stages, costs):
         held = _held(plan, s)
         budget = s.budget.get("device") if s.budget else None
         rows.append([str(s.rank), compress_units(s.units), format_bytes(held[Tier.DEVICE]),
                      format_bytes(held[Tier.CPU]), format_bytes(held[Tier.DISK]),
-                     format_bytes(s.reserved_bytes),
+                     format_bytes(s.reserved_bytes), _slots(s),
                      format_bytes(budget) if budget is not None else "-", f"{cost / total_cost:.1%}"])
     lines += [""] + _table(rows) + [""]
     for s in plan.stages:
+        held = _held(plan, s)
         lines.append(f"rank {s.rank}: {s.bound or 'bytes-balanced split (no planner budgets)'}")
+        if s.reserve:
+            lines.append(f"        reserve {format_bytes(s.reserved_bytes)}: KV cache "
+                         f"{format_bytes(s.reserve.get('kv', 0))} + activations "
+                         f"{format_bytes(s.reserve.get('work', 0))} + streaming "
+                         f"{format_bytes(s.reserve.get('stream', 0))}")
+        lines.append(f"        host memory: {format_bytes(held[Tier.CPU])} cpu tier (plus the device "
+                     f"tier where the device is the CPU) + read staging, at most "
+                     f"{format_bytes(DEFAULT_STAGING_BYTES)} per reader thread; no whole state "
+                     "dict is ever built")
         if s.budget.get("source"):
             lines.append(f"        budgets from {s.budget['source']}")
     slowest = max(range(len(costs)), key=lambda r: (costs[r], -r))
+    lines.append("slots: units streamed in at once — 2: the next one is prefetched while one "
+                 "runs; 1: no prefetch (two did not fit, or keeping one more unit resident "
+                 "was worth more); -: nothing streamed")
     lines.append(f"slowest stage: rank {slowest}, {costs[slowest]:.4g} FLOP-equivalents per token "
                  f"({costs[slowest] / total_cost:.1%} of the total)")
     return "\n".join(lines) + "\n"

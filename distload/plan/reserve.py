@@ -12,6 +12,11 @@ Per unit (pure; the sizes come from `describe_model`):
   dtype, plus one float32 copy of its widest output (logits, RMSNorm's upcast). Units run
   one after another, so a stage reserves the largest.
 
+What is reserved depends on the workload (`RunShape.workload`): ``"forward"`` returns
+full-sequence logits and keeps no KV cache; ``"generate"`` keeps every KV cache and makes
+logits for the last position only (the head's outputs are ``batch`` rows, not ``batch *
+seq``); ``"any"`` (the default: a loaded pipeline serves both) reserves for both.
+
 Attention scores are not counted: SDPA's flash and memory-efficient kernels never
 materialize the ``seq x seq`` matrix on CUDA.
 
@@ -29,9 +34,11 @@ from dataclasses import dataclass
 
 from ..meta.describe import ModelSpec
 
-__all__ = ["RunShape", "UnitReserve", "run_shape", "unit_reserves", "stage_reserve", "DEFAULT_MAX_SEQ_LEN"]
+__all__ = ["RunShape", "UnitReserve", "run_shape", "unit_reserves", "stage_reserve", "DEFAULT_MAX_SEQ_LEN",
+           "WORKLOADS"]
 
 DEFAULT_MAX_SEQ_LEN = 2048
+WORKLOADS = ("any", "forward", "generate")
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,15 @@ class RunShape:
 
     max_batch_size: int = 1
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    workload: str = "any"
+
+    def __post_init__(self) -> None:
+        if self.workload not in WORKLOADS:
+            raise ValueError(f"workload {self.workload!r}: use one of {', '.join(WORKLOADS)}")
+
+    def as_dict(self) -> dict:
+        return {"max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
+                "workload": self.workload}
 
     @property
     def tokens(self) -> int:
@@ -54,10 +70,10 @@ class UnitReserve:
 
 
 def run_shape(config: Mapping | None = None, *, max_batch_size: int | None = None,
-              max_seq_len: int | None = None) -> RunShape:
+              max_seq_len: int | None = None, workload: str = "any") -> RunShape:
     """The `RunShape` for the user's flags: batch 1 by default; sequence length
-    `DEFAULT_MAX_SEQ_LEN` capped at the model's ``max_position_embeddings``. A longer
-    `max_seq_len` than the model supports is an error.
+    `DEFAULT_MAX_SEQ_LEN` capped at the model's ``max_position_embeddings``; `workload`
+    as in the module docstring. A longer `max_seq_len` than the model supports is an error.
 
     Example::
 
@@ -77,7 +93,7 @@ def run_shape(config: Mapping | None = None, *, max_batch_size: int | None = Non
         if limit and seq > limit:
             raise ValueError(f"max sequence length {seq} exceeds the model's "
                              f"max_position_embeddings ({limit})")
-    return RunShape(batch, seq)
+    return RunShape(batch, seq, workload)
 
 
 def _config_kv_per_token(config: Mapping | None) -> int:
@@ -96,7 +112,8 @@ def unit_reserves(spec: ModelSpec, shape: RunShape | None, *, itemsize: int,
                   config: Mapping | None = None) -> tuple[UnitReserve, ...]:
     """One `UnitReserve` per unit of `spec` (all zero when `shape` is None: nothing
     reserved, as accelerate does). A unit of a no-split class that names no k/v
-    projections takes its KV size from `config`.
+    projections takes its KV size from `config`. The head (``spec.head``) makes logits for
+    the last position only under ``workload="generate"``.
 
     Example::
 
@@ -105,13 +122,19 @@ def unit_reserves(spec: ModelSpec, shape: RunShape | None, *, itemsize: int,
     if shape is None:
         return tuple(UnitReserve() for _ in spec.units)
     tokens = shape.tokens
-    fallback_kv = _config_kv_per_token(config)
+    fallback_kv = _config_kv_per_token(config) if shape.workload != "forward" else 0
     out = []
     for unit in spec.units:
-        kv = unit.kv_per_token
+        kv = unit.kv_per_token if shape.workload != "forward" else 0
         if kv == 0 and unit.kind and unit.kind in spec.no_split_classes:
             kv = fallback_kv
-        work = tokens * (unit.act_per_token * itemsize + unit.max_out * 4)
+        if shape.workload == "generate" and unit.name == spec.head:
+            # its input is the whole sequence; its outputs, one row per sequence
+            outputs = unit.act_per_token - unit.in_width
+            work = (tokens * unit.in_width * itemsize
+                    + shape.max_batch_size * (outputs * itemsize + unit.max_out * 4))
+        else:
+            work = tokens * (unit.act_per_token * itemsize + unit.max_out * 4)
         out.append(UnitReserve(kv_bytes=tokens * kv * itemsize, work_bytes=work))
     return tuple(out)
 

@@ -64,6 +64,8 @@ class StagePlan:
     budget: dict = field(default_factory=dict)    # the rank's {"device", "cpu", "disk", "source"}
     held_bytes: dict = field(default_factory=dict)  # bytes held per tier, a tied tensor once
     plan_cost: float = 0.0                 # the planner's cost: FLOPs plus streaming penalty
+    stream_slots: int = 0                  # units streamed in at once: 2 prefetch, 1 not, 0 none
+    reserve: dict = field(default_factory=dict)  # reserved_bytes as {"kv", "work", "stream"}
 
     def tier_bytes(self, sizes: dict[str, int]) -> dict[str, int]:
         out = {t: 0 for t in Tier.ALL}
@@ -107,7 +109,7 @@ class LoadPlan:
     no_split_units: tuple[str, ...] = ()   # the unit names the planner chose, for explain
     unexpected_keys: tuple[str, ...] = ()  # checkpoint keys no parameter uses (strict=False)
     no_split_classes: tuple[str, ...] = () # classes kept whole (given, or the model's own)
-    run_shape: dict = field(default_factory=dict)  # {"max_batch_size", "max_seq_len"} reserved for
+    run_shape: dict = field(default_factory=dict)  # {"max_batch_size", "max_seq_len", "workload"}
     file_sizes: dict = field(default_factory=dict)  # checkpoint file (relative) -> bytes
     activation_dtype: str = "float32"
     version: int = PLAN_VERSION
@@ -156,4 +158,6 @@ def _stage_from_dict(s: dict) -> StagePlan:
         budget=s.get("budget", {}),
         held_bytes=s.get("held_bytes", {}),
         plan_cost=s.get("plan_cost", 0.0),
+        stream_slots=s.get("stream_slots", 0),
+        reserve=s.get("reserve", {}),
     )

@@ -11,11 +11,11 @@ Example::
 
 from .base import Source, open_source, register_source, registered_sources
 from .demo import DEMO_CONFIG, DemoSource, ensure_demo_checkpoint, make_checkpoint  # noqa: F401 - registers
-from .local import LocalSource  # noqa: F401 - registers
+from .local import LocalSource, local_path  # noqa: F401 - registers
 from .hub import HubSource, parse_hub_id, resolve_model  # noqa: F401 - registers
 
 __all__ = [
-    "Source", "open_source", "register_source", "registered_sources", "DemoSource", "LocalSource",
+    "Source", "open_source", "register_source", "registered_sources", "DemoSource", "LocalSource", "local_path",
     "HubSource", "parse_hub_id", "resolve_model", "DEMO_CONFIG", "ensure_demo_checkpoint",
     "make_checkpoint",
 ]

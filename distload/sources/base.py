@@ -9,8 +9,10 @@ Who calls what, in order (`distload.loader` does it):
    ``source.identity()`` (JSON, no path of rank 0's machine);
 3. every rank: ``source.check(plan.source)`` — the rank's own `spec` names the same
    checkpoint;
-4. one rank per node: ``source.fetch(files)`` — make `files` (relative to the root)
-   present on this node (a download, or nothing); the node's other ranks wait;
+4. one rank per node: ``source.fetch(files, sizes=plan.file_sizes)`` — make `files`
+   (relative to the root) present on this node (a download, or nothing); every other
+   rank waits for every node's leader, without a time limit while they live (a download
+   may take far longer than the process group's timeout);
 5. every rank: ``source.root()`` — the directory on this node that the plan's relative
    file names are joined to.
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 from ..checkpoint.index import CheckpointIndex
@@ -62,10 +64,10 @@ class Source(ABC):
             raise CheckpointError(f"this rank's --model {self.spec!r} is {mine}, but rank 0 planned "
                                   f"{identity}: every rank must be given the same checkpoint")
 
-    def fetch(self, files: Sequence[str]) -> int:
-        """One rank per node: make `files` (relative to the root) present on this node;
-        returns the bytes this call brought in (downloaded or made). Default: nothing to
-        do, the files are where the root says."""
+    def fetch(self, files: Sequence[str], *, sizes: Mapping[str, int] | None = None) -> int:
+        """One rank per node: make `files` (relative to the root; `sizes`: each file's size
+        as rank 0 saw it) present on this node; returns the bytes this call brought in
+        (downloaded or made). Default: nothing to do, the files are where the root says."""
         return 0
 
     @abstractmethod

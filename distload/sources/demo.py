@@ -104,7 +104,7 @@ class DemoSource(Source):
     def identity(self) -> dict:
         return {"kind": self.kind, "label": "demo", "recipe": _recipe_key()}
 
-    def fetch(self, files) -> int:
+    def fetch(self, files, *, sizes=None) -> int:
         path = cache_root(self.cache_dir) / f"demo-{_recipe_key()}"
         if path.is_dir():
             return 0

@@ -1,32 +1,48 @@
-"""Hub ids ``org/name[@revision]``: a snapshot in huggingface_hub's own cache
-(``$HF_HOME``/``$HF_HUB_CACHE``), downloaded with huggingface_hub where it is missing.
+"""Hub ids ``org/name[@revision]``: planned from the shards' headers alone, and on each
+node only the shards its ranks read are downloaded, into that node's huggingface_hub cache
+(``$HF_HOME``/``$HF_HUB_CACHE``; never distload's own cache).
 
-Rank 0 resolves the revision to a commit once; the plan records that commit, and every
-node fetches exactly that commit into its own cache, so a push mid-job cannot mix
-revisions. The cache is tried first (no network), the network only where it is allowed
-(``HF_HUB_OFFLINE=1`` forbids it).
+Rank 0 resolves the revision to a commit once (`hub_index`); the plan records that commit,
+the shards' sizes and the support files (config, tokenizer), and every node's leader
+fetches exactly those files of exactly that commit with ``hf_hub_download`` (its cache
+layout, its locks, its resumes), so a push mid-job cannot mix revisions and a second run
+downloads nothing. ``HF_HUB_OFFLINE=1`` forbids every request: what the caches hold is
+used, and anything missing is an error naming the file. ``HF_ENDPOINT`` and ``HF_TOKEN``
+act as huggingface_hub reads them.
+
+Example::
+
+    source = HubSource("acme/llama@v1")
+    index = source.index()                 # rank 0: headers by range requests
+    source.fetch(["model-00002-of-00004.safetensors"], sizes={...})   # a node's leader
+    source.root()                          # .../models--acme--llama/snapshots/<sha>
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
-from ..checkpoint.index import CheckpointIndex, index_checkpoint
+from ..checkpoint.index import CheckpointIndex
 from ..errors import CheckpointError
 from ..log import logger
 from .base import Source, register_source
+from .hub_index import download, remote_index, snapshot_dir
 from .local import local_path
 
 __all__ = ["HubSource", "resolve_model", "parse_hub_id", "HUB_PATTERNS"]
 
-# What a load needs from a hub repo: config, weights, tokenizer; never *.bin, *.pt, *.h5.
+# What users download of a repo for a load (snapshot_download's allow_patterns): config,
+# weights, tokenizer; never *.bin, *.pt, *.h5.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".index.json")
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 _HUB_ID = re.compile(rf"(?P<repo>{_NAME}/{_NAME})(?:@(?P<rev>[^\s@]+))?")
-_TRUE = {"1", "true", "yes", "on"}
+_SHA = re.compile(r"[0-9a-f]{40}")
+_MAX_DOWNLOADS = 8  # files at once per node, as snapshot_download's default
 
 
 def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
@@ -47,23 +63,11 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     return repo, m["rev"]
 
 
-def _offline() -> bool:
-    # Read at call time: huggingface_hub reads it once, at import.
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
-        return True
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
 def resolve_model(spec: str, *, cache_dir: str | os.PathLike | None = None) -> str:
-    """Return the absolute local path of checkpoint `spec`.
-
-    `spec` is an existing directory or `.safetensors`/`.bin` file, or a hub id
-    ``org/name`` or ``org/name@revision``. A hub id is looked up in the local cache first
-    (no network); failing that it is downloaded (config, safetensors weights, tokenizer),
-    unless ``HF_HUB_OFFLINE=1``. `cache_dir` is huggingface_hub's cache (default
-    ``$HF_HUB_CACHE``, read now), never distload's.
+    """The absolute local path of checkpoint `spec`, for one process: an existing
+    directory or `.safetensors`/`.bin` file as is; a hub id ``org/name[@revision]`` with
+    every shard and support file brought into huggingface_hub's cache (see `HubSource`;
+    `cache_dir` is distload's cache, which keeps the headers).
 
     Example::
 
@@ -74,46 +78,13 @@ def resolve_model(spec: str, *, cache_dir: str | os.PathLike | None = None) -> s
     local = local_path(spec)
     if local is not None:
         return local
-    hub = parse_hub_id(spec)
-    if hub is None:
+    if parse_hub_id(spec) is None:
         raise CheckpointError(f"no such file or directory: {spec}")
-    repo, revision = hub
-    if cache_dir is None:
-        cache_dir = os.environ.get("HF_HUB_CACHE") or None
-    at = f"{repo}@{revision}" if revision else repo
-
-    from huggingface_hub import snapshot_download  # import late: the CLI need not pay for it
-
-    def fetch(local_only: bool) -> str:
-        return snapshot_download(
-            repo,
-            revision=revision,
-            cache_dir=cache_dir,
-            allow_patterns=HUB_PATTERNS,
-            local_files_only=local_only,
-        )
-
-    try:
-        path = fetch(True)
-        logger.info("%s: using cached snapshot %s", at, path)
-        return os.path.abspath(path)
-    except (OSError, ValueError) as e:  # not cached, or cached but incomplete
-        cache_error = e
-    logger.debug("%s: not in the local cache (%s)", at, cache_error)
-    if _offline():
-        raise CheckpointError(
-            f"not a local path, and hub id {at} is not in the local cache (HF_HUB_OFFLINE=1): "
-            f"{type(cache_error).__name__}: {cache_error}"
-        ) from cache_error
-    logger.info("%s: downloading from the hub", at)
-    try:
-        path = fetch(False)
-    except Exception as e:  # network, auth, missing repo: all end the load the same way
-        raise CheckpointError(
-            f"not a local path, hub id {at} is not in the local cache, and downloading it failed: "
-            f"{type(e).__name__}: {e}"
-        ) from e
-    return os.path.abspath(path)
+    source = HubSource(spec, cache_dir=cache_dir)
+    index = source.index()
+    _, sizes = index.relative()
+    source.fetch(sorted(sizes), sizes=sizes)
+    return source.root()
 
 
 @register_source
@@ -129,26 +100,73 @@ class HubSource(Source):
     def __init__(self, spec: str, **kw) -> None:
         super().__init__(spec, **kw)
         self.repo, self.revision = parse_hub_id(spec)
-        self.commit: str | None = None   # rank 0 resolves it; the others take the plan's
+        self.commit: str | None = None          # rank 0 resolves it; the others take the plan's
+        self.support: tuple[str, ...] = ()      # config, tokenizer: every node takes them
 
     def index(self) -> CheckpointIndex:
-        path = resolve_model(self.spec)
-        self.commit = os.path.basename(path)   # .../snapshots/<commit sha>
-        return index_checkpoint(path)
+        remote = remote_index(self.repo, self.revision, cache_dir=self.cache_dir)
+        self.commit, self.support = remote.sha, remote.support
+        return remote.index
 
     def identity(self) -> dict:
         return {"kind": self.kind, "label": f"{self.repo}@{self.commit}", "repo": self.repo,
-                "revision": self.commit}
+                "revision": self.commit, "support": list(self.support)}
 
     def check(self, identity: dict) -> None:
         if identity.get("kind") != self.kind or identity.get("repo") != self.repo:
             raise CheckpointError(f"this rank's --model {self.spec!r} is not {identity.get('label')}, "
                                   "which rank 0 planned: every rank must be given the same checkpoint")
+        if self.revision and _SHA.fullmatch(self.revision) and self.revision != identity["revision"]:
+            raise CheckpointError(f"this rank's --model {self.spec!r} names commit {self.revision}, but rank 0 "
+                                  f"planned {identity.get('label')}: every rank must be given the same checkpoint")
         self.commit = identity["revision"]
+        self.support = tuple(identity.get("support", ()))
 
-    def fetch(self, files) -> int:
-        resolve_model(f"{self.repo}@{self.commit}")
-        return 0
+    def fetch(self, files: Sequence[str], *, sizes: Mapping[str, int] | None = None) -> int:
+        """This node's leader: `files` (the shards its ranks read) and the support files of
+        the planned commit into this node's huggingface_hub cache, several at once; each
+        shard's size checked against rank 0's listing. Returns the bytes downloaded (0 when
+        the cache held everything). The first failure raises, naming its file."""
+        from huggingface_hub import try_to_load_from_cache
+
+        wanted = sorted(set(files) | set(self.support))
+        sizes = sizes or {}
+        missing = [f for f in wanted
+                   if not isinstance(try_to_load_from_cache(self.repo, f, revision=self.commit), str)]
+
+        def one(file: str) -> None:
+            path = download(self.repo, file, self.commit)
+            want = sizes.get(file)
+            size = os.path.getsize(path)
+            if want is not None and size != want:
+                raise CheckpointError(f"{path} is {size} bytes but {file} of {self.repo}@{self.commit} is "
+                                      f"{want} bytes: a partial or corrupt download (delete it from the "
+                                      "hub cache and run again)")
+
+        if missing:
+            logger.info("downloading %d file(s) of %s@%s on this node", len(missing), self.repo, self.commit)
+        with ThreadPoolExecutor(min(_MAX_DOWNLOADS, len(wanted)) or 1, thread_name_prefix="distload-dl") as pool:
+            failures = [e for e in pool.map(_error_of(one), wanted) if e is not None]
+        if failures:
+            if len(failures) > 1:
+                logger.error("%d more download(s) failed: %s", len(failures) - 1,
+                             "; ".join(str(e) for e in failures[1:4]))
+            raise failures[0]
+        return sum(os.path.getsize(os.path.join(self.root(), f)) for f in missing)
 
     def root(self) -> str:
-        return resolve_model(f"{self.repo}@{self.commit}")
+        if self.commit is None:
+            raise RuntimeError("HubSource.root() before index() or check(): the commit is not known yet")
+        return snapshot_dir(self.repo, self.commit)
+
+
+def _error_of(fn):
+    """`fn` returning the exception it raised (None if none), so that every download of a
+    batch runs to its end and the first failure in file order is the one reported."""
+    def run(arg):
+        try:
+            fn(arg)
+        except Exception as exc:  # noqa: BLE001
+            return exc
+        return None
+    return run

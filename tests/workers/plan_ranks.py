@@ -23,6 +23,10 @@ if also_load:
     result["load_digest"] = pipe.plan.digest()
     result["report"] = pipe.report
     logits = pipe.forward(torch.tensor([[1, 15, 27, 200, 42, 7], [5, 9, 81, 2, 3, 4]]))
+    streamer = distload.offload.streamer_of(pipe.module)
+    if streamer is not None:   # the executor honours the plan's streaming slots
+        result["stream"] = {"max_resident": streamer.max_resident, "prefetch": streamer.prefetch,
+                            "peak_resident": streamer.stats.peak_resident}
     if rank == 0:
         torch.save(logits, os.path.join(out_dir, "logits.pt"))
 with open(os.path.join(out_dir, f"plan{rank}.json"), "w") as f:

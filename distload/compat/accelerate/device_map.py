@@ -2,9 +2,17 @@
 
 What differs from accelerate (its known faults, fixed):
 
-* The GPUs in `max_memory` get contiguous stages that minimise the costliest stage
-  (per-token FLOPs; `distload.plan.planner`), not a greedy fill of GPU 0 first; what does
-  not fit goes to "cpu" then "disk", after the last GPU's stage.
+* accelerate's order is kept — the GPUs' stages, then "cpu", then "disk" — but the GPUs
+  get contiguous stages that minimise the costliest stage (per-token FLOPs), not a greedy
+  fill of GPU 0 first; what does not fit goes to "cpu" then "disk" after the last GPU's
+  stage, within `max_memory["cpu"]` and `max_memory["disk"]`, and the first GPU (where
+  offloaded modules run) keeps room to stream them, prefetched where two fit
+  (`distload.plan.sequential`). Never an offloaded module between two GPUs.
+* Without GPUs, "cpu" is the device: any set of units stays there (the largest too — a
+  big embedding resident while small layers stream from "disk"), as the planner's stage
+  model chooses (`distload.plan.stage`).
+* GPU keys for GPUs this machine lacks still give a map (a plan for another machine, as on
+  a login node), with a warning; loading onto a missing GPU then fails before any read.
 * Sizes parse strictly (``"20GB"`` = 10^9 bytes, ``"20GiB"`` = 2^30, ``"20gb"`` is bytes,
   ``"20G"`` is an error); the caller's `max_memory` dict is never changed.
 * No-split units are found without being told: the repeated children of a
@@ -28,22 +36,35 @@ from ...meta import describe_model, persistent_buffers
 from ...plan.budget import RankBudget, parse_max_memory
 from ...plan.planner import Partition, PlannerOptions, UnitLoad, partition
 from ...plan.reserve import run_shape, unit_reserves
+from ...plan.sequential import partition_sequential
 from ...plan.types import Tier
 
-__all__ = ["infer_auto_device_map", "plan_device_map", "DeviceMapPlan", "as_dtype", "Device"]
+__all__ = ["infer_auto_device_map", "plan_device_map", "DeviceMapPlan", "DeviceMap", "as_dtype", "Device"]
 
 Device = int | str
+
+
+class DeviceMap(dict):
+    """The dict `infer_auto_device_map` returns (use it as any device map), carrying
+    `stream_slots`: how many offloaded units the plan keeps room for on the device that
+    runs them (2: the next is prefetched; 1: no prefetch; 0: nothing offloaded), which
+    `load_checkpoint_and_dispatch` honours."""
+
+    stream_slots: int = 2
 
 
 @dataclass(frozen=True)
 class DeviceMapPlan:
     """`plan_device_map`'s answer: the uncleaned device map (per unit, plus modules that
-    hold only buffers), the stage devices, and the planner's `Partition`."""
+    hold only buffers), the device each stage runs on, and the planner's `Partition` —
+    with GPUs, one stage per GPU used and, when `offloaded`, a last stage of the "cpu" /
+    "disk" units (run on the first GPU)."""
 
     device_map: dict[str, Device]
     units: tuple[str, ...]
     devices: tuple[Device, ...]
     partition: Partition
+    offloaded: bool = False
 
 
 def _itemsize(t: torch.Tensor, name: str, dtype, special: Mapping) -> int:
@@ -77,9 +98,11 @@ def _config_dict(model: nn.Module) -> dict:
 def plan_device_map(model: nn.Module, max_memory: Mapping | None = None, *,
                     no_split_module_classes=None, dtype=None, special_dtypes: Mapping | None = None,
                     max_batch_size: int | None = None, max_seq_len: int | None = None,
-                    options: PlannerOptions | None = None) -> DeviceMapPlan:
+                    workload: str = "any", options: PlannerOptions | None = None) -> DeviceMapPlan:
     """Plan `model` (usually on meta) onto the GPUs named in `max_memory` (default: every
-    visible GPU's free memory, and 90 % of available RAM), then "cpu", then "disk".
+    visible GPU's free memory, and 90 % of available RAM), then "cpu", then "disk" (see the
+    module docstring). `workload` ("forward", "generate" or "any") sets what the run
+    reserve of `max_batch_size` x `max_seq_len` holds (`distload.plan.reserve`).
 
     Example::
 
@@ -95,7 +118,8 @@ def plan_device_map(model: nn.Module, max_memory: Mapping | None = None, *,
     loads = []
     shape = None
     if max_batch_size is not None or max_seq_len is not None:
-        shape = run_shape(_config_dict(model), max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        shape = run_shape(_config_dict(model), max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                          workload=workload)
     itemsize = as_dtype(dtype).itemsize if dtype is not None else next(
         (p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
     reserves = unit_reserves(spec, shape, itemsize=itemsize, config=_config_dict(model))
@@ -106,21 +130,34 @@ def plan_device_map(model: nn.Module, max_memory: Mapping | None = None, *,
         items += [(f"{unit.name}.{n}", t.numel() * _itemsize(t, f"{unit.name}.{n}", dtype, special))
                   for n, t in persistent_buffers(module)]
         loads.append(UnitLoad(unit.name, unit.cost, tuple(items), res.kv_bytes, res.work_bytes))
-    gpus = sorted(k for k in limits if isinstance(k, int))[:len(loads)]
+    gpus = sorted(k for k in limits if isinstance(k, int))
     cpu, disk = limits.get("cpu", 0), limits.get("disk")
-    if gpus:
-        budgets = [RankBudget(limits[g], source=f"max_memory[{g}]") for g in gpus]
-        budgets[-1] = RankBudget(limits[gpus[-1]], cpu, disk, source="last GPU: offloads to cpu, disk")
-        devices: tuple[Device, ...] = tuple(gpus)
-    else:
-        budgets, devices = [RankBudget(cpu, 0, disk, source="max_memory['cpu']")], ("cpu",)
-    part = partition(loads, budgets, options)
     where: dict[str, Device] = {}
-    for r, stage in enumerate(part.stages):
-        for i, tier in zip(range(stage.lo, stage.hi), stage.tiers):
-            where[loads[i].name] = devices[r] if tier == Tier.DEVICE else tier
-    device_map = _with_leftovers(model, where, devices[0])
-    return DeviceMapPlan(device_map, tuple(u.name for u in spec.units), devices, part)
+    if gpus:
+        _warn_missing(gpus)
+        seq = partition_sequential(loads, [limits[g] for g in gpus], cpu=cpu, disk=disk, options=options)
+        part, offloaded = seq.partition, seq.tail
+        devices: tuple[Device, ...] = tuple(gpus[:seq.gpus_used]) + ((gpus[0],) if offloaded else ())
+        for r, stage in enumerate(part.stages):
+            for i, tier in zip(range(stage.lo, stage.hi), stage.tiers):
+                where[loads[i].name] = gpus[r] if r < seq.gpus_used else tier
+        first: Device = gpus[0]
+    else:
+        part, offloaded = partition(loads, [RankBudget(cpu, 0, disk, source="max_memory['cpu']")], options), False
+        devices, first = ("cpu",), "cpu"
+        for i, tier in enumerate(part.tiers):
+            where[loads[i].name] = "cpu" if tier == Tier.DEVICE else tier
+    device_map = _with_leftovers(model, where, first)
+    return DeviceMapPlan(device_map, tuple(u.name for u in spec.units), devices, part, offloaded)
+
+
+def _warn_missing(gpus: list[int]) -> None:
+    present = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = [g for g in gpus if g >= present]
+    if missing:
+        have = "no CUDA device" if not present else f"only {present} GPU(s)"
+        logger.warning("max_memory names GPU(s) %s but this machine has %s: the device map is a plan "
+                       "for them; loading onto it here will fail", ", ".join(map(str, missing)), have)
 
 
 def _with_leftovers(model: nn.Module, where: dict[str, Device], first: Device) -> dict[str, Device]:
@@ -168,11 +205,12 @@ def _clean(model: nn.Module, device_map: dict[str, Device]) -> dict[str, Device]
 def infer_auto_device_map(model: nn.Module, max_memory: Mapping | None = None,
                           no_split_module_classes=None, dtype=None, special_dtypes: Mapping | None = None,
                           verbose: bool = False, clean_result: bool = True, offload_buffers: bool = False,
-                          *, max_batch_size: int | None = None, max_seq_len: int | None = None
-                          ) -> dict[str, Device]:
+                          *, max_batch_size: int | None = None, max_seq_len: int | None = None,
+                          workload: str = "any") -> dict[str, Device]:
     """``{module_name: device}`` for `model` (GPU index, "cpu" or "disk"), as accelerate's
     function of the same name, planned by distload's planner (see the module docstring).
-    `max_batch_size` / `max_seq_len` keep room on each GPU for activations and KV cache.
+    `max_batch_size` / `max_seq_len` keep room on each GPU for activations and KV cache
+    (for `workload` "forward", "generate" or "any").
 
     Example::
 
@@ -184,10 +222,12 @@ def infer_auto_device_map(model: nn.Module, max_memory: Mapping | None = None,
         logger.debug("offload_buffers is accepted for compatibility; buffers stay resident")
     plan = plan_device_map(model, max_memory, no_split_module_classes=no_split_module_classes,
                            dtype=dtype, special_dtypes=special_dtypes,
-                           max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+                           max_batch_size=max_batch_size, max_seq_len=max_seq_len, workload=workload)
     if verbose:
         for r, (dev, reason) in enumerate(zip(plan.devices, plan.partition.reasons)):
             stage = plan.partition.stages[r]
             logger.info("device %s: units %s..%s (%s)", dev, plan.units[stage.lo],
                         plan.units[stage.hi - 1], reason)
-    return _clean(model, plan.device_map) if clean_result else dict(plan.device_map)
+    out = DeviceMap(_clean(model, plan.device_map) if clean_result else plan.device_map)
+    out.stream_slots = max((s.stream_slots for s in plan.partition.stages), default=0)
+    return out

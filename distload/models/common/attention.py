@@ -104,7 +104,7 @@ class Attention(nn.Module):
                  rope_upcast: bool = False) -> None:
         super().__init__()
         if heads % kv_heads:
-            raise ValueError(f"config.json: num_attention_heads ({heads}) must be a multiple of "
+            raise ValueError(f"num_attention_heads ({heads}) must be a multiple of "
                              f"num_key_value_heads ({kv_heads})")
         self.layer_key = layer_key
         self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim

@@ -23,7 +23,7 @@ from typing import Any
 
 from .rope import RopeParams, read_rope
 
-__all__ = ["DecoderConfig", "read_decoder", "need", "positive_int", "SLIDING", "FULL",
+__all__ = ["DecoderConfig", "read_decoder", "need", "positive_int", "value_of", "SLIDING", "FULL",
            "text_config", "qwen_layer_types"]
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -62,15 +62,15 @@ class DecoderConfig:
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
-                f"config.json: num_attention_heads ({self.num_attention_heads}) must be a "
+                f"num_attention_heads ({self.num_attention_heads}) must be a "
                 f"multiple of num_key_value_heads ({self.num_key_value_heads})")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_hidden_layers:
-                raise ValueError(f"config.json: layer_types has {len(self.layer_types)} entries "
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries "
                                  f"for {self.num_hidden_layers} layers (num_hidden_layers)")
-            odd = sorted(set(self.layer_types) - {SLIDING, FULL})
+            odd = [t for t in self.layer_types if t not in (SLIDING, FULL)]
             if odd:
-                raise ValueError(f"config.json: layer_types {odd} are not supported "
+                raise ValueError(f"layer_types {odd} are not supported "
                                  f"(only {SLIDING!r} and {FULL!r})")
 
     def layer_sliding_window(self, layer_idx: int) -> int | None:
@@ -89,11 +89,18 @@ def need(d: dict[str, Any], key: str, model_type: str) -> Any:
     return d[key]
 
 
+def value_of(d: dict[str, Any], key: str, default: Any) -> Any:
+    """``d[key]``, or `default` where the key is absent or null (as transformers reads it)."""
+    value = d.get(key)
+    return default if value is None else value
+
+
 def positive_int(d: dict[str, Any], key: str, default: Any = None) -> int:
-    """``d[key]`` (or `default`) as an int >= 1; ValueError naming the key otherwise."""
-    value = d.get(key, default)
+    """``d[key]`` (or `default`, where absent or null) as an int >= 1; ValueError naming
+    the key otherwise."""
+    value = value_of(d, key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"config.json: {key} must be a positive integer, not {value!r}")
+        raise ValueError(f"{key} must be a positive integer, not {value!r}")
     return value
 
 
@@ -115,7 +122,7 @@ def read_decoder(d: dict[str, Any], *, defaults: dict[str, Any], eps_key: str = 
     heads = d["num_attention_heads"]
     kv_heads = d.get("num_key_value_heads") or defaults.get("num_key_value_heads") or heads
     head_dim = d.get("head_dim") or defaults.get("head_dim") or d["hidden_size"] // heads
-    max_pos = int(d.get("max_position_embeddings") or defaults.get("max_position_embeddings", 2048))
+    max_pos = positive_int(d, "max_position_embeddings", defaults.get("max_position_embeddings", 2048))
     if rope is None:
         rope = read_rope(d, default_theta=defaults.get("rope_theta", 10000.0), max_positions=max_pos,
                          **(rope_kw or {}))
@@ -130,11 +137,11 @@ def read_decoder(d: dict[str, Any], *, defaults: dict[str, Any], eps_key: str = 
         num_attention_heads=heads,
         num_key_value_heads=positive_int({"num_key_value_heads": kv_heads}, "num_key_value_heads"),
         head_dim=positive_int({"head_dim": head_dim}, "head_dim"),
-        rms_norm_eps=float(d.get(eps_key, defaults.get(eps_key, 1e-6))),
+        rms_norm_eps=_positive(value_of(d, eps_key, defaults.get(eps_key, 1e-6)), eps_key),
         rope=rope,
         max_position_embeddings=max_pos,
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", defaults.get("tie_word_embeddings", False))),
-        hidden_act=d.get(act_key) or defaults.get(act_key, "silu"),
+        tie_word_embeddings=bool(value_of(d, "tie_word_embeddings", defaults.get("tie_word_embeddings", False))),
+        hidden_act=value_of(d, act_key, defaults.get(act_key, "silu")),
         torch_dtype=str(dtype).removeprefix("torch.") if dtype else None,
         bos_token_id=d.get("bos_token_id", defaults.get("bos_token_id")),
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
@@ -157,6 +164,12 @@ XX
     return (int(window), tuple(layer_types)) if SLIDING in layer_types else (None, None)
 
 
+def _positive(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{key} must be a positive number, not {value!r}")
+    return float(value)
+
+
 def text_config(d: dict[str, Any], outer: str, inner: str) -> dict[str, Any]:
     """The text model's config of a multimodal config.json (`outer` model type) whose
     `text_config` is an `inner` model; ValueError when it is not there or not that."""
@@ -165,7 +178,7 @@ def text_config(d: dict[str, Any], outer: str, inner: str) -> dict[str, Any]:
         raise ValueError(f"config.json of a {outer} model lacks text_config (its text model)")
     text = {"model_type": inner, **text}
     if text["model_type"] != inner:
-        raise ValueError(f"config.json: text_config.model_type {text['model_type']!r} of a {outer} "
+        raise ValueError(f"text_config.model_type {text['model_type']!r} of a {outer} "
                          f"model is not supported (distload loads a {inner} text model)")
     for key in ("torch_dtype", "dtype", "eos_token_id", "bos_token_id", "pad_token_id"):
         if key not in text and key in d:   # older exports keep these at the top level only

@@ -34,9 +34,9 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 def activation(name: str, field: str = "hidden_act") -> Callable[[torch.Tensor], torch.Tensor]:
     """The activation called `name`; ValueError naming `field` when it is unknown."""
-    fn = ACTIVATIONS.get(name)
+    fn = ACTIVATIONS.get(name) if isinstance(name, str) else None
     if fn is None:
-        raise ValueError(f"config.json: {field} {name!r} is not supported; distload supports "
+        raise ValueError(f"{field} {name!r} is not supported; distload supports "
                          f"{', '.join(ACTIVATIONS)}")
     return fn
 

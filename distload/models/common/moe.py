@@ -49,7 +49,7 @@ class SparseMoE(nn.Module):
                  shared_expert_gate: bool = False, float32_weights: bool = False) -> None:
         super().__init__()
         if not 1 <= top_k <= len(experts):
-            raise ValueError(f"config.json: num_experts_per_tok ({top_k}) must be between 1 and "
+            raise ValueError(f"num_experts_per_tok ({top_k}) must be between 1 and "
                              f"the number of experts ({len(experts)})")
         self.gate = nn.Linear(hidden, len(experts), bias=False)
         self.experts = nn.ModuleList(experts)

@@ -58,12 +58,13 @@ class RopeParams:
 def read_rope(d: dict[str, Any], *, default_theta: float, max_positions: int,
               allowed: tuple[str, ...] = ("default", "linear", "llama3"),
               aliases: dict[str, str] | None = None, params: dict | None = None,
-              partial_rotary_factor: float | None = None, field: str = "rope_parameters"
+              partial_rotary_factor: float | None = None, field: str | None = None
               ) -> RopeParams:
     """The RoPE of config.json dict `d`, from either transformers 4's layout (`rope_theta`
     + `rope_scaling`, with `type` or `rope_type`) or 5's (`rope_parameters`); `params`
-    overrides where the family nests them (Gemma 3's per-layer-type dicts). `aliases` maps
-    legacy type names (Phi-3: "su" → "longrope"). Raises ValueError naming the field.
+    overrides where the family nests them (Gemma 3's per-layer-type dicts, named by
+    `field`). `aliases` maps legacy type names (Phi-3: "su" → "longrope"). Absent and null
+    keys take their defaults; anything else wrong raises ValueError naming the field.
 
     Example::
 
@@ -71,51 +72,78 @@ def read_rope(d: dict[str, Any], *, default_theta: float, max_positions: int,
                   default_theta=1e4, max_positions=2048).factor      # 4.0
     """
     if params is None:
+        field = field or ("rope_scaling" if d.get("rope_scaling") else "rope_parameters")
         params = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    field = field or "rope_parameters"
     if not isinstance(params, dict):
-        raise ValueError(f"config.json: {field} must be an object, not {params!r}")
+        raise ValueError(f"{field} must be an object, not {params!r}")
     params = dict(params)
-    theta = float(params.pop("rope_theta", None) or d.get("rope_theta") or default_theta)
+    theta = params.pop("rope_theta", None)
+    theta = _number(d.get("rope_theta") if theta is None else theta, "rope_theta", default_theta)
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
+    if not isinstance(rope_type, str):
+        raise ValueError(f"{field}.rope_type must be a string, not {rope_type!r}")
     rope_type = (aliases or {}).get(rope_type, rope_type)
     if rope_type not in allowed:
-        raise ValueError(f"config.json: {field}.rope_type {rope_type!r} is not supported for this "
-                         f"model; distload supports {', '.join(allowed)}")
+        raise ValueError(f"{field}.rope_type {rope_type!r} is not supported for this model; "
+                         f"distload supports {', '.join(allowed)}")
     partial = params.pop("partial_rotary_factor", None)
     if partial is None:
-        partial = d.get("partial_rotary_factor", partial_rotary_factor)
-    partial = 1.0 if partial is None else float(partial)
-    if not 0.0 < partial <= 1.0:
-        raise ValueError(f"config.json: partial_rotary_factor must be in (0, 1], not {partial}")
+        partial = d.get("partial_rotary_factor")
+    partial = _number(partial, "partial_rotary_factor", partial_rotary_factor or 1.0)
+    if partial > 1.0:
+        raise ValueError(f"partial_rotary_factor must be in (0, 1], not {partial}")
     if rope_type == "default":
         return RopeParams(theta=theta, partial_rotary_factor=partial)
 
     def need(key: str) -> Any:
         if params.get(key) is None:
-            raise ValueError(f"config.json: {field} of RoPE type {rope_type!r} needs {key!r}")
+            raise ValueError(f"{field} of RoPE type {rope_type!r} needs {key!r}")
         return params[key]
+
+    def factors(key: str) -> tuple[float, ...]:
+        value = need(key)
+        if not isinstance(value, list):
+            raise ValueError(f"{field}.{key} must be a list of numbers, not {value!r}")
+        return tuple(_number(v, f"{field}.{key}") for v in value)
 
     # Phi-3 keeps the pretraining length beside the RoPE dict, and it wins (as in transformers).
     original = d.get("original_max_position_embeddings") if rope_type == "longrope" else None
-    original = int(original or params.get("original_max_position_embeddings") or max_positions)
+    original = original or params.get("original_max_position_embeddings") or max_positions
+    if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+        raise ValueError(f"original_max_position_embeddings must be a positive integer, not {original!r}")
     if rope_type == "linear":
-        return RopeParams("linear", theta, factor=float(need("factor")), partial_rotary_factor=partial)
+        return RopeParams("linear", theta, factor=_number(need("factor"), f"{field}.factor"),
+                          partial_rotary_factor=partial)
     if rope_type == "llama3":
-        return RopeParams("llama3", theta, factor=float(need("factor")),
-                          low_freq_factor=float(need("low_freq_factor")),
-                          high_freq_factor=float(need("high_freq_factor")),
+        low = _number(need("low_freq_factor"), f"{field}.low_freq_factor")
+        high = _number(need("high_freq_factor"), f"{field}.high_freq_factor")
+        if high <= low:
+            raise ValueError(f"{field}.high_freq_factor ({high}) must exceed low_freq_factor ({low})")
+        return RopeParams("llama3", theta, factor=_number(need("factor"), f"{field}.factor"),
+                          low_freq_factor=low, high_freq_factor=high,
                           original_max_position_embeddings=original, partial_rotary_factor=partial)
-    short, long = tuple(map(float, need("short_factor"))), tuple(map(float, need("long_factor")))
+    short, long = factors("short_factor"), factors("long_factor")
     if len(short) != len(long):
-        raise ValueError(f"config.json: {field}.short_factor and long_factor differ in length "
+        raise ValueError(f"{field}.short_factor and long_factor differ in length "
                          f"({len(short)} != {len(long)})")
-    factor = params.get("factor")
-    attention = params.get("attention_factor")
-    return RopeParams("longrope", theta, factor=None if factor is None else float(factor),
-                      original_max_position_embeddings=original, short_factor=short,
-                      long_factor=long, attention_factor=None if attention is None else float(attention),
+    factor, attention = params.get("factor"), params.get("attention_factor")
+    return RopeParams("longrope", theta,
+                      factor=None if factor is None else _number(factor, f"{field}.factor"),
+                      original_max_position_embeddings=original, short_factor=short, long_factor=long,
+                      attention_factor=None if attention is None else _number(attention, f"{field}.attention_factor"),
                       partial_rotary_factor=partial)
+
+
+def _number(value: Any, field: str, default: float | None = None) -> float:
+    """`value` as a positive finite float (`default` when None); ValueError naming `field`."""
+    if value is None and default is not None:
+        return float(default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        raise ValueError(f"{field} must be a positive number, not {value!r}")
+    return float(value)
 
 
 def rotary_dim(rope: RopeParams, head_dim: int) -> int:
@@ -137,7 +165,7 @@ def rope_inv_freq(rope: RopeParams, head_dim: int, device: torch.device | str | 
     if rope.rope_type == "longrope":
         factors = rope.long_factor if long else rope.short_factor
         if len(factors) != dim // 2:
-            raise ValueError(f"config.json: longrope {'long' if long else 'short'}_factor has "
+            raise ValueError(f"longrope {'long' if long else 'short'}_factor has "
                              f"{len(factors)} entries; rotating {dim} channels needs {dim // 2}")
         ext = torch.tensor(factors, dtype=torch.float32, device=device)
         return 1.0 / (ext * rope.theta ** exponents)
@@ -183,9 +211,10 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.rope, self.head_dim, self.interleaved = rope, head_dim, interleaved
         self.scaling = rope_attention_scaling(rope, max_positions)
-        self.register_buffer("inv_freq", rope_inv_freq(rope, head_dim), persistent=False)
+        # on the CPU even under a meta device context (cheap; meta kernels cost seconds to load)
+        self.register_buffer("inv_freq", rope_inv_freq(rope, head_dim, "cpu"), persistent=False)
         if rope.rope_type == "longrope":
-            self.register_buffer("long_inv_freq", rope_inv_freq(rope, head_dim, long=True),
+            self.register_buffer("long_inv_freq", rope_inv_freq(rope, head_dim, "cpu", long=True),
                                  persistent=False)
         else:
             self.long_inv_freq = None

@@ -1,0 +1,188 @@
+"""The single-process plan behind a device map: accelerate's order — the GPUs' stages in
+index order, then what does not fit them on "cpu", then on "disk" — with every tier's
+budget respected and the slowest stage as cheap as possible within that order.
+
+Pure, like `distload.plan.planner`, whose stage model (`distload.plan.stage`) it shares:
+
+* Each GPU holds a contiguous run of units, all resident (reserve included): no GPU
+  streams, so no offloaded unit ever sits between two GPUs' stages.
+* The *tail* — the units after the last GPU's stage, possibly none — is offloaded: its
+  longest prefix that fits ``cpu`` on the CPU tier, the rest on the disk tier (at most
+  ``disk``). It runs on the *main* GPU (the first, as accelerate's hooks run offloaded
+  modules), which keeps room for ``slots x`` the tail's largest unit (plus the tail's KV
+  cache and activations when a run shape is reserved). The tail is one more stage: its
+  cost is its FLOPs plus the streaming penalty, 1 or 2 slots as in the stage model.
+* The plan minimises the costliest stage: for each number of slots and each bound on the
+  tail's largest unit (one of the units' sizes), one dynamic programme over the GPUs (the
+  main GPU's budget reduced by that room) gives the best split of every prefix; every
+  tail start is then tried. Exact without a run reserve; with one, the tail's reserve is
+  found by iterating to a fixed point (always within budget, possibly not the optimum).
+
+Example::
+
+    plan = partition_sequential(loads, [20 * 10**9, 20 * 10**9], cpu=100 * 10**9, disk=None)
+    plan.gpus_used, plan.partition.bounds, plan.partition.stages[-1].tiers
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import PlanError
+from .budget import RankBudget, format_bytes
+from .planner import Partition, best_splits, choose_bounds, finish
+from .stage import INF, PlannerOptions, StageLayout, StageModel, UnitLoad
+from .types import Tier
+
+__all__ = ["SequentialPlan", "partition_sequential"]
+
+
+@dataclass(frozen=True)
+class SequentialPlan:
+    """`partition_sequential`'s answer: the first `gpus_used` stages of `partition` are
+    those GPUs' (in index order); a last stage beyond them, when `tail` is set, holds the
+    offloaded units (tiers "cpu"/"disk"), streamed onto the first GPU."""
+
+    partition: Partition
+    gpus_used: int
+    tail: bool
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    key: tuple          # (bottleneck, tail penalty, one slot?, -tail start)
+    slots: int
+    room: int           # bytes the main GPU keeps for running the tail
+    start: int          # the tail's first unit (n: no tail)
+    gpus: int
+
+
+def partition_sequential(units: Sequence[UnitLoad], gpu_budgets: Sequence[int], *, cpu: int,
+                         disk: int | None, options: PlannerOptions | None = None) -> SequentialPlan:
+    """Place `units` (in execution order) on GPUs with `gpu_budgets` bytes each, then
+    "cpu" (`cpu` bytes), then "disk" (`disk` bytes, None: unlimited) — see the module
+    docstring. Raises `PlanError` when nothing fits.
+
+    Example::
+
+        partition_sequential(loads, [10**9], cpu=2 * 10**9, disk=None).partition.tiers
+    """
+    if not gpu_budgets:
+        raise ValueError("partition_sequential needs at least one GPU budget")
+    model = StageModel(units, options)
+    n, g = model.n, len(gpu_budgets)
+    best: _Candidate | None = None
+    tables = {}
+
+    def splits(room: int):
+        if room not in tables:
+            budgets = [RankBudget(gpu_budgets[0] - room, 0, 0)] + [RankBudget(b, 0, 0) for b in gpu_budgets[1:]]
+            tables[room] = best_splits(model, budgets, every_end=True)
+        return tables[room]
+
+    def gpus_for(table, t: int) -> tuple[float, int]:
+        """(bottleneck, GPUs used) of units 0..t-1 on the GPUs: the most GPUs among the best."""
+        if t == 0:
+            return 0.0, 0
+        value, used = INF, 0
+        for r in range(1, min(g, t) + 1):
+            if table[r][t] <= value:
+                value, used = table[r][t], r
+        return value, used
+
+    value, used = gpus_for(splits(0), n)
+    if value < INF:
+        best = _Candidate((value, 0.0, False, -n), 0, 0, n, used)
+    for slots in range(model.opt.stream_slots, 0, -1):
+        for bound in sorted(set(model.own), reverse=True):
+            extra = 0
+            while True:   # the tail's reserve, to a fixed point (0 without a run reserve)
+                room = slots * bound + extra
+                if room > gpu_budgets[0]:
+                    break
+                table = splits(room)
+                found = None
+                for t in range(n):
+                    if model.biggest(t, n) > bound:
+                        continue
+                    tail = _tail_cost(model, t, slots, cpu, disk)
+                    gpu, used = gpus_for(table, t)
+                    value = max(gpu, tail)
+                    if value == INF:
+                        continue
+                    key = (value, tail - model.compute(t, n), slots == 1, -t)
+                    if found is None or key < found.key:
+                        found = _Candidate(key, slots, room, t, used)
+                if found is None:
+                    break
+                kv, work = model.reserve(found.start, n)
+                if kv + work <= extra:
+                    if best is None or found.key < best.key:
+                        best = found
+                    break
+                extra = kv + work
+    if best is None:
+        raise PlanError(_diagnose(model, gpu_budgets, cpu, disk))
+    return _assemble(model, gpu_budgets, cpu, best)
+
+
+def _tail_cost(model: StageModel, t: int, slots: int, cpu: int, disk: int | None) -> float:
+    _, on_cpu, on_disk = _tail_split(model, t, cpu)
+    if disk is not None and on_disk > disk:
+        return INF
+    opt = model.opt
+    factor = opt.no_prefetch_factor if slots == 1 and opt.stream_slots == 2 else 1.0
+    return model.compute(t, model.n) + factor * (opt.cpu_penalty * on_cpu + opt.disk_penalty * on_disk)
+
+
+def _tail_split(model: StageModel, t: int, cpu: int) -> tuple[int, int, int]:
+    """(k, cpu bytes, disk bytes) of the tail t..n-1: its longest prefix t..k-1 within
+    `cpu` on the CPU tier, the rest on disk."""
+    lo, hi = t, model.n
+    while lo < hi:    # the largest k with nbytes(t, k) <= cpu (nbytes is monotone)
+        mid = (lo + hi + 1) // 2
+        if model.nbytes(t, mid) <= cpu:
+            lo = mid
+        else:
+            hi = mid - 1
+    on_cpu = model.nbytes(t, lo)
+    return lo, on_cpu, model.nbytes(t, model.n) - on_cpu
+
+
+def _assemble(model: StageModel, gpu_budgets: Sequence[int], cpu: int, c: _Candidate) -> SequentialPlan:
+    n, value = model.n, c.key[0]
+    budgets = [RankBudget(gpu_budgets[0] - c.room, 0, 0)] + [RankBudget(b, 0, 0) for b in gpu_budgets[1:]]
+    if c.gpus:
+        bounds = choose_bounds(model, budgets[:c.gpus], value, end=c.start)
+        part = finish(model, budgets[:c.gpus], bounds, value)
+        stages, reasons = list(part.stages), list(part.reasons)
+    else:
+        bounds, stages, reasons = (0,), [], []
+    if c.start == n:
+        return SequentialPlan(Partition(tuple(bounds), tuple(stages), value, tuple(reasons)), c.gpus, False)
+    k, on_cpu, on_disk = _tail_split(model, c.start, cpu)
+    kv, work = model.reserve(c.start, n)
+    largest = model.biggest(c.start, n)
+    cost = _tail_cost(model, c.start, c.slots, cpu, None)
+    tiers = (Tier.CPU,) * (k - c.start) + (Tier.DISK,) * (n - k)
+    stages.append(StageLayout(c.start, n, tiers, (0, on_cpu, on_disk), model.compute(c.start, n), cost,
+                              kv + work + c.slots * largest, c.slots, largest, kv, work))
+    prefetch = "2 slots (prefetch)" if c.slots == 2 else "1 slot (no prefetch)"
+    reasons.append(f"after the GPUs, accelerate's order: {k - c.start} unit(s) "
+                   f"({format_bytes(on_cpu)}) on cpu, then {n - k} ({format_bytes(on_disk)}) on disk, "
+                   f"streamed onto the first GPU with {prefetch} of {format_bytes(largest)}")
+    return SequentialPlan(Partition(tuple(bounds) + (n,), tuple(stages), value, tuple(reasons)), c.gpus, True)
+
+
+def _diagnose(model: StageModel, gpu_budgets: Sequence[int], cpu: int, disk: int | None) -> str:
+    total = model.nbytes(0, model.n)
+    biggest = max(model.own)
+    if biggest > gpu_budgets[0] and biggest > max(gpu_budgets):
+        return (f"the largest unit ({format_bytes(biggest)}) fits no GPU budget (largest "
+                f"{format_bytes(max(gpu_budgets))}), not even streamed onto the first GPU: raise "
+                "max_memory for the GPUs")
+    return (f"the weights ({format_bytes(total)}, plus reserves) fit neither the GPUs "
+            f"({', '.join(format_bytes(b) for b in gpu_budgets)}) nor, after them, 'cpu' "
+            f"({format_bytes(cpu)}) and 'disk' ({format_bytes(disk)}), the first GPU keeping room to "
+            "stream the offloaded units: raise max_memory (its 'cpu' or 'disk' entries)")
