@@ -309,7 +309,7 @@ def test_config_mutations_raise_only_value_errors(name):
         "rope_scaling", "rope_parameters", "text_config", "layer_types", "no_rope_layers",
         "mlp_only_layers", "partial_rotary_factor", "original_max_position_embeddings"]
 
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=25, deadline=None)
     @given(key=_json.sampled_from(keys), value=_values)
     def mutate(key, value):
         try:
@@ -321,7 +321,7 @@ def test_config_mutations_raise_only_value_errors(name):
                  "original_max_position_embeddings", "attention_factor", "rope_theta",
                  "partial_rotary_factor")
 
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=25, deadline=None)
     @given(kind=_json.sampled_from(["default", "linear", "llama3", "longrope", "su", 7]),
            fields=_json.dictionaries(_json.sampled_from(rope_keys), _values, max_size=4))
     def mutate_rope(kind, fields):
