@@ -37,6 +37,7 @@ Example::
 
     python scripts/bench_pipeline.py                       # hidden 1024, 16 layers, float32
     python scripts/bench_pipeline.py --micro-batches 4 8 --repeats 5 --json out.json
+    python scripts/bench_pipeline.py --config scripts/configs/bench-qwen3-moe.json   # an MoE
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--config", help="a config.json of any built-in model type (e.g. "
+                   "scripts/configs/bench-qwen3-moe.json); replaces the size flags above")
     p.add_argument("--batch", type=int, default=8, help="forward: sequences per call")
     p.add_argument("--seq", type=int, default=128, help="forward: tokens per sequence")
     p.add_argument("--micro-batches", type=int, nargs="+", default=[4],
@@ -88,6 +91,8 @@ def _args(argv=None) -> argparse.Namespace:
 
 
 def _config(a) -> dict:
+    if a.config:  # any registered architecture, its sizes from the file
+        return {**json.loads(Path(a.config).read_text()), "torch_dtype": a.dtype}
     return {"model_type": "llama", "vocab_size": a.vocab, "hidden_size": a.hidden,
             "intermediate_size": a.intermediate or int(2.75 * a.hidden),
             "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
@@ -188,8 +193,9 @@ def _job(a) -> None:
     quiet = _Quiet(distload.dist.gather_objects(world, os.getpid()) + [os.getppid()])
     seq = _whole_model(a.ckpt) if world.rank == 0 else None
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=gen)
-    prompts = torch.randint(0, a.vocab, (a.decode_batch, a.prompt), generator=gen)
+    vocab = _config(a)["vocab_size"]
+    ids = torch.randint(0, vocab, (a.batch, a.seq), generator=gen)
+    prompts = torch.randint(0, vocab, (a.decode_batch, a.prompt), generator=gen)
 
     def drain(stream) -> None:
         for _ in stream:
@@ -332,7 +338,9 @@ def main(argv=None) -> int:
         raw = json.loads(result.read_text())
     fig = _figures(a, raw)
     p, seq, pipe = a.ranks, fig["sequential"], fig["pipeline"]
-    print(f"model: hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, {a.dtype}; stage units "
+    cfg = _config(a)
+    print(f"model: {cfg['model_type']}, hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
+          f"vocab {cfg['vocab_size']}, {a.dtype}; stage units "
           f"{[len(s) for s in raw['stages']]}; load average at the end {raw['load_average'][0]:.1f}")
     counts = {role: min(len(v) for v in t.values()) for role, t in raw["times"].items()}
     print(f"medians of >= {counts} undisturbed calls per figure; calls retried because another "

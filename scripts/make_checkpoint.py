@@ -1,15 +1,24 @@
-"""Write a random-weight Llama-family checkpoint (HF sharded safetensors) for tests and
-benchmarks.
+"""Write a random-weight checkpoint (HF sharded safetensors) for tests and benchmarks: a
+Llama-family one from size flags, or any built-in architecture from a config.json. With
+`--headers-only`, real safetensors headers over a sparse data area (the files have their
+full size, but no byte of data is written): enough to plan a real-size model
+(`--explain`) without its weights.
 
     python scripts/make_checkpoint.py /data/ckpt-1.4gb --preset 1.4gb
     python scripts/make_checkpoint.py OUT --layers 16 --hidden 2048 --intermediate 5632 \\
         --heads 16 --kv-heads 8 --vocab 32000 --dtype bfloat16 --shards 6 --model-type llama
+    python scripts/make_checkpoint.py /tmp/qwen3-30b --config scripts/configs/qwen3-30b-a3b.json \\
+        --headers-only --shards 16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import shutil
+import struct
 import sys
 import time
 from pathlib import Path
@@ -44,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-type", choices=SUPPORTED_MODEL_TYPES, default="llama")
     p.add_argument("--tie", action="store_true", help="tie lm_head to the embedding")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", type=Path, help="a config.json of any built-in model type; "
+                   "replaces the size flags (--dtype still sets the weights' dtype)")
+    p.add_argument("--headers-only", action="store_true",
+                   help="write headers and a sparse (unwritten) data area only")
     args = p.parse_args(argv)
     if args.preset:
         for key, value in PRESETS[args.preset].items():
@@ -71,13 +84,68 @@ def config_from_args(args: argparse.Namespace) -> dict:
     }
 
 
+_ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def write_headers_only(config: dict, out_dir: Path, *, num_shards: int, dtype: str) -> Path:
+    """A checkpoint of `config` whose shards hold real safetensors headers, sized as the
+    full files (`os.truncate`: the data area is a hole, no byte written), with its index
+    and config.json. Tensors in the model's state-dict order, in at most `num_shards`."""
+    import torch
+
+    from distload.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(config)
+    itemsize = getattr(torch, dtype).itemsize
+    specs = [(name, tuple(t.shape)) for name, t in model.state_dict(keep_vars=True).items()]
+    total = sum(math.prod(shape) for _, shape in specs) * itemsize
+    cap = -(-total // num_shards)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    fill = 0
+    for name, shape in specs:
+        size = math.prod(shape) * itemsize
+        if fill and fill + size > cap and len(shards) < num_shards:  # the last takes the rest
+            shards.append([])
+            fill = 0
+        shards[-1].append((name, shape))
+        fill += size
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weight_map = {}
+    for i, tensors in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape in tensors:
+            size = math.prod(shape) * itemsize
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+            weight_map[name] = file
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        with open(tmp / file, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+        os.truncate(tmp / file, 8 + len(text) + offset)
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (tmp / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=1))
+    tmp.rename(out_dir)
+    return out_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.out_dir.exists():
         sys.exit(f"error: {args.out_dir} exists; choose a new directory")
     start = time.perf_counter()
-    path = make_checkpoint(config_from_args(args), args.out_dir, num_shards=args.shards,
-                           dtype=args.dtype, seed=args.seed)
+    config = json.loads(args.config.read_text()) if args.config else config_from_args(args)
+    if args.headers_only:
+        path = write_headers_only(config, args.out_dir, num_shards=args.shards, dtype=args.dtype)
+    else:
+        path = make_checkpoint(config, args.out_dir, num_shards=args.shards, dtype=args.dtype,
+                               seed=args.seed)
     index = json.loads((path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     total = index["metadata"]["total_size"]

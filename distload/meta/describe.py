@@ -9,7 +9,9 @@ module that holds parameters of its own (embeddings, final norm, head).
 A unit's cost is its per-token FLOPs: ``2 * in * out`` for every `nn.Linear` in it, unless
 the unit module says otherwise with ``flops_per_token()`` (a mixture of experts runs only
 its active experts; its bytes still count them all). Its KV cache per token is the output
-width of its ``k_proj`` and ``v_proj``, unless it defines ``kv_elements_per_token()``.
+width of its ``k_proj`` and ``v_proj``, unless it defines ``kv_elements_per_token()``; its
+activations per token are its Linears' outputs, unless it defines
+``activation_elements_per_token()`` (again: only the active experts run).
 """
 
 from __future__ import annotations
@@ -139,6 +141,9 @@ def _unit(module: nn.Module, prefix: str) -> UnitSpec:
     kv_hook = getattr(module, "kv_elements_per_token", None)  # fused qkv, shared KV layers
     if callable(kv_hook):
         kv = int(kv_hook())
+    act_hook = getattr(module, "activation_elements_per_token", None)  # experts: active ones
+    if callable(act_hook):
+        act = int(act_hook())
     return UnitSpec(name=prefix, params=params, cost=cost, kind=type(module).__name__,
                     kv_per_token=kv, act_per_token=act + width_in, max_out=widest, in_width=width_in)
 

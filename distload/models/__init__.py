@@ -3,8 +3,10 @@ behind a registry keyed by config.json's `model_type`. Knows nothing of checkpoi
 files or of ranks.
 
 `contract.py` writes down what a model must do for the pipeline, the planner and the
-loader (`StageModel`); `registry.py` maps model types to families; each family is one
-file that registers itself, imported below (one line per family).
+loader (`StageModel`); `registry.py` maps model types to families; `common/` holds what
+the families share (config readers, RoPE variants, norms, MLPs, attention, mixtures of
+experts, the split-tolerant skeleton); each family is one file that composes those and
+registers itself, imported below (one line per family).
 
 Example::
 
@@ -14,10 +16,20 @@ Example::
 """
 
 from . import llama as _llama  # noqa: F401  - registers llama, mistral, qwen2
+from . import qwen3 as _qwen3  # noqa: F401  - qwen3
+from . import qwen_moe as _qwen_moe  # noqa: F401  - qwen2_moe, qwen3_moe
+from . import mixtral as _mixtral  # noqa: F401  - mixtral
+from . import gemma as _gemma  # noqa: F401  - gemma, gemma2, gemma3_text, gemma3 (its text part)
+from . import phi3 as _phi3  # noqa: F401  - phi3
+from . import olmo2 as _olmo2  # noqa: F401  - olmo2
+from . import granite as _granite  # noqa: F401  - granite
+from . import starcoder2 as _starcoder2  # noqa: F401  - starcoder2
+from . import glm4 as _glm4  # noqa: F401  - glm4
+from . import smollm3 as _smollm3  # noqa: F401  - smollm3
+from . import cohere as _cohere  # noqa: F401  - cohere
 from .cache import KVCache
-from .config import LlamaConfig
 from .contract import StageModel
-from .llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from .registry import (ModelFamily, build_model, config_from_dict, family_for, register_family,
                        supported_model_types)
 

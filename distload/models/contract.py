@@ -26,8 +26,9 @@ on the meta device from its config, then cut into stages:
   `input_embedding_name` (the parameter whose dtype the activations take), and
   `checkpoint_tensors` (maps the checkpoint's tensors onto parameter names, for
   checkpoints whose names differ from the model's: nested text models, packed experts).
-  A unit module may define ``flops_per_token()`` when counting its `nn.Linear`s would be
-  wrong (mixture-of-experts: only the active experts run).
+  A unit module may define ``flops_per_token()`` and ``activation_elements_per_token()``
+  when counting its `nn.Linear`s would be wrong (mixture-of-experts: only the active
+  experts run), and ``kv_elements_per_token()`` (fused qkv projections).
 * **Buffers.** Non-persistent buffers (RoPE frequencies) are recomputed by
   ``init_buffers(device)`` after a stage is materialized from meta.
 

@@ -26,11 +26,14 @@ __all__ = ["ModelFamily", "register_family", "family_for", "config_from_dict", "
 @dataclass(frozen=True)
 class ModelFamily:
     """The model types one family file serves, how it reads a config.json dict (raising
-    ValueError naming what is wrong), and the `StageModel` class it builds."""
+    ValueError naming what is wrong), and the `StageModel` class it builds. A
+    `nested_text` family is a multimodal type of which distload loads the text model
+    alone (its config.json nests it under `text_config`)."""
 
     model_types: tuple[str, ...]
     read_config: Callable[[dict], Any]
     model_class: Callable[[Any], nn.Module]
+    nested_text: bool = False   # a multimodal type of which the text model is loaded
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -54,10 +57,18 @@ def family_for(config: dict) -> ModelFamily:
     """The family of a config.json dict, after `validate_config`; ValueError naming the
     field at fault, or the unsupported `model_type` and the supported ones."""
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type in _FAMILIES:
-        validate_config(config)
     family = _FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is not None:
+        validate_config(config)
     if family is None:
+        text = config.get("text_config") if isinstance(config, dict) else None
+        inner = text.get("model_type") if isinstance(text, dict) else None
+        if inner is not None:  # a multimodal checkpoint whose text model is not loadable alone
+            nested = [t for t, f in _FAMILIES.items() if getattr(f, "nested_text", False)]
+            raise ValueError(
+                f"unsupported model_type {model_type!r}: config.json nests a {inner!r} text "
+                f"model (text_config, weights under language_model.); distload loads the text "
+                f"part of {', '.join(nested) or 'no multimodal type'} only")
         raise ValueError(f"unsupported model_type {model_type!r}; distload supports "
                          f"{', '.join(_FAMILIES)}")
     return family

@@ -1,0 +1,51 @@
+"""Under torchrun: load each checkpoint given in turn (one process, `distload.load` called
+again and again), run `pipe.forward` on a left-padded batch (one micro-batch per rank) and
+greedy `pipe.generate` for 12 tokens (no EOS). With ``--disk CKPT``, finally load CKPT
+with half of each stage's layers on the disk tier and do the same. Rank 0 saves
+OUT/results.pt: per checkpoint name, its logits, tokens, job report and the checkpoint's
+tensor bytes.
+
+    torchrun --nproc_per_node=2 arch_pipeline.py OUT [--disk CKPT] CKPT [CKPT ...]
+"""
+
+import os
+import sys
+
+import torch
+
+import distload
+from offload_common import install_tiers
+from tests.archs import left_padded_batch
+
+args = sys.argv[1:]
+out_dir = args.pop(0)
+disk = None
+if args[0] == "--disk":
+    disk = args[1]
+    args = args[2:]
+ids, mask = left_padded_batch()
+results, pipe = {}, None
+
+
+def run(ckpt: str, name: str, **kw) -> None:
+    global pipe
+    pipe = distload.load(ckpt, device="cpu", **kw)
+    with torch.no_grad():
+        logits = pipe.forward(ids, mask, micro_batches=pipe.world.world_size)
+        tokens = pipe.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    if pipe.rank == 0:
+        results[name] = {"logits": logits, "tokens": tokens, "job_report": pipe.job_report,
+                         "checkpoint_bytes": pipe.plan.checkpoint_bytes,
+                         "units": [list(s.units) for s in pipe.plan.stages]}
+    else:
+        assert logits is None and tokens is None, "ranks other than 0 must get None"
+
+
+for ckpt in args:
+    run(ckpt, os.path.basename(ckpt))
+if disk is not None:
+    install_tiers("disk")
+    run(disk, os.path.basename(disk) + "@disk", offload_dir=os.path.join(out_dir, "offload"))
+if pipe.rank == 0:
+    torch.save(results, os.path.join(out_dir, "results.pt"))
+distload.dist.shutdown(pipe.world)
