@@ -270,6 +270,28 @@ def test_plan_model_passes_shard_files_when_shard_aware(monkeypatch):
     assert {u.name: u.files for u in aware}["lm_head"] == ("b.safetensors",)
 
 
+def test_a_source_that_downloads_files_plans_shard_aware(tmp_path, monkeypatch):
+    """A hub id (each node downloads its ranks' files) asks the planner for few files per
+    stage; a local directory (nothing to download) does not."""
+    import distload.loader.prepare as prepare
+    from distload.sources.demo import DEMO_CONFIG, make_checkpoint
+    from distload.sources.hub import HubSource
+    from distload.sources.local import LocalSource
+
+    assert HubSource.fetches_files and not LocalSource.fetches_files
+    make_checkpoint(dict(DEMO_CONFIG, num_hidden_layers=2), tmp_path / "ckpt", num_shards=2)
+    seen = []
+    real = prepare.plan_model
+    monkeypatch.setattr(prepare, "plan_model", lambda *a, **kw: seen.append(kw["shard_aware"]) or real(*a, **kw))
+
+    class Downloading(LocalSource):
+        fetches_files = True
+
+    for source in (LocalSource(str(tmp_path / "ckpt")), Downloading(str(tmp_path / "ckpt"))):
+        prepare.plan_load(prepare.PlanRequest(model=str(tmp_path / "ckpt"), world_size=2), source)
+    assert seen == [False, True]
+
+
 @pytest.mark.parametrize("costs,world", [
     ([1, 1, 1, 3], 2), ([5, 1, 1, 1, 1, 1], 2), ([0, 4, 4, 4, 4, 4, 4, 4, 4, 0, 16], 3),
     ([3, 1, 4, 1, 5, 9, 2, 6], 4), ([1], 1), ([2, 2], 2), ([0, 0, 0], 3),
@@ -435,7 +457,7 @@ TIGHT = {"0": "600KB", "1": "600KB", "cpu": "400KB", "disk": "10MB"}
 @pytest.fixture(scope="module")
 def eight_layers(tmp_path_factory):
     """8 layers, float32, ~1.3 MB: the budgets in TIGHT leave every rank device, cpu and disk."""
-    from distload.sources.demo import make_checkpoint
+    from distload.sources.demo import DEMO_CONFIG, make_checkpoint
 
     from .conftest import tiny_config
 

@@ -70,7 +70,8 @@ def plan_load(req: PlanRequest, source: Source | None = None) -> LoadPlan:
         activation = tensors[embedding].dtype
     plan = plan_model(spec, tensors, budgets=budgets, source=source.identity(), format=index.format,
                       config=index.config, dtype=req.dtype, strict=req.strict, shape=shape,
-                      file_sizes=file_sizes, activation_dtype=activation or req.dtype)
+                      file_sizes=file_sizes, activation_dtype=activation or req.dtype,
+                      shard_aware=source.fetches_files)
     logger.debug("planned %d units over %d ranks", len(spec.units), req.world_size)
     return plan
 

@@ -37,6 +37,9 @@ class Source(ABC):
     `cache_dir` is distload's own cache root (`distload.cache`)."""
 
     kind: ClassVar[str]
+    # Whether `fetch` brings files in (a download per node): the planner then prefers,
+    # among equally good splits, the one whose stages touch the fewest files.
+    fetches_files: ClassVar[bool] = False
 
     def __init__(self, spec: str, *, cache_dir: str | os.PathLike | None = None) -> None:
         self.spec, self.cache_dir = spec, cache_dir

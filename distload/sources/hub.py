@@ -92,6 +92,7 @@ class HubSource(Source):
     """`--model org/name[@revision]` (when no local path of that name exists)."""
 
     kind = "hub"
+    fetches_files = True
 
     @classmethod
     def claims(cls, spec: str) -> bool:
