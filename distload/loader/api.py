@@ -21,17 +21,10 @@ from ..sources import Source, open_source
 from .fetch import fetch_node_files
 from .memory import measure_local
 from .prepare import PlanRequest, plan_load
-from .report import PhaseClock, job_report
+from .report import PhaseClock, job_report, versions
 from .stage import load_stage
 
 __all__ = ["load", "plan_job", "fetch_node_files", "versions"]
-
-
-def versions() -> dict[str, str]:
-    """The versions every rank of a job must share."""
-    from .. import __version__
-
-    return {"distload": __version__, "torch": torch.__version__}
 
 
 def plan_job(model: str = "demo", *, world: World | None = None, dtype: torch.dtype | str | None = None,

@@ -25,7 +25,7 @@ import torch
 from .. import trace
 from ..plan.types import LoadPlan
 
-__all__ = ["peak_rss_bytes", "rank_report", "job_report", "PhaseClock"]
+__all__ = ["peak_rss_bytes", "rank_report", "job_report", "versions", "PhaseClock"]
 
 
 class PhaseClock:
@@ -70,13 +70,18 @@ def _checkpoint_dtype(plan: LoadPlan) -> str:
     return ",".join(dtypes) or "-"
 
 
+def versions() -> dict[str, str]:
+    """The versions every rank of a job must share."""
+    from .. import __version__
+
+    return {"distload": __version__, "torch": str(torch.__version__)}   # a plain str: JSON, pickles
+
+
 def job_report(plan: LoadPlan, ranks: list[dict], *, world=None, phases: dict | None = None) -> dict:
     """The job's report: what was loaded (model, source, revision, dtypes), with what
     (versions, hosts), how long each phase took (`phases`: this rank's ``plan`` and
     ``fetch`` seconds; ``read``, ``exchange``, ``offload``: the slowest rank's) and every
     rank's figures."""
-    from .. import __version__
-
     seconds = {f"{k}_seconds": v for k, v in (phases or {}).items()}
     for phase in ("read", "exchange", "offload", "load"):
         values = [r[f"{phase}_seconds"] for r in ranks if f"{phase}_seconds" in r]
@@ -91,8 +96,7 @@ def job_report(plan: LoadPlan, ranks: list[dict], *, world=None, phases: dict | 
         "dtype": plan.dtype or _checkpoint_dtype(plan),
         "checkpoint_dtype": _checkpoint_dtype(plan),
         "activation_dtype": plan.activation_dtype,
-        "versions": {"distload": __version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
+        "versions": {**versions(), "python": platform.python_version()},
         "hosts": list(world.hosts) if world is not None else [r.get("host", "") for r in ranks],
         "phases": seconds,
         "ranks": ranks,
