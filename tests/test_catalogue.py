@@ -273,30 +273,30 @@ def case_index_without_weight_map(r):
     return ("model.safetensors.index.json", "weight_map")
 
 
-@case
-def case_index_names_missing_shard(r):
+def _point_first_key_at(r: Path, shard: str) -> str:
+    """The index's first key now lives in `shard`; returns that key."""
     index = _index(r)
     name = sorted(index["weight_map"])[0]
-    index["weight_map"][name] = "model-99999-of-99999.safetensors"
+    index["weight_map"][name] = shard
     _set_index(r, index)
+    return name
+
+
+@case
+def case_index_names_missing_shard(r):
+    name = _point_first_key_at(r, "model-99999-of-99999.safetensors")
     return ("model-99999-of-99999.safetensors", "does not exist", name)
 
 
 @case
 def case_index_escapes_root(r):
-    index = _index(r)
-    name = sorted(index["weight_map"])[0]
-    index["weight_map"][name] = "../elsewhere.safetensors"
-    _set_index(r, index)
+    _point_first_key_at(r, "../elsewhere.safetensors")
     return ("../elsewhere.safetensors", "outside")
 
 
 @case
 def case_index_absolute_shard(r):
-    index = _index(r)
-    name = sorted(index["weight_map"])[0]
-    index["weight_map"][name] = "/etc/passwd"
-    _set_index(r, index)
+    _point_first_key_at(r, "/etc/passwd")
     return ("/etc/passwd", "outside")
 
 
