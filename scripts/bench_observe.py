@@ -133,7 +133,7 @@ def main(argv=None) -> int:
               f"({ratio['read']:.3f}x)  wall {m['wall']:.2f} s ({ratio['wall']:.3f}x){extra}")
     costs = step_costs()
     print(f"per step: trace.span off {costs['span_off_ns']:.0f} ns, on {costs['span_on_ns']:.0f} ns; "
-          f"a reader progress call {costs['progress_call_ns']:.0f} ns (one per coalesced read of <= 64 MiB); "
+          f"a reader progress call {costs['progress_call_ns']:.0f} ns (one per segment read, <= the staging size, or mapped chunk of <= 64 MiB); "
           f"an empty Python call here {costs['empty_call_ns']:.0f} ns")
     if a.json:
         a.json.write_text(json.dumps({"medians": med, "runs": runs, "steps": costs}, indent=1))
