@@ -319,10 +319,10 @@ def test_config_mutations_raise_only_value_errors(name):
 
     rope_keys = ("factor", "low_freq_factor", "high_freq_factor", "short_factor", "long_factor",
                  "original_max_position_embeddings", "attention_factor", "rope_theta",
-                 "partial_rotary_factor")
+                 "partial_rotary_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
 
     @settings(max_examples=25, deadline=None)
-    @given(kind=_json.sampled_from(["default", "linear", "llama3", "longrope", "su", 7]),
+    @given(kind=_json.sampled_from(["default", "linear", "llama3", "yarn", "longrope", "su", "dynamic", 7]),
            fields=_json.dictionaries(_json.sampled_from(rope_keys), _values, max_size=4))
     def mutate_rope(kind, fields):
         try:

@@ -41,6 +41,12 @@ CASES = {
         "low_freq_factor": 1.0, "high_freq_factor": 2.0,
         "original_max_position_embeddings": 64}},
     "linear_rope": {"model_type": "llama", "rope_scaling": {"type": "linear", "factor": 2.0}},
+    # YaRN as model cards add it for long contexts: a ramp over the 8 frequencies of head_dim 16.
+    "yarn_rope": {"model_type": "llama", "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}},
+    "yarn_rope_mscale": {"model_type": "qwen2", "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 64,
+        "beta_fast": 16, "beta_slow": 2, "mscale": 0.7, "mscale_all_dim": 1.0, "truncate": False}},
     "llama_bias_head_dim": {"model_type": "llama", "attention_bias": True, "mlp_bias": True,
                             "head_dim": 24},
     "mistral_sliding": {"model_type": "mistral", "sliding_window": 5},
@@ -218,9 +224,9 @@ def test_kv_cache_select_drops_sequences() -> None:
 def test_unsupported_config_is_named() -> None:
     with pytest.raises(ValueError, match=r"'gpt2'.*llama, mistral, qwen2"):
         config_from_dict({**BASE, "model_type": "gpt2"})
-    with pytest.raises(ValueError, match="yarn"):
+    with pytest.raises(ValueError, match="'dynamic' is not supported"):
         config_from_dict({**BASE, "model_type": "llama",
-                          "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+                          "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
     assert SUPPORTED_MODEL_TYPES[:3] == ("llama", "mistral", "qwen2")  # then the other families
 
 

@@ -121,7 +121,7 @@ def _read_sliding_window(d: dict[str, Any], model_type: str, layers: int
 
 def rope_inv_freq(config: LlamaConfig, device: torch.device | str | None = None) -> torch.Tensor:
     """RoPE inverse frequencies ``[head_dim // 2]`` (float32) of `config`, as transformers'
-    `ROPE_INIT_FUNCTIONS` compute them ("default", "linear", "llama3").
+    `ROPE_INIT_FUNCTIONS` compute them ("default", "linear", "llama3", "yarn").
 
     Example::
 

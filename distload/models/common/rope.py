@@ -2,8 +2,11 @@
 frequencies of each RoPE type, the cos/sin tables, and applying them to queries and keys.
 
 RoPE types (transformers' `ROPE_INIT_FUNCTIONS` names): ``default``, ``linear``,
-``llama3`` and ``longrope`` (Phi-3's "su" scaling: short factors up to the pretraining
-length, long factors beyond it, and an attention factor on cos/sin). A partial rotary
+``llama3``, ``yarn`` (the long-context scaling Qwen's and others' model cards add:
+interpolated low frequencies, extrapolated high ones, a linear ramp between, and an
+attention factor on cos/sin) and ``longrope`` (Phi-3's "su" scaling: short factors up to
+the pretraining length, long factors beyond it, and an attention factor on cos/sin).
+``dynamic`` (NTK) is refused: transformers recomputes it statefully as sequences grow. A partial rotary
 factor rotates only the first ``head_dim * factor`` channels of each head; the
 interleaved style (GLM-4, Cohere) rotates channel pairs (0, 1), (2, 3), ... instead of
 the halves (i, i + d/2).
@@ -28,7 +31,7 @@ from torch import nn
 __all__ = ["RopeParams", "read_rope", "rope_inv_freq", "rope_attention_scaling", "RotaryEmbedding",
            "apply_rope"]
 
-ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,12 @@ class RopeParams:
     short_factor: tuple[float, ...] | None = None
     long_factor: tuple[float, ...] | None = None
     attention_factor: float | None = None
+    # yarn: the ramp's bounds in rotations, the attention factor's inputs, rounding the ramp
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool | None = None
     partial_rotary_factor: float = 1.0
 
     def scaling_dict(self) -> dict[str, Any] | None:
@@ -56,7 +65,7 @@ class RopeParams:
 
 
 def read_rope(d: dict[str, Any], *, default_theta: float, max_positions: int,
-              allowed: tuple[str, ...] = ("default", "linear", "llama3"),
+              allowed: tuple[str, ...] = ("default", "linear", "llama3", "yarn"),
               aliases: dict[str, str] | None = None, params: dict | None = None,
               partial_rotary_factor: float | None = None, field: str | None = None
               ) -> RopeParams:
@@ -108,9 +117,9 @@ def read_rope(d: dict[str, Any], *, default_theta: float, max_positions: int,
             raise ValueError(f"{field}.{key} must be a list of numbers, not {value!r}")
         return tuple(_number(v, f"{field}.{key}") for v in value)
 
-    # Phi-3 keeps the pretraining length beside the RoPE dict, and it wins (as in transformers).
-    original = d.get("original_max_position_embeddings") if rope_type == "longrope" else None
-    original = original or params.get("original_max_position_embeddings") or max_positions
+    # A pretraining length beside the RoPE dict (Phi-3 keeps it there) wins, as in transformers.
+    original = d.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") \
+        or max_positions
     if isinstance(original, bool) or not isinstance(original, int) or original < 1:
         raise ValueError(f"original_max_position_embeddings must be a positive integer, not {original!r}")
     if rope_type == "linear":
@@ -124,6 +133,8 @@ def read_rope(d: dict[str, Any], *, default_theta: float, max_positions: int,
         return RopeParams("llama3", theta, factor=_number(need("factor"), f"{field}.factor"),
                           low_freq_factor=low, high_freq_factor=high,
                           original_max_position_embeddings=original, partial_rotary_factor=partial)
+    if rope_type == "yarn":
+        return _read_yarn(params, theta, original, max_positions, partial, field)
     short, long = factors("short_factor"), factors("long_factor")
     if len(short) != len(long):
         raise ValueError(f"{field}.short_factor and long_factor differ in length "
@@ -133,6 +144,27 @@ def read_rope(d: dict[str, Any], *, default_theta: float, max_positions: int,
                       factor=None if factor is None else _number(factor, f"{field}.factor"),
                       original_max_position_embeddings=original, short_factor=short, long_factor=long,
                       attention_factor=None if attention is None else _number(attention, f"{field}.attention_factor"),
+                      partial_rotary_factor=partial)
+
+
+def _read_yarn(params: dict, theta: float, original: int, max_positions: int, partial: float,
+               field: str) -> RopeParams:
+    """YaRN's parameters; without `factor`, the context's growth over pretraining (as
+    transformers reads DeepSeek-V3's)."""
+    def optional(key: str) -> float | None:
+        value = params.get(key)
+        return None if value is None else _number(value, f"{field}.{key}")
+
+    factor = optional("factor")
+    if factor is None:
+        factor = max_positions / original
+    truncate = params.get("truncate")
+    if truncate is not None and not isinstance(truncate, bool):
+        raise ValueError(f"{field}.truncate must be true or false, not {truncate!r}")
+    return RopeParams("yarn", theta, factor=factor, original_max_position_embeddings=original,
+                      attention_factor=optional("attention_factor"), beta_fast=optional("beta_fast"),
+                      beta_slow=optional("beta_slow"), mscale=optional("mscale"),
+                      mscale_all_dim=optional("mscale_all_dim"), truncate=truncate,
                       partial_rotary_factor=partial)
 
 
@@ -174,6 +206,8 @@ def rope_inv_freq(rope: RopeParams, head_dim: int, device: torch.device | str | 
         return inv_freq
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
+    if rope.rope_type == "yarn":
+        return _yarn_inv_freq(rope, dim, rope.theta ** exponents)
     # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
     factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
     old_context = rope.original_max_position_embeddings
@@ -186,12 +220,41 @@ def rope_inv_freq(rope: RopeParams, head_dim: int, device: torch.device | str | 
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _yarn_inv_freq(rope: RopeParams, dim: int, wavelengths: torch.Tensor) -> torch.Tensor:
+    """YaRN: frequencies that turn fewer than `beta_slow` times over the pretraining length
+    are divided by `factor` (interpolated), those turning more than `beta_fast` times are
+    kept (extrapolated), with a linear ramp over the channels between. (Operations in
+    transformers' order: the frequencies are bit-identical.)"""
+    def channel(rotations: float) -> float:   # the channel that turns `rotations` times
+        return dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) \
+            / (2 * math.log(rope.theta))
+
+    low, high = channel(rope.beta_fast or 32), channel(rope.beta_slow or 1)
+    if rope.truncate is not False:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001   # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=wavelengths.device) - low)
+            / (high - low)).clamp(0, 1)
+    keep = 1 - ramp
+    return 1.0 / (rope.factor * wavelengths) * (1 - keep) + 1.0 / wavelengths * keep
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
 def rope_attention_scaling(rope: RopeParams, max_positions: int) -> float:
-    """The factor on cos and sin (longrope's attention factor; 1 otherwise)."""
-    if rope.rope_type != "longrope":
+    """The factor on cos and sin (longrope's and yarn's attention factor; 1 otherwise)."""
+    if rope.rope_type not in ("longrope", "yarn"):
         return 1.0
     if rope.attention_factor is not None:
         return rope.attention_factor
+    if rope.rope_type == "yarn":
+        if rope.mscale and rope.mscale_all_dim:
+            return _yarn_mscale(rope.factor, rope.mscale) / _yarn_mscale(rope.factor, rope.mscale_all_dim)
+        return _yarn_mscale(rope.factor)
     original = rope.original_max_position_embeddings
     factor = rope.factor if rope.factor is not None else max_positions / original
     return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
