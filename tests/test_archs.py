@@ -163,6 +163,34 @@ def test_longrope_switches_to_long_factors_past_the_pretraining_length(checkpoin
     assert torch.equal(seq, want)
 
 
+@pytest.mark.parametrize("name", MOE)
+def test_accelerate_workflow_on_an_moe_checkpoint(name, checkpoints, references, tmp_path):
+    """accelerate's workflow, only the import changed, on the hub's layout (one tensor per
+    expert): transformers' own model packs its experts, so the load names the layouts and
+    how to load it; distload's model of the same config loads with layers on the cpu and
+    disk tiers and gives transformers' logits."""
+    from distload import init_empty_weights, infer_auto_device_map, load_checkpoint_and_dispatch
+    from distload.errors import LoadError
+
+    path = checkpoints[name]
+    with init_empty_weights():
+        theirs = transformers.AutoModelForCausalLM.from_config(hf_config(name))
+    with pytest.raises(LoadError, match=r"packs its experts.*one tensor per expert.*build_model"):
+        load_checkpoint_and_dispatch(theirs, str(path), device_map={"": "cpu"})
+    with init_empty_weights():
+        model = build_model(json.loads((path / "config.json").read_text()))
+    layer = sum(p.numel() * 4 for p in model.model.layers["0"].parameters())
+    device_map = infer_auto_device_map(model, max_memory={"cpu": int(2.5 * layer), "disk": "1GB"})
+    assert {"cpu", "disk"} <= set(device_map.values())
+    model = load_checkpoint_and_dispatch(model, str(path), device_map=device_map,
+                                         offload_folder=str(tmp_path / "offload"))
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], references[name][0][real], atol=ATOL, rtol=0)
+
+
 def test_gemma3_nested_text_model_loads_its_text_part_only(checkpoints):
     path = checkpoints["gemma3"]
     pipe = distload.load(str(path), device="cpu")

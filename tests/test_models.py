@@ -111,6 +111,21 @@ def test_logits_match_transformers(case: Case) -> None:
 
 
 @torch.no_grad()
+def test_positions_default_as_transformers_makes_them(case: Case) -> None:
+    """`model(ids)` as with a transformers model: positions from the mask (left padding
+    starts at 0), else counting on from the cache."""
+    ids, mask, pos = _left_padded([12, 9, 4], 12)
+    torch.testing.assert_close(case.model(ids, attention_mask=mask),
+                               case.model(ids, position_ids=pos, attention_mask=mask), atol=0, rtol=0)
+    plain = _ids(2, 9)
+    torch.testing.assert_close(case.model(plain), case.ref(plain).logits, atol=ATOL, rtol=0)
+    cache = KVCache()
+    case.model(plain[:, :6], cache=cache)
+    torch.testing.assert_close(case.model(plain[:, 6:], cache=cache), case.ref(plain).logits[:, 6:],
+                               atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
 def test_left_padding_matches_transformers(case: Case) -> None:
     ids, mask, pos = _left_padded([12, 9, 4], 12)
     ours = case.model(ids, position_ids=pos, attention_mask=mask)

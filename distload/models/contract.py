@@ -15,9 +15,11 @@ on the meta device from its config, then cut into stages:
   any embedding scale; its layers; the final norm; the head with every final-logit
   transform — softcaps, logit scales — so no caller can skip one) and returns hidden
   states ``[B, T, H]``, or logits ``[B, T, V]`` on the stage with the head (only the last
-  position's, ``[B, V]``, when `last_only`: generation needs nothing else). Positions are
-  always given (the caller knows the padding); `attention_mask` ``[B, past + T]`` is 1 for
-  real tokens; `cache` is the stage's `KVCache` for one group of sequences.
+  position's, ``[B, V]``, when `last_only`: generation needs nothing else). The pipeline
+  always gives the positions (it knows the padding); the built-in models derive them when
+  none are given (``model(ids)`` in one process, as with a transformers model: from the
+  mask, else from the cache's length). `attention_mask` ``[B, past + T]`` is 1 for real
+  tokens; `cache` is the stage's `KVCache` for one group of sequences.
 * **Facts for the pipeline.** ``config.hidden_size`` and ``config.vocab_size`` size the
   messages between stages; `has_embedding` / `has_head` say what the stage holds.
 * **Facts for the planner and loader** (class attributes, read on the meta model):
@@ -76,7 +78,7 @@ class StageModel(nn.Module):
     def has_head(self) -> bool:
         return getattr(self, "lm_head", None) is not None
 
-    def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor,
+    def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         raise NotImplementedError

@@ -49,7 +49,8 @@ def match_params_to_keys(
             param_to_key[p.name] = key
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise LoadError(f"{len(missing)} parameter(s) missing from the checkpoint: {shown}")
+        raise LoadError(f"{len(missing)} parameter(s) missing from the checkpoint: {shown}"
+                        f"{_packed_experts_hint(missing, tensors)}")
     used = set(param_to_key.values())
     ignored = [re.compile(p) for p in spec.ignored_keys]
     unexpected = sorted(k for k in tensors
@@ -165,4 +166,19 @@ def make_plan(
         no_split_units=tuple(u.name for u in units), unexpected_keys=tuple(unexpected),
         file_sizes=dict(sorted((file_sizes or {}).items())), activation_dtype=activation_dtype,
     )
+
+
+def _packed_experts_hint(missing: list[str], tensors: Mapping[str, TensorMeta]) -> str:
+    """Why a model's packed MoE experts (`mlp.experts.gate_up_proj`, transformers 5's
+    in-memory layout) find nothing in a checkpoint that holds one tensor per expert (the
+    hub's layout, which transformers converts while loading)."""
+    packed = [m for m in missing if re.search(r"\.experts\.(gate_up_proj|down_proj|w1|w2|w3)$", m)]
+    if not packed:
+        return ""
+    per_expert = next((k for k in sorted(tensors) if ".experts.0." in k), None)
+    if per_expert is None:
+        return ""
+    return (f" (this model packs its experts, {packed[0]}; the checkpoint holds one tensor per "
+            f"expert, {per_expert}: load it with distload.load, or build the model with "
+            "distload.models.build_model(config) under init_empty_weights(); those read either layout)")
 

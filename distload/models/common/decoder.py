@@ -104,11 +104,13 @@ class DecoderModel(nn.Module):
             if isinstance(module, RotaryEmbedding):
                 module.init_buffers(device)
 
-    def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor,
+    def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """`x` is input ids ``[B, T]`` if this part has the embedding, else hidden states
-        ``[B, T, H]``; returns hidden states ``[B, T, H]`` (normed if it has the norm)."""
+        ``[B, T, H]``; returns hidden states ``[B, T, H]`` (normed if it has the norm).
+        Without `position_ids`, positions count the real tokens of `attention_mask` (as
+        `generate` does: left padding starts at 0), else run on from the cache's length."""
         h = self.embed(x) if self.embed_tokens is not None else x
         layers = [layer for _, layer in sorted(self.layers.items(), key=lambda kv: int(kv[0]))]
         if layers:
@@ -118,6 +120,8 @@ class DecoderModel(nn.Module):
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
                     f"({b}, {past + t}): one 0/1 entry per cached token plus per new token")
+            if position_ids is None:
+                position_ids = _default_positions(attention_mask, b, t, past, h.device)
             ropes, masks = {}, {}  # one table per RoPE and one mask per window, per forward
             for layer in layers:
                 attn = layer.self_attn
@@ -174,13 +178,14 @@ class DecoderForCausalLM(StageModel):
         """The family's transforms of the head's output (none by default)."""
         return logits
 
-    def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor,
+    def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Run the parts present: logits ``[B, T, vocab]`` if this has `lm_head` (``[B,
         vocab]`` of the last position with `last_only`), else hidden states ``[B, T, H]``.
-        `position_ids` ``[B, T]`` is required (the caller knows the padding);
-        `attention_mask` ``[B, past + T]`` is 1 for real tokens."""
+        `position_ids` ``[B, T]`` (default: from `attention_mask`, else counting on from
+        the cache; see `DecoderModel.forward`); `attention_mask` ``[B, past + T]`` is 1
+        for real tokens."""
         h = self.model(x, position_ids=position_ids, attention_mask=attention_mask, cache=cache)
         if self.lm_head is None:
             return h
@@ -194,6 +199,16 @@ class DecoderForCausalLM(StageModel):
         if getattr(config, "nested_in", None):
             return nested_text_tensors(tensors, outer=config.nested_in)
         return tensors
+
+
+def _default_positions(attention_mask: torch.Tensor | None, batch: int, length: int, past: int,
+                       device: torch.device) -> torch.Tensor:
+    """RoPE positions when the caller gave none: the running count of real tokens minus
+    one (padding at 0), or `past` onwards without a mask."""
+    if attention_mask is None:
+        return torch.arange(past, past + length, device=device).expand(batch, length)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)[:, -length:].to(device)
 
 
 # Where multimodal checkpoints keep their text model: transformers 4.50's layout (what
