@@ -110,7 +110,7 @@ def case_eps_nan(r): return _config(r, rms_norm_eps=float("nan"))
 def case_unknown_model_type(r): return _config(r, model_type="gpt2")
 @case
 def case_rope_type_unsupported(r):
-    return _config(r, rope_scaling={"rope_type": "yarn", "factor": 2.0}) [:1] + ("yarn",)
+    return _config(r, rope_scaling={"rope_type": "dynamic", "factor": 2.0}) [:1] + ("dynamic",)
 @case
 def case_activation_unsupported(r): return _config(r, hidden_act="gelu")[:1] + ("gelu",)
 

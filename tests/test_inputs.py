@@ -145,6 +145,16 @@ def test_a_bad_flag_under_torchrun_is_said_once(tiny_ckpt):
 
 
 @pytest.mark.multiprocess
+def test_a_bad_flag_is_said_by_rank_0_even_when_it_starts_last(tiny_ckpt):
+    """Rank 1 fails on the flag first; torchrun must not stop rank 0 before it says why."""
+    proc = torchrun(2, [worker("cli_slowed.py"), "--device", "cpu", "--model", str(tiny_ckpt),
+                        "--input-ids", "1,x"], timeout=60,
+                    env={"DISTLOAD_TEST_SLOW_START": "3", "DISTLOAD_TEST_SLOW_RANK": "0"})
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert proc.stderr.count("give comma-separated integer token ids") == 1
+
+
+@pytest.mark.multiprocess
 def test_an_id_outside_the_vocabulary_stops_every_rank_before_reading(tiny_ckpt, tmp_path):
     report = tmp_path / "r.json"
     proc = torchrun(2, [worker("cli_observed.py"), "--device", "cpu", "--model", str(tiny_ckpt),

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import MISSING, dataclass, field, fields, replace
 
 import torch
 
 from ..plan.budget import parse_max_memory_arg, parse_size
+from .exits import Interrupted
 from .prompts import parse_ids
 
 __all__ = ["RunConfig", "parse_args", "check_device"]
@@ -176,6 +178,22 @@ def _rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+USAGE_GRACE_SECONDS = 10.0
+
+
+def _let_rank0_speak() -> None:
+    """Another rank's wait before it exits on a bad flag: rank 0 parses the same argv and
+    says what is wrong, but a rank that exited first could have torchrun stop rank 0
+    before it did. Once rank 0 has left, torchrun stops this rank (a signal ends the wait);
+    without torchrun (srun per rank) it exits after `USAGE_GRACE_SECONDS`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    try:
+        time.sleep(USAGE_GRACE_SECONDS)
+    except Interrupted:
+        pass
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, where rank 0 speaks for the job: a bad flag is one line on rank 0 (no
     usage text) and exit status 2 on every rank; ``--help`` prints on rank 0 only."""
@@ -184,6 +202,8 @@ class _Parser(argparse.ArgumentParser):
         if _rank0():
             sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
             sys.stderr.flush()
+        else:
+            _let_rank0_speak()
         self.exit(2)
 
     def print_help(self, file=None) -> None:

@@ -7,7 +7,9 @@ interrupt or kill a rank while it loads or generates:
   every rank, after rank 0 logs "generating (slowed)" once;
 * DISTLOAD_TEST_SLOW_WRITE=S: writing each offload entry takes S more seconds, half-way
   through (its temporary file is open), after rank 0 logs "writing (slowed)" once;
-* DISTLOAD_TEST_FAIL_REPORT=1: writing the report's JSON fails as on a full disk.
+* DISTLOAD_TEST_FAIL_REPORT=1: writing the report's JSON fails as on a full disk;
+* DISTLOAD_TEST_SLOW_START=S: rank DISTLOAD_TEST_SLOW_RANK (every rank, when unset)
+  starts S seconds late, as a rank whose imports are slow.
 """
 
 import os
@@ -70,4 +72,6 @@ if os.environ.get("DISTLOAD_TEST_FAIL_REPORT"):
 
     table.json.dump = full_disk
 
+if os.environ.get("DISTLOAD_TEST_SLOW_RANK", os.environ["RANK"]) == os.environ["RANK"]:
+    time.sleep(float(os.environ.get("DISTLOAD_TEST_SLOW_START", "0")))
 entry(sys.argv[1:])
