@@ -143,10 +143,9 @@ def _alive(pid: int) -> bool:
 def _dead_ranks() -> list[int]:
     """The ranks on this host whose process is gone (a peer's connection closes as it dies,
     so allow it a moment to be seen dead)."""
-    host = socket.gethostname()
     deadline = time.monotonic() + 1.0
     while True:
-        dead = [r for r, (h, pid) in enumerate(_PEERS) if h == host and not _alive(pid)]
+        dead = peers_gone(range(len(_PEERS)))
         if dead or time.monotonic() > deadline:
             return dead
         time.sleep(0.05)

@@ -17,7 +17,7 @@ from .. import trace
 from ..dist import DEFAULT_TIMEOUT_S, World, agree_on_arguments, init_world, run_on_rank0, shutdown
 from ..errors import DistloadError, RankError, UsageError
 from ..loader import load, plan_job
-from ..loader.api import versions
+from ..loader.report import versions
 from ..loader.tracing import write_job_trace, write_own_trace
 from ..log import logger, setup_logging
 from ..pipeline.inputs import resolve_eos

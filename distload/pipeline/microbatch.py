@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..models.common.attention import position_ids_from_mask  # the models derive positions the same way
+
 __all__ = ["split_sizes", "micro_batch_slices", "prefill_parts", "position_ids_from_mask"]
 
 
@@ -48,16 +50,3 @@ def prefill_parts(stages: int, groups: int, rows: int) -> int:
     if stages <= 1:
         return 1
     return max(1, min(rows, -(-4 * stages // groups)))
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor, new_tokens: int | None = None
-                           ) -> torch.Tensor:
-    """RoPE positions as Hugging Face `generate` makes them: the running count of real
-    tokens minus one (padding gets 0), so a left-padded row starts at position 0.
-
-    `attention_mask` is ``[B, L]`` over cache + new tokens; returns the last
-    `new_tokens` columns (all `L` when None).
-    """
-    positions = attention_mask.long().cumsum(-1) - 1
-    positions = positions.masked_fill(attention_mask == 0, 0)
-    return positions if new_tokens is None else positions[:, -new_tokens:]

@@ -18,7 +18,7 @@ from torch import nn
 from ..cache import KVCache
 from .rope import apply_rope
 
-__all__ = ["attention_mask_bias", "attend", "Attention"]
+__all__ = ["attention_mask_bias", "attend", "Attention", "position_ids_from_mask"]
 
 
 def attention_mask_bias(
@@ -165,3 +165,16 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_key, k, v)
         out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor, new_tokens: int | None = None
+                           ) -> torch.Tensor:
+    """RoPE positions as Hugging Face `generate` makes them: the running count of real
+    tokens minus one (padding gets 0), so a left-padded row starts at position 0.
+
+    `attention_mask` is ``[B, L]`` over cache + new tokens; returns the last
+    `new_tokens` columns (all `L` when None).
+    """
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(attention_mask == 0, 0)
+    return positions if new_tokens is None else positions[:, -new_tokens:]

@@ -36,7 +36,7 @@ from ...checkpoint.types import TensorMeta
 from ...log import logger
 from ..cache import KVCache
 from ..contract import StageModel
-from .attention import Attention, attention_mask_bias
+from .attention import Attention, attention_mask_bias, position_ids_from_mask
 from .layers import linear_flops, linear_outputs
 from .rope import RotaryEmbedding
 
@@ -207,8 +207,7 @@ def _default_positions(attention_mask: torch.Tensor | None, batch: int, length: 
     one (padding at 0), or `past` onwards without a mask."""
     if attention_mask is None:
         return torch.arange(past, past + length, device=device).expand(batch, length)
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)[:, -length:].to(device)
+    return position_ids_from_mask(attention_mask, length).to(device)
 
 
 # Where multimodal checkpoints keep their text model: transformers 4.50's layout (what
