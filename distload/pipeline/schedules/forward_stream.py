@@ -264,9 +264,14 @@ def follow_forward(pipe) -> Iterator[None]:
         if nxt is not None:
             outbox.send(tensor, dst=nxt)
 
-    incoming = post_recv((ForwardHeader.LENGTH,), torch.long, device, src=prev)
+    # Post order (NCCL runs one rank's sends and receives of a group on one stream, in the
+    # order posted): the header is relayed at once; micro-batch i + 1's receive is posted
+    # ahead of micro-batch i's send (rank 0 sends a batch's micro-batches without waiting
+    # on anything, so it always comes), and the next header's receive only after the last
+    # send. Posting every receive of a batch ahead would hold this rank's sends back until
+    # the whole batch and the next header had arrived: no micro-batch pipelining on NCCL.
     while True:
-        raw = incoming.wait()
+        raw = post_recv((ForwardHeader.LENGTH,), torch.long, device, src=prev).wait()
         header = ForwardHeader.decode(raw)
         if header.kind == END:
             relay(raw)
@@ -278,23 +283,25 @@ def follow_forward(pipe) -> Iterator[None]:
             relay(message)
             outbox.wait()
             raise CallAborted(f"rank 0 failed: {bytes(message.cpu().tolist()).decode(errors='replace')}")
-        # posted in the order rank `prev` sends: mask, activations, the next header
-        mask = post_recv((header.batch, header.length), torch.long, device, src=prev) \
-            if header.masked else None
-        slices = micro_batch_slices(header.batch, header.micro_batches)
-        acts = [post_recv((sl.stop - sl.start, header.length, hidden), dtype, device, src=prev)
-                for sl in slices]
-        incoming = post_recv((ForwardHeader.LENGTH,), torch.long, device, src=prev)
         relay(raw)
-        if mask is not None:
-            mask = mask.wait()
+        mask = None
+        if header.masked:
+            mask = post_recv((header.batch, header.length), torch.long, device, src=prev).wait()
             relay(mask)
-        for i, (sl, act) in enumerate(zip(slices, acts)):
+        slices = micro_batch_slices(header.batch, header.micro_batches)
+
+        def receive(sl: slice) -> Inbound:
+            return post_recv((sl.stop - sl.start, header.length, hidden), dtype, device, src=prev)
+
+        act = receive(slices[0])
+        for i, sl in enumerate(slices):
+            following = receive(slices[i + 1]) if i + 1 < len(slices) else None
             out = _run(module, act.wait(), mask, sl, i).to(dtype)
             if nxt is None:
                 outbox.send(out, dst=0, group=world.return_group)
             else:
                 outbox.send(out, dst=nxt)
+            act = following
         yield None
 
 

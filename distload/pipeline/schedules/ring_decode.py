@@ -328,28 +328,26 @@ def _follow(runner: _StageRunner, call: _GenerateCall, world, dtype: torch.dtype
     header_len = StepHeader.length(call.max_rows)
     sampler = Sampler(call.sampling, device) if world.is_last else None
     outbox = Outbox()
-    # receives are posted in the order rank `prev` sends: header, activations, next header
-    incoming = post_recv((header_len,), torch.long, device, src=prev)
+    # Receives are posted in the order rank `prev` sends (header, activations), and this
+    # step's sends are posted before the next header's receive. On NCCL one rank's sends
+    # and receives of a group run on one stream in post order: a next-header receive posted
+    # ahead would hold this step's sends back until rank 0 sends that header, which it does
+    # only once this step's tokens are back — a deadlock whenever one group is in flight.
     while True:
-        raw = incoming.wait()
+        raw = post_recv((header_len,), torch.long, device, src=prev).wait()
         header = StepHeader.decode(raw)
+        if not world.is_last:  # downstream learns the step (and its shapes) at once
+            outbox.send(raw, dst=world.rank + 1)
         if header.kind == STOP:
-            if not world.is_last:
-                outbox.send(raw, dst=world.rank + 1)
             break
         if header.kind == DROP:
             runner.drop(header.group)
-            if not world.is_last:
-                outbox.send(raw, dst=world.rank + 1)
-            incoming = post_recv((header_len,), torch.long, device, src=prev)
             continue
         act = post_recv((len(header.keep), header.tokens, hidden_size), dtype, device, src=prev)
-        incoming = post_recv((header_len,), torch.long, device, src=prev)
         out, rows = runner.run(header.kind, header.group, header.keep, act.wait())
         if sampler is not None:
             outbox.send(sampler(out, rows), dst=0, group=world.return_group)
         else:
-            outbox.send(raw, dst=world.rank + 1)
             outbox.send(out.to(dtype), dst=world.rank + 1)
     outbox.wait()
 
