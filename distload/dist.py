@@ -28,7 +28,7 @@ from .errors import RankError, UsageError
 from .log import logger
 
 __all__ = ["World", "init_world", "run_on_rank0", "agree", "agree_on_arguments", "gather_objects",
-           "shutdown", "watch_peers", "peers_gone"]
+           "shutdown", "watch_peers", "peers_gone", "group_timeout_s"]
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600.0
@@ -39,6 +39,14 @@ DEFAULT_TIMEOUT_S = 600.0
 _GROUPS: dict[str, Any] = {}
 # Each rank's (host, pid), from init_world: which rank died, when a connection is lost.
 _PEERS: list[tuple[str, int]] = []
+# The process groups' timeout, from init_world: a host wait on a device-side transfer
+# (`pipeline.comm`) gives up before NCCL's watchdog aborts the process.
+_TIMEOUT_S: list[float] = [DEFAULT_TIMEOUT_S]
+
+
+def group_timeout_s() -> float:
+    """The timeout (seconds) the job's process groups were made with."""
+    return _TIMEOUT_S[0]
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,12 @@ def init_world(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = Non
         return World(0, 1, 0, dev, None, hosts=(socket.gethostname(),), nodes=(0,))
     backend = "nccl" if use_cuda else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
+    _TIMEOUT_S[0] = timeout_s
     if not dist.is_initialized():
+        # Bound to the device, NCCL starts at once (the tied-weight exchange's batched P2P
+        # is then not the group's first NCCL op, which every rank would have to join); it
+        # also runs each rank's unbatched sends and receives of a group on one stream in
+        # post order, so the schedules post a step's sends before the next receive.
         kwargs = {"device_id": dev} if use_cuda else {}
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     backend = dist.get_backend()

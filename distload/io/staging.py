@@ -165,7 +165,9 @@ class CudaCopier:
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device)
-        # whatever the caller queued on the destinations before (a fill) comes first
+        # Whatever the caller queued on the destinations before (a fill) comes first. Made
+        # on a reader thread: `run_workers` makes the caller's stream that thread's current
+        # one, since a new thread's current stream is the device's default stream.
         self.stream.wait_stream(torch.cuda.current_stream(device))
 
     def copy(self, copies: Sequence[Copy]) -> list:
@@ -181,8 +183,10 @@ class CudaCopier:
                 raw.copy_(src, non_blocking=True)
                 first = piece.skip // piece.itemsize
                 _flat(dest)[first:first + piece.length // piece.itemsize].copy_(raw.view(src_dtype))
-            event = torch.cuda.Event()
-            event.record(self.stream)
+            # Blocking: the ring's `synchronize` before reusing the buffer then sleeps in
+            # the driver; a spinning event would burn a core per waiting reader thread.
+            event = torch.cuda.Event(blocking=True)
+            event.record(self.stream)  # after the copies out of the buffer: marks it free
         return [event]
 
     def close(self) -> None:

@@ -106,7 +106,8 @@ def run_workers(segments: Sequence[Segment], threads: int, *, make_worker: Calla
     file are read at once. The first error stops the others (after their current
     segment) and is raised; every worker is closed. With `device` (a CUDA device) each
     thread works with it current: a new thread's is device 0, where pinning or copying
-    would make a context (and take memory) on another rank's GPU."""
+    would make a context (and take memory) on another rank's GPU; and the caller's current
+    stream is the current one of every thread."""
     queue = iter(segments)
     lock, failed = threading.Lock(), threading.Event()
 
@@ -126,10 +127,16 @@ def run_workers(segments: Sequence[Segment], threads: int, *, make_worker: Calla
             worker.close()
         return worker.stats
 
+    # The caller's current stream, made current on every reader thread too: the copiers
+    # order their copies after what the caller queued on it (a new thread's current
+    # stream is the default stream, which the caller may not be using).
+    caller = torch.cuda.current_stream(device) if device is not None else None
+
     def loop() -> ReadStats:
         if device is None:
             return work()
-        with torch.cuda.device(device):   # restores the caller's when run on its thread
+        # both restore the caller's when run on its thread
+        with torch.cuda.device(device), torch.cuda.stream(caller):
             return work()
 
     if threads <= 1:

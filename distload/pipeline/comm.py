@@ -13,9 +13,16 @@ same rule.
 
 Sends are asynchronous (`Outbox`): a rank hands its output to the next and goes on with
 its next micro-batch while the transfer runs. Receives are posted ahead (`post_recv`)
-where the shape is known, so a transfer overlaps the receiver's compute too. Every wait
-is bounded by the process group's timeout (`distload.load(timeout_s=...)`); a peer that
-dies closes its connections, which fails the waits on it at once.
+where the shape is known and no send of the rank's has to pass them (NCCL runs a rank's
+sends and receives of one group on one stream in post order: see the schedules). Every
+wait is bounded by the process group's timeout (`distload.load(timeout_s=...)`); a peer
+that dies closes its connections, which fails the waits on it at once.
+
+On a device (NCCL), `work.wait()` only orders the current stream after the transfer and
+returns at once; a dead peer would surface as a hang in the next `.tolist()` until NCCL's
+watchdog aborts the process. So waits on device tensors block the host (`_host_wait`):
+they poll the transfer, name a peer whose process is gone, and give up before the
+watchdog would, with a `RankError` naming the rank, and the trace's wait spans are real.
 
 Example (every rank; rank 0 sends, rank 1 receives)::
 
@@ -32,16 +39,48 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import time
+
 import torch
 import torch.distributed as dist
 
 from .. import trace
-from ..dist import World, run_on_rank0
+from ..dist import World, group_timeout_s, peers_gone, run_on_rank0
 from ..errors import CallAborted, RankError
 
 __all__ = ["Outbox", "Inbound", "post_recv", "broadcast_call"]
 
 T = TypeVar("T")
+
+
+_GIVE_UP = 0.9      # of the group's timeout, counted from the post: before the watchdog
+_CHECK_PEERS_S = 0.5  # how often a host wait looks for a dead peer
+
+
+def _host_wait(work: Any, tensor: torch.Tensor, peer: int, posted: float) -> None:
+    """Return once `work` (a transfer of `tensor` with global rank `peer`, posted at
+    `posted`, monotonic) has completed; raise RuntimeError if it failed, if `peer`'s
+    process is gone, or at `_GIVE_UP` of the group's timeout. On the CPU (gloo)
+    `work.wait()` already blocks the host and fails on a lost connection."""
+    if tensor.device.type == "cpu":
+        work.wait()
+        return
+    deadline = posted + _GIVE_UP * group_timeout_s()
+    pause, next_check = 2e-5, time.monotonic() + _CHECK_PEERS_S
+    # Polling, not a blocking CUDA event: the host must stay free to notice a dead peer
+    # (NCCL never does for P2P) and the deadline; sleeps grow to 1 ms to spare the core.
+    while not work.is_completed():
+        now = time.monotonic()
+        if now >= next_check:
+            next_check = now + _CHECK_PEERS_S
+            if peers_gone([peer]):
+                raise RuntimeError(f"rank {peer}'s process is gone")
+        if now >= deadline:
+            raise RuntimeError(f"no answer in {now - posted:.0f} s (the process group's "
+                               f"timeout is {group_timeout_s():.0f} s)")
+        time.sleep(pause)
+        pause = min(2 * pause, 1e-3)
+    work.wait()  # raises the transfer's own error; orders the current stream after it
 
 
 class Outbox:
@@ -52,12 +91,13 @@ class Outbox:
     """
 
     def __init__(self) -> None:
-        self._pending: list[tuple[Any, torch.Tensor, int]] = []
+        self._pending: list[tuple[Any, torch.Tensor, int, float]] = []
 
     def send(self, tensor: torch.Tensor, *, dst: int, group: Any = None) -> None:
         """Send `tensor` to global rank `dst` over `group` (None: the default group)."""
         tensor = tensor.contiguous()
-        self._pending.append((dist.isend(tensor, dst=dst, group=group), tensor, dst))
+        self._pending.append((dist.isend(tensor, dst=dst, group=group), tensor, dst,
+                              time.monotonic()))
         if len(self._pending) > 8:  # let finished sends (and their tensors) go
             self._pending = [p for p in self._pending if not p[0].is_completed()]
 
@@ -68,9 +108,9 @@ class Outbox:
         if not pending:
             return
         with trace.span("send wait", "comm", sends=len(pending)):
-            for work, _, dst in pending:
+            for work, tensor, dst, posted in pending:
                 try:
-                    work.wait()
+                    _host_wait(work, tensor, dst, posted)
                 except RuntimeError as exc:
                     raise RankError(f"could not send to rank {dst}: it failed or stopped "
                                     f"(see its own error); {exc}") from exc
@@ -82,12 +122,13 @@ class Inbound:
 
     def __init__(self, buffer: torch.Tensor, work: Any, src: int = -1) -> None:
         self.buffer, self._work, self._src = buffer, work, src
+        self._posted = time.monotonic()
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
             with trace.span("recv wait", "comm", src=self._src, shape=list(self.buffer.shape)):
                 try:
-                    self._work.wait()
+                    _host_wait(self._work, self.buffer, self._src, self._posted)
                 except RuntimeError as exc:
                     raise RankError(f"no data from rank {self._src}: it failed or stopped "
                                     f"(see its own error); {exc}") from exc
