@@ -175,8 +175,14 @@ def test_offload_tiers_on_the_gpu(tiny, tmp_path, monkeypatch, tier):
     if tier == Tier.CPU:   # the CPU tier streams from pinned host memory
         hosts = [s for u in streamer.units for s in u.sources.values()]
         assert hosts and all(isinstance(s, torch.Tensor) and s.is_pinned() for s in hosts)
-    else:                  # the disk tier is fetched on a side stream
+        # one arena of the tier's bytes (each view aligned), no power-of-two rounding
+        tier_bytes = sum(s.numel() * s.element_size() for s in hosts)
+        assert tier_bytes <= pipe.report["pinned_bytes"] <= tier_bytes + 512 * len(hosts) + 4096
+    else:                  # the disk tier is fetched on a side stream, through reused staging
         assert streamer._side is not None and streamer._side != torch.cuda.current_stream()
+        largest = max(u.nbytes for u in streamer.units)
+        assert pipe.report["pinned_bytes"] == streamer.pinned_bytes
+        assert 2 * largest <= streamer.pinned_bytes <= 2 * (largest + 512 * 16)
     ids, mask = IDS.cuda(), MASK.cuda()
     logits = pipe.forward(ids, mask)
     assert logits.is_cuda and torch.equal(logits, plain.forward(ids, mask))

@@ -15,10 +15,18 @@ import pytest
 import torch
 
 from distload.errors import RankError
+from distload.io import pinned as pinned_memory
 from distload.io.staging import BUFFERS, CudaCopier, StagingAccount, StagingRing
 from distload.io.stats import ReadStats
 from distload.io.worker import run_workers
+from distload.loader.api import plan_job
+from distload.loader.materialize import allocate_stage
+from distload.loader.skeleton import build_stage_skeleton
 from distload.pipeline import comm
+from distload.plan.types import Tier
+from distload.sources.demo import make_checkpoint
+
+from .conftest import tiny_config
 
 
 # ----------------------------------------------------------------------------- streams, events
@@ -165,3 +173,46 @@ def test_device_wait_gives_up_before_the_watchdog(monkeypatch):
     out.send(torch.empty(4, device="meta"), dst=3)
     with pytest.raises(RankError, match="could not send to rank 3.*no answer"):
         out.wait()
+
+
+# ----------------------------------------------------------------------------- pinned bytes
+
+def _power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def test_pinned_cpu_tier_takes_what_the_plan_counted_not_the_allocators_rounding(monkeypatch, tmp_path):
+    # sizes that are no power of two (a 96 x 352 float32 MLP weight, 132 KiB, would pin 256)
+    config = tiny_config(hidden_size=96, intermediate_size=352, vocab_size=200, num_hidden_layers=2)
+    plan = plan_job(str(make_checkpoint(config, tmp_path / "m", num_shards=1,
+                                           dtype="float32", seed=0)), device="cpu")
+    stage = plan.stage(0)
+    taken: list[int] = []  # bytes each pinning takes
+    empty = torch.empty
+
+    def caching_empty(*args, pin_memory=False, **kwargs):  # the caching host allocator
+        t = empty(*args, **kwargs)
+        if pin_memory:
+            taken.append(_power_of_two(t.numel() * t.element_size()))
+        return t
+
+    def caching_pin(self, *args, **kwargs):
+        taken.append(_power_of_two(self.numel() * self.element_size()))
+        return self.clone()
+
+    monkeypatch.setattr(torch, "empty", caching_empty)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", caching_pin)
+    monkeypatch.setattr(pinned_memory, "_registers", lambda: True)  # cudaHostRegister: exact pages
+    monkeypatch.setattr(pinned_memory, "_register", lambda pages, address, nbytes: taken.append(nbytes))
+    storage = allocate_stage(plan, 0, build_stage_skeleton(plan, 0), torch.device("cuda", 0),
+                             tiers={p.key: Tier.CPU for p in stage.params})
+    planned = stage.param_bytes
+    assert sum(t.numel() * t.element_size() for t in storage.values()) == planned
+    assert all(t.device.type == "cpu" for t in storage.values())
+    slack = pinned_memory.ALIGN * len(storage) + 4096
+    assert planned <= sum(taken) <= planned + slack, (sum(taken), planned)
+    assert len(taken) == 1  # one arena
+    # the views are the arena's, and hold their own bytes
+    for key, t in storage.items():
+        t.view(-1)[:1] = 1
+    assert len({t.untyped_storage().data_ptr() for t in storage.values()}) == 1

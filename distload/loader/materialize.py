@@ -18,6 +18,7 @@ from torch import nn
 from ..checkpoint.types import TensorMeta
 from ..dtypes import dtype_from_name
 from ..io import DEFAULT_STAGING_BYTES, ReadProgress, ReadStats, map_tensors, read_tensors
+from ..io.pinned import HostArena
 from ..meta import check_materialized, init_buffers
 from ..plan.types import LoadPlan, Tier
 
@@ -66,28 +67,45 @@ def allocate_stage(plan: LoadPlan, rank: int, module: nn.Module, device: torch.d
     checkpoint key (tied parameters of one stage share it). Returns key -> tensor.
 
     `tiers` (from `key_tiers`) leaves ``disk`` keys on meta (the offload store holds
-    them) and puts ``cpu`` keys in host memory, pinned on CUDA; without it everything
+    them) and puts ``cpu`` keys in host memory (on CUDA: views of one pinned arena,
+    `distload.io.pinned.HostArena`); without it everything
     goes to `device`. `mapped` tensors (from `map_stage`) are used as they are."""
     storage: dict[str, torch.Tensor] = {}
     params: dict[str, nn.Parameter] = {}
-    for src in plan.stage(rank).params:
-        tier = tiers.get(src.key, Tier.DEVICE) if tiers else Tier.DEVICE
+    sources = plan.stage(rank).params
+    tier_of = {src.key: tiers.get(src.key, Tier.DEVICE) if tiers else Tier.DEVICE for src in sources}
+    # The CUDA CPU tier: one pinned arena of exactly the tier's bytes, each tensor a view
+    # (`distload.io.pinned`: pinned one by one, the caching host allocator's power-of-two
+    # rounding could take up to twice what the plan counted against the host's RAM).
+    arena = None
+    if device.type == "cuda":
+        sizes = {src.key: _nbytes(module.get_parameter(src.param), src.dtype) for src in sources
+                 if tier_of[src.key] == Tier.CPU and not (mapped and src.key in mapped)}
+        arena = HostArena(sizes) if sizes else None
+    for src in sources:
+        tier = tier_of[src.key]
         if tier == Tier.DISK:
             continue
         if src.key not in params:
             meta_param = module.get_parameter(src.param)
+            dtype = dtype_from_name(src.dtype)
             host = tier == Tier.CPU and device.type != "cpu"
             if mapped and src.key in mapped:
                 storage[src.key] = mapped[src.key]
+            elif host and arena is not None:
+                storage[src.key] = arena.view(src.key, meta_param.shape, dtype)
             else:
-                storage[src.key] = torch.empty(meta_param.shape, dtype=dtype_from_name(src.dtype),
-                                               device="cpu" if host else device,
-                                               pin_memory=host and device.type == "cuda")
+                storage[src.key] = torch.empty(meta_param.shape, dtype=dtype,
+                                               device="cpu" if host else device)
             params[src.key] = nn.Parameter(storage[src.key], requires_grad=False)
         parent_name, _, attr = src.param.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, attr, params[src.key])
     return storage
+
+
+def _nbytes(meta_param: torch.Tensor, dtype: str) -> int:
+    return meta_param.numel() * dtype_from_name(dtype).itemsize
 
 
 def read_stage(reads: Sequence[TensorMeta], storage: dict[str, torch.Tensor], *, workers: int = 2,

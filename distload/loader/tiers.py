@@ -3,8 +3,9 @@
 Disk-tier tensors are never allocated on the device: each becomes an entry of the node's
 offload store (a zero-copy reference into the source safetensors file when no cast is
 needed, else a copy written once) and is streamed from there. CPU-tier tensors (on a
-CUDA rank) are read into pinned host memory and streamed from it. On a CPU rank the CPU
-tier *is* the device.
+CUDA rank) are read into one pinned arena (`distload.io.pinned`) and streamed from it; a
+tied one that the exchange put on the device is copied once into a pinned arena of the
+tied tensors. On a CPU rank the CPU tier *is* the device.
 
 Every rank calls `attach_tiers` during the load, after its reads and the tied exchange::
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..checkpoint.types import TensorMeta
 from ..io import ReadProgress
+from ..io.pinned import HostArena, arena_layout
 from ..offload import Entry, OffloadError, OffloadStore, Streamer, attach_streaming, default_offload_dir
 from ..offload import ensure_entries
 from ..plan.types import LoadPlan, Tier
@@ -42,12 +44,14 @@ class OffloadResult:
     bytes_written: int = 0                    # bytes written to the offload directory
     repaired: int = 0                         # corrupt entries found and rewritten
     offload_dir: str | None = None
+    pinned_bytes: int = 0                     # page-locked host memory (CUDA): tier + staging
 
     def report_fields(self) -> dict:
         """The rank report's offload figures."""
         return {"offloaded_bytes": self.tier_bytes.get(Tier.CPU, 0) + self.tier_bytes.get(Tier.DISK, 0),
                 "offloaded_bytes_by_tier": {t: self.tier_bytes.get(t, 0) for t in (Tier.CPU, Tier.DISK)},
-                "offload_bytes_written": self.bytes_written, "offload_wait_seconds": 0.0}
+                "offload_bytes_written": self.bytes_written, "offload_wait_seconds": 0.0,
+                "pinned_bytes": self.pinned_bytes}
 
     def bind_report(self, report: dict) -> None:
         """Keep ``report["offload_wait_seconds"]`` current as forwards run."""
@@ -101,7 +105,8 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
                                    f"the plan wants {dtypes[k]}")
         result.bytes_written, result.repaired = store.bytes_written, store.repaired
         result.offload_dir = str(store.root)
-    host = {k: _to_host(storage[k], device) for k in moved if homes[k] == Tier.CPU}
+    host, copied, copied_pinned = _to_host({k: storage[k] for k in moved if homes[k] == Tier.CPU},
+                                           device)
     source: dict[str, torch.Tensor | Entry] = {}
     for src in stage.params:
         if src.key in moved:
@@ -115,10 +120,31 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
     result.streamer = attach_streaming(module, units, source, device, prefetch=prefetch,
                                        max_resident=max_resident)
     result.params = frozenset(source)
+    if device.type == "cuda":  # the arena `allocate_stage` made, the one made here, staging
+        in_arena = {k: _nbytes(t) for k, t in host.items() if k not in copied}
+        result.pinned_bytes = (arena_layout(in_arena)[1] + copied_pinned
+                               + result.streamer.pinned_bytes)
     return result
 
 
-def _to_host(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if t.device.type == "cpu":
-        return t
-    return t.to("cpu").pin_memory() if device.type == "cuda" else t.to("cpu")
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _to_host(tensors: dict[str, torch.Tensor], device: torch.device
+             ) -> tuple[dict[str, torch.Tensor], set[str], int]:
+    """The CPU tier's tensors in host memory, the keys copied there here, and the pinned
+    bytes taken for them. Those still on the device (tied tensors, exchanged there) are
+    copied once into one pinned arena of their own (not `.to("cpu").pin_memory()`: a
+    second copy, and the caching host allocator's power-of-two rounding)."""
+    on_device = {k: t for k, t in tensors.items() if t.device.type != "cpu"}
+    if not on_device:
+        return tensors, set(), 0
+    if device.type != "cuda":
+        return {**tensors, **{k: t.to("cpu") for k, t in on_device.items()}}, set(on_device), 0
+    arena = HostArena({k: _nbytes(t) for k, t in on_device.items()})
+    out = dict(tensors)
+    for k, t in on_device.items():
+        out[k] = arena.view(k, t.shape, t.dtype)
+        out[k].copy_(t)
+    return out, set(on_device), arena.nbytes

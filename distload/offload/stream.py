@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from .. import trace
+from ..io.pinned import arena_layout, pin_host
 from .entry import Entry
 
 __all__ = ["StreamStats", "Streamer", "attach_streaming", "streamer_of"]
@@ -81,6 +83,19 @@ class Streamer:
         self._report: dict | None = None
         cuda = device.type == "cuda"
         self._side = torch.cuda.Stream(device) if cuda else None
+        # Pinned staging for the disk tier on CUDA: one buffer per thread that loads (the
+        # prefetch thread, the caller's), each the largest unit's entries, made once and
+        # reused (a pinned buffer per fetch would go through the caching host allocator,
+        # rounded up to a power of two and cached for good). `pinned_bytes` counts them.
+        sizes = [arena_layout({g: s.nbytes for g, s in u.sources.items() if isinstance(s, Entry)})
+                 for u in units] if cuda else []
+        self._offsets = [offsets for offsets, _ in sizes]
+        largest = max((total for _, total in sizes), default=0)
+        count = (2 if self.prefetch else 1) if largest else 0
+        self._staging: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(count):
+            self._staging.put(pin_host(largest))
+        self.pinned_bytes = count * largest
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="distload-prefetch") if self.prefetch else None
         self._handles = []
         for i, unit in enumerate(units):
@@ -138,15 +153,23 @@ class Streamer:
             for group, src in unit.sources.items():
                 out[group] = src.read() if isinstance(src, Entry) else src.to(self.device)
         else:
-            with torch.cuda.device(self.device), torch.cuda.stream(self._side):
-                for group, src in unit.sources.items():
-                    if isinstance(src, Entry):
-                        host = src.read(torch.empty(src.nbytes, dtype=torch.uint8, pin_memory=True))
-                    else:
-                        host = src
-                    out[group] = host.to(self.device, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(self._side)
+            offsets = self._offsets[i]
+            staging = self._staging.get() if offsets else None
+            try:
+                with torch.cuda.device(self.device), torch.cuda.stream(self._side):
+                    for group, src in unit.sources.items():
+                        if isinstance(src, Entry):
+                            at = offsets[group]
+                            host = src.read(staging[at:at + src.nbytes])
+                        else:
+                            host = src
+                        out[group] = host.to(self.device, non_blocking=True)
+                    ready = torch.cuda.Event(blocking=True)
+                    ready.record(self._side)
+            finally:
+                if staging is not None:  # free again once the copies out of it are done
+                    (ready or self._side).synchronize()
+                    self._staging.put(staging)
         self.stats.fetches += 1
         self.stats.bytes_fetched += unit.nbytes
         return out, ready
