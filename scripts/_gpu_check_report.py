@@ -114,6 +114,39 @@ def loads(results: str, raw: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def budget(results: str) -> tuple[int | None, dict[str, int], tuple[str, str] | None]:
+    """(the whole check's limit, each step's limit, (work directory, its file system))."""
+    limit, steps_, work = None, {}, None
+    try:
+        with open(os.path.join(results, "budget.tsv")) as f:
+            for line in f:
+                kind, *rest = line.rstrip("\n").split("\t")
+                if kind == "limit":
+                    limit = int(rest[0])
+                elif kind == "step":
+                    steps_[rest[0]] = int(rest[1])
+                elif kind == "work":
+                    work = (rest[0], rest[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return limit, steps_, work
+
+
+def plans(results: str) -> list[tuple[str, str, str]]:
+    r = _json(os.path.join(results, "plan.json"))
+    if not r:
+        return [("plans for 1..N ranks", "FAIL", "no result: see logs")]
+    rows = []
+    for name, worlds in r["models"].items():
+        bad = {w: v["error"] for w, v in worlds.items() if "error" in v}
+        figures = "; ".join(f"{w}: {'/'.join(map(str, v['units']))}" for w, v in worlds.items()
+                            if "units" in v)
+        rows.append((f"plan {name} for 1..{r['max_ranks']} {r['device']} ranks", "FAIL" if bad else "PASS",
+                     "; ".join(f"{w} ranks: {e[:80]}" for w, e in bad.items()) if bad
+                     else f"units per rank {figures}"))
+    return rows
+
+
 def pipeline(results: str) -> list[tuple[str, str, str]]:
     r = _json(os.path.join(results, "pipeline.json"))
     if not r:
@@ -126,12 +159,30 @@ def pipeline(results: str) -> list[tuple[str, str, str]]:
 def main() -> int:
     results = sys.argv[1]
     rows = []
-    sweep_rows, raw = sweep(results)
-    for name, (rc, seconds) in steps(results).items():
-        rows.append((f"step {name}", "PASS" if rc == 0 else f"FAIL rc={rc}", f"{seconds:.0f} s"))
-    rows += tests(results) + sweep_rows + loads(results, raw) + pipeline(results)
-    total = sum(s for _, s in steps(results).values())
-    rows.append(("total time", "PASS" if total < 480 else "FAIL", f"{total:.0f} s (limit 480 s)"))
+    ran = steps(results)
+    limit, limits, work = budget(results)
+    sweep_rows, raw = sweep(results) if "read-sweep" in ran else ([], {})
+    for name, (rc, seconds) in ran.items():
+        rows.append((f"step {name}", "PASS" if rc == 0 else f"FAIL rc={rc}",
+                     f"{seconds:.0f} s (limit {limits.get(name, '?')} s)"))
+    if "plan" in ran:
+        rows += plans(results)
+    if "cuda-tests" in ran:
+        rows += tests(results)
+    rows += sweep_rows
+    if any(name.startswith("load-") for name in ran):
+        rows += loads(results, raw)
+    if "pipeline" in ran:
+        rows += pipeline(results)
+    if work is not None and any(name in ran for name in ("read-sweep", "load-cold", "load-cold-direct")):
+        in_ram = work[1] in ("tmpfs", "ramfs")
+        rows.append(("cold reads from a disk", "FAIL" if in_ram else "PASS",
+                     f"work directory {work[0]} on {work[1]}" + (": cold reads were warm" if in_ram else "")))
+    total = sum(s for _, s in ran.values())
+    planned = sum(limits.values())
+    ok = limit is not None and planned == limit and total <= limit
+    rows.append(("total time", "PASS" if ok else "FAIL",
+                 f"{total:.0f} s (limit {limit} s; the steps' limits add up to {planned} s)"))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'check':<{width}}  {'result':<10} figures", "-" * (width + 60)]
     lines += [f"{name:<{width}}  {result:<10} {figures}" for name, result, figures in rows]
