@@ -125,6 +125,9 @@ def init_world(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = Non
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     if "return" not in _GROUPS:  # every rank runs init_world equally often: all agree
         _GROUPS["return"] = dist.new_group(backend=backend, timeout=timeout)
+    if backend == "nccl":
+        with watch_peers("opening the links between the GPU ranks"):
+            _open_links(dist.get_rank(), dist.get_world_size(), dev)
     # A node is a host; torchrun's GROUP_RANK (the node rank) tells apart "nodes" that share
     # a host name (containers, or several launches on one machine).
     here = (socket.gethostname(), os.environ.get("GROUP_RANK", ""), os.getpid())
@@ -137,6 +140,35 @@ def init_world(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = Non
     nodes = tuple(order.index(first_seen[key]) for key in node_keys)
     return World(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, cpu_group,
                  hosts=tuple(host for host, _, _ in everyone), nodes=nodes)
+
+
+def _link_ops(rank: int, world_size: int) -> list[tuple[str, int, str]]:
+    """(send|recv, peer, group) in post order: a ring over the default group (each rank to
+    the next, the last to rank 0: the pipeline's links and the usual tied exchange) and
+    the last rank to rank 0 over the return group. Rank 0 sends first, the others receive
+    first, so each group's ops complete in post order as eager NCCL runs them."""
+    if world_size < 2:
+        return []
+    nxt, prev = (rank + 1) % world_size, (rank - 1) % world_size
+    ring = [("send", nxt, "default"), ("recv", prev, "default")] if rank == 0 else \
+        [("recv", prev, "default"), ("send", nxt, "default")]
+    if rank == world_size - 1:
+        return ring + [("send", 0, "return")]
+    return ring + ([("recv", world_size - 1, "return")] if rank == 0 else [])
+
+
+def _open_links(rank: int, world_size: int, device: torch.device) -> None:
+    """One tiny message over each link the job uses (`_link_ops`), before anything
+    measures the GPU's free memory: NCCL allocates a link's buffers on its first use,
+    which would otherwise come after the planner counted that memory as free."""
+    groups = {"default": None, "return": _GROUPS.get("return")}
+    works = []
+    for kind, peer, group in _link_ops(rank, world_size):
+        op = dist.isend if kind == "send" else dist.irecv
+        works.append(op(torch.zeros(1, device=device), peer, group=groups[group]))
+    for work in works:
+        work.wait()
+    torch.cuda.synchronize(device)
 
 
 def _alive(pid: int) -> bool:

@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from distload.dist import _link_ops
 from distload.sources.demo import make_checkpoint
 
 from .conftest import tiny_config
@@ -38,6 +39,20 @@ def test_replay_finds_a_cycle_through_a_host_wait_and_passes_its_fix():
     mismatch = [_ev("recv", 0, "w", 0, (2,)), _ev("wait", 0), _ev("send", 2, "w", 2),
                 _ev("recv", 1, "w", 0), _ev("wait", 1)]
     assert "receives [2]" in replay([r0, mismatch, r2])
+
+
+@pytest.mark.parametrize("world", range(1, 9))
+def test_nccl_link_opening_completes_on_eager_nccl(world):
+    ranks = []
+    for rank in range(world):
+        ops = _link_ops(rank, world)
+        ranks.append([[kind, i, group, peer, [1], "torch.float32"] for i, (kind, peer, group) in enumerate(ops)]
+                     + [["wait", i] for i in range(len(ops))])
+    assert replay(ranks) is None
+    if world > 1:  # every pipeline link and the results' way back are opened
+        pairs = {(r, peer, g) for r in range(world) for kind, peer, g in _link_ops(r, world) if kind == "send"}
+        assert {(r, r + 1, "default") for r in range(world - 1)} <= pairs
+        assert (world - 1, 0, "return") in pairs
 
 
 @pytest.fixture(scope="module")

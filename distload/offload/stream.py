@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -92,6 +93,12 @@ class Streamer:
         self._offsets = [offsets for offsets, _ in sizes]
         largest = max((total for _, total in sizes), default=0)
         count = (2 if self.prefetch else 1) if largest else 0
+        # Events after the compute that last used a released unit's device memory: a load
+        # waits for them before allocating, so that it reuses that memory (the caching
+        # allocator holds a block back until the stream that used it is past it) rather
+        # than briefly holding a third unit's worth beside the two the planner counted.
+        self._freed: list = []
+        self._freed_lock = threading.Lock()
         self._staging: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(count):
             self._staging.put(pin_host(largest))
@@ -153,6 +160,10 @@ class Streamer:
             for group, src in unit.sources.items():
                 out[group] = src.read() if isinstance(src, Entry) else src.to(self.device)
         else:
+            with self._freed_lock:
+                freed, self._freed = self._freed, []
+            for event in freed:
+                event.synchronize()
             offsets = self._offsets[i]
             staging = self._staging.get() if offsets else None
             try:
@@ -219,6 +230,10 @@ class Streamer:
             stream = torch.cuda.current_stream(self.device)
             for t in tensors.values():
                 t.record_stream(stream)
+            done = torch.cuda.Event(blocking=True)
+            done.record(stream)
+            with self._freed_lock:
+                self._freed.append(done)
         self._unassign(self.units[i])
 
     def release_all(self) -> None:

@@ -111,9 +111,12 @@ def explain_plan(plan: LoadPlan) -> str:
                          f"{format_bytes(s.reserve.get('kv', 0))} + activations "
                          f"{format_bytes(s.reserve.get('work', 0))} + streaming "
                          f"{format_bytes(s.reserve.get('stream', 0))}")
+        # a CUDA reader double-buffers its pinned staging (one buffer reads while the
+        # other's copy to the device runs); a CPU reader needs one
         lines.append(f"        host memory: {format_bytes(held[Tier.CPU])} cpu tier (plus the device "
                      f"tier where the device is the CPU) + read staging, at most "
-                     f"{format_bytes(DEFAULT_STAGING_BYTES)} per reader thread; no whole state "
+                     f"{format_bytes(DEFAULT_STAGING_BYTES)} per reader thread on the CPU, "
+                     f"2 x {format_bytes(DEFAULT_STAGING_BYTES)} pinned on a GPU; no whole state "
                      "dict is ever built")
         if s.budget.get("source"):
             lines.append(f"        budgets from {s.budget['source']}")
