@@ -1,7 +1,7 @@
 """One rank of `scripts/gpu_check.sh`'s pipeline step (under torchrun, one rank per GPU;
 nccl between GPU ranks; not for users): a small Llama model loaded by distload onto the
-ranks' GPUs, `pipe.forward` and `pipe.generate` on it, and on rank 0 the same with
-transformers on its GPU. Rank 0 writes ``OUT/pipeline.json``: the largest logit
+ranks' GPUs, `pipe.forward` and `pipe.generate` on it (also of one prompt alone), and on
+rank 0 the same with transformers on its GPU. Rank 0 writes ``OUT/pipeline.json``: the largest logit
 difference, whether the generated tokens are equal, and PASS.
 
     torchrun --nproc_per_node=NGPU scripts/_gpu_check_pipeline.py CKPT OUT [cuda|cpu]
@@ -31,6 +31,9 @@ def main() -> int:
     pipe = distload.load(ckpt, device=device)
     logits = pipe.forward(IDS, MASK, micro_batches=2)
     tokens = pipe.generate(IDS, MASK, max_new_tokens=8)
+    # one prompt, one group in flight: the case that deadlocked on NCCL with 3+ ranks when
+    # a middle rank posted its next receive before its sends
+    single = pipe.generate(IDS[:1], MASK[:1], max_new_tokens=8)
     if pipe.rank == 0:
         import transformers
 
@@ -42,7 +45,8 @@ def main() -> int:
         diff = (logits.to(pipe.device)[real] - hf[real]).abs().max().item()
         hf_tokens = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                                  pad_token_id=0, eos_token_id=None)
-        same = torch.equal(tokens.to(pipe.device), hf_tokens)
+        same = torch.equal(tokens.to(pipe.device), hf_tokens) and \
+            torch.equal(single.to(pipe.device), hf_tokens[:1])
         result = {"world_size": pipe.world.world_size, "devices": [r["device"] for r in pipe.job_report["ranks"]],
                   "backend": dist.get_backend() if dist.is_initialized() else "none (one rank)",
                   "logits_device": str(logits.device), "max_abs_diff": diff, "atol": ATOL,
