@@ -216,3 +216,33 @@ def test_pinned_cpu_tier_takes_what_the_plan_counted_not_the_allocators_rounding
     for key, t in storage.items():
         t.view(-1)[:1] = 1
     assert len({t.untyped_storage().data_ptr() for t in storage.values()}) == 1
+
+
+def test_pinned_pages_stay_registered_while_any_view_lives(monkeypatch):
+    import gc
+    import mmap
+
+    calls, pages = [], -(-10_000 // mmap.PAGESIZE) * mmap.PAGESIZE
+
+    class Cudart:  # the driver's registration, recorded
+        def cudaHostRegister(self, address, nbytes, flags):  # noqa: N802 - CUDA's name
+            calls.append(("register", address, nbytes))
+            return 0
+
+        def cudaHostUnregister(self, address):  # noqa: N802
+            calls.append(("unregister", address))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart())
+    buffer = pinned_memory.pin_host(10_000)
+    assert buffer.numel() == 10_000 and buffer.data_ptr() % mmap.PAGESIZE == 0
+    assert calls == [("register", buffer.data_ptr(), pages)]  # whole pages, no power of two
+    view = buffer[100:200].view(torch.float32)
+    view.fill_(1.0)
+    del buffer
+    gc.collect()
+    assert len(calls) == 1  # a view still uses the pages
+    address = calls[0][1]
+    del view
+    gc.collect()
+    assert calls[1:] == [("unregister", address)]
