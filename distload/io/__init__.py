@@ -5,7 +5,8 @@ O_DIRECT; copy-on-write views of a checkpoint's pages on the CPU; and the tensor
 pickled `.bin` files. Knows nothing of where the read items came from.
 
 Files: `reader` (the entry point), `segments` (planning the reads, pure), `worker` (one
-thread's work), `staging` (the staging ring and the copies out of it), `direct` (opening
+thread's work), `staging` (the staging ring and the copies out of it), `pinned`
+(page-locked host memory of an exact size, and the CPU tier's arena), `direct` (opening
 files, O_DIRECT and aligned reads), `mapped` (CPU pages), `stats`.
 
 Example::
