@@ -325,3 +325,67 @@ def test_sigterm_drains_in_flight_then_every_rank_exits_143(server):
         lines = [line for line in server.stderr(rank).splitlines() if "Traceback" in line or "ERROR" in line]
         assert not lines, server.stderr(rank)
         assert "stopped by SIGTERM" in server.stderr(rank).strip().splitlines()[-1]
+
+
+def test_a_rank_that_dies_takes_the_server_down_naming_it(ckpt, tmp_path):
+    srv = _Server(ckpt, tmp_path, free_port())
+    try:
+        srv.start(0)
+        srv.start(1)
+        srv.wait_health(200)
+        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": [1, 4], "max_tokens": 3})
+        assert r.status_code == 200
+        srv.procs[1].kill()
+        assert srv.procs[0].wait(30) == 1
+        last = srv.stderr(0).strip().splitlines()[-1]
+        assert "rank 1 died" in last and "Traceback" not in srv.stderr(0), srv.stderr(0)
+    finally:
+        srv.kill()
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+def test_params_defaults_and_sampling():
+    from distload.serve.params import Limits, chat_params, check_length, completion_params
+
+    limits = Limits(MODEL, 256, CONTEXT)
+    p = completion_params({"model": MODEL, "prompt": ["w1"], "stop": ["x", 5], "top_k": -1}, limits)
+    assert p.prompt == "w1" and p.max_tokens == 16 and p.sampling.do_sample and p.sampling.top_k is None
+    assert p.stop_strings == ("x",) and p.stop_ids == (5,)
+    p = chat_params({"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], "temperature": 0,
+        "top_p": 0.5, "max_completion_tokens": 3}, limits)
+    assert p.prompt[0]["content"] == "ab" and not p.sampling.do_sample and p.max_tokens == 3
+    assert check_length([1] * 100, None, limits, prompt_key="prompt", key="max_tokens") == CONTEXT - 100
+
+
+def test_sequence_holds_back_a_possible_stop_string_and_cuts_at_it():
+    from distload.pipeline.sampling import SamplingConfig
+    from distload.serve.sequence import Delta, Done, Sequence
+
+    class Words:  # decodes token i as the word "w<i>", space-separated
+        def decode(self, ids):
+            return " ".join(f"w{i}" for i in ids)
+
+    events = []
+    seq = Sequence(prompt=[1], max_tokens=10, sampling=SamplingConfig(), stop_ids={2},
+                   stop_strings=("w7 w8",), text=Words(), emit=events.append)
+    for token in (5, 7, 8, 9):
+        if seq.accept(token):
+            break
+    texts = [e.text for e in events if isinstance(e, Delta)]
+    assert "".join(texts) == "w5 " and seq.generated_text == "w5 "
+    assert isinstance(events[-1], Done) and events[-1].finish_reason == "stop"
+    assert [e.token_ids for e in events if isinstance(e, Delta)] == [[5], [7], [8]]
+
+
+def test_kv_cache_pad_left_and_drop_left():
+    from distload.models.cache import KVCache
+
+    cache = KVCache()
+    k = torch.arange(12.0).reshape(1, 1, 3, 4)
+    cache.update("0", k, k + 1)
+    cache.pad_left(2)
+    assert cache.length == 5 and torch.equal(cache.update("0", k[:, :, :0], k[:, :, :0])[0][:, :, 2:], k)
+    cache.drop_left(2)
+    assert torch.equal(cache.update("0", k[:, :, :0], k[:, :, :0])[1], k + 1)
