@@ -389,3 +389,47 @@ def test_kv_cache_pad_left_and_drop_left():
     assert cache.length == 5 and torch.equal(cache.update("0", k[:, :, :0], k[:, :, :0])[0][:, :, 2:], k)
     cache.drop_left(2)
     assert torch.equal(cache.update("0", k[:, :, :0], k[:, :, :0])[1], k + 1)
+
+
+def test_scheduler_in_one_process_joins_and_leaves_match_transformers(ckpt, hf):
+    """The scheduler over a world of one (rank 0 is every stage): 2 groups of 2 slots, 10
+    requests of different lengths arriving while others run, some done at their first token,
+    one cancelled mid-way; every greedy answer is transformers' for it alone."""
+    import distload
+    from distload.pipeline.sampling import SamplingConfig
+    from distload.serve.scheduler import Scheduler
+    from distload.serve.sequence import Sequence
+
+    class NoText:
+        def decode(self, ids):
+            return ""
+
+    pipe = distload.load(str(ckpt), device="cpu", max_batch_size=4, max_seq_len=CONTEXT)
+    scheduler = Scheduler(pipe, groups=2, group_size=2, max_queue=100)
+    rng = random.Random(3)
+    seqs = [Sequence(prompt=_prompt(rng, rng.randrange(2, 20)), max_tokens=rng.choice([1, 2, 7, 15]),
+                     sampling=SamplingConfig(), stop_ids={2}, stop_strings=(), text=NoText(),
+                     emit=lambda e: None) for _ in range(10)]
+
+    def arrive():
+        for i, seq in enumerate(seqs):
+            assert scheduler.submit(seq)
+            if i == 6:
+                time.sleep(0.01)
+                seq.cancel()
+            time.sleep(0.005 * (i % 3))
+        scheduler.drain(60)
+
+    feeder = threading.Thread(target=arrive)
+    feeder.start()
+    scheduler.run()
+    feeder.join()
+    for i, seq in enumerate(seqs):
+        want = _reference(hf, seq.prompt, seq.max_tokens)
+        if i == 6:
+            assert seq.output == want[:len(seq.output)]
+        else:
+            assert seq.output == want and seq.finish_reason in ("stop", "length")
+    assert all(g.used == 0 and not g.cached for g in scheduler.groups)
+    assert scheduler.decoder.calls >= 1 and not scheduler.decoder.is_open  # close() found no KV held
+    assert not scheduler.decoder.local.configs  # nor any sequence's sampling state

@@ -119,6 +119,18 @@ class Scheduler:
     # ------------------------------------------------------------------ rank 0's main thread
     def run(self) -> None:
         """Serve until drained; a rank that died raises `RankError` naming it."""
+        try:
+            self._loop()
+        except RankError as exc:  # a lost connection: say which rank, when it is on this host
+            deadline = time.monotonic() + 1.0
+            while not (dead := peers_gone(range(1, self.world.world_size))) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self._abort_all("the server stopped: a rank failed")
+            if dead:
+                raise RankError(f"rank {', '.join(map(str, dead))} died; the server stops") from exc
+            raise
+
+    def _loop(self) -> None:
         last_check = time.monotonic()
         while True:
             if self._draining and time.monotonic() > self._deadline:

@@ -258,8 +258,10 @@ class ContinuousDecoder:
         """End the call; every group and prefilled cache must have been dropped."""
         if self.outbox is None:
             return
-        if self.inflight:
-            raise RuntimeError("close() with results still to collect")
+        if self.inflight or self.stage.pending or self.stage.groups:  # a leak of KV cache
+            raise RuntimeError(f"close() with {len(self.inflight)} results to collect, "
+                               f"{len(self.stage.pending)} prefilled sequences and "
+                               f"{len(self.stage.groups)} groups still held")
         self._send(_Message(STOP))
         self.outbox.wait()
         self.outbox = None
