@@ -201,6 +201,7 @@ def test_models_completions_and_chat_match_transformers(server, hf):
     ({"model": MODEL, "prompt": [1, 256]}, "prompt"),
     ({"model": MODEL, "prompt": [1, 2], "n": 2}, "n"),
     ({"model": MODEL, "prompt": [1, 2], "temperature": "hot"}, "temperature"),
+    ({"model": MODEL, "prompt": [1, 2], "logprobs": 3}, "logprobs"),
     ({"model": MODEL, "messages": []}, "messages"),
     ({"model": MODEL, "messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
 ])

@@ -26,10 +26,10 @@ import traceback
 
 from ..cli.config import parse_args
 from ..cli.exits import ERROR, OK, USAGE, Interrupted, leave
+from ..cli.main import _flags  # the load flags every rank must agree on, as distload.load checks them
 from ..dist import DEFAULT_TIMEOUT_S, agree_on_arguments, init_world, run_on_rank0, shutdown
 from ..errors import DistloadError, RankError, UsageError
 from ..loader import load
-from ..loader.report import versions
 from ..log import logger, setup_logging
 from ..pipeline.inputs import resolve_eos
 
@@ -112,7 +112,7 @@ def _bind(host: str, port: int):
         return None, UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
 
-def _start_http(state, sock) -> None:
+def _start_http(state, sock) -> threading.Thread:
     import uvicorn
 
     from .api import make_app
@@ -120,13 +120,15 @@ def _start_http(state, sock) -> None:
     config = uvicorn.Config(make_app(state), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="distload-http",
-                     daemon=True).start()
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="distload-http",
+                              daemon=True)
+    thread.start()
+    return thread
 
 
 def run(ns, cfg, signals: _Signals) -> int:
     rank0 = os.environ.get("RANK", "0") == "0"
-    state = sock = bind_error = None
+    state = sock = bind_error = http = None
     if rank0:
         try:
             from .api import ServerState
@@ -136,10 +138,10 @@ def run(ns, cfg, signals: _Signals) -> int:
         state = ServerState(model_name=ns.served_model_name or cfg.model)
         sock, bind_error = _bind(ns.host, ns.port)
         if sock is not None:
-            _start_http(state, sock)
+            http = _start_http(state, sock)
     world = init_world(timeout_s=cfg.timeout or DEFAULT_TIMEOUT_S, device=cfg.device)
-    agree_on_arguments(world, {"served": vars(ns), "model": cfg.model, "dtype": cfg.dtype,
-                               **versions()})
+    served = {"--" + k.replace("_", "-"): v for k, v in vars(ns).items()}
+    agree_on_arguments(world, {**_flags(cfg), **served})
 
     def check_port() -> None:
         if bind_error is not None:
@@ -161,10 +163,10 @@ def run(ns, cfg, signals: _Signals) -> int:
                            signal.Signals(signals.signum).name)
             return 128 + signals.signum
         return OK
-    return _serve_rank0(pipe, ns, cfg, state, signals, world)
+    return _serve_rank0(pipe, ns, cfg, state, signals, world, http)
 
 
-def _serve_rank0(pipe, ns, cfg, state, signals: _Signals, world) -> int:
+def _serve_rank0(pipe, ns, cfg, state, signals: _Signals, world, http: threading.Thread) -> int:
     from .params import Limits
     from .scheduler import Scheduler, slots_for
     from .text import ModelText
@@ -174,7 +176,8 @@ def _serve_rank0(pipe, ns, cfg, state, signals: _Signals, world) -> int:
     context = int(shape.get("max_seq_len") or pipe.plan.config.get("max_position_embeddings") or 2048)
     groups, group_size = slots_for(slots, cfg.micro_batches or world.world_size)
     scheduler = Scheduler(pipe, groups=groups, group_size=group_size, max_queue=ns.max_queue,
-                          metrics=state.metrics)
+                          metrics=state.metrics,
+                          watch=lambda: None if http.is_alive() else "the HTTP server stopped")
     eos, _ = resolve_eos(cfg.eos_token_id, None, pipe.plan.config)
     text = ModelText.open(pipe.root)
     state.ready(scheduler, Limits(state.model_name, pipe.vocab_size, context), text, eos)

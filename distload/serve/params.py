@@ -123,10 +123,23 @@ def _common(body, limits: Limits, *, max_tokens_keys: tuple[str, ...], default_m
                 stream=stream, include_usage=bool(options.get("include_usage")))
 
 
+def _unsupported(body: dict, fields: dict) -> None:
+    """Fields whose use would change the answer's meaning: refused unless unset (a client
+    that asks for logprobs must not get a reply without them)."""
+    for name, allowed in fields.items():
+        value = body.get(name)
+        if not any(value == a and type(value) is type(a) for a in allowed if a is not None) \
+                and value is not None:
+            raise BadRequest(f"'{name}' is not supported by this server", name,
+                             code="unsupported_parameter")
+
+
 def completion_params(body, limits: Limits) -> Params:
     """``POST /v1/completions``: `prompt` is text, a list of token ids, or a list holding
     one of those (OpenAI's batch form, with one prompt)."""
     common = _common(body, limits, max_tokens_keys=("max_tokens",), default_max=16)
+    _unsupported(body, {"logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+                        "suffix": (None, "")})
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
@@ -151,6 +164,8 @@ def chat_params(body, limits: Limits) -> Params:
     or a list of text parts."""
     common = _common(body, limits, max_tokens_keys=("max_completion_tokens", "max_tokens"),
                      default_max=None)
+    _unsupported(body, {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
+                        "response_format": (None, {"type": "text"})})
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list", "messages")

@@ -68,7 +68,7 @@ class Scheduler:
     """Rank 0's continuous-batching loop over a `ContinuousDecoder`."""
 
     def __init__(self, pipe, *, groups: int, group_size: int, max_queue: int,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, watch=None) -> None:
         self.decoder = ContinuousDecoder(pipe, max_rows=group_size)
         self.world = pipe.world
         self.groups = [_Group() for _ in range(groups)]
@@ -82,6 +82,8 @@ class Scheduler:
         self._draining = False
         self._deadline: float | None = None
         self.served = 0
+        # what else must live (the HTTP server): returns its trouble, or None
+        self.watch = watch or (lambda: None)
 
     # ------------------------------------------------------------------ any thread
     def submit(self, seq: Sequence) -> bool:
@@ -122,8 +124,8 @@ class Scheduler:
         try:
             self._loop()
         except RankError as exc:  # a lost connection: say which rank, when it is on this host
-            deadline = time.monotonic() + 1.0
-            while not (dead := peers_gone(range(1, self.world.world_size))) and time.monotonic() < deadline:
+            deadline, others = time.monotonic() + 1.0, range(1, self.world.world_size)
+            while not (dead := peers_gone(others)) and time.monotonic() < deadline:
                 time.sleep(0.05)
             self._abort_all("the server stopped: a rank failed")
             if dead:
@@ -153,6 +155,9 @@ class Scheduler:
                 dead = peers_gone(range(1, self.world.world_size))
                 if dead:
                     raise RankError(f"rank {', '.join(map(str, dead))} died; the server stops")
+                trouble = self.watch()
+                if trouble:
+                    raise RuntimeError(trouble)
 
     def _collect(self) -> None:
         kind, index, ids, tokens = self.decoder.next_result()
