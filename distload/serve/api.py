@@ -43,6 +43,7 @@ class ServerState:
         self.scheduler = self.limits = self.text = None
         self.eos_ids: tuple[int, ...] = ()
         self.created = int(time.time())
+        self.port: int | None = None
 
     def ready(self, scheduler, limits: Limits, text: ModelText, eos_ids) -> None:
         self.scheduler, self.limits, self.text = scheduler, limits, text

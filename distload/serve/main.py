@@ -70,6 +70,18 @@ def parse_serve_args(argv: list[str] | None):
     return ns, parse_args(rest)
 
 
+# distload.load's flags about prompts, outputs and reports: a server has none of them
+_UNUSED_FLAGS = ("input_ids", "prompt", "input_file", "output_file", "max_new_tokens", "report",
+                 "trace", "explain", "do_sample", "temperature", "top_k", "top_p", "seed")
+
+
+def _unused(cfg) -> list[str]:
+    from dataclasses import fields
+
+    defaults = {f.name: f.default for f in fields(cfg)}
+    return ["--" + n.replace("_", "-") for n in _UNUSED_FLAGS if getattr(cfg, n) != defaults[n]]
+
+
 class _Signals:
     """SIGTERM/SIGINT: while loading, stop at once (`Interrupted`); once serving, rank 0
     drains and the other ranks keep following until rank 0 closes the pipeline (a
@@ -138,6 +150,7 @@ def run(ns, cfg, signals: _Signals) -> int:
         state = ServerState(model_name=ns.served_model_name or cfg.model)
         sock, bind_error = _bind(ns.host, ns.port)
         if sock is not None:
+            state.port = sock.getsockname()[1]  # --port 0: the one the system picked
             http = _start_http(state, sock)
     world = init_world(timeout_s=cfg.timeout or DEFAULT_TIMEOUT_S, device=cfg.device)
     served = {"--" + k.replace("_", "-"): v for k, v in vars(ns).items()}
@@ -148,6 +161,8 @@ def run(ns, cfg, signals: _Signals) -> int:
             raise bind_error
 
     run_on_rank0(world, check_port, what="opening the server's port")
+    if world.is_first and _unused(cfg):
+        logger.warning("%s: not used by the server (each request brings its own prompt and sampling)", ", ".join(_unused(cfg)))
     pipe = load(cfg.model, dtype=cfg.dtype, strict=cfg.strict, cache_dir=cfg.cache_dir,
                 offload_dir=cfg.offload_dir, device=cfg.device, timeout_s=cfg.timeout,
                 read_workers=cfg.read_workers, direct_io=cfg.direct_io,
@@ -190,7 +205,7 @@ def _serve_rank0(pipe, ns, cfg, state, signals: _Signals, world, http: threading
     if signals.signum is not None:  # a signal between the load and here
         stop()
     logger.info("serving %s on http://%s:%d (%d groups of %d sequences, context %d%s)",
-                state.model_name, ns.host, ns.port, groups, group_size, context,
+                state.model_name, ns.host, state.port or ns.port, groups, group_size, context,
                 "" if text.has_tokenizer else "; no tokenizer.json: prompts as token ids")
     try:
         scheduler.run()
