@@ -330,7 +330,8 @@ class ContinuousDecoder:
 def follow_continuous(pipe) -> None:
     """Ranks other than 0, once rank 0 has announced a continuous call: run every message
     in arrival order and pass it on (the last rank samples and sends the tokens back)
-    until STOP."""
+    until STOP. Every receive is posted after the sends of the message before it (see
+    the note in the loop)."""
     world, device = pipe.world, pipe.world.device
     call = broadcast_call(world, None)
     header_len, prev = _Message.length(call.max_rows), world.rank - 1
@@ -360,7 +361,6 @@ def follow_continuous(pipe) -> None:
                 continue
             act = post_recv((len(msg.ids), msg.tokens, pipe.hidden_size), pipe.activation_dtype,
                             device, src=prev)
-            incoming = post_recv((header_len,), torch.long, device, src=prev)
             if msg.kind == PREFILL:
                 out = stage.prefill(msg.ids[0], act.wait())
                 if sampler is not None:
@@ -375,6 +375,11 @@ def follow_continuous(pipe) -> None:
             else:
                 outbox.send(raw, dst=world.rank + 1)
                 outbox.send(out.to(pipe.activation_dtype), dst=world.rank + 1)
+            # the next header's receive only now, after this message's sends: eager NCCL runs
+            # a group's sends and receives in post order, and rank 0 sends that header only
+            # once these tokens are back (with one group in flight) — posted earlier, the
+            # sends would wait behind it for ever
+            incoming = post_recv((header_len,), torch.long, device, src=prev)
     outbox.wait()
 
 
