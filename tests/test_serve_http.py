@@ -64,8 +64,8 @@ class _Server:
     """The two ranks as plain processes (as srun or a launcher starts them), so that the
     test starts rank 1 only once rank 0's /health answered 503."""
 
-    def __init__(self, ckpt, out_dir, port: int) -> None:
-        self.url, self.out_dir, self.procs = f"http://127.0.0.1:{port}", out_dir, []
+    def __init__(self, ckpt, out_dir, port: int, world: int = 2) -> None:
+        self.url, self.out_dir, self.procs, self.world = f"http://127.0.0.1:{port}", out_dir, [], world
         self.argv = [sys.executable, "-m", "distload.serve", "--model", str(ckpt), "--port", str(port),
                      "--served-model-name", MODEL, "--max-batch-size", str(SLOTS), "--max-seq-len",
                      str(CONTEXT), "--max-queue", str(QUEUE), "--shutdown-timeout", "20",
@@ -74,7 +74,7 @@ class _Server:
 
     def start(self, rank: int) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(self.world), "LOCAL_WORLD_SIZE": str(self.world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.master)}
         err = open(self.out_dir / f"rank{rank}.err", "w")
         self.procs.append(subprocess.Popen(self.argv, env=env, stdout=subprocess.DEVNULL, stderr=err))
@@ -101,6 +101,16 @@ class _Server:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The references and the in-process scheduler on one thread, as each rank runs: on a
+    shared 2-core machine, torch's default threads spin against the ranks (10-50x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -328,14 +338,30 @@ def test_sigterm_drains_in_flight_then_every_rank_exits_143(server):
         assert "stopped by SIGTERM" in server.stderr(rank).strip().splitlines()[-1]
 
 
-def test_a_rank_that_dies_takes_the_server_down_naming_it(ckpt, tmp_path):
-    srv = _Server(ckpt, tmp_path, free_port())
+def test_three_ranks_then_a_rank_that_dies_takes_the_server_down_naming_it(ckpt, hf, tmp_path):
+    """3 ranks (a middle one forwards every message): staggered greedy requests match
+    transformers; then the middle rank dies and rank 0 stops, naming it."""
+    srv = _Server(ckpt, tmp_path, free_port(), world=3)
     try:
-        srv.start(0)
-        srv.start(1)
+        for rank in range(3):
+            srv.start(rank)
         srv.wait_health(200)
-        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": [1, 4], "max_tokens": 3})
-        assert r.status_code == 200
+        rng = random.Random(2)
+        jobs = [(_prompt(rng, rng.randrange(2, 20)), rng.randrange(1, 12), rng.random() * 0.2)
+                for _ in range(8)]
+
+        def one(job):
+            ids, max_tokens, delay = job
+            time.sleep(delay)
+            r = httpx.post(srv.url + "/v1/completions", timeout=60,
+                           json={"model": MODEL, "prompt": ids, "max_tokens": max_tokens, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["token_ids"]
+
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(one, jobs))
+        for (ids, max_tokens, _), tokens in zip(jobs, got):
+            assert tokens == _reference(hf, ids, max_tokens), ids
         srv.procs[1].kill()
         assert srv.procs[0].wait(30) == 1
         last = srv.stderr(0).strip().splitlines()[-1]
@@ -434,3 +460,19 @@ def test_scheduler_in_one_process_joins_and_leaves_match_transformers(ckpt, hf):
     assert all(g.used == 0 and not g.cached for g in scheduler.groups)
     assert scheduler.decoder.calls >= 1 and not scheduler.decoder.is_open  # close() found no KV held
     assert not scheduler.decoder.local.configs  # nor any sequence's sampling state
+
+    # past the shutdown deadline, what still runs (or waits) is aborted, and its KV freed
+    from distload.serve.sequence import Done
+
+    scheduler = Scheduler(pipe, groups=2, group_size=2, max_queue=100)
+    events = []
+    long = [Sequence(prompt=[1, 5 + i], max_tokens=CONTEXT - 2, sampling=SamplingConfig(), stop_ids=set(),
+                     stop_strings=(), text=NoText(), emit=events.append) for i in range(6)]
+    for seq in long:
+        assert scheduler.submit(seq)
+    threading.Timer(0.2, scheduler.drain, args=(0.1,)).start()
+    scheduler.run()
+    assert all(seq.finish_reason == "abort" for seq in long)
+    done = [e for e in events if isinstance(e, Done)]
+    assert len(done) == 6 and all(e.error for e in done)
+    assert not scheduler.decoder.is_open and not scheduler.decoder.local.configs
