@@ -17,6 +17,7 @@ no half-dead server that accepts requests and never answers. Exit codes as
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -181,6 +182,21 @@ def run(ns, cfg, signals: _Signals) -> int:
     return _serve_rank0(pipe, ns, cfg, state, signals, world, http)
 
 
+def _generation_config(root: str) -> dict:
+    """The checkpoint's generation_config.json (its EOS ids, e.g. a chat model's end of
+    turn, take precedence over config.json's, as in transformers' `generate`)."""
+    path = os.path.join(root, "generation_config.json")
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        logger.warning("%s: not read (%s)", path, exc)
+        return {}
+    return {k: found[k] for k in ("eos_token_id", "pad_token_id") if found.get(k) is not None}
+
+
 def _serve_rank0(pipe, ns, cfg, state, signals: _Signals, world, http: threading.Thread) -> int:
     from .params import Limits
     from .scheduler import Scheduler, slots_for
@@ -193,17 +209,17 @@ def _serve_rank0(pipe, ns, cfg, state, signals: _Signals, world, http: threading
     scheduler = Scheduler(pipe, groups=groups, group_size=group_size, max_queue=ns.max_queue,
                           metrics=state.metrics,
                           watch=lambda: None if http.is_alive() else "the HTTP server stopped")
-    eos, _ = resolve_eos(cfg.eos_token_id, None, pipe.plan.config)
+    eos, _ = resolve_eos(cfg.eos_token_id, None, {**pipe.plan.config, **_generation_config(pipe.root)})
     text = ModelText.open(pipe.root)
-    state.ready(scheduler, Limits(state.model_name, pipe.vocab_size, context), text, eos)
 
     def stop() -> None:
         state.stopping()
         scheduler.drain(ns.shutdown_timeout)
 
-    signals.on_stop = stop
+    signals.on_stop = stop  # before the first request: from now on a signal drains
+    state.ready(scheduler, Limits(state.model_name, pipe.vocab_size, context), text, eos)
     if signals.signum is not None:  # a signal between the load and here
-        stop()
+        stop()  # (again: ready() said "ready")
     logger.info("serving %s on http://%s:%d (%d groups of %d sequences, context %d%s)",
                 state.model_name, ns.host, state.port or ns.port, groups, group_size, context,
                 "" if text.has_tokenizer else "; no tokenizer.json: prompts as token ids")
