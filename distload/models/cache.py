@@ -73,6 +73,25 @@ class KVCache:
             out._values[name] = torch.cat([c._values[name] for c in caches])
         return out
 
+    def pad_left(self, count: int) -> None:
+        """Put `count` zero positions before every sequence's cached ones (in place), so
+        that caches of different lengths can be `stacked`; the caller masks them out."""
+        if count <= 0:
+            return
+        for store in (self._keys, self._values):
+            for name, t in store.items():
+                pad = t.new_zeros(t.shape[0], t.shape[1], count, t.shape[3])
+                store[name] = torch.cat([pad, t], dim=2)
+
+    def drop_left(self, count: int) -> None:
+        """Forget the first `count` positions of every sequence (in place): padding that
+        no sequence still in the cache attends to."""
+        if count <= 0:
+            return
+        for store in (self._keys, self._values):
+            for name, t in store.items():
+                store[name] = t[:, :, count:]
+
     def reset(self) -> None:
         """Forget everything cached."""
         self._keys.clear()
