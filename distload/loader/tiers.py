@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from ..checkpoint.types import TensorMeta
+from ..dtypes import dtype_name
 from ..io import ReadProgress
 from ..offload import Entry, OffloadError, OffloadStore, Streamer, attach_streaming, default_offload_dir
 from ..offload import ensure_entries
@@ -88,6 +89,13 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
     located = {m.name: m.located(root) for s in plan.stages for m in s.reads}
     located.update({m.name: m for m in reads})
     disk = sorted(k for k in moved if homes[k] == Tier.DISK)
+    for k in disk:
+        if k in stage.decode and k in storage:
+            # Decoded from a quantized checkpoint in host memory (`read_stage`): its entry
+            # is a copy of that, never a reference into the checkpoint's bytes.
+            t = storage[k]
+            located[k] = replace(located[stage.decode[k]["parts"][0]], name=k, dtype=dtype_name(t.dtype),
+                                 shape=tuple(t.shape), offset=-1, length=t.numel() * t.element_size())
     entries: dict[str, Entry] = {}
     if disk:
         store = OffloadStore(offload_dir or default_offload_dir(cache_dir), timeout=timeout)
