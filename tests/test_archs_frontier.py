@@ -1,0 +1,176 @@
+"""The frontier architectures (DeepSeek-V2 and V3) against transformers, the independent
+reference, as `test_archs.py` does for the others: checkpoints transformers writes itself
+(`save_pretrained`, >= 2 shards, awkward sizes), their packed-expert layout, and an FP8
+copy (block scales, every matrix with a clipped last block) whose reference is
+transformers loading the same weights decoded value by value (`tests.quant_ckpt`) —
+loaded across 2 and 3 ranks under torchrun (one launch per world size): logits of a
+left-padded batch within 1e-4 (float32), greedy `generate` identical for 12 tokens, the
+ranks' bytes summing to the checkpoint's (the FP8 one's: its quantized bytes and scales),
+and one MoE with layers on the disk tier, plain and FP8. In one process: MLA's KV reserve
+is the latent, MTP layers are not read, config errors name the field.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distload.meta import describe_model, init_empty_weights
+from distload.models import build_model, supported_model_types
+from distload.pipeline.microbatch import position_ids_from_mask
+
+from .archs import left_padded_batch, repack_experts
+from .archs_frontier import ARCHS, FP8_BLOCK, hf_config, make_hf_checkpoint
+from .mp import torchrun, worker
+from .quant_ckpt import quantize_checkpoint_fp8
+
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-4
+NEW = 12
+FP8 = "deepseek_v3_fp8"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> directory: every case, `deepseek_v3_packed`, and `deepseek_v3_fp8` (with its
+    decoded twin under `deepseek_v3_fp8_ref`)."""
+    root = tmp_path_factory.mktemp("frontier")
+    out = {name: make_hf_checkpoint(name, root / name) for name in ARCHS}
+    out["deepseek_v3_packed"] = repack_experts(out["deepseek_v3"], root / "deepseek_v3_packed")
+    out[FP8] = quantize_checkpoint_fp8(out["deepseek_v3"], root / FP8, root / f"{FP8}_ref", FP8_BLOCK)
+    return out
+
+
+def _reference(name: str, checkpoints):
+    path = checkpoints[name]
+    if name == FP8:
+        path = path.parent / f"{FP8}_ref"
+    elif name.endswith("_packed"):
+        path = checkpoints[name.removesuffix("_packed")]
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, experts_implementation="eager").eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints):
+    """name -> (logits, greedy tokens) of transformers on the left-padded batch."""
+    ids, mask = left_padded_batch()
+    refs = {}
+    for name in (*ARCHS, FP8):
+        model = _reference(name, checkpoints)
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+            tokens = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                    pad_token_id=0)
+        refs[name] = (logits, tokens)
+    return refs
+
+
+def test_every_frontier_type_has_a_case():
+    frontier = {"deepseek_v2", "deepseek_v3"}
+    assert frontier <= set(supported_model_types())
+    assert frontier == {c["model_type"] for c in ARCHS.values()}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_frontier_architectures_across_ranks_match_transformers(world, checkpoints, references, tmp_path):
+    names = sorted(checkpoints)
+    disk = [a for n in ("deepseek_v3_packed", FP8) for a in ("--disk", str(checkpoints[n]))] \
+        if world == 2 else []
+    proc = torchrun(world, [worker("arch_frontier.py"), str(tmp_path), *disk,
+                            *(str(checkpoints[n]) for n in names)], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = torch.load(tmp_path / "results.pt")
+    ids, mask = left_padded_batch()
+    real = mask.bool()
+    on_disk_names = ["deepseek_v3_packed@disk", f"{FP8}@disk"] if disk else []
+    for name in names + on_disk_names:
+        got = results[name]
+        ref_logits, ref_tokens = references[name.split("@")[0].removesuffix("_packed")]
+        err = (got["logits"][real] - ref_logits[real]).abs().max().item()
+        assert err <= ATOL, f"{name}: logits differ from transformers' by {err:.2e}"
+        assert torch.equal(got["tokens"], ref_tokens), f"{name}: greedy tokens differ"
+        ranks = got["job_report"]["ranks"]
+        assert len(got["units"]) == world and all(got["units"]), name
+        on_disk = sum(r["offloaded_bytes_by_tier"]["disk"] for r in ranks)
+        assert (on_disk > 0) == name.endswith("@disk"), name
+        read = sum(r["bytes_read"] for r in ranks)
+        # Disk-tier weights are references into the checkpoint's files, read when their
+        # layer runs — but a decoded one (FP8), which is read with the rest of its rank's
+        # weights, decoded, and written to the offload store.
+        plain_on_disk = got["plain_on_disk"]
+        assert read + plain_on_disk == got["checkpoint_bytes"], name
+        if name.startswith(FP8):
+            # Each rank decodes only its own weights, from their quantized bytes and scales.
+            files = sum(p.stat().st_size for p in checkpoints[FP8].glob("*.safetensors"))
+            assert got["checkpoint_bytes"] < files and all(got["decoded"]), name
+            assert (on_disk > plain_on_disk) == name.endswith("@disk"), name
+        else:
+            assert not any(got["decoded"]) and on_disk == plain_on_disk, name
+    assert results["deepseek_v3"]["checkpoint_bytes"] == results["deepseek_v3_packed"]["checkpoint_bytes"]
+
+
+def test_mla_reserves_the_latent_not_per_head_kv():
+    """The planner's KV figure for an MLA layer is ``kv_lora_rank + qk_rope_head_dim`` per
+    token, what transformers' cache keeps too, not ``2 * heads * head_dim``."""
+    from transformers import DynamicCache
+
+    config = hf_config("deepseek_v3")
+    with init_empty_weights():
+        model = build_model(config.to_dict())
+    units = {u.name: u for u in describe_model(model).units}
+    want = config.kv_lora_rank + config.qk_rope_head_dim
+    assert units["model.layers.0"].kv_per_token == want
+    theirs = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager").eval()
+    cache = DynamicCache(config=config)
+    with torch.no_grad():
+        theirs(torch.tensor([[5, 6, 7]]), cache=cache, use_cache=True)
+    k, v = cache.layers[0].keys, cache.layers[0].values
+    assert k.shape[-1] + v.shape[-1] == want and k.shape[1] == v.shape[1] == 1
+
+
+def test_mtp_layers_of_the_hub_checkpoints_are_not_read(checkpoints, tmp_path):
+    """The hub's DeepSeek-V3 checkpoints append `model.layers.61` (multi-token prediction),
+    which the model does not run: no rank reads it, the checkpoint's bytes leave it out."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    import distload
+
+    src = checkpoints["deepseek_v3"]
+    dst = tmp_path / "with_mtp"
+    shutil.copytree(src, dst)
+    layers = hf_config("deepseek_v3").num_hidden_layers
+    extra = {f"model.layers.{layers}.eh_proj.weight": torch.ones(56, 112),
+             f"model.layers.{layers}.enorm.weight": torch.ones(56)}
+    save_file(extra, dst / "mtp.safetensors")
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({k: "mtp.safetensors" for k in extra})
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    pipe = distload.load(str(dst), device="cpu")
+    plain = distload.load(str(src), device="cpu")
+    assert pipe.plan.checkpoint_bytes == plain.plan.checkpoint_bytes == pipe.report["bytes_read"]
+
+
+@pytest.mark.parametrize("name, change, field", [
+    ("deepseek_v3", {"n_group": 3}, "n_group"),
+    ("deepseek_v3", {"topk_group": 5}, "topk_group"),
+    ("deepseek_v3", {"num_experts_per_tok": 9}, "num_experts_per_tok"),
+    ("deepseek_v3", {"qk_rope_head_dim": 7}, "qk_rope_head_dim"),
+    ("deepseek_v3", {"kv_lora_rank": 0}, "kv_lora_rank"),
+    ("deepseek_v3", {"rope_interleave": "yes"}, "rope_interleave"),
+    ("deepseek_v2", {"topk_method": "sinkhorn"}, "topk_method"),
+    ("deepseek_v2", {"routed_scaling_factor": -1}, "routed_scaling_factor"),
+    ("deepseek_v2", {"q_lora_rank": 0}, "q_lora_rank"),
+])
+def test_bad_configs_name_the_field(name, change, field):
+    config = {**hf_config(name).to_dict(), **change}
+    with pytest.raises(ValueError, match=field):
+        with torch.device("meta"):
+            build_model(config)
