@@ -174,3 +174,65 @@ def test_bad_configs_name_the_field(name, change, field):
     with pytest.raises(ValueError, match=field):
         with torch.device("meta"):
             build_model(config)
+
+
+def _real_v3() -> dict:
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parent.parent / "scripts" / "configs" /
+                       "deepseek-v3.json").read_text())
+
+
+def test_deepseek_v3_real_config_sizes():
+    """DeepSeek-V3's own config.json: 671.0 B parameters; an MoE layer 11.5 B of which 8 of
+    256 experts run; 576 cache elements per token and layer (the latent and the rotated
+    shared key). Counted by hand: attention q_a 7168*1536 + 1536 + q_b 1536*128*192 +
+    kv_a 7168*576 + 512 + kv_b 512*128*256 + o 128*128*7168; router 256*7168 + 256;
+    experts 256*3*7168*2048; shared 3*7168*2048; 2 norms."""
+    with init_empty_weights(include_buffers=False):   # 3 dense layers and the first MoE one
+        model = build_model({**_real_v3(), "num_hidden_layers": 4})
+    attn = 7168 * 1536 + 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 + 512 * 128 * 256 + 128 * 128 * 7168
+    moe = 256 * 7168 + 256 + 256 * 3 * 7168 * 2048 + 3 * 7168 * 2048
+    dense = 3 * 7168 * 18432
+    units = {u.name: u for u in describe_model(model).units}
+    assert sum(p.numel for p in units["model.layers.3"].params) == attn + moe + 2 * 7168
+    assert sum(p.numel for p in units["model.layers.0"].params) == attn + dense + 2 * 7168
+    total = sum(p.numel() for p in model.parameters()) + 57 * sum(p.numel for p in units["model.layers.3"].params)
+    assert total == 3 * (attn + dense + 2 * 7168) + 58 * (attn + moe + 2 * 7168) + 2 * 129280 * 7168 + 7168
+    assert round(total / 1e9, 1) == 671.0
+    assert units["model.layers.3"].kv_per_token == 576
+    # per token: 2 FLOPs per attention weight, the router, 8 routed experts and the shared one
+    assert units["model.layers.3"].cost == 2 * (attn - 1536 - 512) + 2 * 256 * 7168 + 2 * 9 * 3 * 7168 * 2048
+
+
+def test_a_headers_only_fp8_deepseek_v3_plans_quantized_reads(tmp_path):
+    """`make_checkpoint.py --headers-only` of the real config (4 layers) writes DeepSeek-V3's
+    FP8 layout — e4m3 matrices, a float32 scale per 128 x 128 block, clipped: the 576-row
+    kv_a_proj_with_mqa has a 5 x 56 grid — and the plan reads those bytes and sizes the
+    stages decoded (bfloat16)."""
+    import importlib.util
+    from pathlib import Path
+
+    from distload.checkpoint import index_checkpoint
+    from distload.loader.prepare import PlanRequest, plan_load
+
+    spec = importlib.util.spec_from_file_location(
+        "make_checkpoint", Path(__file__).resolve().parent.parent / "scripts" / "make_checkpoint.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = script.write_headers_only({**_real_v3(), "num_hidden_layers": 4}, tmp_path / "v3", num_shards=5,
+                                    dtype="bfloat16")
+    index = index_checkpoint(out)
+    kv_a = "model.layers.3.self_attn.kv_a_proj_with_mqa.weight"
+    assert index.tensors[kv_a].dtype == "float8_e4m3fn" and index.tensors[kv_a].shape == (576, 7168)
+    assert index.tensors[kv_a + "_scale_inv"].shape == (5, 56)
+    plan = plan_load(PlanRequest(model=str(out), world_size=2, max_memory={0: 40 << 30, 1: 40 << 30}))
+    assert plan.dtype == "bfloat16"
+    assert sum(s.tensor_bytes for s in plan.stages) == plan.checkpoint_bytes == index.tensor_bytes
+    decoded = {k for s in plan.stages for k in s.decode}
+    assert kv_a in decoded and "model.layers.3.mlp.experts.255.down_proj.weight" in decoded
+    assert "model.layers.3.mlp.gate.weight" not in decoded
+    # an fp8 matrix is 1 byte per weight (and its scales) read, 2 held; the rest 2 held
+    held = sum(s.param_bytes for s in plan.stages)
+    assert held == sum(m.numel * 2 for n, m in index.tensors.items() if not n.endswith("_scale_inv"))
+    assert held > 1.7 * plan.checkpoint_bytes
