@@ -237,3 +237,42 @@ def test_unknown_quantization_stops_every_rank_with_one_line(tiny_ckpt, tmp_path
         last = err.strip().splitlines()[-1]
         assert last.startswith(f"[rank {rank}] ERROR") and "quant_method 'gptq' is not supported" in last
         assert "config.json" in last
+
+
+def test_accelerates_workflow_refuses_a_quantized_checkpoint(fp8_ckpt):
+    """accelerate's workflow reads plain tensors: an FP8 checkpoint would fill the model
+    with undecoded values, so it is refused with the way to load it."""
+    from distload import init_empty_weights, load_checkpoint_and_dispatch
+    from distload.errors import LoadError
+    from distload.models import build_model
+
+    with init_empty_weights():
+        model = build_model(json.loads((fp8_ckpt / "config.json").read_text()))
+    with pytest.raises(LoadError, match=r"fp8 checkpoint is decoded by distload.load"):
+        load_checkpoint_and_dispatch(model, str(fp8_ckpt), device_map={"": "cpu"})
+
+
+def test_decoded_view_keeps_exact_byte_ranges():
+    """Hand-built metadata: an fp8 weight and its scales become one tensor under the
+    weight's name, decoded shape and dtype, whose parts are exactly the two byte ranges
+    (so a plan reads them, and nothing else); MXFP4 blocks + scales likewise, transposed
+    as transformers lays gpt-oss's experts out; plain tensors pass through."""
+    from distload.checkpoint.quant import QuantScheme
+    from distload.checkpoint.types import TensorMeta
+
+    w = TensorMeta("l.0.kv.weight", "a.safetensors", "float8_e4m3fn", (576, 7168), 1000, 576 * 7168)
+    s = TensorMeta("l.0.kv.weight_scale_inv", "b.safetensors", "float32", (5, 56), 8, 5 * 56 * 4)
+    n = TensorMeta("l.0.norm.weight", "a.safetensors", "bfloat16", (7168,), 9, 7168 * 2)
+    view, enc = decoded_view({m.name: m for m in (w, s, n)}, QuantScheme("fp8", (128, 128)))
+    assert sorted(view) == ["l.0.kv.weight", "l.0.norm.weight"] and view["l.0.norm.weight"] == n
+    kv = view["l.0.kv.weight"]
+    assert (kv.dtype, kv.shape, kv.length) == ("bfloat16", (576, 7168), w.length + s.length)
+    assert enc["l.0.kv.weight"].parts == (w, s) and enc["l.0.kv.weight"].as_dict() == {
+        "method": "fp8", "parts": [w.name, s.name], "block": [128, 128]}
+    b = TensorMeta("e.gate_up_proj_blocks", "a.safetensors", "uint8", (4, 64, 2, 16), 0, 4 * 64 * 32)
+    sc = TensorMeta("e.gate_up_proj_scales", "a.safetensors", "uint8", (4, 64, 2), 8192, 4 * 64 * 2)
+    view, enc = decoded_view({b.name: b, sc.name: sc}, QuantScheme("mxfp4"))
+    assert list(view) == ["e.gate_up_proj"] and view["e.gate_up_proj"].shape == (4, 64, 64)
+    assert enc["e.gate_up_proj"].parts == (b, sc)
+    with pytest.raises(ValueError, match=r"e.gate_up_proj_blocks has no e.gate_up_proj_scales"):
+        decoded_view({b.name: b}, QuantScheme("mxfp4"))
