@@ -3,7 +3,7 @@ reference, as `test_archs.py` does for the others: checkpoints transformers writ
 (`save_pretrained`, >= 2 shards, awkward sizes), their packed-expert layout, and an FP8
 copy (block scales, every matrix with a clipped last block) whose reference is
 transformers loading the same weights decoded value by value (`tests.quant_ckpt`) —
-loaded across 2 and 3 ranks under torchrun (one launch per world size): logits of a
+loaded on 2 ranks (each type and the FP8 copy on 3 too; one launch per world size): logits of a
 left-padded batch within 1e-4 (float32), greedy `generate` identical for 12 tokens, the
 ranks' bytes summing to the checkpoint's (the FP8 one's: its quantized bytes and scales),
 and one MoE with layers on the disk tier, plain and FP8. In one process: MLA's KV reserve
@@ -79,7 +79,8 @@ def test_every_frontier_type_has_a_case():
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_frontier_architectures_across_ranks_match_transformers(world, checkpoints, references, tmp_path):
-    names = sorted(checkpoints)
+    # Every case on 2 ranks (and the disk tier); each type and the FP8 copy on 3.
+    names = sorted(checkpoints) if world == 2 else ["deepseek_v2", "deepseek_v3", FP8]
     disk = [a for n in ("deepseek_v3_packed", FP8) for a in ("--disk", str(checkpoints[n]))] \
         if world == 2 else []
     proc = torchrun(world, [worker("arch_frontier.py"), str(tmp_path), *disk,
@@ -112,7 +113,8 @@ def test_frontier_architectures_across_ranks_match_transformers(world, checkpoin
             assert (on_disk > plain_on_disk) == name.endswith("@disk"), name
         else:
             assert not any(got["decoded"]) and on_disk == plain_on_disk, name
-    assert results["deepseek_v3"]["checkpoint_bytes"] == results["deepseek_v3_packed"]["checkpoint_bytes"]
+    if world == 2:
+        assert results["deepseek_v3"]["checkpoint_bytes"] == results["deepseek_v3_packed"]["checkpoint_bytes"]
 
 
 def test_mla_reserves_the_latent_not_per_head_kv():
