@@ -276,3 +276,24 @@ def test_decoded_view_keeps_exact_byte_ranges():
     assert enc["e.gate_up_proj"].parts == (b, sc)
     with pytest.raises(ValueError, match=r"e.gate_up_proj_blocks has no e.gate_up_proj_scales"):
         decoded_view({b.name: b}, QuantScheme("mxfp4"))
+
+
+def test_a_disk_tier_weight_is_decoded_once_when_its_entry_is_made(fp8_ckpt):
+    """`DecodedOnDemand`: asking whether it holds a key reads nothing; each key asked for is
+    read (its parts' bytes) and decoded, one at a time."""
+    from distload.loader.decode import DecodedOnDemand
+
+    index = index_checkpoint(fp8_ckpt)
+    _, encoded = decoded_view(index.tensors, quant_scheme(index.config))
+    key = "model.layers.1.self_attn.o_proj.weight"
+    metas = {p.name: p.located(index.root) for p in encoded[key].parts}
+    lazy = DecodedOnDemand({}, {key: (encoded[key].shape, "float32")}, {key: encoded[key].as_dict()}, metas)
+    assert key in lazy and "other" not in lazy and lazy.bytes_read == 0 and list(lazy) == [key]
+    w, s = (p for p in encoded[key].parts)
+    from safetensors import safe_open
+    with safe_open(index.path(w.file), framework="pt") as f:
+        q = f.get_tensor(w.name)
+    with safe_open(index.path(s.file), framework="pt") as f:
+        scale = f.get_tensor(s.name)
+    assert torch.equal(lazy[key], fp8_reference(q, scale, (8, 8)))
+    assert lazy.bytes_read == w.length + s.length

@@ -14,7 +14,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -22,7 +22,7 @@ from ..checkpoint.dequant import apply_block_scales_, mxfp4_decode
 from ..checkpoint.types import TensorMeta
 from ..io import ReadStats, read_tensors
 
-__all__ = ["read_decoded", "BATCH_BYTES"]
+__all__ = ["read_decoded", "DecodedOnDemand", "BATCH_BYTES"]
 
 BATCH_BYTES = 256 << 20
 
@@ -68,3 +68,36 @@ def read_decoded(reads: Sequence[TensorMeta], storage: dict[str, torch.Tensor],
             mxfp4_decode(blocks, scales, storage[k].dtype, out=storage[k])
         del temps
     return stats
+
+
+class DecodedOnDemand(Mapping):
+    """The tensors to write to the offload store: `ready` ones as they are, and each key of
+    `shapes` (key -> (shape, dtype name)) read from its parts (`decode`: the stage's
+    `StagePlan.decode`; `metas`: located read items by name) and decoded when asked for —
+    one at a time, so a disk tier's decoding needs one weight's memory, and none where the
+    store already holds the entry. `bytes_read` counts the parts read."""
+
+    def __init__(self, ready: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple],
+                 decode: Mapping[str, dict], metas: Mapping[str, TensorMeta], **read_kw) -> None:
+        self.ready, self.shapes, self.decode, self.metas = dict(ready), dict(shapes), decode, metas
+        self.read_kw = read_kw
+        self.bytes_read = 0
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self.ready:
+            return self.ready[key]
+        shape, dtype = self.shapes[key]
+        out = {key: torch.empty(shape, dtype=getattr(torch, dtype))}
+        parts = [self.metas[n] for n in self.decode[key]["parts"]]
+        self.bytes_read += read_decoded(parts, out, {key: self.decode[key]}, workers=1,
+                                        **self.read_kw).bytes_read
+        return out[key]
+
+    def __contains__(self, key: object) -> bool:   # without decoding (Mapping's would)
+        return key in self.ready or key in self.shapes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self.ready, *(k for k in self.shapes if k not in self.ready)])
+
+    def __len__(self) -> int:
+        return len(set(self.ready) | set(self.shapes))

@@ -30,17 +30,14 @@ def key_tiers(plan: LoadPlan, rank: int, device: torch.device | str) -> dict[str
     (`ParamSource.tier`), except that the CPU tier of a CPU device *is* the device, and
     that a tied tensor sent to or received from another rank gets device storage for the
     exchange (`distload.loader.tiers` moves it to its tier after). ``disk`` keys are not
-    allocated: they stay on meta and the offload store holds them — except a key decoded
-    from a quantized checkpoint, which is decoded in host memory (the ``cpu`` tier) and
-    written to the offload store from there (its entry cannot reference the checkpoint)."""
+    allocated: they stay on meta and the offload store holds them (a key decoded from a
+    quantized checkpoint too: `attach_tiers` decodes it into its entry)."""
     device = torch.device(device)
     stage = plan.stage(rank)
     exchanged = {k for k, _ in stage.sends} | {p.key for p in stage.params if p.src_rank != rank}
     out = {}
     for src in stage.params:
         tier = src.tier
-        if tier == Tier.DISK and src.key in stage.decode:
-            tier = Tier.CPU
         if src.key in exchanged or (tier == Tier.CPU and device.type != "cuda"):
             tier = Tier.DEVICE
         out[src.key] = tier
