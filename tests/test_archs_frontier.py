@@ -238,3 +238,30 @@ def test_a_headers_only_fp8_deepseek_v3_plans_quantized_reads(tmp_path):
     held = sum(s.param_bytes for s in plan.stages)
     assert held == sum(m.numel * 2 for n, m in index.tensors.items() if not n.endswith("_scale_inv"))
     assert held > 1.7 * plan.checkpoint_bytes
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2"])
+def test_config_mutations_raise_only_value_errors(name):
+    """Any JSON value in any key a DeepSeek config reads: it reads or is refused with a
+    ValueError (one line naming config.json, from the loader), never another exception."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from distload.models import config_from_dict
+
+    values = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats()
+                          | st.text(max_size=6),
+                          lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                          max_leaves=6)
+    base = hf_config(name).to_dict()
+    keys = sorted(k for k, v in base.items() if not isinstance(v, dict)) + ["rope_scaling", "rope_parameters"]
+
+    @settings(max_examples=40, deadline=None)
+    @given(key=st.sampled_from(keys), value=values)
+    def mutate(key, value):
+        try:
+            config_from_dict({**base, key: value})
+        except ValueError:
+            pass
+
+    mutate()
