@@ -21,6 +21,7 @@ from ..io import DEFAULT_STAGING_BYTES, ReadProgress, ReadStats, map_tensors, re
 from ..io.pinned import HostArena
 from ..meta import check_materialized, init_buffers
 from ..plan.types import LoadPlan, Tier
+from .decode import read_decoded
 
 __all__ = ["key_tiers", "map_stage", "allocate_stage", "read_stage", "exchange_tied", "finish_stage"]
 
@@ -30,7 +31,8 @@ def key_tiers(plan: LoadPlan, rank: int, device: torch.device | str) -> dict[str
     (`ParamSource.tier`), except that the CPU tier of a CPU device *is* the device, and
     that a tied tensor sent to or received from another rank gets device storage for the
     exchange (`distload.loader.tiers` moves it to its tier after). ``disk`` keys are not
-    allocated: they stay on meta and the offload store holds them."""
+    allocated: they stay on meta and the offload store holds them (a key decoded from a
+    quantized checkpoint too: `attach_tiers` decodes it into its entry)."""
     device = torch.device(device)
     stage = plan.stage(rank)
     exchanged = {k for k, _ in stage.sends} | {p.key for p in stage.params if p.src_rank != rank}
@@ -54,7 +56,8 @@ def map_stage(reads: Sequence[TensorMeta], plan: LoadPlan, rank: int, device: to
     if device.type != "cpu" or plan.format != "safetensors" or direct_io:
         return {}, ReadStats()
     stage = plan.stage(rank)
-    want = {p.key for p in stage.params if p.src_rank == rank and tiers.get(p.key) == Tier.DEVICE}
+    want = {p.key for p in stage.params if p.src_rank == rank and tiers.get(p.key) == Tier.DEVICE
+            and p.key not in stage.decode}
     dtypes = {p.key: p.dtype for p in stage.params}
     return map_tensors([m for m in reads if m.name in want and dtypes[m.name] == m.dtype],
                        progress=progress)
@@ -110,15 +113,22 @@ def _nbytes(meta_param: torch.Tensor, dtype: str) -> int:
 
 def read_stage(reads: Sequence[TensorMeta], storage: dict[str, torch.Tensor], *, workers: int = 2,
                skip: Collection[str] = (), direct_io: bool = False,
-               staging_bytes: int = DEFAULT_STAGING_BYTES, progress: ReadProgress | None = None
-               ) -> ReadStats:
+               staging_bytes: int = DEFAULT_STAGING_BYTES, progress: ReadProgress | None = None,
+               decode: Mapping[str, dict] | None = None) -> ReadStats:
     """Read exactly the byte ranges of `reads` (the stage's read items, located on this
     node) into `storage`; keys it lacks (the disk tier's, read into the offload store
-    instead) and keys in `skip` (mapped) are left alone. `workers`, `direct_io`,
+    instead) and keys in `skip` (mapped) are left alone. `decode` (`StagePlan.decode`)
+    names the keys made from a quantized checkpoint's parts, which are read and decoded
+    into their storage here (`distload.loader.decode`). `workers`, `direct_io`,
     `staging_bytes` and `progress` are `distload.io.read_tensors`'s."""
-    return read_tensors([m for m in reads if m.name in storage and m.name not in skip], storage,
-                        workers=workers, direct_io=direct_io, staging_bytes=staging_bytes,
-                        progress=progress)
+    kw = dict(workers=workers, direct_io=direct_io, staging_bytes=staging_bytes, progress=progress)
+    decode = {k: d for k, d in (decode or {}).items() if k in storage}
+    parts = {name for d in decode.values() for name in d["parts"]}
+    stats = read_tensors([m for m in reads if m.name in storage and m.name not in skip
+                          and m.name not in parts], storage, **kw)
+    if decode:
+        stats.add(read_decoded(reads, storage, decode, **kw))
+    return stats
 
 
 def exchange_tied(plan: LoadPlan, rank: int, storage: dict[str, torch.Tensor]) -> int:

@@ -88,7 +88,7 @@ def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
                                           progress=mine)
                 storage = allocate_stage(plan, rank, module, device, tiers=tiers, mapped=mapped)
                 stats.add(read_stage(reads, storage, workers=read_workers, skip=mapped, direct_io=direct_io,
-                                     staging_bytes=staging_bytes, progress=mine))
+                                     staging_bytes=staging_bytes, progress=mine, decode=stage.decode))
             except Exception as exc:  # noqa: BLE001 - every rank learns of it in agree()
                 error = exc
         seconds["read"] = time.perf_counter() - start
