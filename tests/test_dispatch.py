@@ -147,3 +147,115 @@ def test_auto_under_torchrun_loads_only_this_ranks_stage(ckpts, tmp_path):
     assert all(r["mismatches"] == [] and r["checked"] > 0 for r in results)
     logits = torch.load(tmp_path / "logits.pt")
     assert torch.allclose(logits, _reference(ckpts["untied"], dtype=torch.float32), atol=1e-5, rtol=0)
+
+
+class _Stats(torch.nn.Module):
+    """BatchNorm statistics (buffers, an int64 among them) and parameters on the root."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear1 = torch.nn.Linear(3, 4)
+        self.batchnorm = torch.nn.BatchNorm1d(4)
+        self.linear2 = torch.nn.Linear(4, 5)
+        self.scale = torch.nn.Parameter(torch.rand(5))
+        self.register_buffer("shift", torch.zeros(5))
+
+    def forward(self, x):
+        return self.linear2(self.batchnorm(self.linear1(x))) * self.scale + self.shift
+
+
+def _stats_checkpoint(tmp_path, fmt):
+    torch.manual_seed(5)
+    model = _Stats().train()
+    model(torch.randn(16, 3))                 # running statistics away from their init
+    with torch.no_grad():
+        model.shift.add_(0.25)
+    model.eval()
+    sd = model.state_dict()
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        path = tmp_path / "model.safetensors"
+        save_file(sd, path)
+    else:
+        path = tmp_path / "stats.pt"
+        torch.save(sd, path)
+    ref = _Stats().eval()
+    ref.load_state_dict(torch.load(path) if fmt != "safetensors" else __import__(
+        "safetensors.torch", fromlist=["load_file"]).load_file(path))
+    return path, ref
+
+
+_BUILDS = {"built": lambda: _Stats(), "empty": lambda: _empty(False), "empty_buffers": lambda: _empty(True)}
+
+
+def _empty(include_buffers):
+    with init_empty_weights(include_buffers=include_buffers):
+        return _Stats()
+
+
+@pytest.mark.parametrize("api", ["load_checkpoint_in_model", "load_checkpoint_and_dispatch"])
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+@pytest.mark.parametrize("build", sorted(_BUILDS))
+def test_every_buffer_and_root_parameter_is_loaded(tmp_path, api, tier, build):
+    """Whatever API, tier, and however the model was built, every key naming a parameter
+    or a persistent buffer ends up as `load_state_dict` puts it."""
+    from distload import load_checkpoint_in_model
+
+    path, ref = _stats_checkpoint(tmp_path, "torch" if tier == "cpu" else "safetensors")
+    model = _BUILDS[build]()
+    device_map = {"linear1": "cpu", "batchnorm": tier, "linear2": tier, "scale": "cpu", "shift": "cpu"}
+    if api == "load_checkpoint_in_model":
+        load_checkpoint_in_model(model, path, device_map=device_map, offload_folder=tmp_path / "off")
+    else:
+        model = load_checkpoint_and_dispatch(model, path, device_map=device_map, offload_folder=tmp_path / "off")
+    model.eval()
+    x = torch.randn(7, 3)
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+    want = ref.state_dict()
+    for name, buf in model.named_buffers():
+        assert torch.equal(buf, want[name]) and buf.dtype == want[name].dtype, name
+    if tier == "cpu":
+        for name, p in model.named_parameters():
+            assert torch.equal(p, want[name]), name
+
+
+def test_unexpected_keys_use_accelerates_words_and_strict_raises(tmp_path, caplog):
+    from distload import load_checkpoint_in_model
+
+    path, _ = _stats_checkpoint(tmp_path, "torch")
+    sd = torch.load(path)
+    sd["foo"] = torch.ones(2)
+    torch.save(sd, path)
+    with caplog.at_level("WARNING"):
+        load_checkpoint_in_model(_Stats(), path)
+    assert "were not used when initializing _Stats: ['foo']" in caplog.text
+    assert "batchnorm" not in caplog.text     # buffers are used keys
+    with pytest.raises(LoadError, match="foo"):
+        load_checkpoint_in_model(_Stats(), path, strict=True)
+
+
+@pytest.mark.parametrize("form", ["flat_index_folder", "flat_index_file", "nested_index_file", "pth"])
+def test_checkpoint_forms_accelerate_takes(tmp_path, form):
+    """Any *.index.json (flat {name: file} or {"weight_map": ...}, shards of any name, the
+    folder holding it) and torch files of any suffix, as accelerate takes them."""
+    from distload import load_checkpoint_in_model
+
+    path, ref = _stats_checkpoint(tmp_path, "torch")
+    sd = torch.load(path)
+    path.unlink()
+    if form == "pth":
+        target = tmp_path / "weights.pth"
+        torch.save(sd, target)
+    else:
+        weight_map = {k: f"part_{k.split('.')[0]}.bin" for k in sd}
+        for shard in set(weight_map.values()):
+            torch.save({k: v for k, v in sd.items() if weight_map[k] == shard}, tmp_path / shard)
+        body = {"weight_map": weight_map} if form.startswith("nested") else weight_map
+        (tmp_path / "weight_map.index.json").write_text(json.dumps(body))
+        target = tmp_path if form.endswith("folder") else tmp_path / "weight_map.index.json"
+    model = _empty(False)
+    load_checkpoint_in_model(model, target)
+    want = ref.state_dict()
+    assert model.state_dict().keys() == want.keys()
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, want[name]), name

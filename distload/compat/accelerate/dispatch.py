@@ -36,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 
@@ -48,7 +49,7 @@ from ...errors import LoadError
 from ...io import read_tensors
 from ...io.reader import DEFAULT_STAGING_BYTES
 from ...log import logger
-from ...meta import check_materialized, describe_model
+from ...meta import ParamSpec, UnitSpec, check_materialized, describe_model, persistent_buffers
 from ...offload import OffloadStore, attach_streaming, default_offload_dir, ensure_entries
 from ...plan.budget import format_bytes
 from ...plan.build import match_params_to_keys
@@ -191,10 +192,10 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
     offloaded units held at once (2: prefetch)."""
     check_devices_present(device_map)       # before a byte is read
     index = index_checkpoint(checkpoint)
-    spec = describe_model(model, no_split_module_classes=no_split_module_classes)
-    param_to_key, unexpected = match_params_to_keys(spec, index.tensors, strict=strict)
-    if unexpected:
-        logger.warning("ignoring %d unexpected checkpoint key(s): %s", len(unexpected), ", ".join(unexpected[:8]))
+    spec = _with_root_params(model, describe_model(model, no_split_module_classes=no_split_module_classes))
+    param_to_key, unused = match_params_to_keys(spec, index.tensors, strict=False)
+    buffer_keys = {name for name, _ in persistent_buffers(model) if name in index.tensors}
+    _unexpected(model, checkpoint, [k for k in unused if k not in buffer_keys], strict=strict)
     gpus = sorted({d for d in map(normalize_device, device_map.values()) if isinstance(d, int)})
     main = torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -250,7 +251,7 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
     disk = [p for p in param_to_key if place[p][0] == DISK]
     if disk:
         source.update(_disk_entries(index, {p: param_to_key[p] for p in disk}, target, offload_folder))
-    _move_buffers(model, device_map, main, index, stream_host)
+    _load_buffers(model, device_map, main, index, buffer_keys, dtype=dtype, stream_host=stream_host)
     if source:
         _stream(model, spec, source, entry_of, main, stream_slots)
     if align:
@@ -276,8 +277,16 @@ def _disk_entries(index, keys: dict[str, str], target: dict[str, str], folder: s
     return entries
 
 
-def _move_buffers(model: nn.Module, device_map: dict, main: torch.device, index, stream_host: bool) -> None:
+def _load_buffers(model: nn.Module, device_map: dict, main: torch.device, index, keys: set[str], *,
+                  dtype: str | None, stream_host: bool) -> None:
+    """Every buffer goes to its module's device (an offloaded module's to the device it
+    runs on: buffers are not offloaded, as in accelerate by default); a persistent one the
+    checkpoint holds (`keys`) takes the checkpoint's value wherever it was — on meta, or
+    already materialised (a BatchNorm's statistics under `init_empty_weights()`) —, its
+    dtype `dtype` if floating and given, else its own (as `load_state_dict` keeps it)."""
     devices = module_devices(model, device_map)
+    read: dict[str, torch.Tensor] = {}
+    owners: dict[str, tuple[nn.Module, str, torch.device]] = {}
     for mod_name, mod in model.named_modules():
         for name, buf in list(mod._buffers.items()):
             if buf is None:
@@ -287,13 +296,39 @@ def _move_buffers(model: nn.Module, device_map: dict, main: torch.device, index,
                 raise LoadError(f"device_map gives no device for buffer {full}")
             kind, dev = placement(devices[mod_name], main, stream_host=stream_host)
             dev = dev if kind == RESIDENT else main
-            if buf.is_meta:
-                if full not in index.tensors:
-                    continue  # reported as left on meta
+            if full in keys:
                 meta = index.tensors[full]
-                buf = torch.empty(meta.shape, dtype=buf.dtype, device="cpu")
-                _read(index, {full: buf})
-            mod._buffers[name] = buf.to(dev)
+                own = dtype_name(buf.dtype)
+                want = cast_dtype(meta.dtype, dtype or own) if buf.is_floating_point() else own
+                read[full] = torch.empty(meta.shape, dtype=dtype_from_name(want), device="cpu")
+                owners[full] = (mod, name, dev)
+            elif not buf.is_meta:
+                mod._buffers[name] = buf.to(dev)   # left on meta: check_materialized names it
+    if read:
+        _read(index, read)
+    for full, (mod, name, dev) in owners.items():
+        mod._buffers[name] = read[full].to(dev)
+
+
+def _with_root_params(model: nn.Module, spec):
+    """`spec` with the model's own parameters (registered on the root module, which
+    `describe_model` leaves out of every unit) as one more unit, named ""."""
+    own = tuple(ParamSpec(n, tuple(p.shape), dtype_name(p.dtype)) for n, p in model.named_parameters(recurse=False))
+    return dataclasses.replace(spec, units=spec.units + (UnitSpec("", own, 0.0),)) if own else spec
+
+
+def _unexpected(model: nn.Module, checkpoint: str, keys: list[str], *, strict: bool) -> None:
+    """Checkpoint keys that name no parameter and no persistent buffer: an error with
+    `strict`, else accelerate's warning."""
+    if not keys:
+        return
+    message = (f"Some weights of the model checkpoint at {checkpoint} were not used when initializing "
+               f"{type(model).__name__}: {keys}")
+    if strict:
+        raise LoadError(f"{message} (strict=True)")
+    logger.warning("%s. This may or may not be an issue - make sure that the checkpoint does not have "
+                   "unnecessary parameters, or that the model definition correctly corresponds to the "
+                   "checkpoint.", message)
 
 
 def _stream(model: nn.Module, spec, source: dict, entry_of: dict, main: torch.device, slots: int) -> None:
