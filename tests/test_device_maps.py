@@ -167,7 +167,7 @@ def test_gpu_keys_without_gpus_plan_with_a_warning_and_load_fails_before_reading
     assert {0, 1} <= set(device_map.values())
     import distload.compat.accelerate.dispatch as dispatch
 
-    monkeypatch.setattr(dispatch, "index_checkpoint", lambda *a: pytest.fail("read before the device check"))
+    monkeypatch.setattr(dispatch, "open_source", lambda *a, **k: pytest.fail("read before the device check"))
     with pytest.raises(LoadError, match=r"on 0, but this machine has no CUDA device"):
         load_checkpoint_and_dispatch(model, path, device_map=device_map)
     with pytest.raises(LoadError, match=r"'cuda:1', but this machine has no CUDA device"):

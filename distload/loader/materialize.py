@@ -53,7 +53,8 @@ def map_stage(reads: Sequence[TensorMeta], plan: LoadPlan, rank: int, device: to
     if device.type != "cpu" or plan.format != "safetensors" or direct_io:
         return {}, ReadStats()
     stage = plan.stage(rank)
-    want = {p.key for p in stage.params if p.src_rank == rank and tiers.get(p.key) == Tier.DEVICE}
+    want = {p.key for p in stage.params if p.src_rank == rank and tiers.get(p.key) == Tier.DEVICE
+            and p.device in ("", "cpu")}
     dtypes = {p.key: p.dtype for p in stage.params}
     return map_tensors([m for m in reads if m.name in want and dtypes[m.name] == m.dtype],
                        progress=progress)
@@ -67,7 +68,8 @@ def allocate_stage(plan: LoadPlan, rank: int, module: nn.Module, device: torch.d
 
     `tiers` (from `key_tiers`) leaves ``disk`` keys on meta (the offload store holds
     them) and puts ``cpu`` keys in host memory, pinned on CUDA; without it everything
-    goes to `device`. `mapped` tensors (from `map_stage`) are used as they are."""
+    goes to `device` (a parameter's own `ParamSource.device`, where the plan names one).
+    `mapped` tensors (from `map_stage`) are used as they are."""
     storage: dict[str, torch.Tensor] = {}
     params: dict[str, nn.Parameter] = {}
     for src in plan.stage(rank).params:
@@ -77,11 +79,12 @@ def allocate_stage(plan: LoadPlan, rank: int, module: nn.Module, device: torch.d
         if src.key not in params:
             meta_param = module.get_parameter(src.param)
             host = tier == Tier.CPU and device.type != "cpu"
+            home = torch.device(src.device) if src.device and tier == Tier.DEVICE else device
             if mapped and src.key in mapped:
                 storage[src.key] = mapped[src.key]
             else:
                 storage[src.key] = torch.empty(meta_param.shape, dtype=dtype_from_name(src.dtype),
-                                               device="cpu" if host else device,
+                                               device="cpu" if host else home,
                                                pin_memory=host and device.type == "cuda")
             params[src.key] = nn.Parameter(storage[src.key], requires_grad=False)
         parent_name, _, attr = src.param.rpartition(".")

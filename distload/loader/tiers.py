@@ -92,9 +92,17 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
     if disk:
         store = OffloadStore(offload_dir or default_offload_dir(cache_dir), timeout=timeout)
         dtypes = {src.key: src.dtype for src in stage.params}
-        entries, result.bytes_read = ensure_entries(
-            store, {k: located[k] for k in disk}, checkpoint=root, dtype=plan.dtype,
-            tensors={k: storage[k] for k in disk if k in storage}, verify=verify, progress=progress)
+        # One group per cast: a plan's dtype, or each parameter's own (a device map's plan)
+        casts: dict[str | None, list[str]] = {}
+        for k in disk:
+            cast = plan.dtype if plan.dtype is not None or dtypes[k] == located[k].dtype else dtypes[k]
+            casts.setdefault(cast, []).append(k)
+        for cast, keys in sorted(casts.items(), key=lambda kv: str(kv[0])):
+            made, nread = ensure_entries(
+                store, {k: located[k] for k in keys}, checkpoint=root, dtype=cast,
+                tensors={k: storage[k] for k in keys if k in storage}, verify=verify, progress=progress)
+            entries.update(made)
+            result.bytes_read += nread
         for k, e in entries.items():
             if e.dtype != dtypes[k]:
                 raise OffloadError(f"offload entry {e.key[:12]} for {k} holds {e.dtype}; "

@@ -1,7 +1,9 @@
 """`load_checkpoint_and_dispatch` and `load_checkpoint_in_model` with accelerate's
-meaning, and the single-process loading behind them (`dispatch_checkpoint`): fill a meta
-model from a checkpoint following a device map, reading each tensor's bytes once, with
-distload's reader and offload store.
+meaning, and the translation behind them (`dispatch_checkpoint`): a device map becomes a
+world-of-one `LoadPlan` (`distload.plan.sequential.single_process_plan`) that
+`distload.loader.load_stage` runs — the one loading path of `distload.load`, with its
+sources (a path or a hub id), reader, tiers, offload store, progress and errors. Each
+tensor's bytes are read once, straight into their place.
 
 Under torchrun (``WORLD_SIZE > 1``), ``load_checkpoint_and_dispatch(model, path,
 device_map="auto")`` is the distributed path: every rank calls it, rank 0 plans, each rank
@@ -19,8 +21,11 @@ its parent's device when the map does not name it — see `placement.py`):
   to the first GPU of the map around each use (`distload.offload.attach_streaming`);
 * ``"disk"``: an entry of the offload store (`distload.offload`), streamed in likewise.
 
-Parameters tied to one another (one checkpoint tensor) with the same placement share one
-Parameter, so ties survive; with different placements each gets its own copy. When the
+Parameters tied to one another (one checkpoint tensor) share one Parameter on the most
+resident of their placements, so ties survive; on two different devices each device gets
+its own copy. Every persistent buffer the checkpoint holds takes its value, wherever it
+was built (meta, or already on the CPU); parameters of the root module are resident on
+their device (no unit streams them). When the
 map names several compute devices, inputs are moved to each module's device before it
 runs and the model's outputs back to where its inputs were.
 
@@ -43,16 +48,20 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ...checkpoint import index_checkpoint
+from ...dist import World
 from ...dtypes import cast_dtype, dtype_from_name, dtype_name
 from ...errors import LoadError
 from ...io import read_tensors
 from ...io.reader import DEFAULT_STAGING_BYTES
+from ...loader.fetch import fetch_node_files
+from ...loader.stage import load_stage
 from ...log import logger
-from ...meta import ParamSpec, UnitSpec, check_materialized, describe_model, persistent_buffers
-from ...offload import OffloadStore, attach_streaming, default_offload_dir, ensure_entries
+from ...meta import ParamSpec, UnitSpec, describe_model, persistent_buffers
 from ...plan.budget import format_bytes
 from ...plan.build import match_params_to_keys
+from ...plan.sequential import Placement, single_process_plan
+from ...plan.types import Tier
+from ...sources import open_source
 from .device_map import Device, as_dtype, infer_auto_device_map
 from .placement import (DISK, HOST, RESIDENT, check_devices_present, device_for, module_devices,
                         normalize_device, placement, warn_once)
@@ -183,15 +192,22 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
                         strict: bool = False, offload_folder: str | None = None,
                         no_split_module_classes=None, skip_keys=None, force_hooks: bool = False,
                         stream_host: bool = True, align: bool = True, keep_in_fp32: tuple = (),
-                        offload_state_dict: bool = False, stream_slots: int = 2) -> None:
-    """Fill `model`'s meta parameters from `checkpoint` as `device_map` says (see the module
-    docstring). `dtype` (a name) casts floating tensors; None: the model's own dtypes.
-    `stream_host`: with GPUs, "cpu" parameters are pinned and streamed to the first GPU
-    (else resident in host memory); `align`: hooks move inputs to each mapped module's
-    device (`skip_keys` excepted; on one device only with `force_hooks`); `stream_slots`:
-    offloaded units held at once (2: prefetch)."""
+                        offload_state_dict: bool = False, stream_slots: int = 2,
+                        cache_dir: str | None = None) -> None:
+    """Fill `model` from `checkpoint` (a path or hub id: `distload.sources`) as `device_map`
+    says (see the module docstring). `dtype` (a name) casts floating tensors; None: the
+    model's own dtypes. `stream_host`: with GPUs, "cpu" parameters are pinned and streamed
+    to the first GPU (else resident in host memory); `align`: hooks move inputs to each
+    mapped module's device (`skip_keys` excepted; on one device only with `force_hooks`);
+    `stream_slots`: offloaded units held at once (2: prefetch).
+
+    The map becomes a world-of-one `LoadPlan` (`distload.plan.sequential`) that
+    `distload.loader.load_stage` runs — the loading path of `distload.load`: its sources,
+    reader, tiers, offload store, progress and errors. Only the buffers (no part of a
+    plan) are read here, with the same reader."""
     check_devices_present(device_map)       # before a byte is read
-    index = index_checkpoint(checkpoint)
+    source = open_source(os.fspath(checkpoint), cache_dir=cache_dir)
+    index = source.index()
     spec = _with_root_params(model, describe_model(model, no_split_module_classes=no_split_module_classes))
     param_to_key, unused = match_params_to_keys(spec, index.tensors, strict=False)
     buffer_keys = {name for name, _ in persistent_buffers(model) if name in index.tensors}
@@ -199,82 +215,82 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
     gpus = sorted({d for d in map(normalize_device, device_map.values()) if isinstance(d, int)})
     main = torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")
     params = dict(model.named_parameters(remove_duplicate=False))
-
-    place, target, entry_of = {}, {}, {}
-    for pname, key in param_to_key.items():
-        try:
-            entry_of[pname], device = device_for(pname, device_map)
-        except KeyError:
-            raise LoadError(f"device_map gives no device for parameter {pname}: name it, or a module "
-                            "holding it, in the map") from None
-        place[pname] = placement(device, main, stream_host=stream_host)
-        src = index.tensors[key].dtype
-        # accelerate's rule: floating tensors take `dtype`, else the model's own dtype
-        own = dtype_name(params[pname].dtype) if params[pname].is_floating_point() else src
-        want = "float32" if keep_in_fp32 and _in_fp32(pname, keep_in_fp32) else (dtype or own)
-        target[pname] = cast_dtype(src, want)
-
-    # One tensor per (checkpoint key, placement, dtype); the key's bytes are read once.
-    storage: dict[tuple, torch.Tensor] = {}
-    for pname, key in param_to_key.items():
-        kind, dev = place[pname]
-        slot = (key, kind, str(dev), target[pname])
-        if kind != DISK and slot not in storage:
-            storage[slot] = torch.empty(index.tensors[key].shape, dtype=dtype_from_name(target[pname]),
-                                        device=dev or "cpu", pin_memory=kind == HOST)
+    grads = {name: p.requires_grad for name, p in params.items()}
+    placements, units = _placements(model, spec, param_to_key, index, device_map, main, params,
+                                     dtype=dtype, stream_host=stream_host, keep_in_fp32=keep_in_fp32)
+    tensors, sizes = index.relative()
+    plan = single_process_plan(units, placements, tensors, source=source.identity(), format=index.format,
+                               file_sizes=sizes, stream_slots=stream_slots)
     if offload_state_dict:
-        host = sum(t.numel() * t.element_size() for t in storage.values() if t.device.type == "cpu")
+        host = sum(tensors[p.key].numel * dtype_from_name(p.dtype).itemsize for p in placements
+                   if p.tier == Tier.CPU or p.device == "cpu")
         warn_once("offload_state_dict", "offload_state_dict: distload builds no temporary state dict; "
                   f"this load's peak host memory is the weights placed on 'cpu' ({format_bytes(host)}) "
                   f"plus the read staging (at most {format_bytes(_READ_WORKERS * DEFAULT_STAGING_BYTES)})",
                   level=20)
-    first: dict[str, torch.Tensor] = {}
-    for slot, tensor in storage.items():
-        first.setdefault(slot[0], tensor)
-    _read(index, first)
-    for slot, tensor in storage.items():
-        if tensor is not first[slot[0]]:
-            tensor.copy_(first[slot[0]])
-
-    shared: dict[tuple, nn.Parameter] = {}
-    source: dict[str, object] = {}
-    for pname, key in param_to_key.items():
-        kind, dev = place[pname]
-        slot = (key, kind, str(dev), target[pname])
-        owner, attr = _owner(model, pname)
-        if kind == RESIDENT:
-            if slot not in shared:
-                shared[slot] = nn.Parameter(storage[slot], requires_grad=params[pname].requires_grad)
-            owner._parameters[attr] = shared[slot]
-        elif kind == HOST:
-            source[pname] = storage[slot]
-    disk = [p for p in param_to_key if place[p][0] == DISK]
-    if disk:
-        source.update(_disk_entries(index, {p: param_to_key[p] for p in disk}, target, offload_folder))
+    world = World(rank=0, world_size=1, local_rank=0, device=main, backend=None)
+    root, _ = fetch_node_files(world, source, plan)
     _load_buffers(model, device_map, main, index, buffer_keys, dtype=dtype, stream_host=stream_host)
-    if source:
-        _stream(model, spec, source, entry_of, main, stream_slots)
+    load_stage(plan, world, root=root, read_workers=_READ_WORKERS, module=model,
+               offload_dir=offload_folder, cache_dir=cache_dir)
+    with torch.no_grad():
+        for p in placements:   # a key tied across devices is read where its first user lives
+            owner, attr = _owner(model, p.param)
+            param = owner._parameters[attr]
+            if p.device and not param.is_meta and param.device != torch.device(p.device):
+                owner._parameters[attr] = nn.Parameter(param.to(p.device), requires_grad=False)
+        for name, param in model.named_parameters(remove_duplicate=False):
+            param.requires_grad_(grads.get(name, False) and param.is_floating_point())
     if align:
         _align_devices(model, device_map, main, skip_keys=skip_keys, force=force_hooks)
-    check_materialized(model, streamed=source)
 
 
-def _read(index, dests: dict[str, torch.Tensor]) -> None:
-    read_tensors([index.tensors[k] for k in sorted(dests)], dests, workers=_READ_WORKERS)
+def _placements(model: nn.Module, spec, param_to_key: dict, index, device_map: dict, main: torch.device,
+                params: dict, *, dtype: str | None, stream_host: bool, keep_in_fp32: tuple
+                ) -> tuple[list[Placement], list[tuple[str, float]]]:
+    """Each parameter's `Placement` under `device_map`, and the plan's units ((name, cost)
+    in module order): the modules the map or `describe_model` names, whichever is deeper,
+    never one inside another (an offloaded unit streams as a whole)."""
+    modules = dict(model.named_modules())
+    unit_of = spec.unit_of()
+    chosen: dict[str, str] = {}
+    kinds: dict[str, tuple] = {}
+    for pname in param_to_key:
+        try:
+            entry, device = device_for(pname, device_map)
+        except KeyError:
+            raise LoadError(f"device_map gives no device for parameter {pname}: name it, or a module "
+                            "holding it, in the map") from None
+        kind, dev = placement(device, main, stream_host=stream_host)
+        if unit_of[pname] == "":   # the root's own parameters stay resident (no unit streams them)
+            kind, dev = RESIDENT, (dev if kind == RESIDENT else main)
+            chosen[pname] = ""
+        else:
+            chosen[pname] = max(entry if entry in modules else "", unit_of[pname], key=len)
+        kinds[pname] = (kind, dev)
+    named = {u for u in chosen.values() if u}
+    outer = {u: next((a for a in _ancestors(u) if a in named), u) for u in named}
+    placements = []
+    for pname, key in param_to_key.items():
+        kind, dev = kinds[pname]
+        src = index.tensors[key].dtype
+        # accelerate's rule: floating tensors take `dtype`, else the model's own dtype
+        own = dtype_name(params[pname].dtype) if params[pname].is_floating_point() else src
+        want = "float32" if keep_in_fp32 and _in_fp32(pname, keep_in_fp32) else (dtype or own)
+        tier = {RESIDENT: Tier.DEVICE, HOST: Tier.CPU, DISK: Tier.DISK}[kind]
+        placements.append(Placement(pname, key, outer.get(chosen[pname], ""), cast_dtype(src, want), tier,
+                                    str(dev) if kind == RESIDENT else ""))
+    cost = {u.name: u.cost for u in spec.units}
+    order = {name: i for i, name in enumerate(modules)}
+    names = sorted({p.unit for p in placements}, key=order.__getitem__)
+    return placements, [(u, sum(c for n, c in cost.items() if n == u or n.startswith(u + ".")))
+                        for u in names]
 
 
-def _disk_entries(index, keys: dict[str, str], target: dict[str, str], folder: str | None) -> dict:
-    store = OffloadStore(folder or default_offload_dir())
-    groups: dict[str | None, dict] = {}
-    for pname, key in keys.items():
-        meta = index.tensors[key]
-        groups.setdefault(None if target[pname] == meta.dtype else target[pname], {})[pname] = meta
-    entries = {}
-    for cast, metas in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        made, _ = ensure_entries(store, metas, checkpoint=index.root, dtype=cast)
-        entries.update(made)
-    logger.info("%d parameter(s) on the disk tier in %s", len(entries), store.root)
-    return entries
+def _ancestors(name: str) -> list[str]:
+    """The dotted prefixes of `name`, outermost first ("a", "a.b" for "a.b.c")."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _load_buffers(model: nn.Module, device_map: dict, main: torch.device, index, keys: set[str], *,
@@ -305,7 +321,7 @@ def _load_buffers(model: nn.Module, device_map: dict, main: torch.device, index,
             elif not buf.is_meta:
                 mod._buffers[name] = buf.to(dev)   # left on meta: check_materialized names it
     if read:
-        _read(index, read)
+        read_tensors([index.tensors[k] for k in sorted(read)], read, workers=_READ_WORKERS)
     for full, (mod, name, dev) in owners.items():
         mod._buffers[name] = read[full].to(dev)
 
@@ -329,15 +345,6 @@ def _unexpected(model: nn.Module, checkpoint: str, keys: list[str], *, strict: b
     logger.warning("%s. This may or may not be an issue - make sure that the checkpoint does not have "
                    "unnecessary parameters, or that the model definition correctly corresponds to the "
                    "checkpoint.", message)
-
-
-def _stream(model: nn.Module, spec, source: dict, entry_of: dict, main: torch.device, slots: int) -> None:
-    unit_of = spec.unit_of()
-    chosen = {max(entry_of[p], unit_of[p], key=len) for p in source}
-    units = {u for u in chosen if not any(o != u and (o == "" or u.startswith(o + ".")) for o in chosen)}
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    attach_streaming(model, sorted(units, key=order.__getitem__), source, main, prefetch=slots > 1,
-                     max_resident=slots)
 
 
 def _to(obj, device: torch.device, skip: frozenset = frozenset()):
