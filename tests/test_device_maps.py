@@ -83,10 +83,12 @@ def test_minilm_at_the_cpu_budgets_accelerate_runs(minilm, mib, tmp_path):
     assert stage.tier_bytes[0] + stage.reserved <= mib * MiB and stage.tier_bytes[2] > 0
     if mib >= 60:
         assert plan.device_map["embeddings"] == "cpu"
+    from accelerate import infer_auto_device_map as accelerate_map
+
     device_map = infer_auto_device_map(model, max_memory={"cpu": f"{mib}MiB"})
-    assert device_map.stream_slots == stage.stream_slots == (1 if mib == 52 else device_map.stream_slots)
+    assert device_map == accelerate_map(model, max_memory={"cpu": f"{mib}MiB"})   # one process
     model = load_checkpoint_and_dispatch(model, path, device_map=device_map, offload_folder=tmp_path)
-    assert streamer_of(model).max_resident == stage.stream_slots       # the room the plan kept
+    assert streamer_of(model).max_resident == device_map.stream_slots == 1   # accelerate's room: one layer
     out = _bert_out(model)
     assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
     assert torch.equal(out.pooler_output, ref.pooler_output)
@@ -164,7 +166,7 @@ def test_gpu_keys_without_gpus_plan_with_a_warning_and_load_fails_before_reading
     with caplog.at_level(logging.WARNING, logger="distload"):
         device_map = infer_auto_device_map(model, max_memory={0: "100MB", 1: "100MB", "cpu": "1GB"})
     assert "names GPU(s) 0, 1 but this machine has no CUDA device" in caplog.text
-    assert {0, 1} <= set(device_map.values())
+    assert device_map == {"": 0}                     # one process: the first GPU filled first
     import distload.compat.accelerate.dispatch as dispatch
 
     monkeypatch.setattr(dispatch, "open_source", lambda *a, **k: pytest.fail("read before the device check"))
