@@ -275,6 +275,10 @@ def _tell_like_accelerate(greedy: GreedyMap, limits: Mapping, offload_buffers: b
                       "seems does not fit any GPU's remaining memory. If you are experiencing a OOM later, "
                       "please consider using offload_buffers=True.", stacklevel=3)
     if greedy.minimum:
-        lines = "\n".join(f"  - {d}: {m} bytes required" for d, m in greedy.minimum.items())
-        logger.info("Based on the current allocation process, no modules could be assigned to the following "
-                    "devices due to insufficient memory:\n%s", lines)
+        # accelerate's words (an info there), with the excess: a warning, since the weights
+        # that fit nowhere stay on disk and stream onto the device that runs them
+        lines = "; ".join(f"{d}: {m} bytes required, {format_bytes(limits.get(d, 0))} allowed "
+                          f"({format_bytes(m - limits.get(d, 0))} over)" for d, m in greedy.minimum.items())
+        logger.warning("Based on the current allocation process, no modules could be assigned to the following "
+                       "devices due to insufficient memory: %s. What fits no device stays on disk and streams "
+                       "onto the device that runs it", lines)
