@@ -237,3 +237,20 @@ def test_seed_70b_map_keeps_accelerates_order_within_every_budget(dtype):
     with pytest.raises(PlanError, match="'disk'"):
         plan_device_map(model, {**max_memory, "disk": "10GB"}, no_split_module_classes=["LlamaDecoderLayer"],
                         dtype=torch.float32)
+
+
+@pytest.mark.parametrize("low_zero", [False, True])
+@pytest.mark.parametrize("no_split", [None, ["LlamaDecoderLayer"]])
+def test_balanced_memory_and_auto_maps_are_accelerates(low_zero, no_split):
+    """device_map="auto"/"balanced*" in one process: accelerate's balanced budgets, then its map."""
+    from accelerate import infer_auto_device_map as accelerate_map
+    from accelerate.utils import get_balanced_memory as accelerate_balanced
+
+    from distload import get_balanced_memory
+
+    model = _llama()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for budget in ({0: total, 1: total, "cpu": 10 * total}, {0: total // 3, 1: total // 3, 2: total // 3}):
+        ours = get_balanced_memory(model, dict(budget), no_split, low_zero=low_zero)
+        assert ours == accelerate_balanced(model, dict(budget), no_split, low_zero=low_zero)
+        assert infer_auto_device_map(model, ours, no_split) == accelerate_map(model, ours, no_split)

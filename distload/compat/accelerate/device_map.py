@@ -39,9 +39,9 @@ from ...plan.planner import Partition, PlannerOptions, UnitLoad, partition
 from ...plan.reserve import run_shape, unit_reserves
 from ...plan.sequential import partition_sequential
 from ...plan.types import Tier
-from .greedy import GreedyMap, clean_device_map, greedy_device_map
+from .greedy import GreedyMap, balanced_memory, clean_device_map, greedy_device_map
 
-__all__ = ["infer_auto_device_map", "plan_device_map", "DeviceMapPlan", "DeviceMap", "as_dtype", "Device"]
+__all__ = ["infer_auto_device_map", "get_balanced_memory", "plan_device_map", "DeviceMapPlan", "DeviceMap", "as_dtype", "Device"]
 
 Device = int | str
 
@@ -282,3 +282,21 @@ def _tell_like_accelerate(greedy: GreedyMap, limits: Mapping, offload_buffers: b
         logger.warning("Based on the current allocation process, no modules could be assigned to the following "
                        "devices due to insufficient memory: %s. What fits no device stays on disk and streams "
                        "onto the device that runs it", lines)
+
+
+def get_balanced_memory(model: nn.Module, max_memory: Mapping | None = None, no_split_module_classes=None,
+                        dtype=None, special_dtypes: Mapping | None = None, low_zero: bool = False) -> dict:
+    """accelerate's `get_balanced_memory`, same meaning: `max_memory` (default: this
+    machine's, see `infer_auto_device_map`) with each GPU but the last capped near an equal
+    share of the model, so that `infer_auto_device_map` spreads it over every GPU
+    (`low_zero`: GPU 0 holds only what the others cannot). Sizes parse as distload parses
+    them; the caller's dict is never changed.
+
+    Example::
+
+        infer_auto_device_map(model, get_balanced_memory(model, {0: "10GiB", 1: "10GiB"}))
+    """
+    limits = default_limits() if max_memory is None else parse_max_memory(max_memory)
+    return balanced_memory(model, limits, no_split_module_classes, dtype=None if dtype is None else as_dtype(dtype),
+                           special_dtypes={k: as_dtype(v) for k, v in (special_dtypes or {}).items()},
+                           low_zero=low_zero, defaulted=max_memory is None)

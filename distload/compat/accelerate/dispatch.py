@@ -62,7 +62,7 @@ from ...plan.build import match_params_to_keys
 from ...plan.sequential import Placement, single_process_plan
 from ...plan.types import Tier
 from ...sources import open_source
-from .device_map import Device, as_dtype, infer_auto_device_map
+from .device_map import Device, as_dtype, get_balanced_memory, infer_auto_device_map
 from .placement import (DISK, HOST, RESIDENT, check_devices_present, device_for, module_devices,
                         normalize_device, placement, warn_once)
 
@@ -79,13 +79,15 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
                                  offload_buffers: bool = False, dtype=None,
                                  offload_state_dict: bool | None = None, skip_keys=None,
                                  preload_module_classes=None, force_hooks: bool = False,
-                                 strict: bool = False, *, max_batch_size: int | None = None,
+                                 strict: bool = False, full_state_dict: bool = True,
+                                 broadcast_from_rank0: bool = False, *, max_batch_size: int | None = None,
                                  max_seq_len: int | None = None, workload: str = "any",
                                  stream_slots: int | None = None):
     """Load `checkpoint` (a directory, a ``.safetensors``/``.bin`` file or an
     ``*.index.json``) into `model` (on meta) following `device_map` — a dict from
-    `infer_auto_device_map`, or ``"auto"`` (also ``"balanced"``, ``"sequential"``) to plan
-    one here. Each parameter's bytes are read once, straight into its place. "cpu" entries
+    `infer_auto_device_map`, or a string to plan one here as accelerate does: ``"auto"``,
+    ``"balanced"`` and ``"balanced_low_0"`` over `get_balanced_memory`'s budgets,
+    ``"sequential"`` over `max_memory` itself. Each parameter's bytes are read once, straight into its place. "cpu" entries
     live in host memory ("cpu" is the device without GPUs; with GPUs they are streamed to
     the first GPU to run), "disk" entries go to `offload_folder` (a `distload.offload`
     store, default ``~/.cache/distload/offload``) and are streamed in to run. Floating
@@ -96,7 +98,9 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
     what distload always does (an offloaded unit's weights are all fetched before it
     runs); `offload_buffers` is not implemented (buffers stay on the device: a warning,
     once); `offload_state_dict` is needless — no temporary state dict is built, and the
-    load's peak host memory (the "cpu" weights plus the read staging) is logged instead.
+    load's peak host memory (the "cpu" weights plus the read staging) is logged instead;
+    `full_state_dict` and `broadcast_from_rank0` concern accelerate's sharded training
+    (a warning, once, when not their defaults).
 
     `stream_slots` (distload's): offloaded units on the device at once — 2 prefetches the
     next while one runs, 1 does not; default: what the plan made room for (a map from
@@ -124,10 +128,14 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
     if preload_module_classes:
         warn_once("preload_module_classes", "preload_module_classes: distload already fetches all of "
                   "an offloaded unit's weights before it runs", level=20)
+    _sharded_switches(full_state_dict, broadcast_from_rank0)
     if isinstance(device_map, str):
+        if device_map != "sequential" and max_batch_size is None and max_seq_len is None:
+            max_memory = get_balanced_memory(model, max_memory, no_split_module_classes, dtype=dtype,
+                                             low_zero=device_map == "balanced_low_0")
         device_map = infer_auto_device_map(model, max_memory, no_split_module_classes, dtype=dtype,
-                                           max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                                           workload=workload)
+                                           offload_buffers=offload_buffers, max_batch_size=max_batch_size,
+                                           max_seq_len=max_seq_len, workload=workload)
     elif device_map is None:
         device_map = {"": "cpu"}
     dispatch_checkpoint(model, os.fspath(checkpoint), device_map,
@@ -155,8 +163,9 @@ def load_checkpoint_in_model(model: nn.Module, checkpoint: str | os.PathLike,
     "disk" parameters become entries of the offload store in `offload_folder` *and* are
     streamed in when their unit runs (accelerate leaves them on meta until
     `dispatch_model`, which distload folds in here). No temporary state dict is built (see
-    `load_checkpoint_and_dispatch` for `offload_state_dict`); `offload_8bit_bnb` and
-    `broadcast_from_rank0` are not implemented (a warning, once each). Returns None.
+    `load_checkpoint_and_dispatch` for `offload_state_dict`); `offload_8bit_bnb` is
+    not implemented, `broadcast_from_rank0` / `full_state_dict=False` concern sharded
+    training (a warning, once each). Returns None.
 
     Example::
 
@@ -164,12 +173,10 @@ def load_checkpoint_in_model(model: nn.Module, checkpoint: str | os.PathLike,
             model = AutoModelForCausalLM.from_config(config)
         load_checkpoint_in_model(model, "ckpt/", device_map={"": "cpu"})
     """
-    for name, value in (("offload_buffers", offload_buffers), ("offload_8bit_bnb", offload_8bit_bnb),
-                        ("broadcast_from_rank0", broadcast_from_rank0)):
+    for name, value in (("offload_buffers", offload_buffers), ("offload_8bit_bnb", offload_8bit_bnb)):
         if value:
             warn_once(name, f"{name}=True is not implemented by distload's load_checkpoint_in_model: ignored")
-    if not full_state_dict:
-        warn_once("full_state_dict", "full_state_dict=False: distload loads whole tensors only")
+    _sharded_switches(full_state_dict, broadcast_from_rank0)
     fp32 = tuple(keep_in_fp32_modules or ()) if dtype is not None and as_dtype(dtype) == torch.float16 else ()
     dispatch_checkpoint(model, os.fspath(checkpoint), dict(device_map or {"": "cpu"}),
                         dtype=None if dtype is None else dtype_name(as_dtype(dtype)), strict=strict,
@@ -177,6 +184,15 @@ def load_checkpoint_in_model(model: nn.Module, checkpoint: str | os.PathLike,
                         stream_host=False, align=False, keep_in_fp32=fp32,
                         offload_state_dict=offload_state_dict,
                         stream_slots=getattr(device_map, "stream_slots", 0) or 2)
+
+
+def _sharded_switches(full_state_dict: bool, broadcast_from_rank0: bool) -> None:
+    if not full_state_dict:
+        warn_once("full_state_dict", "full_state_dict=False: distload loads whole tensors only (a "
+                  "sharded state dict is accelerate's FSDP path); ignored")
+    if broadcast_from_rank0:
+        warn_once("broadcast_from_rank0", "broadcast_from_rank0=True: in one process there is no rank to "
+                  "broadcast to; under torchrun each rank reads only its own stage; ignored")
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:

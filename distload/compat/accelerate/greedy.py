@@ -25,7 +25,7 @@ from torch import nn
 from ...log import logger
 from ...meta import find_tied_parameters
 
-__all__ = ["GreedyMap", "greedy_device_map", "module_sizes_like_accelerate", "clean_device_map"]
+__all__ = ["GreedyMap", "greedy_device_map", "module_sizes_like_accelerate", "clean_device_map", "balanced_memory"]
 
 
 @dataclass
@@ -230,3 +230,62 @@ def clean_device_map(device_map: dict, module_name: str = "") -> dict:
     for child in children:
         clean_device_map(device_map, child)
     return device_map
+
+
+def _leaves(sizes: Mapping[str, int]) -> list[str]:
+    children: dict[str, int] = {}
+    for name in sizes:
+        if name and "." in name:
+            parent = name.rsplit(".", 1)[0]
+            children[parent] = children.get(parent, 0) + 1
+    return [name for name in sizes if name and not children.get(name, 0)]
+
+
+def balanced_memory(model: nn.Module, max_memory: Mapping, no_split_module_classes=None, *,
+                    dtype: torch.dtype | None = None, special_dtypes: Mapping | None = None,
+                    low_zero: bool = False, defaulted: bool = False) -> dict:
+    """accelerate's `get_balanced_memory` over `max_memory` (bytes; `defaulted`: it was
+    measured, not given — one GPU then keeps 10 % free): each GPU but the last capped near
+    an equal share of the model (plus 1.25 x its largest no-split block or mean layer),
+    GPU 0 only what the others cannot hold with `low_zero`. Returns a new dict."""
+    out = dict(max_memory)
+    gpus = sorted(k for k, v in out.items() if isinstance(k, int) and v > 0)
+    if not gpus:
+        return out
+    if len(gpus) == 1:
+        low_zero = False
+        if defaulted:
+            out[gpus[0]] = int(out[gpus[0]] * 0.9)
+    sizes = module_sizes_like_accelerate(model, dtype, special_dtypes)
+    per_gpu = sizes[""] // (len(gpus) - 1 if low_zero else len(gpus))
+    no_split = [no_split_module_classes] if isinstance(no_split_module_classes, str) else \
+        list(no_split_module_classes or [])
+    blocks: dict[str, int] = {}
+    if no_split:
+        for name, size in sizes.items():
+            if not name:
+                continue
+            kind = type(model.get_submodule(name)).__name__ if _is_module(model, name) else ""
+            if kind in no_split and kind not in blocks:
+                blocks[kind] = size
+            if set(blocks) == set(no_split):
+                break
+    buffer = max(blocks.values(), default=0)
+    leaves = set(_leaves(sizes))
+    modules = {n: v for n, v in sizes.items() if n not in leaves}
+    final = _leaves(modules)
+    mean = int(sum(modules[n] for n in final) / max(len(final), 1))
+    per_gpu += int(1.25 * max(buffer, mean))
+    for g in gpus[:-1]:
+        out[g] = min(out[0] if low_zero and g == 0 else per_gpu, out[g])
+    if low_zero:
+        out[0] = min(max(0, sizes[""] - sum(out[g] for g in gpus[1:])), out[0])
+    return out
+
+
+def _is_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
