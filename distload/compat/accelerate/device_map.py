@@ -1,6 +1,9 @@
-"""`infer_auto_device_map` with accelerate's meaning, planned by distload's planner.
+"""`infer_auto_device_map` and `get_balanced_memory` with accelerate's meaning.
 
-What differs from accelerate (its known faults, fixed):
+In one process the map is accelerate's own (`greedy.py`) whenever it fits the budgets.
+distload's planner (`plan_device_map`) answers where accelerate's map breaks a budget,
+where a run shape is asked (`max_batch_size` / `max_seq_len`), and plans the pipeline
+under torchrun. What the planner does differently from accelerate:
 
 * accelerate's order is kept — the GPUs' stages, then "cpu", then "disk" — but the GPUs
   get contiguous stages that minimise the costliest stage (per-token FLOPs), not a greedy

@@ -249,6 +249,9 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
     _load_buffers(model, device_map, main, index, buffer_keys, dtype=dtype, stream_host=stream_host)
     load_stage(plan, world, root=root, read_workers=_READ_WORKERS, module=model,
                offload_dir=offload_folder, cache_dir=cache_dir)
+    # buffers the load recomputed (a distload model's RoPE, on the load's device) go back
+    # to their module's device
+    _load_buffers(model, device_map, main, index, set(), dtype=dtype, stream_host=stream_host)
     with torch.no_grad():
         for p in placements:   # a key tied across devices is read where its first user lives
             owner, attr = _owner(model, p.param)
