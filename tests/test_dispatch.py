@@ -262,3 +262,35 @@ def test_checkpoint_forms_accelerate_takes(tmp_path, form):
     assert model.state_dict().keys() == want.keys()
     for name, t in model.state_dict().items():
         assert torch.equal(t, want[name]), name
+
+
+_HUB_CLIENT = """
+import sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from distload import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
+repo, local, out = sys.argv[1:4]
+with init_empty_weights():
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(local))
+device_map = infer_auto_device_map(model, max_memory={"cpu": 600_000})
+model = load_checkpoint_and_dispatch(model, repo, device_map=device_map)
+with torch.no_grad():
+    torch.save(model(torch.tensor(eval(sys.argv[4]))).logits, out)
+"""
+
+
+def test_a_hub_id_reaches_load_checkpoint_and_dispatch(ckpts, tmp_path):
+    """One loading path: the sources `distload.load` has (here the hub, through the real
+    huggingface_hub client against tests/fakehub.py) serve accelerate's workflow too."""
+    import subprocess
+    import sys
+
+    from .fakehub import FakeHub, client_env
+
+    path = ckpts["untied"]
+    with FakeHub() as hub:
+        hub.push("acme/tiny", path)
+        run = subprocess.run([sys.executable, "-c", _HUB_CLIENT, "acme/tiny", str(path), str(tmp_path / "out.pt"),
+                              str(IDS.tolist())], env=client_env(hub.url("node0"), tmp_path / "home"),
+                             capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), _reference(path, dtype=torch.float32))
