@@ -210,7 +210,8 @@ def test_every_buffer_and_root_parameter_is_loaded(tmp_path, api, tier, build):
     if api == "load_checkpoint_in_model":
         load_checkpoint_in_model(model, path, device_map=device_map, offload_folder=tmp_path / "off")
     else:
-        model = load_checkpoint_and_dispatch(model, path, device_map=device_map, offload_folder=tmp_path / "off")
+        model = load_checkpoint_and_dispatch(model, path, device_map=device_map, offload_folder=tmp_path / "off",
+                                             force_hooks=True)   # hooks also for keys naming parameters
     model.eval()
     x = torch.randn(7, 3)
     torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
@@ -294,3 +295,29 @@ def test_a_hub_id_reaches_load_checkpoint_and_dispatch(ckpts, tmp_path):
                              capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "out.pt"), _reference(path, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("how", ["dispatch_model", "disk_offload"])
+def test_dispatch_model_and_disk_offload_keep_the_outputs(tmp_path, how):
+    """A model in memory, placed as accelerate's `dispatch_model` / `disk_offload` do:
+    the same outputs, the disk part streamed from the offload store; accelerate's own
+    `remove_hook_from_submodules` undoes it, and it can be dispatched again."""
+    from accelerate.hooks import remove_hook_from_submodules
+
+    from distload import disk_offload, dispatch_model
+    from distload.offload import streamer_of
+
+    _, ref = _stats_checkpoint(tmp_path, "torch")
+    model = copy.deepcopy(ref)
+    x = torch.randn(6, 3)
+    for round_ in range(2):
+        if how == "dispatch_model":
+            dispatch_model(model, {"linear1": "cpu", "batchnorm": "disk", "linear2": "disk", "scale": "cpu",
+                                   "shift": "cpu"}, offload_dir=tmp_path / f"off{round_}")
+        else:
+            disk_offload(model, tmp_path / f"off{round_}")
+        assert model.linear2.weight.is_meta and streamer_of(model) is not None
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+        remove_hook_from_submodules(model)
+        assert streamer_of(model) is None and not model.linear2.weight.is_meta
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
