@@ -54,6 +54,7 @@ exceptions=(
 )
 count() { grep -c "^PASSED" "$work/$1.txt"; }
 echo "accelerate $ver: $(count accelerate) passed; with distload's names: $(count distload) passed"
+[ "$(count accelerate)" -gt 0 ] || { echo "no test passed with accelerate itself: the suite did not run"; exit 2; }
 grep '^PASSED' "$work/accelerate.txt" | sed 's/^PASSED //' | sort > "$work/a"
 grep '^PASSED' "$work/distload.txt" | sed 's/^PASSED //' | sort > "$work/d"
 bad=0
