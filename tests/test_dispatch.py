@@ -321,3 +321,17 @@ def test_dispatch_model_and_disk_offload_keep_the_outputs(tmp_path, how):
         remove_hook_from_submodules(model)
         assert streamer_of(model) is None and not model.linear2.weight.is_meta
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+def test_nothing_fits_streams_from_disk_with_one_warning(tmp_path, caplog):
+    """A budget smaller than any module: accelerate's map (everything on disk), one
+    warning saying by how much, and the model runs, streamed."""
+    path, ref = _stats_checkpoint(tmp_path, "safetensors")
+    model = _empty(False)
+    with caplog.at_level("WARNING", logger="distload"):
+        device_map = infer_auto_device_map(model, max_memory={"cpu": 40})
+    assert set(device_map.values()) == {"disk"}
+    assert "insufficient memory" in caplog.text and "over)" in caplog.text
+    model = load_checkpoint_and_dispatch(model, path, device_map=device_map, offload_folder=tmp_path / "off")
+    x = torch.randn(3, 3)
+    torch.testing.assert_close(model.eval()(x), ref(x), rtol=0, atol=0)
