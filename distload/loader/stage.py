@@ -60,7 +60,8 @@ def check_files(plan, files, root: str) -> None:
 def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
                offload_dir: str | os.PathLike | None = None, cache_dir: str | None = None,
                timeout_s: float | None = None, direct_io: bool = False,
-               staging_bytes: int = DEFAULT_STAGING_BYTES, board: JobBoard | None = None) -> StageLoad:
+               staging_bytes: int = DEFAULT_STAGING_BYTES, board: JobBoard | None = None,
+               module: nn.Module | None = None) -> StageLoad:
     """Materialize this rank's stage of `plan` on `world.device` from the checkpoint under
     `root` (this node's directory of it). Every rank calls it; an error on any rank
     raises on every rank (the others get `RankError`). `read_workers`, `direct_io` and
@@ -68,20 +69,24 @@ def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
 
     Progress goes to the job's `board` (default: a new one for this load) and rank 0
     shows it (`distload.loader.progress`); the ranks wait for each other at most as long
-    as the work needs, or `timeout_s` (`distload.loader.waits`)."""
+    as the work needs, or `timeout_s` (`distload.loader.waits`).
+
+    `module`: the stage to fill (on meta, or materialized: its parameters are replaced),
+    where the caller built it — a whole model a device map's world-of-one plan covers
+    (`distload.compat.accelerate`); default: this rank's stage of distload's own model."""
     rank, device = world.rank, world.device
     stage = plan.stage(rank)
     board = board or JobBoard.open(world, plan)
     mine = RankProgress(board, plan, rank, root=root)
     start = time.perf_counter()
     seconds: dict[str, float] = {}
-    error, module, storage, stats = None, None, {}, ReadStats()
+    error, given, module, storage, stats = None, module, None, {}, ReadStats()
     reads = [m.located(root) for m in stage.reads]
     with ProgressMonitor.maybe(board, plan, world), mine.beating():
         with trace.span("read stage", "load", bytes=stage.tensor_bytes):
             try:
                 check_files(plan, sorted({m.file for m in stage.reads}), root)
-                module = build_stage_skeleton(plan, rank)
+                module = build_stage_skeleton(plan, rank) if given is None else given
                 tiers = key_tiers(plan, rank, device)
                 mine.phase("reading")
                 mapped, stats = map_stage(reads, plan, rank, device, tiers=tiers, direct_io=direct_io,
