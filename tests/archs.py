@@ -98,9 +98,10 @@ def hf_model(config):
     return model.eval()
 
 
-def make_hf_checkpoint(name: str, out: Path) -> Path:
-    """Write architecture `name` with `save_pretrained` into `out`, in 3 or more shards."""
-    model = hf_model(hf_config(name))
+def make_hf_checkpoint(name: str, out: Path, config=None) -> Path:
+    """Write architecture `name` (or transformers' `config`) with `save_pretrained` into
+    `out`, in 3 or more shards."""
+    model = hf_model(hf_config(name) if config is None else config)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(out, max_shard_size=f"{max(total // 3 // 1000, 1)}KB")
     assert len(list(out.glob("*.safetensors"))) >= 2

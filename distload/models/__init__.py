@@ -27,6 +27,11 @@ from . import starcoder2 as _starcoder2  # noqa: F401  - starcoder2
 from . import glm4 as _glm4  # noqa: F401  - glm4
 from . import smollm3 as _smollm3  # noqa: F401  - smollm3
 from . import cohere as _cohere  # noqa: F401  - cohere
+from . import gpt_oss as _gpt_oss  # noqa: F401  - gpt_oss
+from . import glm4_moe as _glm4_moe  # noqa: F401  - glm4_moe
+from . import olmoe as _olmoe  # noqa: F401  - olmoe
+from . import ernie4_5 as _ernie4_5  # noqa: F401  - ernie4_5
+from . import seed_oss as _seed_oss  # noqa: F401  - seed_oss
 from .cache import KVCache
 from .contract import StageModel
 from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel

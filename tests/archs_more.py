@@ -1,0 +1,72 @@
+"""Tiny random checkpoints of the frontier-era architectures (gpt-oss, GLM-4.5, Llama 4,
+OLMoE, OLMo 3, ERNIE 4.5, EXAONE 4, Seed-OSS, Command A, Ministral 3, GPT-NeoX, Phi),
+written by transformers itself with the machinery of `tests/archs.py` (each type's own
+config class, `from_config`, every parameter perturbed, `save_pretrained` in >= 2 shards),
+with awkward sizes: odd intermediate sizes, GQA, head_dim != hidden / heads where the type
+allows, windows and chunks shorter than the prompts, NoPE layers, clamps and scales that
+change the logits. `PACKED` lists the MoE types whose hub layout is one tensor per expert
+and which also get the packed layout (`tests.archs.repack_experts`).
+"""
+
+from __future__ import annotations
+
+from tests.archs import _BASE
+
+_SLIDING4 = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+
+MORE: dict[str, dict] = {
+    # swiglu_limit small enough that the clamps cut; sinks and biases perturbed like all weights.
+    "gpt_oss": {"model_type": "gpt_oss", "head_dim": 24, "num_local_experts": 5,
+                "num_experts_per_tok": 2, "sliding_window": 4, "swiglu_limit": 0.3,
+                "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                                    "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                    "original_max_position_embeddings": 64}},
+    # 2 groups of 3 experts, 1 group chosen: the group limit decides some tokens' experts.
+    "glm4_moe": {"model_type": "glm4_moe", "head_dim": 24, "n_routed_experts": 6,
+                 "num_experts_per_tok": 2, "moe_intermediate_size": 23, "n_shared_experts": 2,
+                 "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "use_qk_norm": True,
+                 "routed_scaling_factor": 2.5, "attention_bias": True},
+    # chunks of 4 on the RoPE layers, a NoPE full layer every 2nd, temperature tuning with a
+    # floor of 4 (so it changes within the prompt), MoE every 2nd layer with 2 of 4 experts.
+    "llama4_text": {"model_type": "llama4_text", "head_dim": 24, "num_local_experts": 4,
+                    "num_experts_per_tok": 2, "intermediate_size_mlp": 91,
+                    "interleave_moe_layer_step": 2, "attention_chunk_size": 4,
+                    "no_rope_layer_interval": 2, "floor_scale": 4, "attn_scale": 0.5,
+                    "use_qk_norm": True},
+    "olmoe": {"model_type": "olmoe", "num_experts": 5, "num_experts_per_tok": 2, "clip_qkv": 1.5,
+              "norm_topk_prob": True},
+    "olmo3": {"model_type": "olmo3", "head_dim": 24, "sliding_window": 4, "layer_types": _SLIDING4,
+              "rope_parameters": {
+                  "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5},
+                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+    "ernie4_5": {"model_type": "ernie4_5", "head_dim": 24, "use_bias": True, "tie_word_embeddings": False},
+    "exaone4": {"model_type": "exaone4", "head_dim": 24, "sliding_window": 4, "sliding_window_pattern": 3},
+    "seed_oss": {"model_type": "seed_oss", "head_dim": 24, "attention_bias": True,
+                 "attention_out_bias": True, "mlp_bias": True},
+    "cohere2": {"model_type": "cohere2", "head_dim": 24, "sliding_window": 4, "layer_types": _SLIDING4,
+                "logit_scale": 0.5},
+    # original_max_position_embeddings 4: the long-context query scale grows within the prompt.
+    "ministral3": {"model_type": "ministral3", "head_dim": 24, "sliding_window": 5, "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 4,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+        "llama_4_scaling_beta": 0.3}},
+    "gpt_neox": {"model_type": "gpt_neox", "num_key_value_heads": None, "use_parallel_residual": True,
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                     "partial_rotary_factor": 0.25}},
+    "gpt_neox_serial": {"model_type": "gpt_neox", "num_key_value_heads": None,
+                        "use_parallel_residual": False, "hidden_act": "gelu_new",
+                        "tie_word_embeddings": True},
+    "phi": {"model_type": "phi", "num_key_value_heads": 2, "qk_layernorm": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                "partial_rotary_factor": 0.5}},
+}
+PACKED = ("glm4_moe", "olmoe")
+MOE = ("gpt_oss", "glm4_moe", "llama4_text", "olmoe")
+
+
+def more_config(name: str):
+    """transformers' own config object of case `name`."""
+    from transformers import AutoConfig
+
+    kw = {k: v for k, v in {**_BASE, **MORE[name]}.items() if v is not None}
+    return AutoConfig.for_model(kw.pop("model_type"), **kw)
