@@ -32,6 +32,10 @@ from . import glm4_moe as _glm4_moe  # noqa: F401  - glm4_moe
 from . import olmoe as _olmoe  # noqa: F401  - olmoe
 from . import ernie4_5 as _ernie4_5  # noqa: F401  - ernie4_5
 from . import seed_oss as _seed_oss  # noqa: F401  - seed_oss
+from . import olmo3 as _olmo3  # noqa: F401  - olmo3
+from . import exaone4 as _exaone4  # noqa: F401  - exaone4
+from . import cohere2 as _cohere2  # noqa: F401  - cohere2
+from . import ministral3 as _ministral3  # noqa: F401  - ministral3
 from .cache import KVCache
 from .contract import StageModel
 from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
