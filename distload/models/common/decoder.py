@@ -41,7 +41,7 @@ from .layers import linear_flops, linear_outputs
 from .rope import RotaryEmbedding
 
 __all__ = ["DecoderLayer", "PreNormDecoderLayer", "DecoderModel", "DecoderForCausalLM", "nested_text_tensors",
-           "drop_extra_layers"]
+           "drop_extra_layers", "rename_tensors"]
 
 
 class DecoderLayer(nn.Module):
@@ -301,4 +301,27 @@ def drop_extra_layers(tensors: Mapping[str, TensorMeta], layers: int) -> dict[st
     if dropped:
         logger.info("%.1f MB of multi-token-prediction layers (model.layers.%d and up) are not read",
                     dropped / 1e6, layers)
+    return out
+
+
+def rename_tensors(tensors: Mapping[str, TensorMeta], rules: tuple[tuple[str, str], ...]
+                   ) -> dict[str, TensorMeta]:
+    """`tensors` under this model's names: each name takes the first regex of `rules` that
+    matches (``re.sub(pattern, repl, name)``); the byte ranges stay those of the file. For
+    families whose checkpoints name the shared parts otherwise (GPT-NeoX's ``gpt_neox.embed_in``
+    is ``model.embed_tokens``).
+
+    Example::
+
+        rename_tensors(tensors, ((r"^gpt_neox\\.embed_in\\.", "model.embed_tokens."),))
+    """
+    compiled = [(re.compile(p), r) for p, r in rules]
+    out = {}
+    for name, meta in tensors.items():
+        new = name
+        for pattern, repl in compiled:
+            new, hits = pattern.subn(repl, name)
+            if hits:
+                break
+        out[new] = meta if new == name else replace(meta, name=new)
     return out
