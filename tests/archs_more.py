@@ -56,12 +56,20 @@ MORE: dict[str, dict] = {
     "gpt_neox_serial": {"model_type": "gpt_neox", "num_key_value_heads": None,
                         "use_parallel_residual": False, "hidden_act": "gelu_new",
                         "tie_word_embeddings": True},
+    # linear attention first (its state counts the tokens), a gated full layer, MoE with a
+    # gated shared expert; 2 key heads feed 4 value heads.
+    "qwen3_next": {"model_type": "qwen3_next", "head_dim": 24, "layer_types": [
+        "linear_attention", "full_attention", "linear_attention", "linear_attention"],
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+        "linear_value_head_dim": 12, "linear_conv_kernel_dim": 3, "num_experts": 4,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 23, "shared_expert_intermediate_size": 31,
+        "mlp_only_layers": [2]},
     "phi": {"model_type": "phi", "num_key_value_heads": 2, "qk_layernorm": True,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                 "partial_rotary_factor": 0.5}},
 }
 PACKED = ("glm4_moe", "olmoe")
-MOE = ("gpt_oss", "glm4_moe", "llama4_text", "olmoe")
+MOE = ("gpt_oss", "glm4_moe", "llama4_text", "olmoe", "qwen3_next")
 
 
 def more_config(name: str):

@@ -122,9 +122,13 @@ def test_the_logit_checks_see_each_transform(name, neutral, checkpoints, referen
 
 @pytest.mark.parametrize("name", sorted(MORE))
 def test_kv_reserve_per_layer_is_what_the_cache_keeps(name):
-    """Each layer reserves ``2 * kv_heads * head_dim`` elements per token — what its
-    `KVCache` entry holds (GPT-NeoX's fused per-head projection included); the packed
-    experts' bytes count in full, their FLOPs only for the active experts."""
+    """Each attention layer reserves ``2 * kv_heads * head_dim`` elements per token — what
+    its `KVCache` entry holds (GPT-NeoX's fused per-head projection included); a
+    linear-attention layer (Qwen3-Next) reserves its fixed float32 state per sequence,
+    whatever the length, and no KV; the packed experts' bytes count in full, their FLOPs
+    only for the active experts."""
+    from distload.plan.reserve import RunShape, unit_reserves
+
     config = more_config(name)
     with torch.device("meta"):
         model = build_model(config.to_dict())
@@ -132,8 +136,20 @@ def test_kv_reserve_per_layer_is_what_the_cache_keeps(name):
     layers = [u for u in spec.units if ".layers." in u.name]
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    linear = [t == "linear_attention" for t in getattr(config, "layer_types", None) or []] \
+        if name == "qwen3_next" else [False] * len(layers)
     assert len(layers) == config.num_hidden_layers
-    assert all(u.kv_per_token == 2 * kv_heads * head_dim for u in layers), name
+    assert all(u.kv_per_token == (0 if lin else 2 * kv_heads * head_dim) for u, lin in zip(layers, linear)), name
+    if name == "qwen3_next":
+        c = config
+        conv = 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
+        state = conv * (c.linear_conv_kernel_dim - 1) + \
+            c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim
+        assert [u.state_per_sequence for u in layers] == [state if lin else 0 for lin in linear]
+        short, long = (unit_reserves(spec, RunShape(3, n, "generate"), itemsize=2) for n in (16, 64))
+        for unit, a, b, lin in zip(spec.units, short, long, [False] + linear):
+            if lin:   # the same fixed state at any length: 3 sequences x float32
+                assert a.kv_bytes == b.kv_bytes == 3 * state * 4
     if name in MOE:
         dense_cost = sum(2.0 * p.numel for u in layers for p in u.params if len(p.shape) >= 2)
         assert sum(u.cost for u in layers) < dense_cost   # not every expert runs

@@ -1,4 +1,5 @@
-"""The key/value cache of one pipeline stage for one group of sequences."""
+"""The key/value cache of one pipeline stage for one group of sequences, and the fixed-size
+recurrent states of its linear-attention layers."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ class KVCache:
     communication and keeps the cache exactly as long as what was fed (no capacity to
     choose up front).
 
+    A linear-attention layer (Qwen3-Next's gated DeltaNet) keeps instead a fixed-size
+    state per sequence, whatever the length: named tensors ``[batch, ...]``
+    (`set_state`/`state`), with the count of tokens it has seen.
+
     Example::
 
         cache = KVCache()
@@ -28,6 +33,8 @@ class KVCache:
     def __init__(self) -> None:
         self._keys: dict[str, torch.Tensor] = {}
         self._values: dict[str, torch.Tensor] = {}
+        self._states: dict[str, dict[str, torch.Tensor]] = {}
+        self._seen: dict[str, int] = {}
 
     def update(self, layer_key: str, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,24 +46,37 @@ class KVCache:
         self._keys[layer_key], self._values[layer_key] = k, v
         return k, v
 
+    def state(self, layer_key: str) -> dict[str, torch.Tensor] | None:
+        """The recurrent state of linear-attention layer `layer_key` (None before its first
+        `set_state`)."""
+        return self._states.get(layer_key)
+
+    def set_state(self, layer_key: str, new_tokens: int, **tensors: torch.Tensor) -> None:
+        """Replace layer `layer_key`'s recurrent state by `tensors` (each ``[batch, ...]``),
+        after it has seen `new_tokens` more tokens."""
+        self._states[layer_key] = dict(tensors)
+        self._seen[layer_key] = self._seen.get(layer_key, 0) + new_tokens
+
     def seq_length(self, layer_key: str) -> int:
-        """Tokens cached for layer `layer_key` (0 before its first update)."""
+        """Tokens cached for layer `layer_key`, or seen by its recurrent state (0 before its
+        first update)."""
         k = self._keys.get(layer_key)
-        return 0 if k is None else k.shape[2]
+        return self._seen.get(layer_key, 0) if k is None else k.shape[2]
 
     @property
     def length(self) -> int:
         """Tokens cached (the longest layer's count; all layers agree between forwards)."""
-        return max((k.shape[2] for k in self._keys.values()), default=0)
+        return max([k.shape[2] for k in self._keys.values()] + list(self._seen.values()), default=0)
 
     @property
     def batch_size(self) -> int | None:
-        return next((k.shape[0] for k in self._keys.values()), None)
+        tensors = [*self._keys.values(), *(t for s in self._states.values() for t in s.values())]
+        return next((t.shape[0] for t in tensors), None)
 
     def select(self, batch_indices: Sequence[int] | torch.Tensor) -> None:
         """Keep only the sequences `batch_indices` (in that order), e.g. to drop finished
         ones or to reorder a batch; in place."""
-        for store in (self._keys, self._values):
+        for store in (self._keys, self._values, *self._states.values()):
             for name, t in store.items():
                 idx = torch.as_tensor(batch_indices, dtype=torch.long, device=t.device)
                 store[name] = t.index_select(0, idx)
@@ -71,18 +91,23 @@ class KVCache:
         for name in caches[0]._keys:
             out._keys[name] = torch.cat([c._keys[name] for c in caches])
             out._values[name] = torch.cat([c._values[name] for c in caches])
+        for name, state in caches[0]._states.items():
+            out._states[name] = {k: torch.cat([c._states[name][k] for c in caches]) for k in state}
+            out._seen[name] = caches[0]._seen[name]
         return out
 
     def reset(self) -> None:
         """Forget everything cached."""
         self._keys.clear()
         self._values.clear()
+        self._states.clear()
+        self._seen.clear()
 
     def nbytes(self) -> int:
         """Bytes the cached tensors take."""
         return sum(t.numel() * t.element_size()
-                   for store in (self._keys, self._values) for t in store.values())
+                   for store in (self._keys, self._values, *self._states.values()) for t in store.values())
 
     def __repr__(self) -> str:
-        return (f"KVCache(layers={sorted(self._keys, key=int)}, length={self.length}, "
+        return (f"KVCache(layers={sorted({*self._keys, *self._states}, key=int)}, length={self.length}, "
                 f"batch={self.batch_size})")
