@@ -1,5 +1,6 @@
 """Tiny random checkpoints of the frontier-era architectures (gpt-oss, GLM-4.5, Llama 4,
-OLMoE, OLMo 3, ERNIE 4.5, EXAONE 4, Seed-OSS, Command A, Ministral 3, GPT-NeoX, Phi),
+OLMoE, OLMo 3, ERNIE 4.5, EXAONE 4, Seed-OSS, Command A, Ministral 3, Qwen3-Next, Qwen3.5,
+GPT-NeoX, Phi),
 written by transformers itself with the machinery of `tests/archs.py` (each type's own
 config class, `from_config`, every parameter perturbed, `save_pretrained` in >= 2 shards),
 with awkward sizes: odd intermediate sizes, GQA, head_dim != hidden / heads where the type
@@ -64,6 +65,12 @@ MORE: dict[str, dict] = {
         "linear_value_head_dim": 12, "linear_conv_kernel_dim": 3, "num_experts": 4,
         "num_experts_per_tok": 2, "moe_intermediate_size": 23, "shared_expert_intermediate_size": 31,
         "mlp_only_layers": [2]},
+    "qwen3_5_text": {"model_type": "qwen3_5_text", "head_dim": 24, "layer_types": [
+        "linear_attention", "linear_attention", "full_attention", "linear_attention"],
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+        "linear_value_head_dim": 12, "linear_conv_kernel_dim": 4,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5,
+                            "mrope_section": [2, 2, 2], "mrope_interleaved": True}},
     "phi": {"model_type": "phi", "num_key_value_heads": 2, "qk_layernorm": True,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                 "partial_rotary_factor": 0.5}},

@@ -136,11 +136,11 @@ def test_kv_reserve_per_layer_is_what_the_cache_keeps(name):
     layers = [u for u in spec.units if ".layers." in u.name]
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    linear = [t == "linear_attention" for t in getattr(config, "layer_types", None) or []] \
-        if name == "qwen3_next" else [False] * len(layers)
+    types = list(getattr(config, "layer_types", None) or [])
+    linear = [t == "linear_attention" for t in types] if "linear_attention" in types else [False] * len(layers)
     assert len(layers) == config.num_hidden_layers
     assert all(u.kv_per_token == (0 if lin else 2 * kv_heads * head_dim) for u, lin in zip(layers, linear)), name
-    if name == "qwen3_next":
+    if any(linear):
         c = config
         conv = 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
         state = conv * (c.linear_conv_kernel_dim - 1) + \
@@ -171,6 +171,10 @@ def test_kv_reserve_per_layer_is_what_the_cache_keeps(name):
     ("gpt_neox", {"num_key_value_heads": 2}, "num_key_value_heads"),
     ("ernie4_5", {"use_bias": 3}, "use_bias"),
     ("cohere2", {"sliding_window": 0}, "sliding_window"),
+    ("qwen3_next", {"layer_types": ["linear_attention", "mamba", "full_attention", "full_attention"]},
+     "layer_types"),
+    ("qwen3_next", {"linear_num_value_heads": 3}, "linear_num_value_heads"),
+    ("qwen3_5_text", {"linear_conv_kernel_dim": 0}, "linear_conv_kernel_dim"),
 ])
 def test_bad_configs_name_the_field(name, change, field):
     config = {**more_config(name).to_dict(), **change}

@@ -40,6 +40,7 @@ from . import llama4 as _llama4  # noqa: F401  - llama4_text
 from . import gpt_neox as _gpt_neox  # noqa: F401  - gpt_neox
 from . import phi as _phi  # noqa: F401  - phi
 from . import qwen3_next as _qwen3_next  # noqa: F401  - qwen3_next
+from . import qwen3_5 as _qwen3_5  # noqa: F401  - qwen3_5_text
 from .cache import KVCache
 from .contract import StageModel
 from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel

@@ -65,15 +65,17 @@ class Qwen3NextConfig(DecoderConfig):
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     attention_bias: bool = False
+    fused_linear_projections: bool = True   # Qwen3.5: in_proj_qkv, _z, _b, _a
 
     def is_sparse(self, layer_idx: int) -> bool:
         return (layer_idx not in self.mlp_only_layers and self.num_experts > 0
                 and (layer_idx + 1) % self.decoder_sparse_step == 0)
 
 
-def read_qwen3_next(d: dict[str, Any]) -> Qwen3NextConfig:
-    """The `Qwen3NextConfig` of a config.json dict; ValueError naming an unsupported field."""
-    fields = read_decoder(d, defaults=_DEFAULTS, rope_kw=dict(partial_rotary_factor=0.25))
+def read_qwen3_next(d: dict[str, Any], *, defaults: dict[str, Any] | None = None, **extra) -> Qwen3NextConfig:
+    """The `Qwen3NextConfig` of a config.json dict (`defaults`, `extra`: another type's,
+    Qwen3.5's); ValueError naming an unsupported field."""
+    fields = read_decoder(d, defaults=defaults or _DEFAULTS, rope_kw=dict(partial_rotary_factor=0.25))
     activation(fields["hidden_act"])
     layers = fields["num_hidden_layers"]
     types = d.get("layer_types")
@@ -97,7 +99,8 @@ def read_qwen3_next(d: dict[str, Any]) -> Qwen3NextConfig:
     if v_heads % k_heads:
         raise ValueError(f"linear_num_value_heads ({v_heads}) must be a multiple of "
                          f"linear_num_key_heads ({k_heads})")
-    shared = d.get("shared_expert_intermediate_size", 512)
+    shared = d.get("shared_expert_intermediate_size", 512)   # 0 or null: no shared expert
+    shared = positive_int(d, "shared_expert_intermediate_size", 512) if shared and experts else 0
     return Qwen3NextConfig(
         **fields, linear_layers=tuple(t == LINEAR for t in types),
         linear_num_key_heads=k_heads, linear_num_value_heads=v_heads,
@@ -106,10 +109,10 @@ def read_qwen3_next(d: dict[str, Any]) -> Qwen3NextConfig:
         linear_conv_kernel_dim=positive_int(d, "linear_conv_kernel_dim", 4),
         num_experts=experts, num_experts_per_tok=top_k,
         moe_intermediate_size=positive_int(d, "moe_intermediate_size", 512),
-        shared_expert_intermediate_size=0 if not shared else positive_int(d, "shared_expert_intermediate_size"),
+        shared_expert_intermediate_size=shared,
         norm_topk_prob=bool(d.get("norm_topk_prob", True)),
         decoder_sparse_step=positive_int(d, "decoder_sparse_step", 1), mlp_only_layers=tuple(only),
-        attention_bias=bool(d.get("attention_bias", False)))
+        attention_bias=bool(d.get("attention_bias", False)), **extra)
 
 
 class GatedAttention(Attention):
@@ -152,7 +155,7 @@ class Qwen3NextDecoderLayer(DecoderLayer):
                 hidden=h, k_heads=config.linear_num_key_heads, v_heads=config.linear_num_value_heads,
                 k_dim=config.linear_key_head_dim, v_dim=config.linear_value_head_dim,
                 conv_kernel=config.linear_conv_kernel_dim, eps=eps, layer_key=str(layer_idx),
-                act=config.hidden_act)
+                act=config.hidden_act, fused=config.fused_linear_projections)
         else:
             self.self_attn = GatedAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(h, eps, style="gemma")

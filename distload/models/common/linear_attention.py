@@ -95,15 +95,18 @@ class GatedDeltaNet(nn.Module):
     """One linear-attention layer with Qwen3-Next's weights: ``in_proj_qkvz`` (per key
     head: its query, key, and its value heads' values and gates), ``in_proj_ba`` (per key
     head: its value heads' betas, then decays), ``conv1d`` (depthwise over q, k, v),
-    ``dt_bias``, ``A_log``, ``norm`` and ``out_proj``. A layer of the decoder skeleton:
-    no RoPE, no window; `layer_key` names its state in the cache."""
+    ``dt_bias``, ``A_log``, ``norm`` and ``out_proj`` — or, not `fused` (Qwen3.5), the
+    projections ``in_proj_qkv`` (all queries, keys, values), ``in_proj_z``, ``in_proj_b``,
+    ``in_proj_a``. A layer of the decoder skeleton: no RoPE, no window; `layer_key` names
+    its state in the cache."""
 
     rope_key = None
     sliding_window = None
     attention_chunk = None
 
     def __init__(self, *, hidden: int, k_heads: int, v_heads: int, k_dim: int, v_dim: int,
-                 conv_kernel: int, eps: float, layer_key: str, act: str = "silu") -> None:
+                 conv_kernel: int, eps: float, layer_key: str, act: str = "silu",
+                 fused: bool = True) -> None:
         super().__init__()
         if v_heads % k_heads:
             raise ValueError(f"linear_num_value_heads ({v_heads}) must be a multiple of "
@@ -113,8 +116,15 @@ class GatedDeltaNet(nn.Module):
         self.key_dim, self.value_dim = k_heads * k_dim, v_heads * v_dim
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.kernel = conv_kernel
-        self.in_proj_qkvz = nn.Linear(hidden, 2 * self.key_dim + 2 * self.value_dim, bias=False)
-        self.in_proj_ba = nn.Linear(hidden, 2 * v_heads, bias=False)
+        self.fused = fused
+        if fused:
+            self.in_proj_qkvz = nn.Linear(hidden, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+            self.in_proj_ba = nn.Linear(hidden, 2 * v_heads, bias=False)
+        else:
+            self.in_proj_qkv = nn.Linear(hidden, self.conv_dim, bias=False)
+            self.in_proj_z = nn.Linear(hidden, self.value_dim, bias=False)
+            self.in_proj_b = nn.Linear(hidden, v_heads, bias=False)
+            self.in_proj_a = nn.Linear(hidden, v_heads, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim,
                                 bias=False, padding=conv_kernel - 1)
         self.dt_bias = nn.Parameter(torch.ones(v_heads))
@@ -132,6 +142,10 @@ class GatedDeltaNet(nn.Module):
 
     def _split(self, x: torch.Tensor):
         b, t, _ = x.shape
+        if not self.fused:
+            q, k, v = self.in_proj_qkv(x).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+            return (q, k, v, self.in_proj_z(x).reshape(b, t, self.v_heads, self.v_dim),
+                    self.in_proj_b(x), self.in_proj_a(x))
         r = self.v_heads // self.k_heads
         qkvz = self.in_proj_qkvz(x).view(b, t, self.k_heads, 2 * self.k_dim + 2 * r * self.v_dim)
         q, k, v, z = qkvz.split([self.k_dim, self.k_dim, r * self.v_dim, r * self.v_dim], dim=-1)
