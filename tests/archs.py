@@ -89,6 +89,8 @@ def hf_model(config):
     torch.manual_seed(0)
     if config.model_type == "gemma3":
         model = transformers.Gemma3ForConditionalGeneration(config)
+    elif getattr(config, "vision_config", None) is not None:   # another multimodal checkpoint
+        model = transformers.AutoModelForImageTextToText.from_config(config)
     else:
         model = transformers.AutoModelForCausalLM.from_config(config)
     gen = torch.Generator().manual_seed(1)

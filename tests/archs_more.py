@@ -75,13 +75,32 @@ MORE: dict[str, dict] = {
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                 "partial_rotary_factor": 0.5}},
 }
+# The hub's multimodal checkpoints of which distload loads the text model (`text_config`,
+# weights under a language-model prefix): a tiny vision tower beside one case above.
+MORE["llama4"] = {"model_type": "llama4", "text": "llama4_text"}
+MORE["qwen3_5"] = {"model_type": "qwen3_5", "text": "qwen3_5_text"}
+NESTED = ("llama4", "qwen3_5")
 PACKED = ("glm4_moe", "olmoe")
-MOE = ("gpt_oss", "glm4_moe", "llama4_text", "olmoe", "qwen3_next")
+MOE = ("gpt_oss", "glm4_moe", "llama4_text", "olmoe", "qwen3_next", "llama4")
 
 
 def more_config(name: str):
     """transformers' own config object of case `name`."""
+    import transformers
     from transformers import AutoConfig
 
+    if name in NESTED:
+        text = more_config(MORE[name]["text"]).to_dict()
+        if name == "llama4":
+            vision = transformers.Llama4VisionConfig(
+                hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                image_size=28, patch_size=14, vision_output_dim=16, projector_input_dim=16,
+                projector_output_dim=_BASE["hidden_size"], pixel_shuffle_ratio=0.5)
+            return transformers.Llama4Config(text_config=text, vision_config=vision.to_dict(),
+                                             image_token_index=125, boi_token_index=126, eoi_token_index=127)
+        vision = transformers.Qwen3_5VisionConfig(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                                                  out_hidden_size=_BASE["hidden_size"])
+        return transformers.Qwen3_5Config(text_config=text, vision_config=vision.to_dict(), image_token_id=125,
+                                          video_token_id=124, vision_start_token_id=126, vision_end_token_id=127)
     kw = {k: v for k, v in {**_BASE, **MORE[name]}.items() if v is not None}
     return AutoConfig.for_model(kw.pop("model_type"), **kw)

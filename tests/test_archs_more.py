@@ -7,7 +7,8 @@ identical, the ranks' bytes summing to the checkpoint's; on 2 ranks one MoE of e
 routing kind again with half its layers on the disk tier (gpt-oss: top-k then softmax;
 GLM-4.5: group-limited sigmoid; Llama 4: sigmoid-scaled inputs; softmax top-k is
 test_archs.py's Qwen2-MoE). In one process: each family's transform is what the checks
-see, the KV reserve per layer, config errors naming the field, and that every registered
+see, the KV reserve per layer (a fixed state for linear attention), multimodal
+checkpoints' text parts only, config errors naming the field, and that every registered
 model type has a case somewhere.
 """
 
@@ -27,7 +28,7 @@ from distload.models import build_model, supported_model_types
 from distload.models.common.attention import position_ids_from_mask
 
 from .archs import left_padded_batch, make_hf_checkpoint, repack_experts
-from .archs_more import MOE, MORE, PACKED, more_config
+from .archs_more import MOE, MORE, NESTED, PACKED, more_config
 from .mp import torchrun, worker
 
 transformers = pytest.importorskip("transformers")
@@ -55,8 +56,8 @@ def references(checkpoints):
     for name in MORE:
         # transformers' grouped_mm experts need 16-byte strides, which odd sizes lack.
         kw = {"experts_implementation": "eager"} if name in MOE else {}
-        model = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[name], dtype=torch.float32,
-                                                                  **kw).eval()
+        cls = transformers.AutoModelForImageTextToText if name in NESTED else transformers.AutoModelForCausalLM
+        model = cls.from_pretrained(checkpoints[name], dtype=torch.float32, **kw).eval()
         model.generation_config.eos_token_id = None
         with torch.no_grad():
             logits = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
@@ -129,9 +130,9 @@ def test_kv_reserve_per_layer_is_what_the_cache_keeps(name):
     only for the active experts."""
     from distload.plan.reserve import RunShape, unit_reserves
 
-    config = more_config(name)
     with torch.device("meta"):
-        model = build_model(config.to_dict())
+        model = build_model(more_config(name).to_dict())
+    config = more_config(name).get_text_config()
     spec = describe_model(model)
     layers = [u for u in spec.units if ".layers." in u.name]
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -181,6 +182,19 @@ def test_bad_configs_name_the_field(name, change, field):
     with pytest.raises(ValueError, match=field):
         with torch.device("meta"):
             build_model(config)
+
+
+@pytest.mark.parametrize("name", NESTED)
+def test_a_multimodal_checkpoint_loads_its_text_part_only(name, checkpoints):
+    """Llama 4's and Qwen3.5's hub checkpoints: the text model, under its plain names; no
+    byte of the vision tower or projector is read."""
+    path = checkpoints[name]
+    pipe = distload.load(str(path), device="cpu")
+    total = sum(m.stat().st_size for m in path.glob("*.safetensors"))
+    assert pipe.module.config.nested_in == name
+    keys = {p.key for s in pipe.plan.stages for p in s.params}
+    assert keys and all(k.startswith(("model.", "lm_head.")) for k in keys)
+    assert pipe.report["bytes_read"] == pipe.plan.checkpoint_bytes < total
 
 
 # Where the cases compared against transformers live: every file here that builds

@@ -36,11 +36,11 @@ from . import olmo3 as _olmo3  # noqa: F401  - olmo3
 from . import exaone4 as _exaone4  # noqa: F401  - exaone4
 from . import cohere2 as _cohere2  # noqa: F401  - cohere2
 from . import ministral3 as _ministral3  # noqa: F401  - ministral3
-from . import llama4 as _llama4  # noqa: F401  - llama4_text
+from . import llama4 as _llama4  # noqa: F401  - llama4_text, llama4 (its text part)
 from . import gpt_neox as _gpt_neox  # noqa: F401  - gpt_neox
 from . import phi as _phi  # noqa: F401  - phi
 from . import qwen3_next as _qwen3_next  # noqa: F401  - qwen3_next
-from . import qwen3_5 as _qwen3_5  # noqa: F401  - qwen3_5_text
+from . import qwen3_5 as _qwen3_5  # noqa: F401  - qwen3_5_text, qwen3_5 (its text part)
 from .cache import KVCache
 from .contract import StageModel
 from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel

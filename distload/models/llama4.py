@@ -1,4 +1,5 @@
-"""Llama 4's text model (llama4_text): a decoder whose RoPE layers use chunked attention
+"""Llama 4's text model (llama4_text, and the text part of the hub's multimodal llama4
+checkpoints): a decoder whose RoPE layers use chunked attention
 and whose every `no_rope_layer_interval`-th layer is a global NoPE layer, with mixture-of-
 experts feed-forwards interleaved with dense ones.
 
@@ -26,14 +27,15 @@ from torch import nn
 
 from .cache import KVCache
 from .common.attention import Attention, attend
-from .common.config import DecoderConfig, positive_int, read_decoder
+from .common.config import DecoderConfig, positive_int, read_decoder, text_config
 from .common.decoder import DecoderForCausalLM, DecoderLayer, DecoderModel
 from .common.layers import GatedMLP, RMSNorm, activation, linear_flops, linear_outputs
 from .common.rope import apply_rope
 from .common.routing import run_experts
 from .registry import ModelFamily, register_family
+from .validate import validate_config
 
-__all__ = ["Llama4TextConfig", "Llama4ForCausalLM", "Llama4DecoderLayer", "read_llama4_text"]
+__all__ = ["Llama4TextConfig", "Llama4ForCausalLM", "Llama4DecoderLayer", "read_llama4_text", "read_llama4"]
 
 # Llama4TextConfig's defaults (transformers 5) for keys a config.json may leave out.
 _DEFAULTS = {"intermediate_size": 8192, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
@@ -75,7 +77,7 @@ def _indices(d: dict[str, Any], key: str) -> list[int] | None:
     return value
 
 
-def read_llama4_text(d: dict[str, Any]) -> Llama4TextConfig:
+def read_llama4_text(d: dict[str, Any], *, nested_in: str | None = None) -> Llama4TextConfig:
     """The `Llama4TextConfig` of a config.json dict; ValueError naming an unsupported field."""
     fields = read_decoder(d, defaults=_DEFAULTS)
     activation(fields["hidden_act"])
@@ -107,7 +109,7 @@ def read_llama4_text(d: dict[str, Any]) -> Llama4TextConfig:
     if top_k > experts:
         raise ValueError(f"num_experts_per_tok ({top_k}) exceeds num_local_experts ({experts})")
     return Llama4TextConfig(
-        **fields, num_local_experts=experts, num_experts_per_tok=top_k,
+        **fields | {"nested_in": nested_in}, num_local_experts=experts, num_experts_per_tok=top_k,
         intermediate_size_mlp=positive_int(d, "intermediate_size_mlp", 16384),
         moe_layers=tuple(moe), use_rope=tuple(bool(f) for f in flags),
         attention_chunk_size=chunk, chunked_layers=tuple(chunked),
@@ -226,4 +228,17 @@ class Llama4ForCausalLM(DecoderForCausalLM):
             interleaved_rope=True))
 
 
+def read_llama4(d: dict[str, Any]) -> Llama4TextConfig:
+    """The text model of a Llama 4 multimodal config.json (``model_type: llama4``, the hub's
+    Scout and Maverick), whose weights sit under ``language_model.``; the vision tower is
+    not read."""
+    text = text_config(d, "llama4", "llama4_text")
+    try:
+        validate_config(text)
+    except ValueError as e:
+        raise ValueError(f"text_config: {e}") from None
+    return read_llama4_text(text, nested_in="llama4")
+
+
 register_family(ModelFamily(("llama4_text",), read_llama4_text, Llama4ForCausalLM))
+register_family(ModelFamily(("llama4",), read_llama4, Llama4ForCausalLM, nested_text=True))

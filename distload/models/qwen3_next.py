@@ -76,6 +76,7 @@ def read_qwen3_next(d: dict[str, Any], *, defaults: dict[str, Any] | None = None
     """The `Qwen3NextConfig` of a config.json dict (`defaults`, `extra`: another type's,
     Qwen3.5's); ValueError naming an unsupported field."""
     fields = read_decoder(d, defaults=defaults or _DEFAULTS, rope_kw=dict(partial_rotary_factor=0.25))
+    fields["nested_in"] = extra.pop("nested_in", None)
     activation(fields["hidden_act"])
     layers = fields["num_hidden_layers"]
     types = d.get("layer_types")
