@@ -141,6 +141,15 @@ def test_kv_reserve_per_layer_is_what_the_cache_keeps(name):
     linear = [t == "linear_attention" for t in types] if "linear_attention" in types else [False] * len(layers)
     assert len(layers) == config.num_hidden_layers
     assert all(u.kv_per_token == (0 if lin else 2 * kv_heads * head_dim) for u, lin in zip(layers, linear)), name
+    # a window of W (or a chunk of C) keeps at most W tokens while it runs, W - 1 between calls
+    window = getattr(config, "sliding_window", None)
+    spans = [window if t == "sliding_attention" else config.attention_chunk_size if t == "chunked_attention"
+             else window if name == "ministral3" else None for t in (types or [None] * len(layers))]
+    assert [u.kv_tokens for u in layers] == [w or 0 for w in spans], name
+    if any(spans):
+        short = unit_reserves(spec, RunShape(2, 64, "generate"), itemsize=2)
+        for unit, res, w in zip(layers, short[1:], spans):
+            assert res.kv_bytes == 2 * min(64, w or 64) * unit.kv_per_token * 2
     if any(linear):
         c = config
         conv = 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
@@ -154,6 +163,34 @@ def test_kv_reserve_per_layer_is_what_the_cache_keeps(name):
     if name in MOE:
         dense_cost = sum(2.0 * p.numel for u in layers for p in u.params if len(p.shape) >= 2)
         assert sum(u.cost for u in layers) < dense_cost   # not every expert runs
+
+
+@torch.no_grad()
+def test_windowed_layers_cache_only_their_window():
+    """Decoding token by token, a sliding layer's cache keeps its window's last W - 1
+    tokens and a chunked one its chunk's C - 1, while the layers count every token seen
+    (positions, masks); global layers keep everything. The logits are those of one pass
+    over the whole sequence."""
+    from distload.models import KVCache
+
+    for name, keep in (("gpt_oss", {"0": 3, "1": None}), ("llama4_text", {"0": 3, "1": None})):
+        model = build_model(more_config(name).to_dict()).eval()
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():   # packed experts are allocated, not initialized
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        ids, mask = left_padded_batch(lengths=(9, 6))
+        pos = position_ids_from_mask(mask)
+        whole = model(ids, position_ids=pos, attention_mask=mask)
+        cache = KVCache()
+        out = [model(ids[:, :3], position_ids=pos[:, :3], attention_mask=mask[:, :3], cache=cache)]
+        for t in range(3, ids.shape[1]):
+            out.append(model(ids[:, t:t + 1], position_ids=pos[:, t:t + 1], attention_mask=mask[:, :t + 1],
+                             cache=cache))
+        real = mask.bool()
+        torch.testing.assert_close(torch.cat(out, 1)[real], whole[real], atol=ATOL, rtol=0)
+        for key, kept in keep.items():
+            assert cache.seq_length(key) == ids.shape[1]
+            assert cache.kept_length(key) == (ids.shape[1] if kept is None else kept), (name, key)
 
 
 @pytest.mark.parametrize("name, change, field", [

@@ -16,7 +16,8 @@ class KVCache:
 
     Growing by concatenation is O(seq) per step, which is fine next to a pipeline's
     communication and keeps the cache exactly as long as what was fed (no capacity to
-    choose up front).
+    choose up front). A layer that attends to a window (or a chunk) of W tokens keeps only
+    the last W - 1 (`update`'s `keep`): older ones can never be attended to again.
 
     A linear-attention layer (Qwen3-Next's gated DeltaNet) keeps instead a fixed-size
     state per sequence, whatever the length: named tensors ``[batch, ...]``
@@ -36,14 +37,19 @@ class KVCache:
         self._states: dict[str, dict[str, torch.Tensor]] = {}
         self._seen: dict[str, int] = {}
 
-    def update(self, layer_key: str, k: torch.Tensor, v: torch.Tensor
+    def update(self, layer_key: str, k: torch.Tensor, v: torch.Tensor, *, keep: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new tokens' `k`, `v` of layer `layer_key`; return all its keys and
-        values so far (the past followed by the new tokens)."""
+        """Append the new tokens' `k`, `v` of layer `layer_key`; return its keys and values
+        kept so far followed by the new tokens'. With `keep`, only the last `keep` tokens
+        stay cached afterwards (a sliding window's W - 1)."""
+        new = k.shape[2]
         if layer_key in self._keys:
             k = torch.cat([self._keys[layer_key], k], dim=2)
             v = torch.cat([self._values[layer_key], v], dim=2)
-        self._keys[layer_key], self._values[layer_key] = k, v
+        drop = k.shape[2] - keep if keep is not None and k.shape[2] > keep else 0
+        kept_k, kept_v = k[:, :, drop:], v[:, :, drop:]
+        self._keys[layer_key], self._values[layer_key] = kept_k, kept_v
+        self._seen[layer_key] = self._seen.get(layer_key, 0) + new
         return k, v
 
     def state(self, layer_key: str) -> dict[str, torch.Tensor] | None:
@@ -58,15 +64,19 @@ class KVCache:
         self._seen[layer_key] = self._seen.get(layer_key, 0) + new_tokens
 
     def seq_length(self, layer_key: str) -> int:
-        """Tokens cached for layer `layer_key`, or seen by its recurrent state (0 before its
-        first update)."""
+        """Tokens layer `layer_key` has seen (cached, or dropped from its window, or folded
+        into its recurrent state; 0 before its first update)."""
+        return self._seen.get(layer_key, 0)
+
+    def kept_length(self, layer_key: str) -> int:
+        """Tokens whose keys and values layer `layer_key` keeps (at most its window - 1)."""
         k = self._keys.get(layer_key)
-        return self._seen.get(layer_key, 0) if k is None else k.shape[2]
+        return 0 if k is None else k.shape[2]
 
     @property
     def length(self) -> int:
-        """Tokens cached (the longest layer's count; all layers agree between forwards)."""
-        return max([k.shape[2] for k in self._keys.values()] + list(self._seen.values()), default=0)
+        """Tokens seen (the longest layer's count; all layers agree between forwards)."""
+        return max(self._seen.values(), default=0)
 
     @property
     def batch_size(self) -> int | None:
@@ -93,7 +103,7 @@ class KVCache:
             out._values[name] = torch.cat([c._values[name] for c in caches])
         for name, state in caches[0]._states.items():
             out._states[name] = {k: torch.cat([c._states[name][k] for c in caches]) for k in state}
-            out._seen[name] = caches[0]._seen[name]
+        out._seen = dict(caches[0]._seen)
         return out
 
     def reset(self) -> None:

@@ -123,10 +123,10 @@ class GptOssExperts(nn.Module):
     def __init__(self, config: GptOssConfig) -> None:
         super().__init__()
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, h, 2 * i))
-        self.gate_up_proj_bias = nn.Parameter(torch.empty(e, 2 * i))
-        self.down_proj = nn.Parameter(torch.empty(e, i, h))
-        self.down_proj_bias = nn.Parameter(torch.empty(e, h))
+        self.gate_up_proj = nn.Parameter(torch.zeros(e, h, 2 * i))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(e, 2 * i))
+        self.down_proj = nn.Parameter(torch.zeros(e, i, h))
+        self.down_proj_bias = nn.Parameter(torch.zeros(e, h))
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .cache import KVCache
-from .common.attention import Attention, attend
+from .common.attention import Attention, attend, trim_mask
 from .common.config import DecoderConfig, positive_int, read_decoder, text_config
 from .common.decoder import DecoderForCausalLM, DecoderLayer, DecoderModel
 from .common.layers import GatedMLP, RMSNorm, activation, linear_flops, linear_outputs
@@ -154,7 +154,8 @@ class Llama4Attention(Attention):
             slots = torch.arange(past, past + t, device=x.device, dtype=torch.float32)
             q = (q * (torch.log1p(torch.floor((slots + 1.0) / floor)) * scale + 1.0)[:, None]).to(q.dtype)
         if cache is not None:
-            k, v = cache.update(self.layer_key, k, v)
+            k, v = cache.update(self.layer_key, k, v, keep=self.kv_keep())
+            mask = trim_mask(mask, k.shape[2])
         out = attend(q, k, v, mask, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -165,8 +166,8 @@ class Llama4Experts(nn.Module):
     def __init__(self, config: Llama4TextConfig) -> None:
         super().__init__()
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, h, 2 * i))
-        self.down_proj = nn.Parameter(torch.empty(e, i, h))
+        self.gate_up_proj = nn.Parameter(torch.zeros(e, h, 2 * i))
+        self.down_proj = nn.Parameter(torch.zeros(e, i, h))
         self.act = activation(config.hidden_act)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:

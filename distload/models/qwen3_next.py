@@ -182,6 +182,9 @@ class Qwen3NextDecoderLayer(DecoderLayer):
     def kv_elements_per_token(self) -> int:
         return self.mixer.kv_elements_per_token()
 
+    def kv_tokens_kept(self) -> int | None:
+        return None
+
     def state_elements_per_sequence(self) -> int:
         return self.linear_attn.state_elements() if "linear_attn" in self._modules else 0
 

@@ -18,7 +18,7 @@ from torch import nn
 from ..cache import KVCache
 from .rope import apply_rope
 
-__all__ = ["attention_mask_bias", "attend", "Attention", "position_ids_from_mask"]
+__all__ = ["attention_mask_bias", "attend", "Attention", "position_ids_from_mask", "trim_mask"]
 
 
 def attention_mask_bias(
@@ -184,6 +184,12 @@ class Attention(nn.Module):
         """Elements the KV cache keeps per token for this layer."""
         return 2 * self.num_kv_heads * self.head_dim
 
+    def kv_keep(self) -> int | None:
+        """Tokens this layer's cache keeps at most: its window's or chunk's W - 1 (a query
+        sees itself and at most W - 1 earlier tokens); None: all."""
+        spans = [w for w in (self.sliding_window, getattr(self, "attention_chunk", None)) if w]
+        return min(spans) - 1 if spans else None
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values ``[B, T, heads * head_dim]`` of `x`."""
         if self.fused_qkv:
@@ -209,10 +215,17 @@ class Attention(nn.Module):
             if len(rope) > 2:
                 q = q * rope[2].to(q.dtype)
         if cache is not None:
-            k, v = cache.update(self.layer_key, k, v)
+            k, v = cache.update(self.layer_key, k, v, keep=self.kv_keep())
+            mask = trim_mask(mask, k.shape[2])
         out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap,
                      sinks=getattr(self, "sinks", None))
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def trim_mask(mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
+    """`mask` over the last `kv_len` slots: a windowed layer's cache has dropped the older
+    ones, which no query of this call could see."""
+    return mask if mask is None or mask.shape[-1] <= kv_len else mask[..., -kv_len:]
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor, new_tokens: int | None = None

@@ -58,6 +58,11 @@ class DecoderLayer(nn.Module):
     def kv_elements_per_token(self) -> int:
         return self.self_attn.kv_elements_per_token()
 
+    def kv_tokens_kept(self) -> int | None:
+        """Tokens its KV cache holds at most while it runs (a window's W), None: all."""
+        keep = getattr(self.self_attn, "kv_keep", lambda: None)()
+        return None if keep is None else keep + 1
+
     def activation_elements_per_token(self) -> int:
         """Elements its Linears output per token (a mixture of experts: the active ones)."""
         return linear_outputs(self)
