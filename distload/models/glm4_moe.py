@@ -22,19 +22,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-
 from ..checkpoint.types import TensorMeta
 from .common.config import DecoderConfig, positive_int, read_decoder
 from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer, drop_extra_layers
-from .common.layers import GatedMLP, RMSNorm, activation, linear_flops, linear_outputs
+from .common.layers import GatedMLP, RMSNorm, activation
 from .common.moe import unpack_experts
-from .common.routing import GroupLimitedRouter, run_experts
+from .common.routing import GroupLimitedMoE, GroupLimitedRouter
 from .qwen3 import qwen_attention
 from .registry import ModelFamily, register_family
 
-__all__ = ["Glm4MoeConfig", "Glm4MoeForCausalLM", "Glm4MoeDecoderLayer", "GroupLimitedMoE", "read_glm4_moe"]
+__all__ = ["Glm4MoeConfig", "Glm4MoeForCausalLM", "Glm4MoeDecoderLayer", "read_glm4_moe"]
 
 # Glm4MoeConfig's defaults (transformers 5) for keys a config.json may leave out.
 _DEFAULTS = {"intermediate_size": 10944, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
@@ -94,44 +91,6 @@ def read_glm4_moe(d: dict[str, Any]) -> Glm4MoeConfig:
         norm_topk_prob=bool(d.get("norm_topk_prob", True)),
         first_k_dense_replace=_count(d, "first_k_dense_replace", 1),
         attention_bias=bool(d.get("attention_bias", False)), use_qk_norm=bool(d.get("use_qk_norm", False)))
-
-
-class GroupLimitedMoE(nn.Module):
-    """``gate`` (a `GroupLimitedRouter`), ``experts`` (SwiGLU modules) and, if any,
-    ``shared_experts`` (one SwiGLU on every token): DeepSeek-V3's MoE block, with the
-    hub's names."""
-
-    def __init__(self, *, hidden: int, router: GroupLimitedRouter, experts: list[nn.Module],
-                 shared_experts: nn.Module | None) -> None:
-        super().__init__()
-        self.gate = router
-        self.experts = nn.ModuleList(experts)
-        if shared_experts is not None:
-            self.shared_experts = shared_experts
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        weights, chosen = self.gate(flat)
-        out = run_experts(flat, self.experts, weights, chosen)
-        shared = getattr(self, "shared_experts", None)
-        if shared is not None:
-            out = out + shared(flat)
-        return out.view(x.shape)
-
-    def _always_on(self) -> tuple[float, int]:
-        shared = getattr(self, "shared_experts", None)
-        e, h = self.gate.weight.shape
-        flops, acts = 2.0 * e * h, e
-        if shared is not None:
-            flops, acts = flops + linear_flops(shared), acts + linear_outputs(shared)
-        return flops, acts
-
-    def active_flops(self) -> float:
-        """The router, the shared experts and `top_k` routed experts, per token."""
-        return self._always_on()[0] + self.gate.top_k * linear_flops(self.experts[0])
-
-    def active_activations(self) -> int:
-        return self._always_on()[1] + self.gate.top_k * linear_outputs(self.experts[0])
 
 
 def group_limited_moe(config: Glm4MoeConfig) -> GroupLimitedMoE:

@@ -6,6 +6,8 @@
   (each group scored by its two best experts) may be chosen, top-k among those, the
   unbiased scores of the chosen renormalized (`norm_topk_prob`) and multiplied by
   `routed_scaling_factor`.
+* `GroupLimitedMoE` — that router, routed experts and always-on ``shared_experts``, with
+  the hub's names (GLM-4.5, DeepSeek-V3);
 * `run_experts` — each chosen expert on its tokens, in ascending expert order, weighted
   and summed with `index_add_` (transformers' order, so float32 results agree to
   round-off).
@@ -25,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GroupLimitedRouter", "run_experts"]
+from .layers import linear_flops, linear_outputs
+
+__all__ = ["GroupLimitedRouter", "GroupLimitedMoE", "run_experts"]
 
 
 class GroupLimitedRouter(nn.Module):
@@ -82,3 +86,41 @@ def run_experts(flat: torch.Tensor, experts: Sequence[nn.Module] | Callable[[int
             y = call(e, flat[token]) * w
         out.index_add_(0, token, y.to(out.dtype))
     return out
+
+
+class GroupLimitedMoE(nn.Module):
+    """``gate`` (a `GroupLimitedRouter`), ``experts`` (SwiGLU modules) and, if any,
+    ``shared_experts`` (one SwiGLU on every token): DeepSeek-V3's MoE block, with the
+    hub's names."""
+
+    def __init__(self, *, hidden: int, router: GroupLimitedRouter, experts: list[nn.Module],
+                 shared_experts: nn.Module | None) -> None:
+        super().__init__()
+        self.gate = router
+        self.experts = nn.ModuleList(experts)
+        if shared_experts is not None:
+            self.shared_experts = shared_experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = self.gate(flat)
+        out = run_experts(flat, self.experts, weights, chosen)
+        shared = getattr(self, "shared_experts", None)
+        if shared is not None:
+            out = out + shared(flat)
+        return out.view(x.shape)
+
+    def _always_on(self) -> tuple[float, int]:
+        shared = getattr(self, "shared_experts", None)
+        e, h = self.gate.weight.shape
+        flops, acts = 2.0 * e * h, e
+        if shared is not None:
+            flops, acts = flops + linear_flops(shared), acts + linear_outputs(shared)
+        return flops, acts
+
+    def active_flops(self) -> float:
+        """The router, the shared experts and `top_k` routed experts, per token."""
+        return self._always_on()[0] + self.gate.top_k * linear_flops(self.experts[0])
+
+    def active_activations(self) -> int:
+        return self._always_on()[1] + self.gate.top_k * linear_outputs(self.experts[0])
