@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .cohere import CohereDecoderLayer, CohereForCausalLM, read_cohere
-from .common.config import FULL, SLIDING, positive_int
+from .common.config import FULL, SLIDING, positive_int, read_layer_types
 from .common.decoder import DecoderForCausalLM, DecoderModel
 from .common.layers import LayerNormNoBias
 from .cohere import CohereConfig
-from .gpt_oss import read_layer_types
 from .registry import ModelFamily, register_family
 
 __all__ = ["Cohere2Config", "Cohere2ForCausalLM", "Cohere2DecoderLayer", "read_cohere2"]

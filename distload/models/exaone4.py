@@ -16,10 +16,9 @@ import torch
 
 from .cache import KVCache
 from .common.attention import Attention
-from .common.config import FULL, SLIDING, DecoderConfig, positive_int, read_decoder
+from .common.config import FULL, SLIDING, DecoderConfig, positive_int, read_decoder, read_layer_types
 from .common.decoder import DecoderForCausalLM, DecoderLayer, DecoderModel
 from .common.layers import GatedMLP, RMSNorm, activation
-from .gpt_oss import read_layer_types
 from .registry import ModelFamily, register_family
 
 __all__ = ["Exaone4Config", "Exaone4ForCausalLM", "Exaone4DecoderLayer", "read_exaone4"]

@@ -31,7 +31,7 @@ from torch import nn
 
 from .cache import KVCache
 from .common.attention import Attention
-from .common.config import FULL, SLIDING, DecoderConfig, positive_int, read_decoder
+from .common.config import FULL, SLIDING, DecoderConfig, positive_int, read_decoder, read_layer_types
 from .common.decoder import DecoderForCausalLM, DecoderLayer, DecoderModel
 from .common.layers import RMSNorm
 from .common.routing import run_experts
@@ -67,18 +67,6 @@ def _number(d: dict[str, Any], key: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{key} must be a positive number, not {value!r}")
     return float(value)
-
-
-def read_layer_types(d: dict[str, Any], layers: int, default: list[str]) -> tuple[str, ...]:
-    """config.json's `layer_types` (checked: one entry per layer, each sliding or full), or
-    `default` where it is absent."""
-    types = d.get("layer_types")
-    if types is None:
-        return tuple(default)
-    if not isinstance(types, list) or len(types) != layers or any(t not in (SLIDING, FULL) for t in types):
-        raise ValueError(f"layer_types must list {SLIDING!r} or {FULL!r} for each of the {layers} "
-                         f"layers, not {types!r}")
-    return tuple(types)
 
 
 def read_gpt_oss(d: dict[str, Any]) -> GptOssConfig:

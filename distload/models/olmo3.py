@@ -8,11 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .common.config import FULL, SLIDING, DecoderConfig, positive_int, read_decoder
+from .common.config import FULL, SLIDING, DecoderConfig, positive_int, read_decoder, read_layer_types
 from .common.decoder import DecoderForCausalLM, DecoderModel
 from .common.layers import RMSNorm, activation
 from .common.rope import RopeParams, RotaryEmbedding, read_rope
-from .gpt_oss import read_layer_types
 from .olmo2 import Olmo2DecoderLayer
 from .registry import ModelFamily, register_family
 
