@@ -9,6 +9,7 @@ timeout, so nothing waits forever.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -33,10 +34,12 @@ __all__ = ["World", "init_world", "run_on_rank0", "agree", "agree_on_arguments",
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600.0
 
-# Process groups made here beside the default one, by purpose. Held here, not in `World`,
-# so that `shutdown` lets go of them: a gloo group still referenced at interpreter exit
-# is torn down with its threads running.
+# Process groups made here beside the default one, by purpose ("cpu", "return"). Held here
+# only, never in `World` (which users keep through their pipeline): a gloo group's worker
+# threads stop only once nothing references it, and one still running at interpreter exit
+# aborts the process (see `_leave_at_exit`).
 _GROUPS: dict[str, Any] = {}
+_EXIT_HOOK: list[bool] = []   # `_leave_at_exit` registered
 # Each rank's (host, pid), from init_world: which rank died, when a connection is lost.
 _PEERS: list[tuple[str, int]] = []
 
@@ -48,7 +51,6 @@ class World:
     local_rank: int
     device: torch.device
     backend: str | None          # None: a single process without a process group
-    cpu_group: Any = None        # gloo group for control messages; None: the default group
     hosts: tuple[str, ...] = ()  # each rank's host name, in rank order
     nodes: tuple[int, ...] = ()  # each rank's node (0..), in rank order: ranks of one node share it
 
@@ -81,6 +83,11 @@ class World:
         return self.backend is not None
 
     @property
+    def cpu_group(self) -> Any:
+        """The gloo group for control messages; None: the default group (itself gloo)."""
+        return _GROUPS.get("cpu")
+
+    @property
     def return_group(self) -> Any:
         """The group that carries results from the last rank back to rank 0. A group of
         its own because NCCL runs a pair's sends and receives on one stream in order: at
@@ -106,12 +113,17 @@ def init_world(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = Non
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if use_cuda else {}
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    if not _EXIT_HOOK:
+        atexit.register(_leave_at_exit)
+        _EXIT_HOOK.append(True)
     backend = dist.get_backend()
-    # With gloo the default group carries control messages too. Holding no reference to
-    # it lets destroy_process_group free it at shutdown rather than at interpreter exit.
-    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
-    if "return" not in _GROUPS:  # every rank runs init_world equally often: all agree
+    # every rank runs init_world equally often, so all make these groups alike. With gloo
+    # the default group carries control messages too.
+    if backend != "gloo" and "cpu" not in _GROUPS:
+        _GROUPS["cpu"] = dist.new_group(backend="gloo", timeout=timeout)
+    if "return" not in _GROUPS:
         _GROUPS["return"] = dist.new_group(backend=backend, timeout=timeout)
+    cpu_group = _GROUPS.get("cpu")
     # A node is a host; torchrun's GROUP_RANK (the node rank) tells apart "nodes" that share
     # a host name (containers, or several launches on one machine).
     here = (socket.gethostname(), os.environ.get("GROUP_RANK", ""), os.getpid())
@@ -122,7 +134,7 @@ def init_world(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = Non
     first_seen = {key: i for i, key in reversed(list(enumerate(node_keys)))}
     order = sorted(set(first_seen.values()))
     nodes = tuple(order.index(first_seen[key]) for key in node_keys)
-    return World(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, cpu_group,
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend,
                  hosts=tuple(host for host, _, _ in everyone), nodes=nodes)
 
 
@@ -286,9 +298,10 @@ def _broadcast_pickled(obj: Any, group: Any) -> Any:
 
 
 def shutdown(world: World | None = None, *, failed: bool = False) -> None:
-    """Leave the process group (if any). After a failure, leave without waiting for
-    peers, which may be gone."""
+    """Leave the process group (if any), every group distload made with it. After a
+    failure, leave without waiting for peers, which may be gone."""
     if not dist.is_initialized():
+        _GROUPS.clear()
         return
     try:
         if not failed and world is not None:
@@ -302,3 +315,16 @@ def shutdown(world: World | None = None, *, failed: bool = False) -> None:
         logger.debug("process group shutdown: %s", exc)
 
 
+def _leave_at_exit() -> None:
+    """At interpreter exit (an atexit hook, so before Python tears itself down): destroy
+    the process groups, which joins their worker threads.
+
+    Why: a gloo worker thread lets go of a finished collective's tensors after the caller
+    has its result; dropping a tensor that Python also references takes the GIL. A script
+    that ends right after a collective (a `load`, a call, an error) reaches interpreter
+    finalization first; the thread then cannot take the GIL, is unwound, and the process
+    aborts ("terminate called without an active exception", SIGABRT). Joined here, the
+    threads finish while the interpreter still runs. No barrier: a peer may be gone, or
+    still busy; nothing of this rank's is pending by now. (A job is joined once per
+    process: torch cannot join it again after leaving.)"""
+    shutdown(failed=True)
