@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from .mp import free_port
+from .mp import free_port, worker
 
 pytestmark = pytest.mark.multiprocess
 
@@ -51,3 +54,67 @@ def test_slurm_template_on_two_nodes(tiny_ckpt, tmp_path):
     assert report["world_size"] == 2 and [r["rank"] for r in report["ranks"]] == [0, 1]
     assert sum(r["bytes_read"] for r in report["ranks"]) == report["checkpoint_bytes"]
     assert " host " in logs[0]
+
+
+# ------------------------------------------------------------------ python -m distload.launch
+
+LAUNCH = [sys.executable, "-m", "distload.launch", "--standalone", "--nproc_per_node=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _launcher_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.startswith("distload.launch:")]
+    assert len(lines) == 1, text[-3000:]
+    assert "Traceback" not in text and "ChildFailedError" not in text, text[-3000:]
+    return lines[0]
+
+
+def test_launcher_keeps_a_usage_error_and_names_the_rank(tiny_ckpt):
+    proc = subprocess.run([*LAUNCH, "-m", "distload.load", "--model", str(tiny_ckpt), "--device", "cpu",
+                           "--max-memory", "0=20G"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _launcher_line(proc.stderr)
+    assert line.startswith("distload.launch: rank 0 (local rank 0) failed, exit code 2: ")
+    assert "memory size '20G' is ambiguous" in line
+
+
+def test_launcher_exits_with_the_failing_ranks_own_code(tmp_path):
+    script = tmp_path / "fails_on_rank_1.py"
+    script.write_text("import os, sys, time\n"
+                      "if os.environ['RANK'] == '1':\n    sys.exit(7)\n"
+                      "time.sleep(30)   # rank 0 still runs: the launcher stops it\n")
+    proc = subprocess.run([*LAUNCH, str(script)], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 7, proc.stderr[-3000:]
+    assert _launcher_line(proc.stderr) == "distload.launch: rank 1 (local rank 1) failed, exit code 7: exited with 7"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_launcher_stopped_by_a_signal_exits_with_its_code(tiny_ckpt, signum):
+    """Ctrl-C reaches the launcher and its ranks (one process group); a scheduler's SIGTERM
+    reaches the launcher, which stops the ranks."""
+    env = {**ENV, "DISTLOAD_TEST_SLOW_READ": "60"}
+    proc = subprocess.Popen([*LAUNCH, worker("cli_slowed.py"), "--model", str(tiny_ckpt), "--device", "cpu",
+                             "--max-new-tokens", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, process_group=0)
+    try:
+        seen = ""
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and "reading (slowed)" not in seen:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen += line
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signum, seen + rest
+    name = signal.Signals(signum).name
+    assert _launcher_line(rest) == (f"distload.launch: stopped by {name}; the ranks were told to stop "
+                                    f"(exit code {128 + signum})")
+    assert "terminate called" not in rest

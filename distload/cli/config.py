@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 
 import torch
 
+from ..launch.errorfile import record_error
 from ..plan.budget import parse_max_memory_arg, parse_size
 from .exits import Interrupted
 from .prompts import parse_ids
@@ -199,6 +200,7 @@ class _Parser(argparse.ArgumentParser):
     usage text) and exit status 2 on every rank; ``--help`` prints on rank 0 only."""
 
     def error(self, message: str):
+        record_error(f"{self.prog}: error: {message}")   # every rank: for the launcher's line
         if _rank0():
             sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
             sys.stderr.flush()

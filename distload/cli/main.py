@@ -16,6 +16,7 @@ from dataclasses import fields
 from .. import trace
 from ..dist import DEFAULT_TIMEOUT_S, World, agree_on_arguments, init_world, run_on_rank0, shutdown
 from ..errors import DistloadError, RankError, UsageError
+from ..launch.errorfile import record_error
 from ..loader import load, plan_job
 from ..loader.report import versions
 from ..loader.tracing import write_job_trace, write_own_trace
@@ -230,25 +231,27 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         return e.exit_code
     setup_logging(cfg.log_level.upper())
+    relayed = False
     try:
         return run(cfg)
     except Interrupted as e:
-        code = e.exit_code
+        code, line = e.exit_code, f"{e}: stopping"
         _ignore_signals()
-        logger.warning("%s: stopping", e)
+        logger.warning("%s", line)
     except UsageError as e:
-        code = USAGE
-        logger.error("%s", e)
+        code, line = USAGE, str(e)
+        logger.error("%s", line)
     except RankError as e:  # another rank failed; it printed its own error
-        code = ERROR
-        logger.error("%s", e)
+        code, line, relayed = ERROR, str(e), True
+        logger.error("%s", line)
     except (DistloadError, ValueError, OSError) as e:
-        code = ERROR
-        logger.error("%s: %s", type(e).__name__, e)
+        code, line = ERROR, f"{type(e).__name__}: {e}"
+        logger.error("%s", line)
     except Exception as e:  # noqa: BLE001 - an unexpected failure still stops this rank cleanly
-        code = ERROR
-        logger.error("unexpected failure: %s: %s (--log-level DEBUG shows where)", type(e).__name__, e)
+        code, line = ERROR, f"unexpected failure: {type(e).__name__}: {e} (--log-level DEBUG shows where)"
+        logger.error("%s", line)
         logger.debug("%s", traceback.format_exc())
+    record_error(line, relayed=relayed)   # for torchrun's summary and distload.launch
     try:
         shutdown(failed=True)
     except Interrupted:
