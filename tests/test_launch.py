@@ -118,3 +118,99 @@ def test_launcher_stopped_by_a_signal_exits_with_its_code(tiny_ckpt, signum):
     assert _launcher_line(rest) == (f"distload.launch: stopped by {name}; the ranks were told to stop "
                                     f"(exit code {128 + signum})")
     assert "terminate called" not in rest
+
+
+# ------------------------------------------------------------------ the command lines the templates build
+
+RECORD = """#!/usr/bin/env bash
+# a stand-in that records its command line and the environment it passes on, and runs nothing
+{ printf '%s\\n' "$@"; echo ---; env; } > "$RECORD_DIR/$(basename "$0").$$"
+"""
+
+
+def _stubs(tmp_path, *tools: str) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in tools:
+        (bin_dir / tool).write_text(RECORD)
+        (bin_dir / tool).chmod(0o755)
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho node-a\necho node-b\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    return bin_dir
+
+
+def _recorded(tmp_path, tool: str) -> tuple[list[str], dict[str, str]]:
+    (record,) = tmp_path.glob(f"{tool}.*")
+    argv, _, env = record.read_text().partition("---\n")
+    return argv.splitlines(), dict(line.split("=", 1) for line in env.splitlines() if "=" in line)
+
+
+def _sbatch_env(tmp_path, **extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SRUN_", "HF_", "DISTLOAD_", "MASTER_", "NPROC", "NODE_CACHE"))}
+    env.update(PATH=f"{_stubs(tmp_path, 'srun')}{os.pathsep}{env['PATH']}", RECORD_DIR=str(tmp_path),
+               SLURM_JOB_NODELIST="node-[a-b]", SLURM_JOB_ID="4242", SLURM_CPUS_PER_TASK="32", TMPDIR="/scratch")
+    env.update(extra)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+@pytest.mark.parametrize("nodes, gpus, nproc", [("1", "4", "4"), ("2", "h100:8", "8"), ("2", None, "1"),
+                                                ("1", "0", "1")])
+def test_slurm_template_command_line(tmp_path, nodes, gpus, nproc):
+    env = _sbatch_env(tmp_path, SLURM_NNODES=nodes, SLURM_GPUS_PER_NODE=gpus, USER=None)  # USER unset
+    proc = subprocess.run(["bash", str(SBATCH), "--model", "org/name", "--dtype", "bfloat16"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    argv, passed = _recorded(tmp_path, "srun")
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+    assert argv == ["--ntasks-per-node=1", "--cpus-per-task=32", "--kill-on-bad-exit=1",
+                    "python", "-m", "distload.launch", f"--nnodes={nodes}", f"--nproc_per_node={nproc}",
+                    "--rdzv_backend=c10d", "--rdzv_endpoint=node-a:24242", "--rdzv_id=4242",
+                    "-m", "distload.load", "--report", "distload-4242.json", "--model", "org/name",
+                    "--dtype", "bfloat16"]
+    assert passed["SRUN_CPUS_PER_TASK"] == "32"
+    assert passed["HF_HUB_CACHE"] == f"/scratch/distload-{user}/hf-hub"
+    assert passed["DISTLOAD_CACHE"] == f"/scratch/distload-{user}/distload"
+
+
+@pytest.mark.parametrize("hf, kept", [({"HF_HOME": "/home/u/hf"}, None), ({"HF_HUB_OFFLINE": "1"}, None),
+                                      ({"HF_HUB_CACHE": "/shared/hub"}, "/shared/hub")])
+def test_slurm_template_keeps_a_hub_cache_the_user_chose(tmp_path, hf, kept):
+    env = _sbatch_env(tmp_path, SLURM_NNODES="1", SLURM_GPUS_ON_NODE="2", **hf)
+    proc = subprocess.run(["bash", str(SBATCH), "--model", "org/name"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    _, passed = _recorded(tmp_path, "srun")
+    assert passed.get("HF_HUB_CACHE") == kept
+    assert passed.get("HF_HOME") == hf.get("HF_HOME")
+
+
+def test_slurm_template_ports_differ_between_jobs(tmp_path):
+    ports = []
+    for job in ("1001", "1002"):
+        run_dir = tmp_path / job
+        run_dir.mkdir()
+        env = _sbatch_env(run_dir, SLURM_NNODES="1", SLURM_JOB_ID=job)
+        assert subprocess.run(["bash", str(SBATCH), "--model", "demo"], env=env, timeout=30).returncode == 0
+        argv, _ = _recorded(run_dir, "srun")
+        ports.append(next(a for a in argv if a.startswith("--rdzv_endpoint=")))
+    assert ports == ["--rdzv_endpoint=node-a:21001", "--rdzv_endpoint=node-a:21002"]
+
+
+@pytest.mark.parametrize("args, launcher, distload", [
+    (["--model", "x"], [], ["--model", "x"]),
+    (["--master_port=29600", "--", "--model", "x"], ["--master_port=29600"], ["--model", "x"]),
+    (["--rdzv_endpoint=h:1", "--nnodes=2", "--", "--model", "x"], ["--rdzv_endpoint=h:1", "--nnodes=2"],
+     ["--model", "x"]),
+])
+def test_torchrun_template_splits_launcher_and_distload_arguments(tmp_path, args, launcher, distload):
+    bin_dir = _stubs(tmp_path, "python")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RECORD_DIR": str(tmp_path),
+           "NPROC": "3", "PYTHON": "python"}
+    proc = subprocess.run(["bash", str(SBATCH.parent / "torchrun.sh"), *args], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    argv, _ = _recorded(tmp_path, "python")
+    standalone = [] if launcher else ["--standalone"]
+    assert argv == ["-m", "distload.launch", *standalone, "--nproc_per_node=3", *launcher,
+                    "-m", "distload.load", *distload]
