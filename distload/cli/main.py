@@ -27,7 +27,7 @@ from .config import RunConfig, parse_args
 from .exits import ERROR, OK, USAGE, Interrupted, install_signal_handlers, leave
 from .prompts import (format_result, left_pad, new_tokens, optional_tokenizer, prepare_requests,
                       read_prompts, write_outputs)
-from .table import format_generation, format_table, write_report
+from .table import format_generation, format_offload_waits, format_table, write_report
 
 __all__ = ["main", "run", "entry"]
 
@@ -186,6 +186,8 @@ def _load_and_run(cfg: RunConfig, world: World) -> int:
             report["generation"] = figures
             report["phases"]["first_forward_seconds"] = figures["time_to_first_token_seconds"]
             logger.info("%s", format_generation(figures))
+            if waits := format_offload_waits(report):   # current now: after the calls
+                logger.info("%s", waits)
             if cfg.report:
                 write_report(report, cfg.report)
 

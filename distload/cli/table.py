@@ -14,7 +14,7 @@ import os
 
 from ..plan.explain import compress_units
 
-__all__ = ["format_table", "format_generation", "write_report"]
+__all__ = ["format_offload_waits", "format_table", "format_generation", "write_report"]
 
 
 def _short_units(units: list[str]) -> str:
@@ -60,8 +60,16 @@ def format_table(report: dict) -> str:
             tiers = r.get("offloaded_bytes_by_tier", {})
             rows.append(f"rank {r['rank']} offloaded: cpu {tiers.get('cpu', 0) / 1e6:.1f} MB, disk "
                         f"{tiers.get('disk', 0) / 1e6:.1f} MB; wrote {r.get('offload_bytes_written', 0) / 1e6:.1f}"
-                        f" MB to the offload dir; waited {r.get('offload_wait_seconds', 0.0):.3f} s for weights")
+                        f" MB to the offload dir")
     return "\n".join(rows)
+
+
+def format_offload_waits(report: dict) -> str:
+    """After calls ran: how long each offloading rank's forwards waited for its streamed
+    weights (``offload_wait_seconds``, current in rank 0's job report); "" without offloading."""
+    waits = [f"rank {r['rank']} {r.get('offload_wait_seconds', 0.0):.3f} s" for r in report["ranks"]
+             if r.get("offloaded_bytes")]
+    return f"waited for offloaded weights: {', '.join(waits)}" if waits else ""
 
 
 def format_generation(figures: dict) -> str:

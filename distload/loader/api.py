@@ -137,6 +137,7 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
                        staging_bytes=staging)
     stage.report["fetched_bytes"] = fetched   # the node's download, on its leader's row
     everyone = job_report(plan, gather_objects(world, stage.report), world=world, phases=clock.seconds)
+    everyone["ranks"][world.rank] = stage.report   # this rank's row stays current (`pipeline.figures`)
     return Pipeline(module=stage.module, plan=plan, report=stage.report, job_report=everyone,
                     world=world, root=root, micro_batches=micro_batches,
                     calls=CallChannel.open(world))

@@ -4,6 +4,7 @@ plan, the load report, the pipelined `forward` / `forward_stream` / `generate`, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,7 @@ from ..dtypes import dtype_from_name
 from ..offload.stream import streamer_of
 from ..plan.types import LoadPlan
 from .calls import CLOSE, CallChannel
+from .figures import share_figures
 from .schedules import get_schedule
 
 __all__ = ["Pipeline"]
@@ -32,7 +34,7 @@ class Pipeline:
     module: nn.Module
     plan: LoadPlan
     report: dict          # this rank's figures
-    job_report: dict      # every rank's figures (the JSON of --report)
+    job_report: dict      # every rank's figures (the JSON of --report; current on rank 0, see `figures`)
     world: World
     root: str = ""        # the checkpoint's directory on this rank's node
     micro_batches: int | None = None
@@ -94,7 +96,15 @@ class Pipeline:
     def run(self, schedule: str, *args, **kwargs):
         """Run the registered schedule `schedule` (every rank; rank 0's result, None
         elsewhere). `forward`, `forward_stream` and `generate` are its named cases."""
-        return get_schedule(schedule).run(self, *args, **kwargs)
+        result = get_schedule(schedule).run(self, *args, **kwargs)
+        if isinstance(result, Iterator):   # a stream: the call ends with its last batch
+            return self._then_share(result)
+        share_figures(self)
+        return result
+
+    def _then_share(self, stream: Iterator) -> Iterator:
+        yield from stream
+        share_figures(self)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 *, micro_batches: int | None = None) -> torch.Tensor | None:
