@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import time
@@ -241,13 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         _ignore_signals()
         logger.warning("%s", line)
     except UsageError as e:
-        code, line = USAGE, str(e)
+        code, line = USAGE, _as_flags(str(e))
         logger.error("%s", line)
     except RankError as e:  # another rank failed; it printed its own error
-        code, line, relayed = ERROR, str(e), True
+        code, line, relayed = ERROR, _as_flags(str(e)), True
         logger.error("%s", line)
     except (DistloadError, ValueError, OSError) as e:
-        code, line = ERROR, f"{type(e).__name__}: {e}"
+        code, line = ERROR, _as_flags(f"{type(e).__name__}: {e}")
         logger.error("%s", line)
     except Exception as e:  # noqa: BLE001 - an unexpected failure still stops this rank cleanly
         code, line = ERROR, f"unexpected failure: {type(e).__name__}: {e} (--log-level DEBUG shows where)"
@@ -259,6 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted:
         pass
     return code
+
+
+def _as_flags(message: str) -> str:
+    """The library's messages name the Python API's keywords (``max_batch_size=``); the CLI
+    names its flags (``--max-batch-size``)."""
+    for f in fields(RunConfig):
+        if f.metadata.get("flag") is not False:
+            message = re.sub(rf"\b{f.name}=(?=\W|$)", "--" + f.name.replace("_", "-"), message)
+    return message
 
 
 def _ignore_signals() -> None:
