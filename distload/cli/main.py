@@ -57,6 +57,9 @@ class _Prompts:
                                         prompts=cfg.prompt, input_file=cfg.input_file)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        if demo:   # say what the demo generates from, and how to give it other prompts
+            logger.info("demo prompts (token ids): %s; give your own with --input-ids or --prompt",
+                        "; ".join(DEMO_INPUT_IDS))
         return len(self.prompts)
 
     def check(self, plan, root: str) -> None:
@@ -172,6 +175,8 @@ def _load_and_run(cfg: RunConfig, world: World) -> int:
                 max_seq_len=cfg.max_seq_len, world=world, workload="generate",  # the CLI generates
                 before_read=prompts.check if generating else None)
     report = pipe.job_report
+    if cfg.model == "demo" and world.is_first:   # every run: where the demo's files are
+        logger.info("demo checkpoint: %s", pipe.root)
 
     def write() -> None:  # rank 0; a failure here reaches every rank
         logger.info("loaded %s\n%s", pipe.plan.label, format_table(report))

@@ -28,6 +28,11 @@ def _short_units(units: list[str]) -> str:
     return ", ".join(parts) or "-"
 
 
+def _fit(text: str, width: int) -> str:
+    """`text` cut to `width` characters, the cut marked (``layers.0-7, norm, lm_h…``)."""
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def format_table(report: dict) -> str:
     """The job's table, one row per rank (with its host: a job may span nodes), as rank
     0 prints it; then what each node downloaded, where it downloaded anything."""
@@ -39,7 +44,7 @@ def format_table(report: dict) -> str:
     for r in ranks:
         gbps = r["bytes_read"] / r["load_seconds"] / 1e9 if r["load_seconds"] > 0 else 0.0
         rows.append(f"{r['rank']:>4}  {r.get('host', '')[:width]:<{width}} {r['device']:<8} "
-                    f"{_short_units(r['modules'])[:34]:<34} "
+                    f"{_fit(_short_units(r['modules']), 34):<34} "
                     f"{r['tensors']:>7} {r['tensor_bytes'] / 1e6:>10.1f} {r['bytes_read'] / 1e6:>9.1f} "
                     f"{r['load_seconds']:>8.3f} {gbps:>6.2f} {r['peak_rss_bytes'] / 2**20:>11.0f}")
     total_read = sum(r["bytes_read"] for r in ranks)
