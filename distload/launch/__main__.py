@@ -1,7 +1,5 @@
 """``python -m distload.launch [torchrun options] TARGET ...`` (see `distload.launch`)."""
 
-import sys
+from .run import entry
 
-from .run import main
-
-sys.exit(main())
+entry()

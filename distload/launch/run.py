@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import sys
 
-__all__ = ["main", "exit_code", "MEANINGS"]
+__all__ = ["main", "entry", "exit_code", "MEANINGS"]
 
 # the CLI's documented codes (distload.cli.exits), for the launcher's line
 MEANINGS = {1: "error", 2: "usage error", 128 + signal.SIGINT: "interrupted (SIGINT)",
@@ -78,3 +78,8 @@ def main(argv: list[str] | None = None) -> int:
               f"told to stop (exit code {code})", file=sys.stderr, flush=True)
         return code
     return 0
+
+
+def entry() -> None:
+    """The ``distload-launch`` command: `main`, then exit with its code."""
+    sys.exit(main())
