@@ -45,3 +45,24 @@ def test_the_table_marks_a_cut_module_list():
 def test_help_gives_one_default_for_max_batch_size():
     text = " ".join(_parser().format_help().split())
     assert "(default: room for 1, all prompts in one batch)" in text
+
+
+def test_a_read_only_offload_directory_is_not_called_uncreatable(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from distload.offload import OffloadError, OffloadStore
+
+    root = tmp_path / "off"
+    root.mkdir()
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):   # as in a directory without write permission (root ignores modes)
+        if self.parent == root:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(OffloadError, match=r"^cannot write into the offload directory .*off: Permission denied"):
+        OffloadStore(root)
+    with pytest.raises(OffloadError, match=r"^cannot create the offload directory .*new: Permission denied"):
+        OffloadStore(root / "new")
