@@ -225,6 +225,8 @@ def agree(world: World, error: BaseException | None, *, what: str = "loading") -
 
     A rank's own exception is re-raised as is; the others raise `RankError` naming the
     first failed rank and its message. A rank that died is named (`what` says during what).
+    When every rank failed with the same error, the exception of each rank but 0 carries
+    ``rank0_speaks = True``: a job-wide error, for rank 0 alone to report.
     """
     if not world.distributed:
         if error is not None:
@@ -235,6 +237,11 @@ def agree(world: World, error: BaseException | None, *, what: str = "loading") -
     if not failed:
         return
     if error is not None:
+        # the same error on every rank (a typo in the model's path) is the job's: rank 0
+        # speaks for it, the others may stay quiet (`rank0_speaks`, read by the CLI)
+        same = [(rec["type"], rec["message"]) for _, rec in failed]
+        if world.rank != 0 and len(failed) == world.world_size and len(set(same)) == 1:
+            error.rank0_speaks = True
         raise error
     r, rec = failed[0]
     raise RankError(f"rank {r} failed: {rec['type']}: {rec['message']}")

@@ -66,3 +66,14 @@ def test_a_read_only_offload_directory_is_not_called_uncreatable(tmp_path, monke
         OffloadStore(root)
     with pytest.raises(OffloadError, match=r"^cannot create the offload directory .*new: Permission denied"):
         OffloadStore(root / "new")
+
+
+@pytest.mark.multiprocess
+def test_a_job_wide_error_is_reported_by_rank_0_alone(tmp_path):
+    from .mp import Ranks, worker
+
+    job = Ranks([[worker("cli_slowed.py"), "--device", "cpu", "--model", str(tmp_path / "typo")]] * 2, tmp_path)
+    assert job.wait(60) == [1, 1]
+    assert job.stderr(0).strip().splitlines()[-1] == (
+        f"[rank 0] ERROR CheckpointError: no such file or directory: {tmp_path / 'typo'} (nor a hub id like org/name)")
+    assert "ERROR" not in job.stderr(1) and "Traceback" not in job.stderr(1)

@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", line)
     except (DistloadError, ValueError, OSError) as e:
         code, line = ERROR, _as_flags(f"{type(e).__name__}: {e}")
-        logger.error("%s", line)
+        # a job-wide error (every rank's the same, see `agree`): rank 0 speaks for the job
+        (logger.debug if getattr(e, "rank0_speaks", False) else logger.error)("%s", line)
     except Exception as e:  # noqa: BLE001 - an unexpected failure still stops this rank cleanly
         code, line = ERROR, f"unexpected failure: {type(e).__name__}: {e} (--log-level DEBUG shows where)"
         logger.error("%s", line)
