@@ -47,7 +47,7 @@ from .. import trace
 from ..dist import World, group_timeout_s, peers_gone, run_on_rank0
 from ..errors import CallAborted, RankError
 
-__all__ = ["Outbox", "Inbound", "post_recv", "broadcast_call"]
+__all__ = ["Outbox", "Inbound", "post_recv", "recv_into", "broadcast_call"]
 
 T = TypeVar("T")
 
@@ -141,7 +141,14 @@ def post_recv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, 
               group: Any = None) -> Inbound:
     """Post a receive of a `shape`/`dtype` tensor from global rank `src` over `group` now;
     wait on it later. Receives from one source complete in the order they were posted."""
-    buffer = torch.empty(shape, dtype=dtype, device=device)
+    return recv_into(torch.empty(shape, dtype=dtype, device=device), src=src, group=group)
+
+
+def recv_into(buffer: torch.Tensor, *, src: int, group: Any = None) -> Inbound:
+    """Post a receive into `buffer` (contiguous: e.g. a row range of a larger result, so
+    that pieces arrive in place and need no concatenation after)."""
+    if not buffer.is_contiguous():
+        raise ValueError("a receive buffer must be contiguous")
     return Inbound(buffer, dist.irecv(buffer, src=src, group=group), src)
 
 
