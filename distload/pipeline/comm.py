@@ -54,6 +54,7 @@ T = TypeVar("T")
 
 _GIVE_UP = 0.9      # of the group's timeout, counted from the post: before the watchdog
 _CHECK_PEERS_S = 0.5  # how often a host wait looks for a dead peer
+_MAX_PENDING = 16   # sends an Outbox keeps in flight (a stream's two batches of micro-batches)
 
 
 def _host_wait(work: Any, tensor: torch.Tensor, peer: int, posted: float) -> None:
@@ -99,8 +100,13 @@ class Outbox:
         tensor = tensor.contiguous()
         self._pending.append((dist.isend(tensor, dst=dst, group=group), tensor, dst,
                               time.monotonic()))
-        if len(self._pending) > 8:  # let finished sends (and their tensors) go
+        if len(self._pending) > _MAX_PENDING:  # let finished sends (and their tensors) go
             self._pending = [p for p in self._pending if not p[0].is_completed()]
+            # gloo calls a send complete only once waited on: without this, a long stream
+            # or generation kept every tensor it sent alive to the end of the call. The
+            # oldest has normally been delivered long ago (its receiver posts in order)
+            while len(self._pending) > _MAX_PENDING:
+                self._wait_one(*self._pending.pop(0))
 
     def wait(self) -> None:
         """Wait until every send has been delivered; a peer that failed raises
@@ -109,12 +115,16 @@ class Outbox:
         if not pending:
             return
         with trace.span("send wait", "comm", sends=len(pending)):
-            for work, tensor, dst, posted in pending:
-                try:
-                    _host_wait(work, tensor, dst, posted)
-                except RuntimeError as exc:
-                    raise RankError(f"could not send to rank {dst}: it failed or stopped "
-                                    f"(see its own error); {exc}") from exc
+            for item in pending:
+                self._wait_one(*item)
+
+    @staticmethod
+    def _wait_one(work: Any, tensor: torch.Tensor, dst: int, posted: float) -> None:
+        try:
+            _host_wait(work, tensor, dst, posted)
+        except RuntimeError as exc:
+            raise RankError(f"could not send to rank {dst}: it failed or stopped "
+                            f"(see its own error); {exc}") from exc
 
 
 class Inbound:
