@@ -12,7 +12,8 @@ sender sends; gloo, matching untagged messages in order too, holds the CPU tests
 same rule.
 
 Sends are asynchronous (`Outbox`): a rank hands its output to the next and goes on with
-its next micro-batch while the transfer runs. Receives are posted ahead (`post_recv`)
+its next micro-batch while the transfer runs; past 16 sends in flight it waits on the
+oldest, so a long call holds a bounded number of sent tensors. Receives are posted ahead (`post_recv`)
 where the shape is known and no send of the rank's has to pass them (NCCL runs a rank's
 sends and receives of one group on one stream in post order: see the schedules). Every
 wait is bounded by the process group's timeout (`distload.load(timeout_s=...)`); a peer
