@@ -7,6 +7,7 @@ Reference tensors come from safetensors' own reader."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -122,3 +123,92 @@ def test_an_entry_that_is_a_fifo_or_a_link_is_named_and_rewritten(ckpt, tmp_path
         res = gc_store(OffloadStore(root))
     assert res.foreign == [f"{path} ({what})"] and not os.path.lexists(path)
     assert outside.exists() and verify_store(OffloadStore(root)) == []
+
+
+# ----------------------------------------------------------------------------- the hub's headers
+
+_PLAN = """
+import json, time
+from distload.sources.hub_index import remote_index
+start = time.monotonic()
+try:
+    r = remote_index("acme/tiny", None)
+    out = dict(ok=sorted(r.index.tensors), sha=r.sha)
+except Exception as e:
+    out = dict(error=f"{type(e).__name__}: {e}")
+out["seconds"] = time.monotonic() - start
+print(json.dumps(out))
+"""
+
+
+def _plan(node: Path, endpoint: str) -> tuple[dict, str]:
+    """Rank 0's planning from the hub as one node's fresh process: (its result, its stderr)."""
+    from .fakehub import client_env
+
+    r = subprocess.run([sys.executable, "-c", _PLAN], env=client_env(endpoint, node), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1]), r.stderr
+
+
+def _served(hub, file: str) -> int:
+    return sum(r["bytes"] for r in hub.stats()["log"] if r["file"] == file)
+
+
+def test_a_garbled_header_is_never_kept_and_a_bad_kept_one_is_fetched_again(ckpt, tmp_path):
+    from .fakehub import FakeHub
+
+    shard = sorted(p.name for p in ckpt.glob("*.safetensors"))[0]
+    reference = sorted(index_checkpoint(ckpt).tensors)
+    with FakeHub() as hub:
+        sha = hub.push("acme/tiny", ckpt)
+        hub.add_fault(shard, "garbage", times=1)            # one bad answer, then the right bytes
+        first, _ = _plan(tmp_path / "node", hub.url())
+        kept = tmp_path / "node" / "distload" / "hub" / "models--acme--tiny" / sha / "headers" / shard
+        assert first["error"].startswith(f"CheckpointError: acme/tiny@{sha}: {shard} (its header as "
+                                         f"{hub.url()} sent it; nothing was kept): header is not valid JSON")
+        assert not kept.exists()
+        second, _ = _plan(tmp_path / "node", hub.url())
+        assert second["ok"] == reference and kept.is_file()
+        # bytes spoiled in the cache itself (an older distload kept them, or the disk did)
+        kept.write_bytes(kept.read_bytes()[:8] + b"~" * 32 + kept.read_bytes()[40:])
+        hub.reset()
+        third, err = _plan(tmp_path / "node", hub.url())
+        assert third["ok"] == reference
+        assert f"dropping a bad header from distload's cache and fetching it again: {kept}: header is " \
+               "not valid JSON" in err
+        assert [r["file"] for r in hub.stats()["log"] if r["kind"] == "range" and r["cdn"]] == [shard]
+        assert kept.read_bytes() == (ckpt / shard).read_bytes()[:len(kept.read_bytes())]
+
+
+def test_an_http_500_on_a_header_fails_at_once_naming_it(ckpt, tmp_path):
+    from .fakehub import FakeHub
+
+    shard = sorted(p.name for p in ckpt.glob("*.safetensors"))[0]
+    with FakeHub() as hub:
+        sha = hub.push("acme/tiny", ckpt)
+        hub.add_fault(shard, "error", status=500)
+        out, _ = _plan(tmp_path / "node", hub.url())
+    assert out["seconds"] < 5, out
+    assert out["error"].startswith(f"CheckpointError: acme/tiny@{sha}: {shard}: reading its safetensors header "
+                                   "failed: HfHubHTTPError: Server error '500 Internal Server Error'"), out
+
+
+def test_a_server_ignoring_range_is_read_only_as_far_as_the_header(tmp_path):
+    from safetensors.torch import save_file
+
+    from .fakehub import FakeHub
+
+    repo = tmp_path / "big"
+    repo.mkdir()
+    (repo / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": torch.zeros(16 << 20, dtype=torch.uint8)}, str(repo / "model.safetensors"))   # 16 MiB
+    size = (repo / "model.safetensors").stat().st_size
+    with FakeHub() as hub:
+        hub.push("acme/tiny", repo)
+        hub.add_fault("model.safetensors", "norange")
+        out, err = _plan(tmp_path / "node", hub.url())
+        served = _served(hub, "model.safetensors")
+    assert out["ok"] == ["w"], out
+    assert "answered a range request with HTTP 200 (the whole file): reading only the header's bytes" in err
+    assert served < size // 4, (served, size)           # not the whole shard
