@@ -212,3 +212,80 @@ def test_a_server_ignoring_range_is_read_only_as_far_as_the_header(tmp_path):
     assert out["ok"] == ["w"], out
     assert "answered a range request with HTTP 200 (the whole file): reading only the header's bytes" in err
     assert served < size // 4, (served, size)           # not the whole shard
+
+
+# ----------------------------------------------------------------------------- --verify-checksums
+
+def _flip(path: Path) -> None:
+    """One bit of the middle byte, size and modification time kept."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(st.st_size // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x04]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distload.load", "--device", "cpu", *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_verify_checksums_catches_a_flipped_byte_in_a_local_checkpoint(ckpt, tmp_path):
+    root = tmp_path / "ckpt"
+    shutil.copytree(ckpt, root)
+    cache = tmp_path / "cache"
+    argv = ["--model", str(root), "--max-new-tokens", "0", "--cache-dir", str(cache)]
+    first = _cli(*argv, "--verify-checksums")
+    assert first.returncode == 0, first.stderr[-2000:]
+    manifest = next((cache / "checksums").glob("*.json"))
+    assert f"recorded the sha256 of 2 file(s) of {root} in {manifest}" in first.stderr
+    recorded = json.loads(manifest.read_text())["files"]
+    import hashlib
+    assert recorded == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.glob("*.safetensors")}
+    shard = sorted(root.glob("*.safetensors"))[1]
+    _flip(shard)
+    assert _cli(*argv).returncode == 0              # by default contents are not hashed (README says so)
+    bad = _cli(*argv, "--verify-checksums")
+    assert bad.returncode == 1
+    line = bad.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"[rank 0] ERROR CheckpointError: {shard} has sha256 ") and str(manifest) in line, line
+    assert "Traceback" not in bad.stderr
+
+
+def test_verify_checksums_checks_hub_files_against_the_hubs_sha256(ckpt, tmp_path):
+    from .fakehub import FakeHub, client_env
+
+    code = """
+import json
+from distload.sources import HubSource
+s = HubSource("acme/tiny")
+idx = s.index()
+files = sorted(idx.relative()[1])
+s.fetch(files)
+try:
+    out = dict(checked=s.verify(files))
+except Exception as e:
+    out = dict(error=f"{type(e).__name__}: {e}")
+print(json.dumps(out))
+"""
+    with FakeHub() as hub:
+        sha = hub.push("acme/tiny", ckpt)
+        env = client_env(hub.url(), tmp_path / "node")
+
+        def run() -> dict:
+            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr[-2000:]
+            return json.loads(r.stdout.splitlines()[-1])
+
+        assert run() == {"checked": 2}
+        snap = tmp_path / "node" / "hf" / "hub" / "models--acme--tiny" / "snapshots" / sha
+        shard = sorted(snap.glob("*.safetensors"))[0]
+        blob = Path(os.path.realpath(shard))
+        import hashlib
+        assert blob.name == hashlib.sha256((ckpt / shard.name).read_bytes()).hexdigest()   # the hub's sha256
+        _flip(blob)
+        out = run()
+    assert out["error"].startswith(f"CheckpointError: {blob} ({shard.name} of acme/tiny@{sha}) has sha256 "), out
+    assert f"but the hub gives {blob.name}: the file is corrupt" in out["error"]

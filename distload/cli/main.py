@@ -168,7 +168,8 @@ def _load_and_run(cfg: RunConfig, world: World) -> int:
                 staging_bytes=cfg.staging_bytes, micro_batches=cfg.micro_batches,
                 max_memory=cfg.memory_limits, max_batch_size=cfg.max_batch_size,
                 max_seq_len=cfg.max_seq_len, world=world, workload="generate",  # the CLI generates
-                before_read=prompts.check if generating else None)
+                before_read=prompts.check if generating else None,
+                verify_checksums=cfg.verify_checksums)
     report = pipe.job_report
 
     def write() -> None:  # rank 0; a failure here reaches every rank

@@ -41,11 +41,12 @@ HEARTBEAT_S = 2.0   # a working leader bumps its heartbeat this often
 
 
 def fetch_node_files(world: World, source: Source, plan: LoadPlan, *,
-                     timeout_s: float = 600.0) -> tuple[str, int]:
+                     timeout_s: float = 600.0, verify_checksums: bool = False) -> tuple[str, int]:
     """Every rank: (the checkpoint's root on this node, the bytes this rank fetched — its
     node's download if it is the leader, else 0), once every node's leader made the files
-    its node's ranks read present. `timeout_s` bounds only how long a leader may go
-    silent, never the download itself."""
+    its node's ranks read present (and, with `verify_checksums`, checked their digests:
+    `Source.verify`). `timeout_s` bounds only how long a leader may go silent, never the
+    download itself."""
     error = None
     try:
         source.check(plan.source)
@@ -60,6 +61,8 @@ def fetch_node_files(world: World, source: Source, plan: LoadPlan, *,
         if fetched:
             logger.info("fetched %.1f MB of %s on this node (%d rank(s))", fetched / 1e6, plan.label,
                         len(node_ranks))
+        if verify_checksums:
+            source.verify(files)
         return fetched
 
     fetched = on_node_leaders(world, fetch, what=f"fetching {plan.label}", timeout_s=timeout_s)

@@ -155,6 +155,13 @@ class HubSource(Source):
             raise failures[0]
         return sum(os.path.getsize(os.path.join(self.root(), f)) for f in missing)
 
+    def verify(self, files: Sequence[str]) -> int:
+        """Each of `files` against the digest the hub gives for it (the ETag
+        huggingface_hub names its blob by: an LFS file's sha256)."""
+        from .checksums import verify_hub_files
+
+        return verify_hub_files(self.root(), files, label=f"{self.repo}@{self.commit}")
+
     def root(self) -> str:
         if self.commit is None:
             raise RuntimeError("HubSource.root() before index() or check(): the commit is not known yet")
