@@ -100,6 +100,7 @@ class FakeHub:
         self._repos: dict[str, _Repo] = {}
         self._faults: list[dict] = []
         self._log: list[dict] = []
+        self._active: list[dict] = []  # requests being served now (the log has them once answered)
         self._rate: float | None = None  # bytes/s of file bodies per node, all its connections together
         self._next_free: dict[str, float] = {}
         self._port = port
@@ -206,6 +207,11 @@ class FakeHub:
         with self._lock:
             self._log.clear()
 
+    def active(self) -> list[dict]:
+        """The requests being answered now (a slow body still going out), as log entries so far."""
+        with self._lock:
+            return [dict(r) for r in self._active]
+
     def start(self) -> FakeHub:
         for port, cdn in ((self._port, False), (0, True)):
             server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
@@ -255,6 +261,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._control(hub, path, body)
         self.rec = dict(node="", method=self.command, path=path, kind="other", repo=None, file=None, status=None,
                         bytes=0, cdn=cdn)
+        with hub._lock:
+            hub._active.append(self.rec)
         try:
             if m := _RESOLVE.fullmatch(path):
                 self._resolve(hub, m["node"] or "", m["repo"], unquote(m["rev"]), unquote(m["file"]))
@@ -267,6 +275,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(404, None, f"no route for {path}")
         finally:
             with hub._lock:
+                hub._active.remove(self.rec)
                 hub._log.append(self.rec)
 
     do_HEAD = do_GET = do_POST = _handle

@@ -289,3 +289,70 @@ print(json.dumps(out))
         out = run()
     assert out["error"].startswith(f"CheckpointError: {blob} ({shard.name} of acme/tiny@{sha}) has sha256 "), out
     assert f"but the hub gives {blob.name}: the file is corrupt" in out["error"]
+
+
+# ----------------------------------------------------------------------------- signals in every phase
+
+REPEATS = int(os.environ.get("DISTLOAD_TEST_REPEATS", "1"))   # the issue's 10x: DISTLOAD_TEST_REPEATS=10
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("phase", ["header fetch", "download"])
+def test_a_signal_to_torchrun_stops_a_hub_load_in_every_phase(ckpt, tmp_path, phase):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM to torchrun's process group while rank 0
+    fetches headers (its planning), or while the node leader downloads: every rank stops
+    within seconds, with one line and 130/143. Alternates the signal per attempt."""
+    import threading
+    import time
+
+    from .fakehub import FakeHub, client_env
+    from .mp import worker
+
+    shards = sorted(p.name for p in ckpt.glob("*.safetensors"))
+    with FakeHub() as hub:
+        hub.push("acme/tiny", ckpt)
+        if phase == "download":          # headers kept beforehand: the run goes straight to downloading
+            _plan(tmp_path / "kept", hub.url())
+        for attempt in range(REPEATS):
+            signum = (signal.SIGINT, signal.SIGTERM)[(attempt + (phase == "download")) % 2]
+            node, codes = tmp_path / str(attempt), tmp_path / f"codes{attempt}"
+            codes.mkdir()
+            if phase == "download":
+                shutil.copytree(tmp_path / "kept" / "distload", node / "distload")
+            hub.clear_faults()
+            for shard in shards:          # every 64 KiB of a shard takes 5 s to come
+                hub.add_fault(shard, "slow", delay=5.0)
+            env = {**client_env(hub.url(), node), "DISTLOAD_TEST_EXIT_DIR": str(codes)}
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   worker("cli_slowed.py"), "--device", "cpu", "--model", "acme/tiny", "--max-new-tokens", "0"]
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    process_group=0)
+            output: list[str] = []
+            reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+            reader.start()
+            try:
+                kind = "range" if phase == "header fetch" else "get"
+                deadline = time.monotonic() + 90
+                while not any(r["cdn"] and r["kind"] == kind and r["file"] in shards for r in hub.active()):
+                    assert time.monotonic() < deadline and proc.poll() is None, "".join(output)[-3000:]
+                    time.sleep(0.05)
+                time.sleep(0.3)
+                os.killpg(proc.pid, signum)
+                start = time.monotonic()
+                proc.wait(30)
+                took = time.monotonic() - start
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            reader.join(10)
+            text = "".join(output)
+            name = signal.Signals(signum).name
+            assert took < 10, (attempt, took, text[-3000:])
+            workers = [line for line in text.splitlines() if line.startswith("[rank")]
+            last = {r: [w for w in workers if w.startswith(f"[rank {r}]")][-1:] for r in (0, 1)}
+            assert last == {r: [f"[rank {r}] WARNING interrupted by {name}: stopping"] for r in (0, 1)}, \
+                (attempt, text[-3000:])
+            assert "terminate called" not in text and "/distload/" not in text, text[-3000:]   # no worker traceback
+            assert {p.name: p.read_text() for p in codes.iterdir()} == \
+                {f"rank{r}": str(128 + signum) for r in (0, 1)}, (attempt, text[-3000:])

@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import datetime
 import pickle
 import threading
 import time
@@ -147,14 +146,17 @@ class _Heartbeat:
 def _wait(store, keys: _Keys, world: World, *, what: str, timeout_s: float) -> bytes:
     """The `done` record, waiting in chunks; between chunks, every leader not yet finished
     must have bumped its heartbeat within `timeout_s`."""
-    chunk = datetime.timedelta(seconds=max(1.0, min(10.0, timeout_s / 4)))
+    # Polled, not a blocking store wait: a signal's handler runs only between Python
+    # calls, and a timed-out store wait logs a C++ warning each time.
+    look = max(1.0, min(10.0, timeout_s / 4))
     seen: dict[int, tuple[int, float]] = {}  # node -> (heartbeat count, when it last changed)
     while True:
+        deadline = time.monotonic() + look
         try:
-            store.wait([keys.done], chunk)
-            return store.get(keys.done)
-        except dist.DistStoreError:  # the chunk's own limit: look at the leaders, then wait on
-            pass
+            while time.monotonic() < deadline:
+                if store.check([keys.done]):
+                    return store.get(keys.done)
+                time.sleep(0.25)
         except dist.DistNetworkError as exc:
             raise RankError(f"lost the job's store while {what}: the launcher or a rank is gone "
                             f"({exc})") from exc

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from ..checkpoint.index import CheckpointIndex
 from ..errors import CheckpointError
@@ -31,6 +30,7 @@ from ..log import logger
 from .base import Source, register_source
 from .hub_index import download, remote_index, snapshot_dir
 from .local import local_path
+from .pool import thread_map
 
 __all__ = ["HubSource", "resolve_model", "parse_hub_id", "HUB_PATTERNS"]
 
@@ -146,8 +146,8 @@ class HubSource(Source):
 
         if missing:
             logger.info("downloading %d file(s) of %s@%s on this node", len(missing), self.repo, self.commit)
-        with ThreadPoolExecutor(min(_MAX_DOWNLOADS, len(wanted)) or 1, thread_name_prefix="distload-dl") as pool:
-            failures = [e for e in pool.map(_error_of(one), wanted) if e is not None]
+        failures = [e for e in thread_map(_error_of(one), wanted, workers=_MAX_DOWNLOADS, name="distload-dl")
+                    if e is not None]
         if failures:
             if len(failures) > 1:
                 logger.error("%d more download(s) failed: %s", len(failures) - 1,

@@ -27,7 +27,8 @@ import fnmatch
 import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from ..checkpoint.index import CheckpointIndex, index_from_headers, read_weight_
 from ..checkpoint.safetensors_header import header_length, parse_safetensors_header, read_header_bytes
 from ..errors import CheckpointError
 from ..log import logger
+from .pool import thread_map
 
 __all__ = ["RemoteCheckpoint", "remote_index", "resolve_commit", "snapshot_dir", "offline", "download", "reason",
            "SUPPORT_PATTERNS", "HEADER_PROBE"]
@@ -207,22 +209,26 @@ def _list_files(repo: str, sha: str, cache: _CommitCache) -> tuple[dict[str, int
     return files, True
 
 
-def _fetch_header(repo: str, sha: str, file: str, size: int) -> bytes:
+def _fetch_header(repo: str, sha: str, file: str, size: int, cancel: threading.Event | None = None) -> bytes:
     """The first 8 + n bytes of `file` by range requests (huggingface_hub's session:
     HF_ENDPOINT, HF_TOKEN and redirects as it handles them). Retries only what is
     transient (429, 502-504, a dropped connection), a few times; an HTTP 500 fails at
     once. A server that ignores `Range` (200, the whole file) is read only as far as the
-    header reaches, then the connection is closed."""
+    header reaches, then the connection is closed. `cancel` set: no further try (the
+    process is stopping)."""
     from huggingface_hub import constants, hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     url = hf_hub_url(repo, file, revision=sha)
     headers = build_hf_headers()
 
-    def get(start: int, end: int) -> bytes:
-        with http_stream_backoff("GET", url, headers={**headers, "Range": f"bytes={start}-{end - 1}"},
-                                 timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT, follow_redirects=True,
-                                 max_retries=_MAX_RETRIES, retry_on_status_codes=_RETRY_STATUS) as response:
+    def once(start: int, end: int) -> bytes | None:
+        """The bytes [start, end), or None for a transient status worth another try."""
+        with get_session().stream("GET", url, headers={**headers, "Range": f"bytes={start}-{end - 1}"},
+                                  timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT, follow_redirects=True) as response:
+            if response.status_code in _RETRY_STATUS:
+                return None
             if response.status_code >= 400:
                 response.read()
                 hf_raise_for_status(response)
@@ -237,6 +243,30 @@ def _fetch_header(repo: str, sha: str, file: str, size: int) -> bytes:
             _warn_no_range(url, response.status_code)
             return bytes(data[start:end])
         return bytes(data[:want])
+
+    def get(start: int, end: int) -> bytes:
+        for attempt in range(_MAX_RETRIES + 1):
+            last = attempt == _MAX_RETRIES or (cancel is not None and cancel.is_set())
+            try:
+                data = once(start, end)
+            except HfHubHTTPError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a dropped connection, a timeout
+                if last:
+                    raise
+                logger.warning("%s: %s; trying again in %d s", url, reason(e), 1 << attempt)
+            else:
+                if data is not None:
+                    return data
+                if last:
+                    raise CheckpointError(f"{url}: the server answered a transient error "
+                                          f"{_MAX_RETRIES + 1} times")
+                logger.warning("%s: the server is busy; trying again in %d s", url, 1 << attempt)
+            if cancel is not None and cancel.wait(1 << attempt):
+                raise CheckpointError(f"{url}: stopped")
+            if cancel is None:
+                time.sleep(1 << attempt)
+        raise AssertionError("unreachable")
 
     where = f"{repo}@{sha}: {file}"
     try:
@@ -271,7 +301,8 @@ def _valid(data: bytes, size: int, file: str) -> bytes:
     return data
 
 
-def _header(repo: str, sha: str, file: str, size: int, cache: _CommitCache) -> tuple[bytes, int]:
+def _header(repo: str, sha: str, file: str, size: int, cache: _CommitCache,
+            cancel: threading.Event | None = None) -> tuple[bytes, int]:
     """`file`'s header bytes and size: distload's cache, this node's hub cache, or the hub.
     Every header is validated before it is kept; a kept one that fails is dropped (with a
     warning naming it) and fetched again; errors name where the bad bytes are."""
@@ -291,7 +322,7 @@ def _header(repo: str, sha: str, file: str, size: int, cache: _CommitCache) -> t
         raise CheckpointError(f"{repo}@{sha}: the header of {file} is not in distload's cache "
                               "and HF_HUB_OFFLINE=1 forbids fetching it")
     else:
-        data = _valid(_fetch_header(repo, sha, file, size), size,
+        data = _valid(_fetch_header(repo, sha, file, size, cancel), size,
                       f"{repo}@{sha}: {file} (its header as {_endpoint()} sent it; nothing was kept)")
     cache.put_header(file, data)
     return data, size
@@ -337,11 +368,14 @@ def remote_index(repo: str, revision: str | None, *, cache_dir=None) -> RemoteCh
         where = "the repo" if complete else "this node's hub cache (HF_HUB_OFFLINE=1: nothing else is known)"
         raise CheckpointError(f"{repo}@{sha}: shard {unlisted[0]} of its {INDEX} is not in {where}")
 
-    def one(file: str) -> tuple[bytes, int]:
-        return _header(repo, sha, file, files[file], cache)
+    cancel = threading.Event()
 
-    with ThreadPoolExecutor(min(_MAX_FETCHERS, len(shards)), thread_name_prefix="distload-hub") as pool:
-        headers = dict(zip(shards, pool.map(one, shards)))  # raises the first failing shard's error
+    def one(file: str) -> tuple[bytes, int]:
+        return _header(repo, sha, file, files[file], cache, cancel)
+
+    # raises the first failing shard's error
+    headers = dict(zip(shards, thread_map(one, shards, workers=_MAX_FETCHERS, name="distload-hub",
+                                          cancel=cancel)))
     # config.json lies in the snapshot: read as a local checkpoint's (bounded, validated)
     index = index_from_headers(os.path.dirname(config_path), headers, weight_map=weight_map)
     support = tuple(sorted(f for f in files if "/" not in f and f not in headers
