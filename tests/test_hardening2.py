@@ -323,7 +323,8 @@ def test_a_signal_to_torchrun_stops_a_hub_load_in_every_phase(ckpt, tmp_path, ph
             hub.clear_faults()
             for shard in shards:          # every 64 KiB of a shard takes 5 s to come
                 hub.add_fault(shard, "slow", delay=5.0)
-            env = {**client_env(hub.url(), node), "DISTLOAD_TEST_EXIT_DIR": str(codes)}
+            # each attempt its own URL prefix: a request of the last one may still be going out
+            env = {**client_env(hub.url(f"n{attempt}"), node), "DISTLOAD_TEST_EXIT_DIR": str(codes)}
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                    worker("cli_slowed.py"), "--device", "cpu", "--model", "acme/tiny", "--max-new-tokens", "0"]
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -334,7 +335,8 @@ def test_a_signal_to_torchrun_stops_a_hub_load_in_every_phase(ckpt, tmp_path, ph
             try:
                 kind = "range" if phase == "header fetch" else "get"
                 deadline = time.monotonic() + 90
-                while not any(r["cdn"] and r["kind"] == kind and r["file"] in shards for r in hub.active()):
+                while not any(r["cdn"] and r["kind"] == kind and r["file"] in shards and r["node"] == f"n{attempt}"
+                              for r in hub.active()):
                     assert time.monotonic() < deadline and proc.poll() is None, "".join(output)[-3000:]
                     time.sleep(0.05)
                 time.sleep(0.3)
@@ -355,5 +357,54 @@ def test_a_signal_to_torchrun_stops_a_hub_load_in_every_phase(ckpt, tmp_path, ph
             assert last == {r: [f"[rank {r}] WARNING interrupted by {name}: stopping"] for r in (0, 1)}, \
                 (attempt, text[-3000:])
             assert "terminate called" not in text and not re.search(r'File ".*/distload/', text), text[-3000:]
-            assert {p.name: p.read_text() for p in codes.iterdir()} == \
+            assert {p.name: p.read_text() for p in codes.glob("rank*")} == \
                 {f"rank{r}": str(128 + signum) for r in (0, 1)}, (attempt, text[-3000:])
+
+
+def _torchrun(nproc: int, argv: list[str], env: dict) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *argv]
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
+    full.pop("TORCHELASTIC_ERROR_FILE", None)
+    return subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            process_group=0)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("phase", ["load", "generate"])
+def test_three_ranks_one_sigkilled_the_survivors_name_it(tiny_ckpt, tmp_path, phase):
+    """Under torchrun, rank 1 of 3 SIGKILLed while it reads its stage or mid-generation:
+    ranks 0 and 2 each end with one line naming rank 1 (no gloo text) and exit 1, also
+    when torchrun's SIGTERM reaches them first."""
+    import threading
+    import time
+
+    from .mp import worker
+
+    slow = {"load": {"DISTLOAD_TEST_SLOW_READ": "60", "DISTLOAD_TEST_SLOW_RANK": "1"},
+            "generate": {"DISTLOAD_TEST_SLOW_STEP": "0.3"}}[phase]
+    marker = {"load": "[rank 1] WARNING reading (slowed)", "generate": "generating (slowed)"}[phase]
+    proc = _torchrun(3, [worker("cli_slowed.py"), "--device", "cpu", "--model", str(tiny_ckpt),
+                         "--input-ids", "1,2,3", "--max-new-tokens", "200"],
+                     {**slow, "DISTLOAD_TEST_EXIT_DIR": str(tmp_path)})
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 90
+        while not any(marker in line for line in output):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(output)[-3000:]
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.kill(int((tmp_path / "pid1").read_text()), signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(10)
+    text = "".join(output)
+    assert {p.name: p.read_text() for p in tmp_path.glob("rank*")} == {"rank0": "1", "rank2": "1"}, text[-3000:]
+    for r in (0, 2):
+        last = [line for line in text.splitlines() if line.startswith(f"[rank {r}]")][-1]
+        assert last.startswith(f"[rank {r}] ERROR rank 1 died (connection lost)"), text[-3000:]
+    assert "gloo" not in text and "GLHF" not in text and "see its own error" not in text, text[-3000:]

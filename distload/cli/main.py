@@ -14,7 +14,8 @@ import traceback
 from dataclasses import fields
 
 from .. import trace
-from ..dist import DEFAULT_TIMEOUT_S, World, agree_on_arguments, init_world, run_on_rank0, shutdown
+from ..dist import (DEFAULT_TIMEOUT_S, World, agree_on_arguments, dead_peers, init_world, note_leaving,
+                    run_on_rank0, shutdown)
 from ..errors import DistloadError, RankError, UsageError
 from ..loader import load, plan_job
 from ..loader.report import versions
@@ -23,7 +24,7 @@ from ..log import logger, setup_logging
 from ..pipeline.inputs import resolve_eos
 from ..plan.explain import explain_plan
 from .config import RunConfig, parse_args
-from .exits import ERROR, OK, USAGE, Interrupted, install_signal_handlers, leave
+from .exits import ERROR, INTERRUPTED, OK, TERMINATED, USAGE, Interrupted, install_signal_handlers, leave
 from .prompts import (format_result, left_pad, new_tokens, optional_tokenizer, prepare_requests,
                       read_prompts, write_outputs)
 from .table import format_generation, format_table, write_report
@@ -234,22 +235,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(cfg)
     except Interrupted as e:
-        code = e.exit_code
         _ignore_signals()
-        logger.warning("%s: stopping", e)
+        dead = dead_peers()
+        if not dead:
+            logger.warning("%s: stopping", e)
+            note_leaving(str(e), signal.Signals(e.signum).name)
+            return _leave_group(e.exit_code)
+        # a launcher stops the others when a rank dies: the death is the cause
+        cause, line = "RankError", (f"rank {', '.join(map(str, dead))} died (connection lost); "
+                                    f"stopping ({signal.Signals(e.signum).name} from the launcher)")
     except UsageError as e:
-        code = USAGE
-        logger.error("%s", e)
-    except RankError as e:  # another rank failed; it printed its own error
-        code = ERROR
-        logger.error("%s", e)
+        cause, line = "UsageError", str(e)
+    except RankError as e:  # another rank failed: this one exits with that cause's code
+        cause, line = e.cause, str(e)
     except (DistloadError, ValueError, OSError) as e:
-        code = ERROR
-        logger.error("%s: %s", type(e).__name__, e)
+        cause, line = type(e).__name__, f"{type(e).__name__}: {e}"
     except Exception as e:  # noqa: BLE001 - an unexpected failure still stops this rank cleanly
-        code = ERROR
-        logger.error("unexpected failure: %s: %s (--log-level DEBUG shows where)", type(e).__name__, e)
+        cause = type(e).__name__
+        line = f"unexpected failure: {type(e).__name__}: {e} (--log-level DEBUG shows where)"
         logger.debug("%s", traceback.format_exc())
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the launcher's, as it stops the job: the line stands
+    logger.error("%s", line)
+    note_leaving(line, cause)
+    return _leave_group(_CODES.get(cause, ERROR))
+
+
+# The exit code of a failure by its cause, the same on every rank (a rank that learns of
+# another's failure exits with that failure's code).
+_CODES = {"UsageError": USAGE, "SIGINT": INTERRUPTED, "SIGTERM": TERMINATED}
+
+
+def _leave_group(code: int) -> int:
     try:
         shutdown(failed=True)
     except Interrupted:

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .. import trace
-from ..dist import World, run_on_rank0
+from ..dist import World, lost_peer, run_on_rank0
 from ..errors import CallAborted, RankError
 
 __all__ = ["Outbox", "Inbound", "post_recv", "broadcast_call"]
@@ -57,7 +57,11 @@ class Outbox:
     def send(self, tensor: torch.Tensor, *, dst: int, group: Any = None) -> None:
         """Send `tensor` to global rank `dst` over `group` (None: the default group)."""
         tensor = tensor.contiguous()
-        self._pending.append((dist.isend(tensor, dst=dst, group=group), tensor, dst))
+        try:  # gloo fails at once when the peer's connection is already closed
+            work = dist.isend(tensor, dst=dst, group=group)
+        except RuntimeError as exc:
+            raise lost_peer(exc, f"a pipelined call (sending to rank {dst})", peer=dst) from exc
+        self._pending.append((work, tensor, dst))
         if len(self._pending) > 8:  # let finished sends (and their tensors) go
             self._pending = [p for p in self._pending if not p[0].is_completed()]
 
@@ -72,8 +76,7 @@ class Outbox:
                 try:
                     work.wait()
                 except RuntimeError as exc:
-                    raise RankError(f"could not send to rank {dst}: it failed or stopped "
-                                    f"(see its own error); {exc}") from exc
+                    raise lost_peer(exc, f"a pipelined call (sending to rank {dst})", peer=dst) from exc
 
 
 class Inbound:
@@ -89,8 +92,8 @@ class Inbound:
                 try:
                     self._work.wait()
                 except RuntimeError as exc:
-                    raise RankError(f"no data from rank {self._src}: it failed or stopped "
-                                    f"(see its own error); {exc}") from exc
+                    raise lost_peer(exc, f"a pipelined call (receiving from rank {self._src})",
+                                    peer=self._src) from exc
             self._work = None
         return self.buffer
 
@@ -100,7 +103,11 @@ def post_recv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, 
     """Post a receive of a `shape`/`dtype` tensor from global rank `src` over `group` now;
     wait on it later. Receives from one source complete in the order they were posted."""
     buffer = torch.empty(shape, dtype=dtype, device=device)
-    return Inbound(buffer, dist.irecv(buffer, src=src, group=group), src)
+    try:
+        work = dist.irecv(buffer, src=src, group=group)
+    except RuntimeError as exc:
+        raise lost_peer(exc, f"a pipelined call (receiving from rank {src})", peer=src) from exc
+    return Inbound(buffer, work, src)
 
 
 def broadcast_call(world: World, make: Callable[[], T] | None) -> T:

@@ -10,8 +10,9 @@ interrupt or kill a rank while it loads or generates:
 * DISTLOAD_TEST_FAIL_REPORT=1: writing the report's JSON fails as on a full disk;
 * DISTLOAD_TEST_SLOW_START=S: rank DISTLOAD_TEST_SLOW_RANK (every rank, when unset)
   starts S seconds late, as a rank whose imports are slow;
-* DISTLOAD_TEST_EXIT_DIR=D: each rank writes its exit code to D/rank<RANK> before it
-  leaves (under torchrun, which does not say its workers' codes when it is signalled).
+* DISTLOAD_TEST_EXIT_DIR=D: each rank writes its process id to D/pid<RANK> as it starts
+  and its exit code to D/rank<RANK> before it leaves (under torchrun, which does not say
+  its workers' codes when it is signalled).
 """
 
 import os
@@ -77,6 +78,9 @@ if os.environ.get("DISTLOAD_TEST_FAIL_REPORT"):
 
 if os.environ.get("DISTLOAD_TEST_SLOW_RANK", os.environ["RANK"]) == os.environ["RANK"]:
     time.sleep(float(os.environ.get("DISTLOAD_TEST_SLOW_START", "0")))
+if os.environ.get("DISTLOAD_TEST_EXIT_DIR"):
+    with open(os.path.join(os.environ["DISTLOAD_TEST_EXIT_DIR"], f"pid{os.environ['RANK']}"), "w") as f:
+        f.write(str(os.getpid()))
 code = main(sys.argv[1:])           # as distload.cli.main.entry, noting the code first
 if os.environ.get("DISTLOAD_TEST_EXIT_DIR"):
     with open(os.path.join(os.environ["DISTLOAD_TEST_EXIT_DIR"], f"rank{os.environ['RANK']}"), "w") as f:
