@@ -408,3 +408,31 @@ def test_three_ranks_one_sigkilled_the_survivors_name_it(tiny_ckpt, tmp_path, ph
         last = [line for line in text.splitlines() if line.startswith(f"[rank {r}]")][-1]
         assert last.startswith(f"[rank {r}] ERROR rank 1 died (connection lost)"), text[-3000:]
     assert "gloo" not in text and "GLHF" not in text and "see its own error" not in text, text[-3000:]
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def test_an_empty_input_file_leaves_an_empty_output_file(ckpt, tmp_path):
+    empty, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    empty.write_text("")
+    out.write_text('{"input_ids": [1], "output_ids": [7, 7]}\n')      # an earlier run's results
+    done = _cli("--model", str(ckpt), "--input-file", str(empty), "--output-file", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.read_text() == "" and not list(tmp_path.glob("out.jsonl.tmp*"))
+    assert f"no prompts in {empty}: nothing to generate" in done.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("bad", ["past the context", "text without a tokenizer"])
+def test_every_rank_exits_with_the_causes_code(ckpt, tmp_path, bad):
+    from distload.cli.exits import USAGE
+
+    from .mp import Ranks, worker
+
+    context = tiny_config()["max_position_embeddings"]
+    prompt = (["--input-ids", ",".join(["1"] * context), "--max-new-tokens", "1"] if bad == "past the context"
+              else ["--prompt", "hello"])
+    argv = [worker("cli_slowed.py"), "--device", "cpu", "--model", str(ckpt), *prompt]
+    job = Ranks([argv, argv], tmp_path)
+    assert job.wait(60) == [USAGE, USAGE], (job.stderr(0)[-1500:], job.stderr(1)[-1500:])
+    assert job.stderr(1).strip().splitlines()[-1].startswith("[rank 1] ERROR rank 0 failed: UsageError: ")

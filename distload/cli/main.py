@@ -121,6 +121,17 @@ def _generate(pipe, cfg: RunConfig, prompts: _Prompts) -> dict:
     return figures if pipe.rank == 0 else {}
 
 
+def _no_outputs(cfg: RunConfig) -> None:
+    """Rank 0, when nothing was generated (no prompt in --input-file, or
+    --max-new-tokens 0): --output-file is written empty, never left with an earlier run's
+    results."""
+    if cfg.max_new_tokens > 0:
+        logger.warning("no prompts in %s: nothing to generate", cfg.input_file or "the input")
+    write_outputs(cfg.output_file, [], [])
+    if cfg.output_file != "-":
+        logger.info("outputs written to %s (empty)", cfg.output_file)
+
+
 def _generation_figures(calls: list[dict], *, prompts: int, generated: int, seconds: float) -> dict:
     """The report's ``generation``: over every `generate` call of the run (see
     `Pipeline.last_call`)."""
@@ -180,6 +191,8 @@ def _load_and_run(cfg: RunConfig, world: World) -> int:
             logger.info("report written to %s", cfg.report)
 
     run_on_rank0(world, write, what="writing the report")
+    if not generating and cfg.output_file:
+        run_on_rank0(world, lambda: _no_outputs(cfg), what="writing the outputs")
     if generating:
         figures = _generate(pipe, cfg, prompts)
 
