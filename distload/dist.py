@@ -177,7 +177,7 @@ def lost_peer(exc: BaseException, what: str, *, peer: int | None = None) -> Rank
     logger.debug("%s: %s", what, exc)
     text = str(exc).strip()
     gone = _dead_ranks()
-    notes = _notes(gone)
+    notes = _notes(gone) or {}
     dead = [r for r in gone if r not in notes]   # gone without saying why: killed, crashed
     if dead:
         return RankError(f"rank {', '.join(map(str, dead))} died (connection lost) during {what}")
@@ -209,14 +209,16 @@ def note_leaving(reason: str, cause: str | None = None) -> None:
 
 def dead_peers() -> list[int]:
     """At once: the ranks on this host whose process is gone without a note (killed or
-    crashed, not stopped by an error of their own or a signal it reported)."""
+    crashed, not stopped by an error of their own or a signal it reported). Empty when
+    the notes cannot be read (the store's host left): then nobody can tell."""
     gone = peers_gone(range(len(_PEERS)))
     notes = _notes(gone)
-    return [r for r in gone if r not in notes]
+    return [] if notes is None else [r for r in gone if r not in notes]
 
 
-def _notes(ranks: list[int]) -> dict[int, tuple[str | None, str]]:
-    """(cause, line) of each of `ranks` that left a note (`note_leaving`)."""
+def _notes(ranks: list[int]) -> dict[int, tuple[str | None, str]] | None:
+    """(cause, line) of each of `ranks` that left a note (`note_leaving`); None when the
+    job's store cannot be read."""
     out: dict[int, tuple[str | None, str]] = {}
     if not ranks or not dist.is_initialized():
         return out
@@ -225,8 +227,9 @@ def _notes(ranks: list[int]) -> dict[int, tuple[str | None, str]]:
         for r in ranks:
             if store.check([_NOTE.format(r)]):
                 out[r] = pickle.loads(store.get(_NOTE.format(r)))
-    except Exception as exc:  # noqa: BLE001 - no store: every gone rank counts as dead
+    except Exception as exc:  # noqa: BLE001 - no store
         logger.debug("could not read the job's store: %s", exc)
+        return None
     return out
 
 

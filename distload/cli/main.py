@@ -13,9 +13,11 @@ import time
 import traceback
 from dataclasses import fields
 
+import torch.distributed
+
 from .. import trace
 from ..dist import (DEFAULT_TIMEOUT_S, World, agree_on_arguments, dead_peers, init_world, note_leaving,
-                    run_on_rank0, shutdown)
+                    peers_gone, run_on_rank0, shutdown)
 from ..errors import DistloadError, RankError, UsageError
 from ..loader import load, plan_job
 from ..loader.report import versions
@@ -263,6 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         cause, line = e.cause, str(e)
     except (DistloadError, ValueError, OSError) as e:
         cause, line = type(e).__name__, f"{type(e).__name__}: {e}"
+    except torch.distributed.DistNetworkError as e:  # the job's store is gone with its host
+        logger.debug("%s", e)
+        line = ("rank 0 died (connection lost); it held the job's store" if peers_gone([0]) else
+                "lost the job's store: its host (the launcher, or rank 0 when ranks are started by hand) "
+                "died or stopped")
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        logger.error("%s", line)
+        return _leave_group(ERROR)      # no note: there is no store to leave it on
     except Exception as e:  # noqa: BLE001 - an unexpected failure still stops this rank cleanly
         cause = type(e).__name__
         line = f"unexpected failure: {type(e).__name__}: {e} (--log-level DEBUG shows where)"
