@@ -14,6 +14,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -297,23 +299,35 @@ print(json.dumps(out))
 REPEATS = int(os.environ.get("DISTLOAD_TEST_REPEATS", "1"))   # the issue's 10x: DISTLOAD_TEST_REPEATS=10
 
 
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("phase", ["header fetch", "download"])
-def test_a_signal_to_torchrun_stops_a_hub_load_in_every_phase(ckpt, tmp_path, phase):
-    """Ctrl-C (SIGINT) or a scheduler's SIGTERM to torchrun's process group while rank 0
-    fetches headers (its planning), or while the node leader downloads: every rank stops
-    within seconds, with one line and 130/143. Alternates the signal per attempt."""
-    import threading
-    import time
+def _torchrun(nproc: int, argv: list[str], env: dict) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *argv]
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
+    full.pop("TORCHELASTIC_ERROR_FILE", None)
+    return subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            process_group=0)
 
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("phase", ["header fetch", "download", "offload write"])
+def test_a_signal_to_torchrun_stops_every_phase(ckpt, tmp_path, phase):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM to torchrun's process group while rank 0
+    fetches hub headers (its planning), while the node leader downloads, or while a rank
+    writes an offload entry: every rank stops within seconds, with one line and 130/143
+    (reading and generating: tests/test_exits.py). Alternates the signal per attempt."""
     from .fakehub import FakeHub, client_env
     from .mp import worker
 
     shards = sorted(p.name for p in ckpt.glob("*.safetensors"))
     with FakeHub() as hub:
         hub.push("acme/tiny", ckpt)
+        model: list[str] = ["--model", "acme/tiny"]
         if phase == "download":          # headers kept beforehand: the run goes straight to downloading
             _plan(tmp_path / "kept", hub.url())
+        if phase == "offload write":     # 4 layers at 200 KB per rank: layers stream from the disk tier
+            local = make_checkpoint(tiny_config(num_hidden_layers=4), tmp_path / "local", num_shards=2,
+                                    dtype="float32", seed=8)
+            model = ["--model", str(local), "--dtype", "bfloat16", "--max-seq-len", "16",
+                     "--max-memory", "0=200KB,1=200KB,cpu=0,disk=1GB", "--offload-dir", str(tmp_path / "off")]
         for attempt in range(REPEATS):
             signum = (signal.SIGINT, signal.SIGTERM)[(attempt + (phase == "download")) % 2]
             node, codes = tmp_path / str(attempt), tmp_path / f"codes{attempt}"
@@ -324,19 +338,23 @@ def test_a_signal_to_torchrun_stops_a_hub_load_in_every_phase(ckpt, tmp_path, ph
             for shard in shards:          # every 64 KiB of a shard takes 5 s to come
                 hub.add_fault(shard, "slow", delay=5.0)
             # each attempt its own URL prefix: a request of the last one may still be going out
-            env = {**client_env(hub.url(f"n{attempt}"), node), "DISTLOAD_TEST_EXIT_DIR": str(codes)}
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   worker("cli_slowed.py"), "--device", "cpu", "--model", "acme/tiny", "--max-new-tokens", "0"]
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    process_group=0)
+            env = {**client_env(hub.url(f"n{attempt}"), node), "DISTLOAD_TEST_EXIT_DIR": str(codes),
+                   "DISTLOAD_TEST_SLOW_WRITE": "30"}
+            proc = _torchrun(2, [worker("cli_slowed.py"), "--device", "cpu", *model, "--max-new-tokens", "0"], env)
             output: list[str] = []
             reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
             reader.start()
-            try:
+
+            def there() -> bool:
+                if phase == "offload write":
+                    return any("writing (slowed)" in line for line in output)
                 kind = "range" if phase == "header fetch" else "get"
+                return any(r["cdn"] and r["kind"] == kind and r["file"] in shards and r["node"] == f"n{attempt}"
+                           for r in hub.active())
+
+            try:
                 deadline = time.monotonic() + 90
-                while not any(r["cdn"] and r["kind"] == kind and r["file"] in shards and r["node"] == f"n{attempt}"
-                              for r in hub.active()):
+                while not there():
                     assert time.monotonic() < deadline and proc.poll() is None, "".join(output)[-3000:]
                     time.sleep(0.05)
                 time.sleep(0.3)
@@ -359,14 +377,9 @@ def test_a_signal_to_torchrun_stops_a_hub_load_in_every_phase(ckpt, tmp_path, ph
             assert "terminate called" not in text and not re.search(r'File ".*/distload/', text), text[-3000:]
             assert {p.name: p.read_text() for p in codes.glob("rank*")} == \
                 {f"rank{r}": str(128 + signum) for r in (0, 1)}, (attempt, text[-3000:])
-
-
-def _torchrun(nproc: int, argv: list[str], env: dict) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *argv]
-    full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
-    full.pop("TORCHELASTIC_ERROR_FILE", None)
-    return subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            process_group=0)
+        if phase == "offload write":      # nothing half-written left visible
+            assert not list((tmp_path / "off").rglob("*.tmp.*"))
+            assert verify_store(OffloadStore(tmp_path / "off")) == []
 
 
 @pytest.mark.multiprocess
@@ -375,9 +388,6 @@ def test_three_ranks_one_sigkilled_the_survivors_name_it(tiny_ckpt, tmp_path, ph
     """Under torchrun, rank 1 of 3 SIGKILLed while it reads its stage or mid-generation:
     ranks 0 and 2 each end with one line naming rank 1 (no gloo text) and exit 1, also
     when torchrun's SIGTERM reaches them first."""
-    import threading
-    import time
-
     from .mp import worker
 
     slow = {"load": {"DISTLOAD_TEST_SLOW_READ": "60", "DISTLOAD_TEST_SLOW_RANK": "1"},

@@ -223,11 +223,14 @@ def _fetch_header(repo: str, sha: str, file: str, size: int, cancel: threading.E
     url = hf_hub_url(repo, file, revision=sha)
     headers = build_hf_headers()
 
+    busy: list[int] = []   # transient statuses seen
+
     def once(start: int, end: int) -> bytes | None:
         """The bytes [start, end), or None for a transient status worth another try."""
         with get_session().stream("GET", url, headers={**headers, "Range": f"bytes={start}-{end - 1}"},
                                   timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT, follow_redirects=True) as response:
             if response.status_code in _RETRY_STATUS:
+                busy.append(response.status_code)
                 return None
             if response.status_code >= 400:
                 response.read()
@@ -259,9 +262,10 @@ def _fetch_header(repo: str, sha: str, file: str, size: int, cancel: threading.E
                 if data is not None:
                     return data
                 if last:
-                    raise CheckpointError(f"{url}: the server answered a transient error "
-                                          f"{_MAX_RETRIES + 1} times")
-                logger.warning("%s: the server is busy; trying again in %d s", url, 1 << attempt)
+                    raise CheckpointError(f"{url}: the server answered HTTP {busy[-1]} "
+                                          f"{len(busy)} times")
+                logger.warning("%s: the server answered HTTP %d; trying again in %d s", url, busy[-1],
+                               1 << attempt)
             if cancel is not None and cancel.wait(1 << attempt):
                 raise CheckpointError(f"{url}: stopped")
             if cancel is None:
