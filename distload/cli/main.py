@@ -279,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("%s", traceback.format_exc())
     signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the launcher's, as it stops the job: the line stands
     logger.error("%s", line)
-    note_leaving(line, cause)
+    try:
+        note_leaving(line, cause)
+    except Interrupted:   # a Ctrl-C now: the line is out, leave as planned
+        pass
     return _leave_group(_CODES.get(cause, ERROR))
 
 
