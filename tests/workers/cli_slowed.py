@@ -5,8 +5,8 @@ interrupt or kill a rank while it loads or generates:
   DISTLOAD_TEST_SLOW_RANK's, when set) takes S more seconds, after it logs "reading (slowed)";
 * DISTLOAD_TEST_SLOW_STEP=S: each decode step of a generation takes S more seconds on
   every rank, after rank 0 logs "generating (slowed)" once;
-* DISTLOAD_TEST_SLOW_WRITE=S: writing each offload entry takes S more seconds, half-way
-  through (its temporary file is open), after rank 0 logs "writing (slowed)" once;
+* DISTLOAD_TEST_SLOW_WRITE=S: writing each offload entry's bytes takes S more seconds,
+  half-way through (its temporary file is open), after a rank logs "writing (slowed)" once;
 * DISTLOAD_TEST_FAIL_REPORT=1: writing the report's JSON fails as on a full disk;
 * DISTLOAD_TEST_SLOW_START=S: rank DISTLOAD_TEST_SLOW_RANK (every rank, when unset)
   starts S seconds late, as a rank whose imports are slow;
@@ -61,7 +61,9 @@ if write_delay:
     told_write = []
 
     def slow_write_all(fd, view):
-        if not told_write and len(view) > 1024:  # an entry's bytes, not its header
+        if len(view) <= 1024:                    # an entry's header: at full speed
+            return real_write_all(fd, view)
+        if not told_write:
             told_write.append(True)
             logger.warning("writing (slowed)")
         real_write_all(fd, view[:len(view) // 2])
