@@ -14,7 +14,10 @@ Who calls what, in order (`distload.loader` does it):
    rank waits for every node's leader, without a time limit while they live (a download
    may take far longer than the process group's timeout);
 5. every rank: ``source.root()`` — the directory on this node that the plan's relative
-   file names are joined to.
+   file names are joined to;
+6. with ``--verify-checksums``, the node's leader after `fetch`: ``source.verify(files)``
+   — each file's digest against one this node did not compute from the same bytes
+   (`distload.sources.checksums`).
 
 A new source is a new file with a `Source` subclass and one `register_source` line.
 """
@@ -77,6 +80,15 @@ class Source(ABC):
     @abstractmethod
     def root(self) -> str:
         """The checkpoint's directory on this node (after `fetch`)."""
+
+    def verify(self, files: Sequence[str]) -> int:
+        """One rank per node, after `fetch`: raise `CheckpointError` naming the first of
+        `files` whose content differs from its recorded digest. Default: a manifest of
+        sha256 digests in distload's cache, written on first use. Returns how many files
+        were checked against a digest recorded before."""
+        from .checksums import verify_local_files
+
+        return verify_local_files(self.root(), files, cache_dir=self.cache_dir)
 
 
 _SOURCES: list[type[Source]] = []
