@@ -13,6 +13,7 @@ is the latent, MTP layers are not read, config errors name the field.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -234,9 +235,13 @@ def test_a_headers_only_fp8_deepseek_v3_plans_quantized_reads(tmp_path):
     decoded = {k for s in plan.stages for k in s.decode}
     assert kv_a in decoded and "model.layers.3.mlp.experts.255.down_proj.weight" in decoded
     assert "model.layers.3.mlp.gate.weight" not in decoded
-    # an fp8 matrix is 1 byte per weight (and its scales) read, 2 held; the rest 2 held
+    # an fp8 matrix is 1 byte per weight (and its scales) read, 2 held; the routers (their
+    # weight and correction bias) 4 held, kept in float32 as transformers keeps them; the rest 2
     held = sum(s.param_bytes for s in plan.stages)
-    assert held == sum(m.numel * 2 for n, m in index.tensors.items() if not n.endswith("_scale_inv"))
+    router = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")
+    assert held == sum(m.numel * (4 if router.search(n) else 2) for n, m in index.tensors.items()
+                       if not n.endswith("_scale_inv"))
+    assert {p.dtype for s in plan.stages for p in s.params if router.search(p.param)} == {"float32"}
     assert held > 1.7 * plan.checkpoint_bytes
 
 
