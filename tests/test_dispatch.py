@@ -341,11 +341,12 @@ def test_nothing_fits_streams_from_disk_with_one_warning(tmp_path, caplog):
 def test_cpu_offload_keeps_the_outputs(tmp_path, offload_buffers):
     """accelerate's `cpu_offload`: the weights (and with `offload_buffers` the buffers)
     wait in host memory, on meta in the model between uses, and each module's come in when
-    it runs: the outputs equal the model's before offload; accelerate's own
-    `remove_hook_from_submodules` undoes it."""
+    it runs: the outputs equal the model's before offload, `get_state_dict_offloaded_model`
+    its state dict; accelerate's own `remove_hook_from_submodules` undoes it."""
     from accelerate.hooks import remove_hook_from_submodules
 
     from distload import cpu_offload
+    from distload.compat.accelerate import get_state_dict_offloaded_model
     from distload.offload import streamer_of
 
     _, ref = _stats_checkpoint(tmp_path, "torch")
@@ -357,6 +358,9 @@ def test_cpu_offload_keeps_the_outputs(tmp_path, offload_buffers):
     torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
     assert model.batchnorm.weight.is_meta and model.batchnorm.running_var.is_meta == offload_buffers
     assert streamer_of(model).stats.fetches == 3
+    want, got = ref.state_dict(), get_state_dict_offloaded_model(model)
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert model.linear1.weight.is_meta   # read from where it waits, not brought in
     remove_hook_from_submodules(model)
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
     torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)

@@ -20,14 +20,14 @@ another library's models and their weight names.
 from ...meta import init_empty_weights, init_on_device
 from .device_map import DeviceMapPlan, get_balanced_memory, infer_auto_device_map, plan_device_map
 from .dispatch import dispatch_checkpoint, load_checkpoint_and_dispatch, load_checkpoint_in_model
-from .offload import cpu_offload, disk_offload, dispatch_model
+from .offload import cpu_offload, disk_offload, dispatch_model, get_state_dict_offloaded_model
 from .placement import device_for, module_devices
 
 # accelerate's public names this package gives, same meaning (scripts/accelerate_suite.sh
 # runs accelerate's own tests with these swapped in)
 ACCELERATE_NAMES = ("init_empty_weights", "init_on_device", "infer_auto_device_map", "get_balanced_memory",
                     "load_checkpoint_and_dispatch", "load_checkpoint_in_model", "dispatch_model", "disk_offload",
-                    "cpu_offload")
+                    "cpu_offload", "get_state_dict_offloaded_model")
 
 __all__ = [*ACCELERATE_NAMES, "plan_device_map", "DeviceMapPlan", "dispatch_checkpoint", "device_for",
            "module_devices", "ACCELERATE_NAMES"]

@@ -34,7 +34,7 @@ from .dispatch import _ancestors, _load_buffers, _owner
 from .hooks import align_devices as _align_devices
 from .placement import HOST, RESIDENT, check_devices_present, device_for, normalize_device, placement
 
-__all__ = ["dispatch_model", "disk_offload", "cpu_offload"]
+__all__ = ["dispatch_model", "disk_offload", "cpu_offload", "get_state_dict_offloaded_model"]
 
 
 def dispatch_model(model: nn.Module, device_map: Mapping, main_device: torch.device | str | None = None,
@@ -157,6 +157,24 @@ def _release_streamed(model: nn.Module) -> dict:
             out[(id(owner), attr)] = src if isinstance(src, torch.Tensor) else src.read()
     streamer.close()
     vars(model).pop(_STREAMER_ATTR, None)   # undone: streamer_of(model) is None again
+    return out
+
+
+def get_state_dict_offloaded_model(model: nn.Module) -> dict[str, torch.Tensor]:
+    """accelerate's `get_state_dict_offloaded_model`: `model.state_dict()` on the CPU, each
+    offloaded (streamed) tensor taken from where it waits — host memory, or read from its
+    offload-store entry — without running the model or moving its placeholders."""
+    values: dict[tuple[int, str], torch.Tensor] = {}
+    streamer = streamer_of(model)
+    for unit in streamer.units if streamer is not None else ():
+        for owner, attr, _, group in unit.slots:
+            src = unit.sources[group]
+            values[(id(owner), attr)] = src if isinstance(src, torch.Tensor) else src.read()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        owner, attr = _owner(model, name)
+        value = values.get((id(owner), attr), tensor)
+        out[name] = value.detach().to("cpu")
     return out
 
 
