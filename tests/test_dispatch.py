@@ -351,7 +351,8 @@ def test_cpu_offload_keeps_the_outputs(tmp_path, offload_buffers):
 
     _, ref = _stats_checkpoint(tmp_path, "torch")
     model = copy.deepcopy(ref)
-    cpu_offload(model, execution_device="cpu", offload_buffers=offload_buffers)
+    assert cpu_offload(model, execution_device="cpu", offload_buffers=offload_buffers) is model
+    assert not hasattr(model, "hf_device_map")   # accelerate's cpu_offload sets none
     assert model.linear1.weight.is_meta and model.linear2.bias.is_meta and not model.scale.is_meta
     assert model.batchnorm.running_mean.is_meta == offload_buffers
     x = torch.randn(6, 3)

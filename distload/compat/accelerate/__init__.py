@@ -12,7 +12,10 @@ store: the workflow users know runs with only its import line changed::
 `device_map.py` plans (`infer_auto_device_map`, `get_balanced_memory`; in one process
 accelerate's own map, `greedy.py`); `dispatch.py` translates a map into a world-of-one
 plan that `distload.loader` loads (`load_checkpoint_and_dispatch`,
-`load_checkpoint_in_model`); `placement.py` reads a map (where each tensor goes, whether
+`load_checkpoint_in_model`); `offload.py` places a model already in memory
+(`dispatch_model`, `disk_offload`, `cpu_offload`, `get_state_dict_offloaded_model`) on
+distload's streaming, `buffers.py` streams offloaded modules' buffers with them
+(`offload_buffers=True`); `placement.py` reads a map (where each tensor goes, whether
 its devices exist here). The one place outside `distload.models` that works with
 another library's models and their weight names.
 """

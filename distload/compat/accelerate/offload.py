@@ -49,8 +49,10 @@ def dispatch_model(model: nn.Module, device_map: Mapping, main_device: torch.dev
     `offload_index` (accelerate's own offload-folder layout) is refused with a message;
     `offload_buffers` and `preload_module_classes` as in `load_checkpoint_and_dispatch`.
     Returns `model`, with ``model.hf_device_map`` set."""
-    return _dispatch(model, device_map, main_device, state_dict, offload_dir, offload_index, offload_buffers,
-                     skip_keys, force_hooks, stream_cpu=False)
+    model = _dispatch(model, device_map, main_device, state_dict, offload_dir, offload_index, offload_buffers,
+                      skip_keys, force_hooks, stream_cpu=False)
+    model.hf_device_map = dict(device_map)
+    return model
 
 
 def _dispatch(model: nn.Module, device_map: Mapping, main_device, state_dict, offload_dir, offload_index,
@@ -118,7 +120,6 @@ def _dispatch(model: nn.Module, device_map: Mapping, main_device, state_dict, of
         for holder in ("", *outer):   # accelerate's remove_hook_from_submodules visits the children
             modules[holder]._hf_hook = hook
     _align_devices(model, device_map, main, skip_keys=skip_keys, force=force_hooks)
-    model.hf_device_map = dict(device_map)
     return model
 
 
@@ -217,7 +218,9 @@ def cpu_offload(model: nn.Module, execution_device: torch.device | str | None = 
     values of `state_dict` where given, else the model's own), each top-level module's
     weights brought onto `execution_device` (default: the first GPU, else the CPU) when it
     runs and released after; the model's own parameters live on `execution_device`, and
-    buffers too unless `offload_buffers`. Outputs come back to the inputs' device."""
+    buffers too unless `offload_buffers`. Outputs come back to the inputs' device. As in
+    accelerate, no ``hf_device_map`` is set; `preload_module_classes` is what distload
+    always does (a module's weights are all fetched before it runs)."""
     device = _execution(execution_device)
     return _dispatch(model, _top_level(model, "cpu", device), device, state_dict, None, None, offload_buffers,
                      None, True, stream_cpu=True)
