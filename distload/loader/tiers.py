@@ -9,7 +9,7 @@ tied tensors. On a CPU rank the CPU tier *is* the device.
 
 Every rank calls `attach_tiers` during the load, after its reads and the tied exchange::
 
-    result = attach_tiers(plan, rank, module, storage, reads, device, root=root,
+    result = attach_tiers(plan, rank, module, storage, device, reader=reader,
                           offload_dir="/scratch/offload")
     finish_stage(module, device, offloaded=result.params)
 """
@@ -17,14 +17,12 @@ Every rank calls `attach_tiers` during the load, after its reads and the tied ex
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..checkpoint.types import TensorMeta
-from ..io import ReadProgress
+from ..io import Reader, ReadProgress
 from ..io.pinned import HostArena, arena_layout
 from ..offload import Entry, OffloadError, OffloadStore, Streamer, attach_streaming, default_offload_dir
 from ..offload import ensure_entries
@@ -67,14 +65,13 @@ def _homes(plan: LoadPlan, rank: int, device: torch.device) -> dict[str, str]:
 
 
 def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str, torch.Tensor],
-                 reads: Sequence[TensorMeta], device: torch.device | str, *, root: str,
-                 offload_dir: str | os.PathLike | None = None, cache_dir: str | None = None,
+                 device: torch.device | str, *, reader: Reader, offload_dir: str | os.PathLike | None = None, cache_dir: str | None = None,
                  prefetch: bool | None = None, max_resident: int | None = None, verify: bool = True,
                  timeout: float = 600.0, progress: ReadProgress | None = None) -> OffloadResult:
     """Give `rank`'s offloaded parameters their tiers and stream them (see the module
     doc). `storage` is `allocate_stage`'s key -> tensor map; keys moved off the device are
-    removed from it. `reads` are the stage's read items located under `root` on this
-    node. `offload_dir` defaults to `default_offload_dir(cache_dir)`; it is only touched
+    removed from it. `reader` (the rank's, `distload.io.Reader`) reads what the offload
+    store must copy. `offload_dir` defaults to `default_offload_dir(cache_dir)`; it is only touched
     when the stage has disk-tier parameters. `verify` checksums reused entries.
     `max_resident` and `prefetch` default to the plan's streaming slots for this stage
     (2: one unit runs while the next is fetched; 1: no prefetch — the device room the
@@ -89,15 +86,14 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
     if not moved:
         return result
     # A tied tensor received from another rank is in that rank's reads, not this one's.
-    located = {m.name: m.located(root) for s in plan.stages for m in s.reads}
-    located.update({m.name: m for m in reads})
+    located = {m.name: m for s in plan.stages for m in s.reads}
     disk = sorted(k for k in moved if homes[k] == Tier.DISK)
     entries: dict[str, Entry] = {}
     if disk:
         store = OffloadStore(offload_dir or default_offload_dir(cache_dir), timeout=timeout)
         dtypes = {src.key: src.dtype for src in stage.params}
         entries, result.bytes_read = ensure_entries(
-            store, {k: located[k] for k in disk}, checkpoint=root, dtype=plan.dtype,
+            store, {k: located[k] for k in disk}, reader=reader, dtype=plan.dtype,
             tensors={k: storage[k] for k in disk if k in storage}, verify=verify, progress=progress)
         for k, e in entries.items():
             if e.dtype != dtypes[k]:
