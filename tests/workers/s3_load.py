@@ -51,3 +51,4 @@ except Exception as e:  # noqa: BLE001 - the test reads the error
     result["error"] = f"{type(e).__name__}: {e}"
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
+distload.dist.shutdown()
