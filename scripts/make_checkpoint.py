@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from distload.sources.demo import make_checkpoint
 from distload.models import SUPPORTED_MODEL_TYPES
 
@@ -85,30 +87,49 @@ def config_from_args(args: argparse.Namespace) -> dict:
 
 
 _ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+# In an FP8 checkpoint (DeepSeek-V3's layout) these stay in the checkpoint's dtype: every
+# other matrix of the decoder layers is e4m3 with a float32 scale per block.
+_NOT_FP8 = ("embed_tokens", "lm_head", "norm", ".mlp.gate.weight")
+
+
+def _tensor_specs(name: str, shape: tuple[int, ...], dtype: str, config: dict
+                  ) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(name, safetensors dtype, shape, bytes) of what the checkpoint stores for parameter
+    `name`: the parameter itself, or — `config` declaring fp8 block scales — its e4m3
+    values and their ``_scale_inv`` grid (the last block of a side clipped)."""
+    quant = config.get("quantization_config") or {}
+    if name.endswith("e_score_correction_bias"):
+        return [(name, "F32", shape, math.prod(shape) * 4)]
+    if quant.get("quant_method") == "fp8" and len(shape) == 2 and name.startswith("model.layers.") \
+            and not any(part in name for part in _NOT_FP8):
+        b0, b1 = quant.get("weight_block_size") or (shape[0], shape[1])
+        grid = (-(-shape[0] // b0), -(-shape[1] // b1))
+        return [(name, "F8_E4M3", shape, math.prod(shape)),
+                (name + "_scale_inv", "F32", grid, math.prod(grid) * 4)]
+    return [(name, _ST_DTYPES[dtype], shape, math.prod(shape) * getattr(torch, dtype).itemsize)]
 
 
 def write_headers_only(config: dict, out_dir: Path, *, num_shards: int, dtype: str) -> Path:
     """A checkpoint of `config` whose shards hold real safetensors headers, sized as the
     full files (`os.truncate`: the data area is a hole, no byte written), with its index
-    and config.json. Tensors in the model's state-dict order, in at most `num_shards`."""
-    import torch
-
+    and config.json. Tensors in the model's state-dict order, in at most `num_shards`; a
+    config declaring fp8 block scales gets DeepSeek-V3's FP8 layout (`_tensor_specs`)."""
     from distload.models import build_model
 
     with torch.device("meta"):
         model = build_model(config)
-    itemsize = getattr(torch, dtype).itemsize
-    specs = [(name, tuple(t.shape)) for name, t in model.state_dict(keep_vars=True).items()]
-    total = sum(math.prod(shape) for _, shape in specs) * itemsize
+    specs = [spec for name, t in model.state_dict(keep_vars=True).items()
+             for spec in _tensor_specs(name, tuple(t.shape), dtype, config)]
+    total = sum(size for *_, size in specs)
     cap = -(-total // num_shards)
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    shards: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
     fill = 0
-    for name, shape in specs:
-        size = math.prod(shape) * itemsize
+    for spec in specs:
+        size = spec[3]
         if fill and fill + size > cap and len(shards) < num_shards:  # the last takes the rest
             shards.append([])
             fill = 0
-        shards[-1].append((name, shape))
+        shards[-1].append(spec)
         fill += size
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -117,9 +138,8 @@ def write_headers_only(config: dict, out_dir: Path, *, num_shards: int, dtype: s
     for i, tensors in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape in tensors:
-            size = math.prod(shape) * itemsize
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+        for name, st_dtype, shape, size in tensors:
+            header[name] = {"dtype": st_dtype, "shape": list(shape),
                             "data_offsets": [offset, offset + size]}
             offset += size
             weight_map[name] = file

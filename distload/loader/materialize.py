@@ -30,7 +30,8 @@ def key_tiers(plan: LoadPlan, rank: int, device: torch.device | str) -> dict[str
     (`ParamSource.tier`), except that the CPU tier of a CPU device *is* the device, and
     that a tied tensor sent to or received from another rank gets device storage for the
     exchange (`distload.loader.tiers` moves it to its tier after). ``disk`` keys are not
-    allocated: they stay on meta and the offload store holds them."""
+    allocated: they stay on meta and the offload store holds them (a key decoded from a
+    quantized checkpoint too: `attach_tiers` decodes it into its entry)."""
     device = torch.device(device)
     stage = plan.stage(rank)
     exchanged = {k for k, _ in stage.sends} | {p.key for p in stage.params if p.src_rank != rank}
@@ -53,7 +54,8 @@ def map_stage(reads: Sequence[TensorMeta], plan: LoadPlan, rank: int, device: to
     if device.type != "cpu" or plan.format != "safetensors":
         return {}, ReadStats()
     stage = plan.stage(rank)
-    want = {p.key for p in stage.params if p.src_rank == rank and tiers.get(p.key) == Tier.DEVICE}
+    want = {p.key for p in stage.params if p.src_rank == rank and tiers.get(p.key) == Tier.DEVICE
+            and p.key not in stage.decode}
     dtypes = {p.key: p.dtype for p in stage.params}
     return reader.map([m for m in reads if m.name in want and dtypes[m.name] == m.dtype],
                       progress=progress)

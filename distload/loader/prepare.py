@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from ..checkpoint.quant import DECODED_DTYPE, decoded_view, quant_scheme
+from ..dtypes import dtype_from_name
+from ..errors import CheckpointError, ConfigError, UsageError
 from ..log import logger
 from ..meta import describe_model, init_empty_weights
 from ..models import build_model
@@ -49,6 +51,18 @@ def plan_load(req: PlanRequest, source: Source | None = None) -> LoadPlan:
     if index.config is None:
         raise CheckpointError(f"{index.path('config.json')} is missing: distload needs the "
                               "model's config.json beside its weights")
+    # A quantized format distload does not decode is refused by name before anything else.
+    try:
+        scheme = quant_scheme(index.config)
+    except ValueError as e:
+        raise ConfigError(f"{index.path('config.json')}: {e}") from None
+    dtype = req.dtype
+    if scheme is not None:
+        if dtype is None:
+            dtype = DECODED_DTYPE
+        elif dtype_from_name(dtype).itemsize < 2:
+            raise UsageError(f"dtype {dtype} cannot hold the decoded weights of this {scheme.method} "
+                             "checkpoint: use bfloat16, float16 or float32")
     # Everything on meta, nothing allocated (a config's sizes are not trusted yet); the
     # models compute their few buffer values on the CPU before moving them to meta.
     try:
@@ -59,6 +73,10 @@ def plan_load(req: PlanRequest, source: Source | None = None) -> LoadPlan:
     spec = describe_model(model)
     tensors, file_sizes = index.relative()   # a plan names no path of this machine
     tensors = type(model).checkpoint_tensors(model.config, tensors)
+    try:   # a quantized weight as the model sees it; each rank will read its parts
+        tensors, encoded = decoded_view(tensors, scheme)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     # Without measurements (a direct call), every rank is assumed to be like this process.
     measured = req.measured or (measure_local(_local_device()),) * req.world_size
     budgets = resolve_budgets(req.max_memory or {}, measured)
@@ -66,12 +84,12 @@ def plan_load(req: PlanRequest, source: Source | None = None) -> LoadPlan:
                       workload=req.workload)
     embedding = getattr(model, "input_embedding_name", None)
     activation = None
-    if embedding in tensors and req.dtype is None:
+    if embedding in tensors and dtype is None:
         activation = tensors[embedding].dtype
     plan = plan_model(spec, tensors, budgets=budgets, source=source.identity(), format=index.format,
-                      config=index.config, dtype=req.dtype, strict=req.strict, shape=shape,
-                      file_sizes=file_sizes, activation_dtype=activation or req.dtype,
-                      shard_aware=source.fetches_files)
+                      config=index.config, dtype=dtype, strict=req.strict, shape=shape,
+                      file_sizes=file_sizes, activation_dtype=activation or dtype,
+                      shard_aware=source.fetches_files, encoded=encoded)
     logger.debug("planned %d units over %d ranks", len(spec.units), req.world_size)
     return plan
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -24,6 +24,7 @@ from ..checkpoint.types import TensorMeta
 from ..io import PosixReader, Reader, ReadOptions, ReadProgress, ReadStats
 from ..plan.types import Tier
 from .board import JobBoard
+from .decode import read_decoded
 from .materialize import allocate_stage, exchange_tied, finish_stage, key_tiers, map_stage
 from .progress import ProgressMonitor, RankProgress
 from .report import rank_report
@@ -45,12 +46,19 @@ class StageLoad:
 
 
 def read_stage(reads: list[TensorMeta], storage: dict, *, reader: Reader, skip: Collection[str] = (),
-               progress: ReadProgress | None = None) -> ReadStats:
+               progress: ReadProgress | None = None, decode: Mapping[str, dict] | None = None) -> ReadStats:
     """Read exactly the byte ranges of `reads` (the stage's read items) into `storage`
     with `reader`; keys it lacks (the disk tier's, read into the offload store instead)
-    and keys in `skip` (mapped) are left alone."""
-    return reader.read([m for m in reads if m.name in storage and m.name not in skip], storage,
-                       progress=progress)
+    and keys in `skip` (mapped) are left alone. `decode` (`StagePlan.decode`) names the
+    keys made from a quantized checkpoint's parts, which are read and decoded into their
+    storage here (`distload.loader.decode`)."""
+    decode = {k: d for k, d in (decode or {}).items() if k in storage}
+    parts = {name for d in decode.values() for name in d["parts"]}
+    stats = reader.read([m for m in reads if m.name in storage and m.name not in skip and m.name not in parts],
+                        storage, progress=progress)
+    if decode:
+        stats.add(read_decoded(reads, storage, decode, reader=reader, progress=progress))
+    return stats
 
 
 def load_stage(plan, world: World, *, reader: Reader | None = None, root: str | None = None,
@@ -87,7 +95,8 @@ def load_stage(plan, world: World, *, reader: Reader | None = None, root: str | 
                 mapped, stats = map_stage(reads, plan, rank, device, tiers=tiers, reader=reader,
                                           progress=mine)
                 storage = allocate_stage(plan, rank, module, device, tiers=tiers, mapped=mapped)
-                stats.add(read_stage(reads, storage, reader=reader, skip=mapped, progress=mine))
+                stats.add(read_stage(reads, storage, reader=reader, skip=mapped, progress=mine,
+                                     decode=stage.decode))
             except Exception as exc:  # noqa: BLE001 - every rank learns of it in agree()
                 error = exc
         seconds["read"] = time.perf_counter() - start

@@ -16,17 +16,20 @@ Every rank calls `attach_tiers` during the load, after its reads and the tied ex
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
+from ..dtypes import dtype_from_name
 from ..io import Reader, ReadProgress
 from ..io.pinned import HostArena, arena_layout
 from ..offload import Entry, OffloadError, OffloadStore, Streamer, attach_streaming, default_offload_dir
 from ..offload import ensure_entries
 from ..plan.types import LoadPlan, Tier
+from .decode import DecodedOnDemand
 
 __all__ = ["OffloadResult", "attach_tiers"]
 
@@ -88,13 +91,26 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
     # A tied tensor received from another rank is in that rank's reads, not this one's.
     located = {m.name: m for s in plan.stages for m in s.reads}
     disk = sorted(k for k in moved if homes[k] == Tier.DISK)
+    # A disk-tier weight of a quantized checkpoint: its entry is the decoded tensor, made
+    # (its parts read and decoded, one weight at a time) only where the store lacks it.
+    decoded = {}
+    for src in stage.params:
+        if src.key in disk and src.key in stage.decode and src.key not in decoded:
+            shape = tuple(module.get_parameter(src.param).shape)
+            decoded[src.key] = (shape, src.dtype)
+            first = located[stage.decode[src.key]["parts"][0]]
+            located[src.key] = replace(first, name=src.key, dtype=src.dtype, shape=shape, offset=-1,
+                                       length=math.prod(shape) * dtype_from_name(src.dtype).itemsize)
     entries: dict[str, Entry] = {}
     if disk:
         store = OffloadStore(offload_dir or default_offload_dir(cache_dir), timeout=timeout)
         dtypes = {src.key: src.dtype for src in stage.params}
+        tensors = DecodedOnDemand({k: storage[k] for k in disk if k in storage}, decoded, stage.decode,
+                                  located, reader=reader, progress=progress)
         entries, result.bytes_read = ensure_entries(
             store, {k: located[k] for k in disk}, reader=reader, dtype=plan.dtype,
-            tensors={k: storage[k] for k in disk if k in storage}, verify=verify, progress=progress)
+            tensors=tensors, verify=verify, progress=progress)
+        result.bytes_read += tensors.bytes_read
         for k, e in entries.items():
             if e.dtype != dtypes[k]:
                 raise OffloadError(f"offload entry {e.key[:12]} for {k} holds {e.dtype}; "

@@ -27,6 +27,8 @@ from . import starcoder2 as _starcoder2  # noqa: F401  - starcoder2
 from . import glm4 as _glm4  # noqa: F401  - glm4
 from . import smollm3 as _smollm3  # noqa: F401  - smollm3
 from . import cohere as _cohere  # noqa: F401  - cohere
+from . import deepseek_v2 as _deepseek_v2  # noqa: F401  - deepseek_v2
+from . import deepseek_v3 as _deepseek_v3  # noqa: F401  - deepseek_v3
 from .cache import KVCache
 from .contract import StageModel
 from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel

@@ -28,12 +28,15 @@ class ModelFamily:
     """The model types one family file serves, how it reads a config.json dict (raising
     ValueError naming what is wrong), and the `StageModel` class it builds. A
     `nested_text` family is a multimodal type of which distload loads the text model
-    alone (its config.json nests it under `text_config`)."""
+    alone (its config.json nests it under `text_config`). `unread` names config.json
+    fields the family does not read, which `validate_config` then leaves alone (MLA
+    has no `num_key_value_heads`)."""
 
     model_types: tuple[str, ...]
     read_config: Callable[[dict], Any]
     model_class: Callable[[Any], nn.Module]
     nested_text: bool = False   # a multimodal type of which the text model is loaded
+    unread: tuple[str, ...] = ()  # config.json fields the family never reads
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -59,7 +62,7 @@ def family_for(config: dict) -> ModelFamily:
     model_type = config.get("model_type") if isinstance(config, dict) else None
     family = _FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is not None:
-        validate_config(config)
+        validate_config(config, unread=family.unread)
     if family is None:
         text = config.get("text_config") if isinstance(config, dict) else None
         inner = text.get("model_type") if isinstance(text, dict) else None

@@ -12,7 +12,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 __all__ = ["validate_config", "MAX_DIM"]
@@ -57,14 +57,21 @@ def _check_float(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive finite number, not {value}")
 
 
-def validate_config(config: Mapping[str, Any]) -> None:
+def validate_config(config: Mapping[str, Any], *, unread: Collection[str] = ()) -> None:
     """Raise ValueError naming the first field of `config` (a config.json dict) that no
-    decoder can use. Absent and null fields are left to the family's defaults."""
+    decoder can use. Absent and null fields are left to the family's defaults; fields the
+    family does not read (`unread`, and `sliding_window` where `use_sliding_window` is
+    false: Qwen's default configs hold 0 there) are never an error."""
     if not isinstance(config, Mapping):
         raise ValueError(f"a config must be a JSON object, not {type(config).__name__}")
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         raise ValueError(f"model_type must be a string naming the architecture, not {_describe(model_type)}")
+    skip = set(unread)
+    if config.get("use_sliding_window") is False:
+        skip.add("sliding_window")
+    if skip:
+        config = {k: v for k, v in config.items() if k not in skip}
     for name, least in _INTS.items():
         if config.get(name) is not None:
             _check_int(name, config[name], least)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
+from ..checkpoint.quant import Encoded
 from ..checkpoint.types import TensorMeta
 from ..dtypes import cast_dtype, dtype_from_name, is_floating
 from ..errors import LoadError, PlanError
@@ -82,6 +83,7 @@ def make_plan(
     unit_tiers: Sequence[str] | None = None,
     reserved_bytes: Sequence[int] | None = None,
     bound_reasons: Sequence[str] | None = None,
+    encoded: Mapping[str, Encoded] | None = None,
 ) -> LoadPlan:
     """Assign contiguous runs of units to ranks and say what each rank reads.
 
@@ -89,8 +91,12 @@ def make_plan(
     stage bytes; the planner in `distload.plan.planner` passes its own. Deterministic:
     the same inputs give the same plan, whatever the process or hash seed. `tensors`
     name their files relative to the checkpoint root; `activation_dtype` defaults to
-    the dtype of the first unit's first parameter.
+    the dtype of the first unit's first parameter. `encoded` (`distload.checkpoint.quant`)
+    names the keys of `tensors` that are decoded from a quantized checkpoint's parts: the
+    rank that reads such a key reads its parts (quantized bytes and scales), and its stage
+    says how to decode them (`StagePlan.decode`); its size on the device is the decoded one.
     """
+    encoded = encoded or {}
     param_to_key, unexpected = match_params_to_keys(spec, tensors, strict=strict)
     units = spec.units
     if world_size > len(units):
@@ -138,7 +144,8 @@ def make_plan(
                                    target_dtype(param_to_key[p]), home[param_to_key[p]])
                        for p in pnames)
         own_keys = {ps.key for ps in params if ps.src_rank == r}
-        reads = tuple(sorted((tensors[k] for k in own_keys), key=lambda m: (m.file, m.offset)))
+        raw = [part for k in own_keys for part in (encoded[k].parts if k in encoded else (tensors[k],))]
+        reads = tuple(sorted(raw, key=lambda m: (m.file, m.offset)))
         needed_by = sorted({(param_to_key[p.name], dst) for dst in range(world_size) if dst != r
                             for u in units[bounds[dst]:bounds[dst + 1]] for p in u.params
                             if reader[param_to_key[p.name]] == r})
@@ -155,6 +162,7 @@ def make_plan(
             cost=float(sum(u.cost for u in stage_units)),
             reserved_bytes=int(reserved_bytes[r]) if reserved_bytes is not None else 0,
             bound=bound_reasons[r] if bound_reasons is not None else "",
+            decode={k: encoded[k].as_dict() for k in sorted(own_keys) if k in encoded},
         ))
     if activation_dtype is None:
         first = units[0].params[0].name

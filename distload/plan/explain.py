@@ -1,6 +1,7 @@
 """`--explain`: the plan as text a person reads before loading anything.
 
-Per rank: its run of units (decoder layers as a range), bytes on each tier, the bytes kept
+Per rank: its run of units (decoder layers as a range), the checkpoint bytes it reads
+(a quantized checkpoint's: quantized weights and scales), bytes on each tier (decoded), the bytes kept
 free on the device (KV cache, activations, streaming slots) and whether streamed units are
 prefetched, the host memory the load needs, its share of the estimated cost, and why its
 stage ends where it does (which budget bound it). Pure: a `LoadPlan` in, a string out.
@@ -94,11 +95,18 @@ def explain_plan(plan: LoadPlan) -> str:
     sends = [(s.rank, key, dst) for s in plan.stages for key, dst in s.sends]
     for src, key, dst in sends:
         lines.append(f"tied: {key} is read once by rank {src} and sent to rank {dst}")
-    rows = [["rank", "units", "device", "cpu", "disk", "reserved", "slots", "device budget", "cost share"]]
+    decoded = {d["method"] for s in plan.stages for d in s.decode.values()}
+    if decoded:
+        lines.append(f"quantized checkpoint ({', '.join(sorted(decoded))}): each rank reads its weights' "
+                     f"quantized bytes and scales ('read') and holds them decoded to "
+                     f"{plan.dtype} (device, cpu, disk)")
+    rows = [["rank", "units", "read", "device", "cpu", "disk", "reserved", "slots", "device budget",
+             "cost share"]]
     for s, cost in zip(plan.stages, costs):
         held = _held(plan, s)
         budget = s.budget.get("device") if s.budget else None
-        rows.append([str(s.rank), compress_units(s.units), format_bytes(held[Tier.DEVICE]),
+        rows.append([str(s.rank), compress_units(s.units), format_bytes(s.tensor_bytes),
+                     format_bytes(held[Tier.DEVICE]),
                      format_bytes(held[Tier.CPU]), format_bytes(held[Tier.DISK]),
                      format_bytes(s.reserved_bytes), _slots(s),
                      format_bytes(budget) if budget is not None else "-", f"{cost / total_cost:.1%}"])

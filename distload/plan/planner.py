@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from ..checkpoint.quant import Encoded
 from ..checkpoint.types import TensorMeta
 from ..dtypes import cast_dtype, dtype_from_name
 from ..errors import PlanError
@@ -245,11 +246,14 @@ def plan_model(spec: ModelSpec, tensors: Mapping[str, TensorMeta], *, budgets: S
                source: dict, format: str, config: dict, dtype: str | None = None,
                strict: bool = True, shape: RunShape | None = None,
                options: PlannerOptions | None = None, file_sizes: Mapping[str, int] | None = None,
-               activation_dtype: str | None = None, shard_aware: bool = False) -> LoadPlan:
+               activation_dtype: str | None = None, shard_aware: bool = False,
+               encoded: Mapping[str, Encoded] | None = None) -> LoadPlan:
     """The `LoadPlan` for one rank per budget: the partition above, then `make_plan` for
     what each rank reads and sends. Pure (rank 0 calls it; see `distload.loader.prepare`).
     `shard_aware`: among equally good splits, prefer the one whose stages touch the fewest
-    checkpoint files (when each node downloads the files its ranks read).
+    checkpoint files (when each node downloads the files its ranks read). `encoded`: the
+    keys decoded from a quantized checkpoint (`make_plan`); stages are sized by their
+    decoded bytes, reads are the quantized ones.
 
     Example::
 
@@ -270,7 +274,7 @@ def plan_model(spec: ModelSpec, tensors: Mapping[str, TensorMeta], *, budgets: S
     plan = make_plan(spec, tensors, world_size=len(budgets), source=source, format=format,
                      config=config, dtype=dtype, strict=strict, bounds=p.bounds, unit_tiers=p.tiers,
                      reserved_bytes=[s.reserved for s in p.stages], bound_reasons=p.reasons,
-                     file_sizes=file_sizes, activation_dtype=activation_dtype)
+                     file_sizes=file_sizes, activation_dtype=activation_dtype, encoded=encoded)
     stages = tuple(replace(st, budget=budgets[r].as_dict(), plan_cost=lay.cost,
                            held_bytes=dict(zip(Tier.ALL, lay.tier_bytes)), stream_slots=lay.stream_slots,
                            reserve={"kv": lay.kv_bytes, "work": lay.work_bytes,

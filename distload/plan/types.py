@@ -66,6 +66,9 @@ class StagePlan:
     plan_cost: float = 0.0                 # the planner's cost: FLOPs plus streaming penalty
     stream_slots: int = 0                  # units streamed in at once: 2 prefetch, 1 not, 0 none
     reserve: dict = field(default_factory=dict)  # reserved_bytes as {"kv", "work", "stream"}
+    # keys this rank decodes from a quantized checkpoint's parts (in `reads`):
+    # key -> {"method": "fp8" | "mxfp4", "parts": [checkpoint names], "block": [r, c] | None}
+    decode: dict = field(default_factory=dict)
 
     def tier_bytes(self, sizes: dict[str, int]) -> dict[str, int]:
         out = {t: 0 for t in Tier.ALL}
@@ -160,4 +163,5 @@ def _stage_from_dict(s: dict) -> StagePlan:
         plan_cost=s.get("plan_cost", 0.0),
         stream_slots=s.get("stream_slots", 0),
         reserve=s.get("reserve", {}),
+        decode=s.get("decode", {}),
     )

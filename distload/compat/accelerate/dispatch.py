@@ -43,8 +43,9 @@ import torch
 from torch import nn
 
 from ...checkpoint import index_checkpoint
+from ...checkpoint.quant import quant_scheme
 from ...dtypes import cast_dtype, dtype_from_name, dtype_name
-from ...errors import LoadError
+from ...errors import ConfigError, LoadError
 from ...io import read_tensors
 from ...io.reader import DEFAULT_STAGING_BYTES
 from ...log import logger
@@ -191,6 +192,7 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
     offloaded units held at once (2: prefetch)."""
     check_devices_present(device_map)       # before a byte is read
     index = index_checkpoint(checkpoint)
+    _refuse_quantized(index)
     spec = describe_model(model, no_split_module_classes=no_split_module_classes)
     param_to_key, unexpected = match_params_to_keys(spec, index.tensors, strict=strict)
     if unexpected:
@@ -256,6 +258,19 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
     if align:
         _align_devices(model, device_map, main, skip_keys=skip_keys, force=force_hooks)
     check_materialized(model, streamed=source)
+
+
+def _refuse_quantized(index) -> None:
+    """This path reads plain tensors: a quantized checkpoint would fill parameters with
+    undecoded values (its scales left as unexpected keys), so it is refused, naming how."""
+    try:
+        scheme = quant_scheme(index.config)
+    except ValueError as e:
+        raise ConfigError(f"{index.path('config.json')}: {e}") from None
+    if scheme is not None:
+        raise LoadError(f"{index.root}: a {scheme.method} checkpoint is decoded by distload.load "
+                        "(or build_model + load_checkpoint_and_dispatch of a bfloat16 export); "
+                        "this path reads plain tensors only")
 
 
 def _read(index, dests: dict[str, torch.Tensor]) -> None:
