@@ -210,6 +210,23 @@ def test_one_rank_bit_exact_and_a_500_is_retried(aws, ckpt):
     assert len(failed) == 2 and pipe.report["bytes_read"] == pipe.report["tensor_bytes"]
 
 
+def test_a_cast_through_staging_in_small_requests(aws, ckpt):
+    """float32 in the store, bfloat16 wanted: every request through a 64 KiB buffer (tensors
+    cut across requests, neighbours sharing one), cast as safetensors' tensor.to() casts."""
+    url = aws.upload(ckpt, "cast")
+    pipe = _load(url, dtype="bfloat16", staging_bytes="64KiB", read_workers=3)
+    reads = {m.name: m for s in pipe.plan.stages for m in s.reads}
+    for src in pipe.plan.stage(0).params:
+        with safe_open(ckpt / reads[src.key].file, framework="pt") as f:
+            want = f.get_tensor(src.key).to(torch.bfloat16)
+        assert torch.equal(pipe.module.get_parameter(src.param), want), src.param
+    assert pipe.report["bytes_read"] == pipe.report["tensor_bytes"]
+    assert 0 < pipe.report["staging_bytes"] <= 3 * (64 << 10)
+    gets = [r for r in aws.records("cast") if r["range"] and not r["range"].startswith(("bytes=0-", "bytes=8-"))]
+    assert max(r["bytes"] for r in gets) <= 64 << 10 and sum(r["bytes"] for r in gets) == pipe.report["tensor_bytes"]
+    assert len(gets) < len(reads) and len(gets) >= -(-pipe.report["tensor_bytes"] // (64 << 10))
+
+
 @pytest.mark.parametrize("fault, message", [
     ({"fail": -1}, "a ranged GET of bytes .* failed: InternalError"),
     ({"truncate": True}, "the store sent .* bytes .* truncated response"),

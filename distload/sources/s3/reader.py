@@ -1,7 +1,7 @@
 """The object-store reader: a rank's read items as ranged GETs, `workers` in flight, each
 body streamed straight into its destinations (a CPU tensor of the stored dtype: its own
-bytes; otherwise through a staging buffer of `staging_bytes` per worker, copied and cast
-on the destination's device). Adjacent tensors of a file share a request, long ones are
+bytes; otherwise through a buffer of at most `staging_bytes` per worker, copied and cast
+on the destination's device: the extra memory stays ``workers * staging_bytes``). Adjacent tensors of a file share a request, long ones are
 cut into requests of at most `staging_bytes`; no byte outside the rank's tensors is
 asked for, and nothing is written to disk.
 
@@ -31,6 +31,7 @@ from .client import DEFAULT_MAX_ATTEMPTS, object_error, s3_client
 __all__ = ["S3Reader"]
 
 _BODY_CHUNK = 1 << 20        # bytes taken from a response body per read
+_ALIGN = 4096                # requests cut at multiples of this: whole elements of any dtype
 
 
 @dataclass(frozen=True)
@@ -121,29 +122,40 @@ class S3Reader(Reader):
             if tuple(dests[m.name].shape) != tuple(m.shape):
                 raise ValueError(f"destination of {m.name} has shape {tuple(dests[m.name].shape)}, "
                                  f"the checkpoint's is {tuple(m.shape)}")
-        # straight into a destination only where its bytes are the stored bytes
+        # A destination not contiguous is read into a stand-in, copied after (rare)
         targets = {m.name: dests[m.name] for m in reads}
-        standins = {m.name: torch.empty(m.shape, dtype=m.torch_dtype) for m in reads
-                    if not _direct(m, dests[m.name])}
-        requests = plan_requests(reads, self.options.staging_bytes)
+        standins = {m.name: torch.empty(m.shape, dtype=dests[m.name].dtype, device=dests[m.name].device)
+                    for m in reads if not dests[m.name].is_contiguous()}
+        targets.update(standins)
+        chunk = max(_ALIGN, self.options.staging_bytes // _ALIGN * _ALIGN)
+        requests = plan_requests(reads, chunk)
         threads = max(1, min(workers or self.options.workers, len(requests)))
         stats = ReadStats(threads=threads)
+        staged = [0]
         with ThreadPoolExecutor(threads, thread_name_prefix="distload-s3") as pool:
-            for got in pool.map(lambda r: self._fetch(r, targets, standins, progress), requests):
+            for got, buffered in pool.map(lambda r: self._fetch(r, targets, progress), requests):
                 stats.bytes_read += got
                 stats.io_bytes += got
                 stats.syscalls += 1
+                staged[0] = max(staged[0], buffered)
         for name, standin in standins.items():
-            dests[name].copy_(standin)   # the cast and the host-to-device copy
-        stats.staging_bytes = 0
+            dests[name].copy_(standin)
+        stats.staging_bytes = staged[0] * threads   # at most one buffer per worker at once
         stats.seconds = time.perf_counter() - begin
         return stats
 
-    def _fetch(self, req: _Request, targets, standins, progress: ReadProgress | None) -> int:
-        """One ranged GET into its parts' tensors; returns the bytes received."""
+    def _fetch(self, req: _Request, targets, progress: ReadProgress | None) -> tuple[int, int]:
+        """One ranged GET into its parts' tensors; returns (bytes received, staging bytes
+        it used). Parts whose destination holds the stored bytes (a CPU tensor of the
+        same dtype) are filled straight from the body; the others (a cast, a GPU) come
+        through one buffer of the request's size, copied (and cast) after."""
         url, n = self.describe(req.file), req.nbytes
-        views = [byte_view(standins.get(p.meta.name, targets[p.meta.name]))[p.start:p.start + p.nbytes]
-                 for p in req.parts]
+        direct = all(_direct(p.meta, targets[p.meta.name]) for p in req.parts)
+        buffer = None if direct else torch.empty(n, dtype=torch.uint8)
+        if direct:
+            views = [byte_view(targets[p.meta.name])[p.start:p.start + p.nbytes] for p in req.parts]
+        else:
+            views = [byte_view(buffer)]
         kw = {"Range": f"bytes={req.offset}-{req.offset + n - 1}"}
         if req.file in self.etags:
             kw["IfMatch"] = self.etags[req.file]
@@ -166,10 +178,24 @@ class S3Reader(Reader):
             if got != n:
                 raise CheckpointError(f"{url}: the store sent {got} of the {n} bytes from byte {req.offset} "
                                       "(a short object, or a truncated response)")
+            if buffer is not None:
+                _scatter(buffer, req.parts, targets)
             if progress is not None:
                 progress(url, n)
-            return n
+            return n, 0 if buffer is None else n
         raise AssertionError("unreachable")
+
+
+def _scatter(buffer: torch.Tensor, parts: Sequence[_Part], targets: Mapping[str, torch.Tensor]) -> None:
+    """Copy each part's bytes from `buffer` into its tensor's elements (cast to the
+    destination's dtype, on its device)."""
+    pos = 0
+    for p in parts:
+        size = p.meta.torch_dtype.itemsize
+        raw = buffer[pos:pos + p.nbytes]
+        src = (raw if pos % size == 0 else raw.clone()).view(p.meta.torch_dtype)   # aligned for the view
+        targets[p.meta.name].view(-1)[p.start // size:(p.start + p.nbytes) // size].copy_(src)
+        pos += p.nbytes
 
 
 def _direct(meta: TensorMeta, dest: torch.Tensor) -> bool:
