@@ -21,11 +21,21 @@ from distload.models import build_model
 TINY = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 24,
         "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
         "tie_word_embeddings": True}
-ORIGINALS = (nn.Module.register_parameter, nn.Module.register_buffer)
+ORIGINALS = (nn.Module.register_parameter, nn.Module.register_buffer, torch.empty, torch.zeros,
+             *(getattr(nn.init, n) for n in dir(nn.init) if not n.startswith("_")))
 
 
 def _patched() -> tuple:
-    return nn.Module.register_parameter, nn.Module.register_buffer
+    return (nn.Module.register_parameter, nn.Module.register_buffer, torch.empty, torch.zeros,
+            *(getattr(nn.init, n) for n in dir(nn.init) if not n.startswith("_")))
+
+
+def _left_behind() -> list:
+    """Registration hooks and torch-function modes still installed."""
+    from torch.nn.modules import module
+    from torch.overrides import _get_current_function_mode_stack
+    return [*module._global_parameter_registration_hooks.values(),
+            *module._global_buffer_registration_hooks.values(), *_get_current_function_mode_stack()]
 
 
 class WithBuffers(nn.Module):
@@ -48,12 +58,13 @@ def test_init_empty_weights_puts_parameters_on_meta() -> None:
     assert torch.empty(1).device.type == "cpu"
 
 
-def test_patching_is_undone_when_the_body_raises() -> None:
+def test_nothing_is_patched_and_nothing_outlives_the_block() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         with init_empty_weights(include_buffers=True):
-            assert _patched() != ORIGINALS
+            assert _patched() == ORIGINALS    # nothing another library could capture
+            assert _left_behind()
             raise RuntimeError("boom")
-    assert _patched() == ORIGINALS
+    assert _patched() == ORIGINALS and not _left_behind()
     assert not nn.Linear(2, 2).weight.is_meta
     assert torch.empty(1).device.type == "cpu"
 
@@ -171,3 +182,23 @@ def test_demo_checkpoint_made_once_by_concurrent_processes(tmp_path, monkeypatch
     monkeypatch.setenv("DISTLOAD_CACHE", str(tmp_path))
     assert ensure_demo_checkpoint() == path
     assert _snapshot(tmp_path) == before
+
+
+def test_a_model_loaded_after_the_block_equals_a_fresh_load(tmp_path) -> None:
+    """transformers copies `torch.nn.init` functions when its modeling code is first
+    imported: imported inside the block, it must copy the real ones (the buffers of a
+    model loaded later in the process, e.g. BERT's token_type_ids, are initialised by them)."""
+    import subprocess
+    import sys
+
+    worker = Path(__file__).parent / "workers" / "init_leak.py"
+    outs = {}
+    for mode in ("fresh", "leak"):
+        outs[mode] = tmp_path / f"{mode}.pt"
+        run = subprocess.run([sys.executable, str(worker), mode, str(tmp_path / "bert"), str(outs[mode])],
+                             capture_output=True, text=True, timeout=240)
+        assert run.returncode == 0, run.stderr[-2000:]
+    fresh, leak = (torch.load(outs[m]) for m in ("fresh", "leak"))
+    assert fresh.keys() == leak.keys() and "embeddings.token_type_ids" in fresh
+    for name in fresh:
+        assert torch.equal(fresh[name], leak[name]), name

@@ -1,4 +1,5 @@
-"""PyTorch `.bin` checkpoints (`torch.save` zip files), read safely and lazily.
+"""PyTorch `.bin` checkpoints (`torch.save` zip files, any name: `.pt`, `.pth`), read
+safely and lazily.
 
 A `.bin` file has no byte-range header: its tensors' places are known only to the
 unpickler. So it is opened with `torch.load(mmap=True, weights_only=True)`: the pickle is
@@ -41,7 +42,8 @@ def _load_state_dict(file: str) -> Mapping[str, torch.Tensor]:
             ) from e
         raise CheckpointError(f"{file}: cannot read .bin checkpoint: {e}") from e
     except Exception as e:  # zipfile, EOF and friends: a damaged file
-        raise CheckpointError(f"{file}: cannot read .bin checkpoint: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"{file}: not a checkpoint file (a .safetensors file, a torch.save "
+                              f"file or an *.index.json): {type(e).__name__}: {e}") from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{file}: holds a {type(obj).__name__}, not a state dict")
     for name, value in obj.items():

@@ -30,7 +30,8 @@ BIN_SINGLE = "pytorch_model.bin"
 CONFIG = "config.json"
 
 _MAX_READERS = 8  # header reads are tiny; a few threads hide per-file open latency
-MAX_JSON_BYTES = MAX_HEADER_BYTES  # config.json and index files: a larger one is not one
+MAX_JSON_BYTES = MAX_HEADER_BYTES
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth")  # config.json and index files: a larger one is not one
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,10 @@ def index_checkpoint(path: str | os.PathLike) -> CheckpointIndex:
     `path` may be a directory holding `model.safetensors.index.json` + shards,
     `model.safetensors`, other `*.safetensors` files (all taken, sorted),
     `pytorch_model.bin.index.json` + shards or `pytorch_model.bin` (safetensors wins when
-    both kinds exist); or a single `.safetensors`, `.bin` or `*.index.json` file.
+    both kinds exist), else its one `*.index.json` of any name, else all its `.bin`/`.pt`/
+    `.pth` files; or a single `.safetensors` file, `*.index.json` (any name, also the flat
+    ``{tensor: file}`` form, shards of any name) or torch file (`.bin`, `.pt`, `.pth`, any
+    name: `torch.load(weights_only=True)`).
 
     Example::
 
@@ -137,23 +141,32 @@ def _index_dir(root: str) -> CheckpointIndex:
         return _from_index_file(join(BIN_INDEX), "bin")
     if os.path.isfile(join(BIN_SINGLE)):
         return _build(root, "bin", [BIN_SINGLE])
+    # accelerate's rule for a folder: its one index of any name (weight_map.index.json)
+    indexes = sorted(n for n in os.listdir(root) if n.endswith(".index.json") and os.path.isfile(join(n)))
+    if len(indexes) == 1:
+        return _from_index_file(join(indexes[0]))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{root}: {len(indexes)} index files ({', '.join(indexes)}): "
+                              "pass the one to load")
+    torch_files = sorted(n for n in os.listdir(root) if n.endswith(_TORCH_SUFFIXES) and os.path.isfile(join(n)))
+    if torch_files:
+        logger.info("%s: no index; taking all %d torch file(s)", root, len(torch_files))
+        return _build(root, "bin", torch_files)
     raise CheckpointError(
         f"{root}: no checkpoint found; looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "
-        f"*.safetensors, {BIN_INDEX} and {BIN_SINGLE}"
+        f"*.safetensors, {BIN_INDEX}, {BIN_SINGLE}, one *.index.json and *.bin/*.pt/*.pth"
     )
 
 
 def _index_file(file: str) -> CheckpointIndex:
     root = os.path.dirname(file)
-    if file.endswith(".safetensors.index.json"):
-        return _from_index_file(file, "safetensors")
-    if file.endswith(".bin.index.json"):
-        return _from_index_file(file, "bin")
+    if file.endswith(".index.json"):
+        return _from_index_file(file)
     if file.endswith(".safetensors"):
         return _build(root, "safetensors", [os.path.basename(file)])
-    if file.endswith(".bin"):
-        return _build(root, "bin", [os.path.basename(file)])
-    raise CheckpointError(f"{file}: not a checkpoint file (expected .safetensors, .bin or *.index.json)")
+    # Anything else is a torch.save file (.bin, .pt, .pth, any name), read with
+    # weights_only=True; one that is not says so, naming the file.
+    return _build(root, "bin", [os.path.basename(file)])
 
 
 def _load_json(file: str, what: str) -> dict:
@@ -177,7 +190,8 @@ def _load_json(file: str, what: str) -> dict:
 
 
 def read_weight_map(index_file: str) -> dict[str, str]:
-    """The ``weight_map`` of the index file `index_file` (``model.safetensors.index.json``):
+    """The ``weight_map`` of the index file `index_file` (``model.safetensors.index.json``,
+    or any ``*.index.json``; also the flat form, a JSON object ``{tensor: file}``):
     tensor name -> shard file relative to the index's directory, each checked to be a
     file name inside that directory. Raises `CheckpointError` naming the index.
 
@@ -186,7 +200,10 @@ def read_weight_map(index_file: str) -> dict[str, str]:
         read_weight_map("ckpt/model.safetensors.index.json")   # {"lm_head.weight": "model-00002-of-00002.safetensors", ...}
     """
     root = os.path.dirname(index_file)
-    weight_map = _load_json(index_file, "checkpoint index").get("weight_map")
+    obj = _load_json(index_file, "checkpoint index")
+    weight_map = obj.get("weight_map")
+    if weight_map is None and obj and all(isinstance(v, str) for v in obj.values()):
+        weight_map = obj   # the flat form, {tensor: file} (accelerate takes it)
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_file}: index has no weight_map (or an empty one)")
     mapped: dict[str, str] = {}  # tensor -> shard path relative to the root
@@ -199,9 +216,13 @@ def read_weight_map(index_file: str) -> dict[str, str]:
     return mapped
 
 
-def _from_index_file(index_file: str, fmt: str) -> CheckpointIndex:
+def _from_index_file(index_file: str, fmt: str | None = None) -> CheckpointIndex:
+    """The checkpoint an index names; `fmt` None: safetensors when every shard's name ends
+    in .safetensors, else torch files (any shard names)."""
     root = os.path.dirname(index_file)
     mapped = read_weight_map(index_file)
+    if fmt is None:
+        fmt = "safetensors" if all(f.endswith(".safetensors") for f in mapped.values()) else "bin"
     checked: set[str] = set()
     for name, file in mapped.items():
         if file not in checked:

@@ -55,7 +55,7 @@ def map_stage(reads: Sequence[TensorMeta], plan: LoadPlan, rank: int, device: to
         return {}, ReadStats()
     stage = plan.stage(rank)
     want = {p.key for p in stage.params if p.src_rank == rank and tiers.get(p.key) == Tier.DEVICE
-            and p.key not in stage.decode}
+            and p.key not in stage.decode and p.device in ("", "cpu")}
     dtypes = {p.key: p.dtype for p in stage.params}
     return reader.map([m for m in reads if m.name in want and dtypes[m.name] == m.dtype],
                       progress=progress)
@@ -69,8 +69,9 @@ def allocate_stage(plan: LoadPlan, rank: int, module: nn.Module, device: torch.d
 
     `tiers` (from `key_tiers`) leaves ``disk`` keys on meta (the offload store holds
     them) and puts ``cpu`` keys in host memory (on CUDA: views of one pinned arena,
-    `distload.io.pinned.HostArena`); without it everything
-    goes to `device`. `mapped` tensors (from `map_stage`) are used as they are."""
+    `distload.io.pinned.HostArena`); without it everything goes to `device` (a
+    parameter's own `ParamSource.device`, where the plan names one). `mapped` tensors
+    (from `map_stage`) are used as they are."""
     storage: dict[str, torch.Tensor] = {}
     params: dict[str, nn.Parameter] = {}
     sources = plan.stage(rank).params
@@ -91,13 +92,14 @@ def allocate_stage(plan: LoadPlan, rank: int, module: nn.Module, device: torch.d
             meta_param = module.get_parameter(src.param)
             dtype = dtype_from_name(src.dtype)
             host = tier == Tier.CPU and device.type != "cpu"
+            home = torch.device(src.device) if src.device and tier == Tier.DEVICE else device
             if mapped and src.key in mapped:
                 storage[src.key] = mapped[src.key]
             elif host and arena is not None:
                 storage[src.key] = arena.view(src.key, meta_param.shape, dtype)
             else:
                 storage[src.key] = torch.empty(meta_param.shape, dtype=dtype,
-                                               device="cpu" if host else device)
+                                               device="cpu" if host else home)
             params[src.key] = nn.Parameter(storage[src.key], requires_grad=False)
         parent_name, _, attr = src.param.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module

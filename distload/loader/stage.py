@@ -64,7 +64,7 @@ def read_stage(reads: list[TensorMeta], storage: dict, *, reader: Reader, skip: 
 def load_stage(plan, world: World, *, reader: Reader | None = None, root: str | None = None,
                options: ReadOptions | None = None, offload_dir: str | os.PathLike | None = None,
                cache_dir: str | None = None, timeout_s: float | None = None,
-               board: JobBoard | None = None) -> StageLoad:
+               board: JobBoard | None = None, module: nn.Module | None = None) -> StageLoad:
     """Materialize this rank's stage of `plan` on `world.device` with `reader` (its
     source's, for this node: `Source.reader`), or a POSIX reader of the directory `root`
     with `options`. Every rank calls it; an error on any rank raises on every rank (the
@@ -72,7 +72,11 @@ def load_stage(plan, world: World, *, reader: Reader | None = None, root: str | 
 
     Progress goes to the job's `board` (default: a new one for this load) and rank 0
     shows it (`distload.loader.progress`); the ranks wait for each other at most as long
-    as the work needs, or `timeout_s` (`distload.loader.waits`)."""
+    as the work needs, or `timeout_s` (`distload.loader.waits`).
+
+    `module`: the stage to fill (on meta, or materialized: its parameters are replaced),
+    where the caller built it — a whole model a device map's world-of-one plan covers
+    (`distload.compat.accelerate`); default: this rank's stage of distload's own model."""
     if reader is None:
         if root is None:
             raise ValueError("load_stage needs a reader or a root")
@@ -83,13 +87,13 @@ def load_stage(plan, world: World, *, reader: Reader | None = None, root: str | 
     mine = RankProgress(board, plan, rank, root=reader.root)
     start = time.perf_counter()
     seconds: dict[str, float] = {}
-    error, module, storage, stats = None, None, {}, ReadStats()
+    error, given, module, storage, stats = None, module, None, {}, ReadStats()
     reads = list(stage.reads)
     with ProgressMonitor.maybe(board, plan, world), mine.beating():
         with trace.span("read stage", "load", bytes=stage.tensor_bytes):
             try:
                 reader.check(sorted({m.file for m in stage.reads}), plan.file_sizes)
-                module = build_stage_skeleton(plan, rank)
+                module = build_stage_skeleton(plan, rank) if given is None else given
                 tiers = key_tiers(plan, rank, device)
                 mine.phase("reading")
                 mapped, stats = map_stage(reads, plan, rank, device, tiers=tiers, reader=reader,

@@ -107,9 +107,17 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
         dtypes = {src.key: src.dtype for src in stage.params}
         tensors = DecodedOnDemand({k: storage[k] for k in disk if k in storage}, decoded, stage.decode,
                                   located, reader=reader, progress=progress)
-        entries, result.bytes_read = ensure_entries(
-            store, {k: located[k] for k in disk}, reader=reader, dtype=plan.dtype,
-            tensors=tensors, verify=verify, progress=progress)
+        # One group per cast: a plan's dtype, or each parameter's own (a device map's plan)
+        casts: dict[str | None, list[str]] = {}
+        for k in disk:
+            cast = plan.dtype if plan.dtype is not None or dtypes[k] == located[k].dtype else dtypes[k]
+            casts.setdefault(cast, []).append(k)
+        for cast, keys in sorted(casts.items(), key=lambda kv: str(kv[0])):
+            made, nread = ensure_entries(
+                store, {k: located[k] for k in keys}, reader=reader, dtype=cast,
+                tensors=tensors, verify=verify, progress=progress)
+            entries.update(made)
+            result.bytes_read += nread
         result.bytes_read += tensors.bytes_read
         for k, e in entries.items():
             if e.dtype != dtypes[k]:

@@ -1,5 +1,14 @@
 """Building models without memory: `init_empty_weights` / `init_on_device` mean what
-they mean in accelerate. Any process may call these; none touches files."""
+they mean in accelerate. Any process may call these; none touches files.
+
+Nothing here outlives the block, and nothing is replaced that another library could
+capture: parameters (and buffers) are moved by torch's own registration hooks, whose
+handles are removed on exit; tensor factories follow a `torch.device` context; random
+initialisation of meta tensors is skipped by a `TorchFunctionMode` popped on exit.
+`torch.nn.init`, `nn.Module` and `torch.*` are never reassigned (transformers copies
+`torch.nn.init` functions when its modeling modules are first imported, possibly inside
+the block: it must copy the real ones).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["init_empty_weights", "init_on_device"]
 
@@ -31,10 +42,9 @@ def init_on_device(device: torch.device | str, include_buffers: bool = True) -> 
     """Create every parameter (and, if `include_buffers`, every buffer and tensor factory
     result) made inside the block on `device`.
 
-    Works by patching `nn.Module.register_parameter` (and `register_buffer`) for the
-    duration of the block; the originals come back in `finally`, also when the body
-    raises, and blocks nest (the innermost device wins). The patch is process-wide, so do
-    not build models in other threads meanwhile.
+    Blocks nest (the innermost device wins) and undo everything on exit, also when the
+    body raises. The registration hooks are torch's global ones, so a model built in
+    another thread meanwhile is affected too (as with accelerate's patch).
 
     Example::
 
@@ -42,50 +52,74 @@ def init_on_device(device: torch.device | str, include_buffers: bool = True) -> 
             layer = nn.Linear(4096, 4096)     # allocated on the GPU directly
     """
     device = torch.device(device)
-    old_register_parameter = nn.Module.register_parameter
-    old_register_buffer = nn.Module.register_buffer
+    me = object()
 
-    def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        old_register_parameter(module, name, param)
-        param = module._parameters.get(name)
+    def move_parameter(module: nn.Module, name: str, param: nn.Parameter | None):
         # Already there: keep the very object, so `head.weight = embed.weight` stays tied.
-        if param is not None and not _on_device(param, device):
-            kwargs = dict(param.__dict__)
-            kwargs["requires_grad"] = param.requires_grad
-            module._parameters[name] = type(param)(param.to(device), **kwargs)
+        if param is None or _on_device(param, device) or _ACTIVE["param"][-1] is not me:
+            return None
+        kwargs = dict(param.__dict__)
+        kwargs["requires_grad"] = param.requires_grad
+        hf_flag = kwargs.pop("_is_hf_initialized", None)  # not a constructor argument
+        moved = type(param)(param.to(device), **kwargs)
+        if hf_flag is not None:
+            moved._is_hf_initialized = hf_flag
+        return moved
 
-    def register_buffer(module: nn.Module, name: str, tensor: torch.Tensor | None,
-                        persistent: bool = True) -> None:
-        old_register_buffer(module, name, tensor, persistent=persistent)
-        buf = module._buffers.get(name)
-        if buf is not None and not _on_device(buf, device):
-            module._buffers[name] = buf.to(device)
+    def move_buffer(module: nn.Module, name: str, tensor: torch.Tensor | None):
+        if tensor is None or _on_device(tensor, device) or _ACTIVE["buffer"][-1] is not me:
+            return None
+        return tensor.to(device)
 
-    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-    if include_buffers:
-        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
-    # Random init of meta tensors is pointless, and its first call imports torch's
-    # compiler stack (~1 s per process): skip it, as transformers' no_init_weights does.
-    skipped = {n: getattr(nn.init, n) for n in _INIT_FUNCTIONS} if device.type == "meta" else {}
-    for name in skipped:
-        setattr(nn.init, name, _skip_init)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_active("param", me))
+        stack.callback(_module.register_module_parameter_registration_hook(move_parameter).remove)
+        if include_buffers:
+            stack.enter_context(_active("buffer", me))
+            stack.callback(_module.register_module_buffer_registration_hook(move_buffer).remove)
+            # Buffers made by factories (torch.ones(...)) start on `device` too, so nothing
+            # is allocated elsewhere first.
+            stack.enter_context(torch.device(device))
+        if device.type == "meta":
+            stack.enter_context(_SkipMetaInit())
+        yield
+
+
+# The blocks open now, innermost last: only the innermost moves a tensor (torch runs
+# every registration hook, outermost first).
+_ACTIVE: dict[str, list[object]] = {"param": [], "buffer": []}
+
+
+@contextlib.contextmanager
+def _active(kind: str, token: object) -> Iterator[None]:
+    _ACTIVE[kind].append(token)
     try:
-        # Buffers made by factories (torch.ones(...)) start on `device` too, so nothing
-        # is allocated elsewhere first.
-        with torch.device(device) if include_buffers else contextlib.nullcontext():
-            yield
+        yield
     finally:
-        nn.Module.register_parameter = old_register_parameter  # type: ignore[method-assign]
-        nn.Module.register_buffer = old_register_buffer  # type: ignore[method-assign]
-        for name, fn in skipped.items():
-            setattr(nn.init, name, fn)
+        _ACTIVE[kind].remove(token)
 
 
-_INIT_FUNCTIONS = tuple(n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_"))
+# Random init of meta tensors is pointless, and its first call imports torch's
+# decomposition stack (~1 s per process): such calls return their meta tensor unchanged,
+# as transformers' no_init_weights skips them. Only calls that change values, never a
+# shape or a flag, and only when the tensor they fill is on meta.
+_VALUE_METHODS = frozenset(
+    getattr(torch.Tensor, n) for n in (
+        "normal_", "uniform_", "fill_", "zero_", "random_", "exponential_", "bernoulli_",
+        "log_normal_", "cauchy_", "geometric_", "erfinv_", "clamp_", "mul_", "add_", "sub_",
+        "div_", "copy_", "masked_fill_", "fill_diagonal_", "exp_", "abs_", "sqrt_", "neg_"))
+_INIT_FUNCTIONS = frozenset(getattr(nn.init, n) for n in dir(nn.init)
+                            if n.endswith("_") and not n.startswith("_"))
 
 
-def _skip_init(tensor, *args, **kwargs):
-    return tensor
+class _SkipMetaInit(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _VALUE_METHODS or func in _INIT_FUNCTIONS:
+            target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
 
 
 def _on_device(t: torch.Tensor, device: torch.device) -> bool:

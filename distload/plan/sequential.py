@@ -18,6 +18,10 @@ Pure, like `distload.plan.planner`, whose stage model (`distload.plan.stage`) it
   tail start is then tried. Exact without a run reserve; with one, the tail's reserve is
   found by iterating to a fixed point (always within budget, possibly not the optimum).
 
+`single_process_plan` turns such a map (any device map, translated to a `Placement`
+per parameter) into the world-of-one `LoadPlan` that `distload.loader.load_stage` runs:
+one loading path for `distload.load` and accelerate's names alike.
+
 Example::
 
     plan = partition_sequential(loads, [20 * 10**9, 20 * 10**9], cpu=100 * 10**9, disk=None)
@@ -26,16 +30,18 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ..checkpoint.types import TensorMeta
+from ..dtypes import dtype_from_name
 from ..errors import PlanError
 from .budget import RankBudget, format_bytes
 from .planner import Partition, best_splits, choose_bounds, finish
 from .stage import INF, PlannerOptions, StageLayout, StageModel, UnitLoad
-from .types import Tier
+from .types import LoadPlan, ParamSource, StagePlan, Tier
 
-__all__ = ["SequentialPlan", "partition_sequential"]
+__all__ = ["SequentialPlan", "partition_sequential", "Placement", "single_process_plan"]
 
 
 @dataclass(frozen=True)
@@ -186,3 +192,68 @@ def _diagnose(model: StageModel, gpu_budgets: Sequence[int], cpu: int, disk: int
             f"({', '.join(format_bytes(b) for b in gpu_budgets)}) nor, after them, 'cpu' "
             f"({format_bytes(cpu)}) and 'disk' ({format_bytes(disk)}), the first GPU keeping room to "
             "stream the offloaded units: raise max_memory (its 'cpu' or 'disk' entries)")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One parameter of a single-process load (a device map, translated): the checkpoint
+    `key` that fills it, its `unit` (a module name; "" for the root's own parameters), the
+    `dtype` it is materialized in, its `tier`, and the `device` a device-tier parameter
+    lives on ("cuda:1", "cpu"; "" the load's device)."""
+
+    param: str
+    key: str
+    unit: str
+    dtype: str
+    tier: str = Tier.DEVICE
+    device: str = ""
+
+
+def single_process_plan(units: Sequence[tuple[str, float]], placements: Sequence[Placement],
+                        tensors: Mapping[str, TensorMeta], *, source: dict, format: str,
+                        file_sizes: Mapping[str, int], stream_slots: int = 2,
+                        config: Mapping | None = None) -> LoadPlan:
+    """The world-of-one `LoadPlan` that runs a device map through `distload.loader`: one
+    stage holding every unit (`units`: (name, per-token cost) in execution order), each
+    parameter where its `Placement` says; `tensors` (relative files) are the checkpoint's.
+    A key shared by several parameters (tied) is read once and lives on the most resident
+    of their tiers. `stream_slots`: offloaded units held on the device at once.
+
+    Example::
+
+        plan = single_process_plan([("linear", 32.0)],
+                                   [Placement("linear.weight", "linear.weight", "linear", "float32")],
+                                   tensors, source={"kind": "local", "label": "ckpt"},
+                                   format="safetensors", file_sizes=sizes)
+    """
+    home: dict[str, str] = {}
+    for p in placements:
+        home[p.key] = Tier.most_resident((home.get(p.key, p.tier), p.tier))
+    unit_tier: dict[str, str] = {}
+    unit_bytes: dict[str, int] = {name: 0 for name, _ in units}
+    counted: set[tuple[str, str]] = set()
+    for p in placements:
+        unit_tier[p.unit] = Tier.most_resident((unit_tier.get(p.unit, home[p.key]), home[p.key]))
+        if (p.unit, p.key) not in counted:
+            counted.add((p.unit, p.key))
+            unit_bytes[p.unit] += tensors[p.key].numel * dtype_from_name(p.dtype).itemsize
+    params = tuple(ParamSource(p.param, p.key, 0, p.dtype, home[p.key],
+                               p.device if home[p.key] == Tier.DEVICE else "") for p in placements)
+    first = {}
+    for p in placements:
+        first.setdefault(p.key, p)
+    reads = tuple(sorted((tensors[k] for k in first), key=lambda m: (m.file, m.offset, m.name)))
+    held = {t: 0 for t in Tier.ALL}
+    for k, p in first.items():
+        held[home[k]] += tensors[k].numel * dtype_from_name(p.dtype).itemsize
+    names = tuple(name for name, _ in units)
+    stage = StagePlan(
+        rank=0, units=names, unit_tiers=tuple(unit_tier.get(n, Tier.DEVICE) for n in names),
+        params=params, reads=reads, sends=(), tensor_bytes=sum(m.length for m in reads),
+        param_bytes=sum(held.values()), cost=float(sum(c for _, c in units)), held_bytes=held,
+        stream_slots=stream_slots if held[Tier.CPU] or held[Tier.DISK] else 0,
+        bound="a device map, in one process")
+    return LoadPlan(source=dict(source), format=format, config=dict(config or {}), dtype=None,
+                    world_size=1, stages=(stage,), checkpoint_bytes=sum(m.length for m in tensors.values()),
+                    unit_bytes=unit_bytes, no_split_units=names,
+                    file_sizes=dict(sorted(file_sizes.items())))

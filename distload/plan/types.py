@@ -37,13 +37,16 @@ class ParamSource:
     """Where one parameter of a stage comes from and where it lives: checkpoint tensor
     `key`, read by `src_rank` (this stage's own rank, or the rank that reads a tied tensor
     and sends it), materialized as `dtype`, held on `tier` while the model runs (the most
-    resident tier of the stage's units that use `key`)."""
+    resident tier of the stage's units that use `key`), on `device` when it is not the
+    rank's own."""
 
     param: str
     key: str
     src_rank: int
     dtype: str        # the dtype the parameter is materialized in
     tier: str = Tier.DEVICE
+    device: str = ""  # where a device-tier parameter lives; "" the rank's device (a single
+                      # process following a device map may span several: "cuda:1", "cpu")
 
 
 @dataclass(frozen=True)

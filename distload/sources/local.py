@@ -13,7 +13,7 @@ from .base import Source, register_source
 
 __all__ = ["LocalSource", "local_path"]
 
-_CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+_CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
 def local_path(spec: str) -> str | None:
@@ -25,7 +25,7 @@ def local_path(spec: str) -> str | None:
     if os.path.isfile(path):
         if not path.endswith(_CHECKPOINT_SUFFIXES):
             raise CheckpointError(f"{path}: not a checkpoint file "
-                                  "(expected a directory, .safetensors, .bin or *.index.json)")
+                                  "(expected a directory, .safetensors, .bin, .pt, .pth or *.index.json)")
         return path
     if os.path.lexists(path):
         raise CheckpointError(f"{path}: exists but is neither a directory nor a regular file")

@@ -9,15 +9,24 @@ store: the workflow users know runs with only its import line changed::
                                        no_split_module_classes=["LlamaDecoderLayer"])
     model = load_checkpoint_and_dispatch(model, checkpoint=path, device_map=device_map)
 
-`device_map.py` plans (`infer_auto_device_map`); `dispatch.py` loads
-(`load_checkpoint_and_dispatch`, `load_checkpoint_in_model`); `placement.py` reads a map
-(where each tensor goes, whether its devices exist here). The one place outside `distload.models` that works with
+`device_map.py` plans (`infer_auto_device_map`, `get_balanced_memory`; in one process
+accelerate's own map, `greedy.py`); `dispatch.py` translates a map into a world-of-one
+plan that `distload.loader` loads (`load_checkpoint_and_dispatch`,
+`load_checkpoint_in_model`); `placement.py` reads a map (where each tensor goes, whether
+its devices exist here). The one place outside `distload.models` that works with
 another library's models and their weight names.
 """
 
-from .device_map import DeviceMapPlan, infer_auto_device_map, plan_device_map
+from ...meta import init_empty_weights, init_on_device
+from .device_map import DeviceMapPlan, get_balanced_memory, infer_auto_device_map, plan_device_map
 from .dispatch import dispatch_checkpoint, load_checkpoint_and_dispatch, load_checkpoint_in_model
+from .offload import disk_offload, dispatch_model
 from .placement import device_for, module_devices
 
-__all__ = ["infer_auto_device_map", "plan_device_map", "DeviceMapPlan", "load_checkpoint_and_dispatch",
-           "load_checkpoint_in_model", "dispatch_checkpoint", "device_for", "module_devices"]
+# accelerate's public names this package gives, same meaning (scripts/accelerate_suite.sh
+# runs accelerate's own tests with these swapped in)
+ACCELERATE_NAMES = ("init_empty_weights", "init_on_device", "infer_auto_device_map", "get_balanced_memory",
+                    "load_checkpoint_and_dispatch", "load_checkpoint_in_model", "dispatch_model", "disk_offload")
+
+__all__ = [*ACCELERATE_NAMES, "plan_device_map", "DeviceMapPlan", "dispatch_checkpoint", "device_for",
+           "module_devices", "ACCELERATE_NAMES"]

@@ -1,6 +1,9 @@
-"""`infer_auto_device_map` with accelerate's meaning, planned by distload's planner.
+"""`infer_auto_device_map` and `get_balanced_memory` with accelerate's meaning.
 
-What differs from accelerate (its known faults, fixed):
+In one process the map is accelerate's own (`greedy.py`) whenever it fits the budgets.
+distload's planner (`plan_device_map`) answers where accelerate's map breaks a budget,
+where a run shape is asked (`max_batch_size` / `max_seq_len`), and plans the pipeline
+under torchrun. What the planner does differently from accelerate:
 
 * accelerate's order is kept — the GPUs' stages, then "cpu", then "disk" — but the GPUs
   get contiguous stages that minimise the costliest stage (per-token FLOPs), not a greedy
@@ -22,6 +25,7 @@ What differs from accelerate (its known faults, fixed):
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -33,13 +37,14 @@ from ...errors import PlanError
 from ...loader.memory import default_limits
 from ...log import logger
 from ...meta import describe_model, persistent_buffers
-from ...plan.budget import RankBudget, parse_max_memory
+from ...plan.budget import RankBudget, format_bytes, parse_max_memory
 from ...plan.planner import Partition, PlannerOptions, UnitLoad, partition
 from ...plan.reserve import run_shape, unit_reserves
 from ...plan.sequential import partition_sequential
 from ...plan.types import Tier
+from .greedy import GreedyMap, balanced_memory, clean_device_map, greedy_device_map
 
-__all__ = ["infer_auto_device_map", "plan_device_map", "DeviceMapPlan", "DeviceMap", "as_dtype", "Device"]
+__all__ = ["infer_auto_device_map", "get_balanced_memory", "plan_device_map", "DeviceMapPlan", "DeviceMap", "as_dtype", "Device"]
 
 Device = int | str
 
@@ -205,12 +210,17 @@ def _clean(model: nn.Module, device_map: dict[str, Device]) -> dict[str, Device]
 def infer_auto_device_map(model: nn.Module, max_memory: Mapping | None = None,
                           no_split_module_classes=None, dtype=None, special_dtypes: Mapping | None = None,
                           verbose: bool = False, clean_result: bool = True, offload_buffers: bool = False,
-                          *, max_batch_size: int | None = None, max_seq_len: int | None = None,
-                          workload: str = "any") -> dict[str, Device]:
+                          fallback_allocation: bool = False, *, max_batch_size: int | None = None,
+                          max_seq_len: int | None = None, workload: str = "any") -> dict[str, Device]:
     """``{module_name: device}`` for `model` (GPU index, "cpu" or "disk"), as accelerate's
-    function of the same name, planned by distload's planner (see the module docstring).
-    `max_batch_size` / `max_seq_len` keep room on each GPU for activations and KV cache
-    (for `workload` "forward", "generate" or "any").
+    function of the same name, with all its keywords.
+
+    One process runs the devices one after the other, so balancing them gains nothing:
+    the map is accelerate's own (`greedy.py`: the first GPU filled first) whenever it
+    fits the budgets. distload's planner (see the module docstring) answers instead where
+    accelerate's map breaks one — more than ``max_memory["disk"]`` on disk — and whenever
+    `max_batch_size` / `max_seq_len` ask for room on each GPU for activations and KV cache
+    (for `workload` "forward", "generate" or "any"), which accelerate does not keep.
 
     Example::
 
@@ -218,8 +228,22 @@ def infer_auto_device_map(model: nn.Module, max_memory: Mapping | None = None,
             model = AutoModelForCausalLM.from_config(config)
         infer_auto_device_map(model, max_memory={"cpu": "2GiB"})   # {'': 'cpu'}
     """
-    if offload_buffers:
-        logger.debug("offload_buffers is accepted for compatibility; buffers stay resident")
+    if max_batch_size is None and max_seq_len is None:
+        limits = default_limits() if max_memory is None else parse_max_memory(max_memory)
+        cast = None if dtype is None else as_dtype(dtype)
+        special = {k: as_dtype(v) for k, v in (special_dtypes or {}).items()}
+        greedy = greedy_device_map(model, limits, no_split_module_classes, dtype=cast, special_dtypes=special,
+                                   offload_buffers=offload_buffers, fallback_allocation=fallback_allocation,
+                                   verbose=verbose)
+        broken = _breaks_budget(greedy, limits)
+        if broken is None:
+            _warn_missing(sorted(k for k in limits if isinstance(k, int)))
+            _tell_like_accelerate(greedy, limits, offload_buffers)
+            out = DeviceMap(clean_device_map(dict(greedy.device_map)) if clean_result else dict(greedy.device_map))
+            # accelerate keeps room for one offloaded layer on the main device: no prefetch
+            out.stream_slots = 1 if any(d in ("cpu", "disk") for d in out.values()) else 0
+            return out
+        logger.info("accelerate's device map %s: distload plans the map instead", broken)
     plan = plan_device_map(model, max_memory, no_split_module_classes=no_split_module_classes,
                            dtype=dtype, special_dtypes=special_dtypes,
                            max_batch_size=max_batch_size, max_seq_len=max_seq_len, workload=workload)
@@ -231,3 +255,51 @@ def infer_auto_device_map(model: nn.Module, max_memory: Mapping | None = None,
     out = DeviceMap(_clean(model, plan.device_map) if clean_result else plan.device_map)
     out.stream_slots = max((s.stream_slots for s in plan.partition.stages), default=0)
     return out
+
+
+def _breaks_budget(greedy: GreedyMap, limits: Mapping) -> str | None:
+    """Why accelerate's map does not fit `limits` (None: it fits). accelerate keeps every
+    GPU and "cpu" within its budget by construction; "disk" it treats as unlimited."""
+    disk = limits.get("disk")
+    if disk is not None and greedy.used.get("disk", 0) > disk:
+        return (f"puts {format_bytes(greedy.used['disk'])} on disk, over max_memory['disk'] "
+                f"({format_bytes(disk)})")
+    return None
+
+
+def _tell_like_accelerate(greedy: GreedyMap, limits: Mapping, offload_buffers: bool) -> None:
+    """accelerate's two messages: buffers of offloaded modules that fit no GPU (a warning:
+    they go to the device when their module runs), and devices too small for any module."""
+    gpus = [k for k in limits if isinstance(k, int)]
+    offloaded = greedy.buffer_bytes.get("cpu", 0) + greedy.buffer_bytes.get("disk", 0)
+    if offloaded and not offload_buffers and gpus and not any(
+            limits[g] >= offloaded + greedy.used.get(g, 0) for g in gpus):
+        warnings.warn(f"Current model requires {offloaded} bytes of buffer for offloaded layers, which "
+                      "seems does not fit any GPU's remaining memory. If you are experiencing a OOM later, "
+                      "please consider using offload_buffers=True.", stacklevel=3)
+    if greedy.minimum:
+        # accelerate's words (an info there), with the excess: a warning, since the weights
+        # that fit nowhere stay on disk and stream onto the device that runs them
+        lines = "; ".join(f"{d}: {m} bytes required, {format_bytes(limits.get(d, 0))} allowed "
+                          f"({format_bytes(m - limits.get(d, 0))} over)" for d, m in greedy.minimum.items())
+        logger.warning("Based on the current allocation process, no modules could be assigned to the following "
+                       "devices due to insufficient memory: %s. What fits no device stays on disk and streams "
+                       "onto the device that runs it", lines)
+
+
+def get_balanced_memory(model: nn.Module, max_memory: Mapping | None = None, no_split_module_classes=None,
+                        dtype=None, special_dtypes: Mapping | None = None, low_zero: bool = False) -> dict:
+    """accelerate's `get_balanced_memory`, same meaning: `max_memory` (default: this
+    machine's, see `infer_auto_device_map`) with each GPU but the last capped near an equal
+    share of the model, so that `infer_auto_device_map` spreads it over every GPU
+    (`low_zero`: GPU 0 holds only what the others cannot). Sizes parse as distload parses
+    them; the caller's dict is never changed.
+
+    Example::
+
+        infer_auto_device_map(model, get_balanced_memory(model, {0: "10GiB", 1: "10GiB"}))
+    """
+    limits = default_limits() if max_memory is None else parse_max_memory(max_memory)
+    return balanced_memory(model, limits, no_split_module_classes, dtype=None if dtype is None else as_dtype(dtype),
+                           special_dtypes={k: as_dtype(v) for k, v in (special_dtypes or {}).items()},
+                           low_zero=low_zero, defaulted=max_memory is None)

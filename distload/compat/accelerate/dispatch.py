@@ -1,7 +1,9 @@
 """`load_checkpoint_and_dispatch` and `load_checkpoint_in_model` with accelerate's
-meaning, and the single-process loading behind them (`dispatch_checkpoint`): fill a meta
-model from a checkpoint following a device map, reading each tensor's bytes once, with
-distload's reader and offload store.
+meaning, and the translation behind them (`dispatch_checkpoint`): a device map becomes a
+world-of-one `LoadPlan` (`distload.plan.sequential.single_process_plan`) that
+`distload.loader.load_stage` runs — the one loading path of `distload.load`, with its
+sources (a path or a hub id), reader, tiers, offload store, progress and errors. Each
+tensor's bytes are read once, straight into their place.
 
 Under torchrun (``WORLD_SIZE > 1``), ``load_checkpoint_and_dispatch(model, path,
 device_map="auto")`` is the distributed path: every rank calls it, rank 0 plans, each rank
@@ -19,8 +21,11 @@ its parent's device when the map does not name it — see `placement.py`):
   to the first GPU of the map around each use (`distload.offload.attach_streaming`);
 * ``"disk"``: an entry of the offload store (`distload.offload`), streamed in likewise.
 
-Parameters tied to one another (one checkpoint tensor) with the same placement share one
-Parameter, so ties survive; with different placements each gets its own copy. When the
+Parameters tied to one another (one checkpoint tensor) share one Parameter on the most
+resident of their placements, so ties survive; on two different devices each device gets
+its own copy. Every persistent buffer the checkpoint holds takes its value, wherever it
+was built (meta, or already on the CPU); parameters of the root module are resident on
+their device (no unit streams them). When the
 map names several compute devices, inputs are moved to each module's device before it
 runs and the model's outputs back to where its inputs were.
 
@@ -36,24 +41,29 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from ...checkpoint import index_checkpoint
 from ...checkpoint.quant import quant_scheme
+from ...dist import World
 from ...dtypes import cast_dtype, dtype_from_name, dtype_name
 from ...errors import ConfigError, LoadError
-from ...io import read_tensors
-from ...io.reader import DEFAULT_STAGING_BYTES
+from ...io import DEFAULT_STAGING_BYTES, Reader, ReadOptions
+from ...loader.fetch import fetch_node_files
+from ...loader.stage import load_stage
 from ...log import logger
-from ...meta import check_materialized, describe_model
-from ...offload import OffloadStore, attach_streaming, default_offload_dir, ensure_entries
+from ...meta import ParamSpec, UnitSpec, describe_model, persistent_buffers
 from ...plan.budget import format_bytes
 from ...plan.build import match_params_to_keys
-from .device_map import Device, as_dtype, infer_auto_device_map
+from ...plan.sequential import Placement, single_process_plan
+from ...plan.types import Tier
+from ...sources import open_source
+from .device_map import Device, as_dtype, get_balanced_memory, infer_auto_device_map
+from .hooks import align_devices as _align_devices
 from .placement import (DISK, HOST, RESIDENT, check_devices_present, device_for, module_devices,
                         normalize_device, placement, warn_once)
 
@@ -70,13 +80,15 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
                                  offload_buffers: bool = False, dtype=None,
                                  offload_state_dict: bool | None = None, skip_keys=None,
                                  preload_module_classes=None, force_hooks: bool = False,
-                                 strict: bool = False, *, max_batch_size: int | None = None,
+                                 strict: bool = False, full_state_dict: bool = True,
+                                 broadcast_from_rank0: bool = False, *, max_batch_size: int | None = None,
                                  max_seq_len: int | None = None, workload: str = "any",
                                  stream_slots: int | None = None):
     """Load `checkpoint` (a directory, a ``.safetensors``/``.bin`` file or an
     ``*.index.json``) into `model` (on meta) following `device_map` — a dict from
-    `infer_auto_device_map`, or ``"auto"`` (also ``"balanced"``, ``"sequential"``) to plan
-    one here. Each parameter's bytes are read once, straight into its place. "cpu" entries
+    `infer_auto_device_map`, or a string to plan one here as accelerate does: ``"auto"``,
+    ``"balanced"`` and ``"balanced_low_0"`` over `get_balanced_memory`'s budgets,
+    ``"sequential"`` over `max_memory` itself. Each parameter's bytes are read once, straight into its place. "cpu" entries
     live in host memory ("cpu" is the device without GPUs; with GPUs they are streamed to
     the first GPU to run), "disk" entries go to `offload_folder` (a `distload.offload`
     store, default ``~/.cache/distload/offload``) and are streamed in to run. Floating
@@ -87,7 +99,9 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
     what distload always does (an offloaded unit's weights are all fetched before it
     runs); `offload_buffers` is not implemented (buffers stay on the device: a warning,
     once); `offload_state_dict` is needless — no temporary state dict is built, and the
-    load's peak host memory (the "cpu" weights plus the read staging) is logged instead.
+    load's peak host memory (the "cpu" weights plus the read staging) is logged instead;
+    `full_state_dict` and `broadcast_from_rank0` concern accelerate's sharded training
+    (a warning, once, when not their defaults).
 
     `stream_slots` (distload's): offloaded units on the device at once — 2 prefetches the
     next while one runs, 1 does not; default: what the plan made room for (a map from
@@ -115,10 +129,14 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
     if preload_module_classes:
         warn_once("preload_module_classes", "preload_module_classes: distload already fetches all of "
                   "an offloaded unit's weights before it runs", level=20)
+    _sharded_switches(full_state_dict, broadcast_from_rank0)
     if isinstance(device_map, str):
+        if device_map != "sequential" and max_batch_size is None and max_seq_len is None:
+            max_memory = get_balanced_memory(model, max_memory, no_split_module_classes, dtype=dtype,
+                                             low_zero=device_map == "balanced_low_0")
         device_map = infer_auto_device_map(model, max_memory, no_split_module_classes, dtype=dtype,
-                                           max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                                           workload=workload)
+                                           offload_buffers=offload_buffers, max_batch_size=max_batch_size,
+                                           max_seq_len=max_seq_len, workload=workload)
     elif device_map is None:
         device_map = {"": "cpu"}
     dispatch_checkpoint(model, os.fspath(checkpoint), device_map,
@@ -146,8 +164,9 @@ def load_checkpoint_in_model(model: nn.Module, checkpoint: str | os.PathLike,
     "disk" parameters become entries of the offload store in `offload_folder` *and* are
     streamed in when their unit runs (accelerate leaves them on meta until
     `dispatch_model`, which distload folds in here). No temporary state dict is built (see
-    `load_checkpoint_and_dispatch` for `offload_state_dict`); `offload_8bit_bnb` and
-    `broadcast_from_rank0` are not implemented (a warning, once each). Returns None.
+    `load_checkpoint_and_dispatch` for `offload_state_dict`); `offload_8bit_bnb` is
+    not implemented, `broadcast_from_rank0` / `full_state_dict=False` concern sharded
+    training (a warning, once each). Returns None.
 
     Example::
 
@@ -155,12 +174,10 @@ def load_checkpoint_in_model(model: nn.Module, checkpoint: str | os.PathLike,
             model = AutoModelForCausalLM.from_config(config)
         load_checkpoint_in_model(model, "ckpt/", device_map={"": "cpu"})
     """
-    for name, value in (("offload_buffers", offload_buffers), ("offload_8bit_bnb", offload_8bit_bnb),
-                        ("broadcast_from_rank0", broadcast_from_rank0)):
+    for name, value in (("offload_buffers", offload_buffers), ("offload_8bit_bnb", offload_8bit_bnb)):
         if value:
             warn_once(name, f"{name}=True is not implemented by distload's load_checkpoint_in_model: ignored")
-    if not full_state_dict:
-        warn_once("full_state_dict", "full_state_dict=False: distload loads whole tensors only")
+    _sharded_switches(full_state_dict, broadcast_from_rank0)
     fp32 = tuple(keep_in_fp32_modules or ()) if dtype is not None and as_dtype(dtype) == torch.float16 else ()
     dispatch_checkpoint(model, os.fspath(checkpoint), dict(device_map or {"": "cpu"}),
                         dtype=None if dtype is None else dtype_name(as_dtype(dtype)), strict=strict,
@@ -168,6 +185,15 @@ def load_checkpoint_in_model(model: nn.Module, checkpoint: str | os.PathLike,
                         stream_host=False, align=False, keep_in_fp32=fp32,
                         offload_state_dict=offload_state_dict,
                         stream_slots=getattr(device_map, "stream_slots", 0) or 2)
+
+
+def _sharded_switches(full_state_dict: bool, broadcast_from_rank0: bool) -> None:
+    if not full_state_dict:
+        warn_once("full_state_dict", "full_state_dict=False: distload loads whole tensors only (a "
+                  "sharded state dict is accelerate's FSDP path); ignored")
+    if broadcast_from_rank0:
+        warn_once("broadcast_from_rank0", "broadcast_from_rank0=True: in one process there is no rank to "
+                  "broadcast to; under torchrun each rank reads only its own stage; ignored")
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -183,81 +209,62 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
                         strict: bool = False, offload_folder: str | None = None,
                         no_split_module_classes=None, skip_keys=None, force_hooks: bool = False,
                         stream_host: bool = True, align: bool = True, keep_in_fp32: tuple = (),
-                        offload_state_dict: bool = False, stream_slots: int = 2) -> None:
-    """Fill `model`'s meta parameters from `checkpoint` as `device_map` says (see the module
-    docstring). `dtype` (a name) casts floating tensors; None: the model's own dtypes.
-    `stream_host`: with GPUs, "cpu" parameters are pinned and streamed to the first GPU
-    (else resident in host memory); `align`: hooks move inputs to each mapped module's
-    device (`skip_keys` excepted; on one device only with `force_hooks`); `stream_slots`:
-    offloaded units held at once (2: prefetch)."""
+                        offload_state_dict: bool = False, stream_slots: int = 2,
+                        cache_dir: str | None = None) -> None:
+    """Fill `model` from `checkpoint` (a path or hub id: `distload.sources`) as `device_map`
+    says (see the module docstring). `dtype` (a name) casts floating tensors; None: the
+    model's own dtypes. `stream_host`: with GPUs, "cpu" parameters are pinned and streamed
+    to the first GPU (else resident in host memory); `align`: hooks move inputs to each
+    mapped module's device (`skip_keys` excepted; on one device only with `force_hooks`);
+    `stream_slots`: offloaded units held at once (2: prefetch).
+
+    The map becomes a world-of-one `LoadPlan` (`distload.plan.sequential`) that
+    `distload.loader.load_stage` runs — the loading path of `distload.load`: its sources,
+    reader, tiers, offload store, progress and errors. Only the buffers (no part of a
+    plan) are read here, with the same reader."""
     check_devices_present(device_map)       # before a byte is read
-    index = index_checkpoint(checkpoint)
+    source = open_source(os.fspath(checkpoint), cache_dir=cache_dir)
+    index = source.index()
     _refuse_quantized(index)
-    spec = describe_model(model, no_split_module_classes=no_split_module_classes)
-    param_to_key, unexpected = match_params_to_keys(spec, index.tensors, strict=strict)
-    if unexpected:
-        logger.warning("ignoring %d unexpected checkpoint key(s): %s", len(unexpected), ", ".join(unexpected[:8]))
+    spec = _with_root_params(model, describe_model(model, no_split_module_classes=no_split_module_classes))
+    param_to_key, unused = match_params_to_keys(spec, index.tensors, strict=False)
+    buffer_keys = {name for name, _ in persistent_buffers(model) if name in index.tensors}
+    _unexpected(model, checkpoint, [k for k in unused if k not in buffer_keys], strict=strict)
     gpus = sorted({d for d in map(normalize_device, device_map.values()) if isinstance(d, int)})
     main = torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")
     params = dict(model.named_parameters(remove_duplicate=False))
-
-    place, target, entry_of = {}, {}, {}
-    for pname, key in param_to_key.items():
-        try:
-            entry_of[pname], device = device_for(pname, device_map)
-        except KeyError:
-            raise LoadError(f"device_map gives no device for parameter {pname}: name it, or a module "
-                            "holding it, in the map") from None
-        place[pname] = placement(device, main, stream_host=stream_host)
-        src = index.tensors[key].dtype
-        # accelerate's rule: floating tensors take `dtype`, else the model's own dtype
-        own = dtype_name(params[pname].dtype) if params[pname].is_floating_point() else src
-        want = "float32" if keep_in_fp32 and _in_fp32(pname, keep_in_fp32) else (dtype or own)
-        target[pname] = cast_dtype(src, want)
-
-    # One tensor per (checkpoint key, placement, dtype); the key's bytes are read once.
-    storage: dict[tuple, torch.Tensor] = {}
-    for pname, key in param_to_key.items():
-        kind, dev = place[pname]
-        slot = (key, kind, str(dev), target[pname])
-        if kind != DISK and slot not in storage:
-            storage[slot] = torch.empty(index.tensors[key].shape, dtype=dtype_from_name(target[pname]),
-                                        device=dev or "cpu", pin_memory=kind == HOST)
+    grads = {name: p.requires_grad for name, p in params.items()}
+    placements, units = _placements(model, spec, param_to_key, index, device_map, main, params,
+                                     dtype=dtype, stream_host=stream_host, keep_in_fp32=keep_in_fp32)
+    tensors, sizes = index.relative()
+    plan = single_process_plan(units, placements, tensors, source=source.identity(), format=index.format,
+                               file_sizes=sizes, stream_slots=stream_slots)
     if offload_state_dict:
-        host = sum(t.numel() * t.element_size() for t in storage.values() if t.device.type == "cpu")
+        host = sum(tensors[p.key].numel * dtype_from_name(p.dtype).itemsize for p in placements
+                   if p.tier == Tier.CPU or p.device == "cpu")
         warn_once("offload_state_dict", "offload_state_dict: distload builds no temporary state dict; "
                   f"this load's peak host memory is the weights placed on 'cpu' ({format_bytes(host)}) "
                   f"plus the read staging (at most {format_bytes(_READ_WORKERS * DEFAULT_STAGING_BYTES)})",
                   level=20)
-    first: dict[str, torch.Tensor] = {}
-    for slot, tensor in storage.items():
-        first.setdefault(slot[0], tensor)
-    _read(index, first)
-    for slot, tensor in storage.items():
-        if tensor is not first[slot[0]]:
-            tensor.copy_(first[slot[0]])
-
-    shared: dict[tuple, nn.Parameter] = {}
-    source: dict[str, object] = {}
-    for pname, key in param_to_key.items():
-        kind, dev = place[pname]
-        slot = (key, kind, str(dev), target[pname])
-        owner, attr = _owner(model, pname)
-        if kind == RESIDENT:
-            if slot not in shared:
-                shared[slot] = nn.Parameter(storage[slot], requires_grad=params[pname].requires_grad)
-            owner._parameters[attr] = shared[slot]
-        elif kind == HOST:
-            source[pname] = storage[slot]
-    disk = [p for p in param_to_key if place[p][0] == DISK]
-    if disk:
-        source.update(_disk_entries(index, {p: param_to_key[p] for p in disk}, target, offload_folder))
-    _move_buffers(model, device_map, main, index, stream_host)
-    if source:
-        _stream(model, spec, source, entry_of, main, stream_slots)
+    world = World(rank=0, world_size=1, local_rank=0, device=main, backend=None)
+    fetch_node_files(world, source, plan)
+    reader = source.reader(ReadOptions(workers=_READ_WORKERS))
+    _load_buffers(model, device_map, main, index, buffer_keys, dtype=dtype, stream_host=stream_host,
+                  reader=reader)
+    load_stage(plan, world, reader=reader, module=model, offload_dir=offload_folder, cache_dir=cache_dir)
+    # buffers the load recomputed (a distload model's RoPE, on the load's device) go back
+    # to their module's device
+    _load_buffers(model, device_map, main, index, set(), dtype=dtype, stream_host=stream_host)
+    with torch.no_grad():
+        for p in placements:   # a key tied across devices is read where its first user lives
+            owner, attr = _owner(model, p.param)
+            param = owner._parameters[attr]
+            if p.device and not param.is_meta and param.device != torch.device(p.device):
+                owner._parameters[attr] = nn.Parameter(param.to(p.device), requires_grad=False)
+        for name, param in model.named_parameters(remove_duplicate=False):
+            param.requires_grad_(grads.get(name, False) and param.is_floating_point())
     if align:
         _align_devices(model, device_map, main, skip_keys=skip_keys, force=force_hooks)
-    check_materialized(model, streamed=source)
 
 
 def _refuse_quantized(index) -> None:
@@ -273,26 +280,66 @@ def _refuse_quantized(index) -> None:
                         "this path reads plain tensors only")
 
 
-def _read(index, dests: dict[str, torch.Tensor]) -> None:
-    read_tensors([index.tensors[k] for k in sorted(dests)], dests, workers=_READ_WORKERS)
+
+def _placements(model: nn.Module, spec, param_to_key: dict, index, device_map: dict, main: torch.device,
+                params: dict, *, dtype: str | None, stream_host: bool, keep_in_fp32: tuple
+                ) -> tuple[list[Placement], list[tuple[str, float]]]:
+    """Each parameter's `Placement` under `device_map`, and the plan's units ((name, cost)
+    in module order): the modules the map or `describe_model` names, whichever is deeper,
+    never one inside another (an offloaded unit streams as a whole)."""
+    modules = dict(model.named_modules())
+    unit_of = spec.unit_of()
+    chosen: dict[str, str] = {}
+    kinds: dict[str, tuple] = {}
+    for pname in param_to_key:
+        try:
+            entry, device = device_for(pname, device_map)
+        except KeyError:
+            raise LoadError(f"device_map gives no device for parameter {pname}: name it, or a module "
+                            "holding it, in the map") from None
+        kind, dev = placement(device, main, stream_host=stream_host)
+        if unit_of[pname] == "":   # the root's own parameters stay resident (no unit streams them)
+            kind, dev = RESIDENT, (dev if kind == RESIDENT else main)
+            chosen[pname] = ""
+        else:
+            chosen[pname] = max(entry if entry in modules else "", unit_of[pname], key=len)
+        kinds[pname] = (kind, dev)
+    named = {u for u in chosen.values() if u}
+    outer = {u: next((a for a in _ancestors(u) if a in named), u) for u in named}
+    placements = []
+    for pname, key in param_to_key.items():
+        kind, dev = kinds[pname]
+        src = index.tensors[key].dtype
+        # accelerate's rule: floating tensors take `dtype`, else the model's own dtype
+        own = dtype_name(params[pname].dtype) if params[pname].is_floating_point() else src
+        want = "float32" if keep_in_fp32 and _in_fp32(pname, keep_in_fp32) else (dtype or own)
+        tier = {RESIDENT: Tier.DEVICE, HOST: Tier.CPU, DISK: Tier.DISK}[kind]
+        placements.append(Placement(pname, key, outer.get(chosen[pname], ""), cast_dtype(src, want), tier,
+                                    str(dev) if kind == RESIDENT else ""))
+    cost = {u.name: u.cost for u in spec.units}
+    order = {name: i for i, name in enumerate(modules)}
+    names = sorted({p.unit for p in placements}, key=order.__getitem__)
+    return placements, [(u, sum(c for n, c in cost.items() if n == u or n.startswith(u + ".")))
+                        for u in names]
 
 
-def _disk_entries(index, keys: dict[str, str], target: dict[str, str], folder: str | None) -> dict:
-    store = OffloadStore(folder or default_offload_dir())
-    groups: dict[str | None, dict] = {}
-    for pname, key in keys.items():
-        meta = index.tensors[key]
-        groups.setdefault(None if target[pname] == meta.dtype else target[pname], {})[pname] = meta
-    entries = {}
-    for cast, metas in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        made, _ = ensure_entries(store, metas, checkpoint=index.root, dtype=cast)
-        entries.update(made)
-    logger.info("%d parameter(s) on the disk tier in %s", len(entries), store.root)
-    return entries
+def _ancestors(name: str) -> list[str]:
+    """The dotted prefixes of `name`, outermost first ("a", "a.b" for "a.b.c")."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _move_buffers(model: nn.Module, device_map: dict, main: torch.device, index, stream_host: bool) -> None:
+def _load_buffers(model: nn.Module, device_map: dict, main: torch.device, index, keys: set[str], *,
+                  dtype: str | None, stream_host: bool, reader: Reader | None = None) -> None:
+    """Every buffer goes to its module's device (an offloaded module's to the device it
+    runs on: buffers are not offloaded, as in accelerate by default); a persistent one the
+    checkpoint holds (`keys`) takes the checkpoint's value wherever it was — on meta, or
+    already materialised (a BatchNorm's statistics under `init_empty_weights()`) —, its
+    dtype `dtype` if floating and given, else its own (as `load_state_dict` keeps it);
+    `reader` (the source's) reads them."""
     devices = module_devices(model, device_map)
+    read: dict[str, torch.Tensor] = {}
+    owners: dict[str, tuple[nn.Module, str, torch.device]] = {}
     for mod_name, mod in model.named_modules():
         for name, buf in list(mod._buffers.items()):
             if buf is None:
@@ -302,61 +349,37 @@ def _move_buffers(model: nn.Module, device_map: dict, main: torch.device, index,
                 raise LoadError(f"device_map gives no device for buffer {full}")
             kind, dev = placement(devices[mod_name], main, stream_host=stream_host)
             dev = dev if kind == RESIDENT else main
-            if buf.is_meta:
-                if full not in index.tensors:
-                    continue  # reported as left on meta
+            if full in keys:
                 meta = index.tensors[full]
-                buf = torch.empty(meta.shape, dtype=buf.dtype, device="cpu")
-                _read(index, {full: buf})
-            mod._buffers[name] = buf.to(dev)
+                own = dtype_name(buf.dtype)
+                want = cast_dtype(meta.dtype, dtype or own) if buf.is_floating_point() else own
+                read[full] = torch.empty(meta.shape, dtype=dtype_from_name(want), device="cpu")
+                owners[full] = (mod, name, dev)
+            elif not buf.is_meta:
+                mod._buffers[name] = buf.to(dev)   # left on meta: check_materialized names it
+    if read:
+        relative, _ = index.relative()
+        reader.read([relative[k] for k in sorted(read)], read)
+    for full, (mod, name, dev) in owners.items():
+        mod._buffers[name] = read[full].to(dev)
 
 
-def _stream(model: nn.Module, spec, source: dict, entry_of: dict, main: torch.device, slots: int) -> None:
-    unit_of = spec.unit_of()
-    chosen = {max(entry_of[p], unit_of[p], key=len) for p in source}
-    units = {u for u in chosen if not any(o != u and (o == "" or u.startswith(o + ".")) for o in chosen)}
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    attach_streaming(model, sorted(units, key=order.__getitem__), source, main, prefetch=slots > 1,
-                     max_resident=slots)
+def _with_root_params(model: nn.Module, spec):
+    """`spec` with the model's own parameters (registered on the root module, which
+    `describe_model` leaves out of every unit) as one more unit, named ""."""
+    own = tuple(ParamSpec(n, tuple(p.shape), dtype_name(p.dtype)) for n, p in model.named_parameters(recurse=False))
+    return dataclasses.replace(spec, units=spec.units + (UnitSpec("", own, 0.0),)) if own else spec
 
 
-def _to(obj, device: torch.device, skip: frozenset = frozenset()):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_to(o, device, skip) for o in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(o, device, skip) for o in obj)
-    if isinstance(obj, dict):
-        for k in list(obj):
-            if k not in skip:
-                obj[k] = _to(obj[k], device, skip)
-        return obj
-    return obj
-
-
-def _align_devices(model: nn.Module, device_map: dict, main: torch.device, *, skip_keys=None,
-                   force: bool = False) -> None:
-    """With several compute devices (or `force`): inputs follow each mapped module to its
-    device, and the model's outputs come back to its first input's device (accelerate's
-    hooks); keys in `skip_keys` are never moved."""
-    skip = frozenset([skip_keys] if isinstance(skip_keys, str) else skip_keys or ())
-    compute = {}
-    for key, dev in device_map.items():
-        kind, d = placement(dev, main)
-        compute[key] = d if kind == RESIDENT else main
-    if len(set(compute.values())) < 2 and not force:
+def _unexpected(model: nn.Module, checkpoint: str, keys: list[str], *, strict: bool) -> None:
+    """Checkpoint keys that name no parameter and no persistent buffer: an error with
+    `strict`, else accelerate's warning."""
+    if not keys:
         return
-    for key, dev in compute.items():
-        if key:
-            model.get_submodule(key).register_forward_pre_hook(
-                lambda m, args, kwargs, dev=dev: (_to(args, dev, skip), _to(kwargs, dev, skip)), with_kwargs=True)
-    state = {}
-
-    def remember(m, args, kwargs):
-        first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
-        state["device"] = first.device if first is not None else main
-        return _to(args, compute.get("", main), skip), _to(kwargs, compute.get("", main), skip)
-
-    model.register_forward_pre_hook(remember, with_kwargs=True)
-    model.register_forward_hook(lambda m, args, out: _to(out, state.get("device", main), skip))
+    message = (f"Some weights of the model checkpoint at {checkpoint} were not used when initializing "
+               f"{type(model).__name__}: {keys}")
+    if strict:
+        raise LoadError(f"{message} (strict=True)")
+    logger.warning("%s. This may or may not be an issue - make sure that the checkpoint does not have "
+                   "unnecessary parameters, or that the model definition correctly corresponds to the "
+                   "checkpoint.", message)

@@ -1,0 +1,195 @@
+"""`dispatch_model` and `disk_offload` with accelerate's meaning: place a
+model whose weights are already in memory (built, or loaded by other means) as a device
+map says, with distload's offload store and streaming.
+
+A parameter on a GPU index (or on "cpu" without GPUs) moves there; one on "cpu" with GPUs
+is kept in (pinned) host memory and streamed onto the main device around its module's
+forward; one on "disk" is written once to a safetensors file under `offload_dir`
+(atomically), becomes a zero-copy entry of the offload store there, and streams likewise.
+Buffers follow their module (an offloaded module's run on the main device). Parameters
+tied to one another stay one Parameter where they are resident.
+
+Example::
+
+    model = dispatch_model(model, {"linear1": "cpu", "linear2": "disk"}, offload_dir="off/")
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import weakref
+from collections.abc import Mapping
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ...checkpoint import index_checkpoint
+from ...errors import LoadError
+from ...offload import OffloadStore, attach_streaming, default_offload_dir, ensure_entries, streamer_of
+from ...offload.stream import _ATTR as _STREAMER_ATTR
+from .dispatch import _ancestors, _load_buffers, _owner
+from .hooks import align_devices as _align_devices
+from .placement import (HOST, RESIDENT, check_devices_present, device_for, normalize_device, placement,
+                        warn_once)
+
+__all__ = ["dispatch_model", "disk_offload"]
+
+
+def dispatch_model(model: nn.Module, device_map: Mapping, main_device: torch.device | str | None = None,
+                   state_dict: Mapping[str, torch.Tensor] | None = None,
+                   offload_dir: str | os.PathLike | None = None, offload_index: Mapping | None = None,
+                   offload_buffers: bool = False, skip_keys=None, preload_module_classes=None,
+                   force_hooks: bool = False) -> nn.Module:
+    """accelerate's `dispatch_model`: place `model` (its weights in memory; a parameter
+    still on meta takes its value from `state_dict`) as `device_map` says — see the module
+    doc. `main_device` runs the offloaded modules (default: the first GPU of the map, else
+    the CPU); `skip_keys` / `force_hooks` as in `load_checkpoint_and_dispatch`.
+    `offload_index` (accelerate's own offload-folder layout) is refused with a message;
+    `offload_buffers` and `preload_module_classes` as in `load_checkpoint_and_dispatch`.
+    Returns `model`, with ``model.hf_device_map`` set."""
+    if offload_index is not None:
+        raise LoadError("dispatch_model: offload_index (accelerate's .dat offload folder) is not a distload "
+                        "offload store; load the checkpoint with load_checkpoint_and_dispatch instead")
+    if offload_buffers:
+        warn_once("offload_buffers", "offload_buffers=True is not implemented by distload: buffers "
+                  "of offloaded modules stay on the device they run on")
+    device_map = dict(device_map)
+    check_devices_present(device_map)
+    gpus = sorted({d for d in map(normalize_device, device_map.values()) if isinstance(d, int)})
+    main = torch.device(main_device) if main_device is not None else (
+        torch.device("cuda", gpus[0]) if gpus else torch.device("cpu"))
+    values = dict(state_dict or {})
+    streamed = _release_streamed(model)
+    modules = dict(model.named_modules())
+    resident: dict[int, nn.Parameter] = {}
+    source: dict[str, torch.Tensor] = {}
+    disk: dict[str, torch.Tensor] = {}
+    chosen: set[str] = set()
+    with torch.no_grad():
+        for name, param in list(model.named_parameters(remove_duplicate=False)):
+            try:
+                entry, device = device_for(name, device_map)
+            except KeyError:
+                raise LoadError(f"device_map gives no device for parameter {name}: name it, or a module "
+                                "holding it, in the map") from None
+            owner, attr = _owner(model, name)
+            value = values.get(name, streamed.get((id(owner), attr), param))
+            if value.is_meta:
+                raise LoadError(f"dispatch_model: {name} is on the meta device and not in state_dict: load "
+                                "the checkpoint with load_checkpoint_and_dispatch")
+            kind, dev = placement(device, main)
+            if kind == RESIDENT:
+                if id(param) not in resident:
+                    resident[id(param)] = nn.Parameter(value.to(dev), requires_grad=param.requires_grad)
+                owner._parameters[attr] = resident[id(param)]
+                continue
+            unit = entry if entry in modules else name.rpartition(".")[0]
+            chosen.add(unit)
+            if kind == HOST:
+                source[name] = value.detach().to("cpu")
+                source[name] = source[name].pin_memory() if main.type == "cuda" else source[name]
+            else:
+                disk[name] = value.detach().to("cpu").contiguous()
+    if disk:
+        source.update(_disk_entries(disk, offload_dir))
+    _load_buffers(model, device_map, main, None, set(), dtype=None, stream_host=True)
+    if source:
+        if "" in chosen:
+            raise LoadError("dispatch_model: parameters of the root module cannot be offloaded (no module "
+                            "runs them); map them to a device")
+        outer = sorted({next((a for a in _ancestors(u) if a in chosen), u) for u in chosen},
+                       key=list(modules).index)
+        attach_streaming(model, outer, source, main, prefetch=False, max_resident=1)
+        hook = _Detach(main, model)
+        for holder in ("", *outer):   # accelerate's remove_hook_from_submodules visits the children
+            modules[holder]._hf_hook = hook
+    _align_devices(model, device_map, main, skip_keys=skip_keys, force=force_hooks)
+    model.hf_device_map = dict(device_map)
+    return model
+
+
+class _Detach:
+    """What accelerate's `remove_hook_from_module(model)` calls (`_hf_hook.detach_hook`):
+    the streamed weights come back into host memory and the streaming hooks go, so a model
+    dispatched here can be undone with accelerate's own call, as its hooks can."""
+
+    def __init__(self, execution_device: torch.device, model: nn.Module) -> None:
+        self.execution_device, self.model = execution_device, weakref.ref(model)
+
+    def detach_hook(self, module: nn.Module) -> nn.Module:
+        model = self.model()
+        if model is None:
+            return module
+        with torch.no_grad():   # the first detached unit restores them all
+            for (owner_id, attr), value in _release_streamed(model).items():
+                owner = next(m for m in model.modules() if id(m) == owner_id)
+                if attr in owner._parameters:
+                    owner._parameters[attr] = nn.Parameter(value.to("cpu"), requires_grad=False)
+                else:
+                    owner._buffers[attr] = value.to("cpu")
+        return module
+
+
+def _release_streamed(model: nn.Module) -> dict:
+    """A model dispatched before: its streaming hooks go, and the weights they streamed
+    (on meta between uses) are returned, (id(owner), attr) -> tensor, to be placed anew."""
+    streamer = streamer_of(model)
+    if streamer is None:
+        return {}
+    out = {}
+    for unit in streamer.units:
+        for owner, attr, _, group in unit.slots:
+            src = unit.sources[group]
+            out[(id(owner), attr)] = src if isinstance(src, torch.Tensor) else src.read()
+    streamer.close()
+    vars(model).pop(_STREAMER_ATTR, None)   # undone: streamer_of(model) is None again
+    return out
+
+
+def _disk_entries(tensors: dict[str, torch.Tensor], offload_dir) -> dict:
+    """Offload-store entries for in-memory `tensors`: written once to a safetensors file
+    under the store (hidden until complete), referenced by zero-copy entries."""
+    store = OffloadStore(offload_dir or default_offload_dir())
+    folder = os.path.join(store.root, "dispatched")
+    os.makedirs(folder, exist_ok=True)
+    name = f"{uuid.uuid4().hex}.safetensors"
+    tmp = os.path.join(folder, f".{name}.tmp")
+    unique: dict[int, str] = {}
+    payload = {}
+    for key, t in tensors.items():   # a tied tensor is stored once
+        if id(t) not in unique:
+            unique[id(t)] = key
+            payload[key] = t
+    save_file(payload, tmp)
+    os.replace(tmp, os.path.join(folder, name))
+    index = index_checkpoint(os.path.join(folder, name))
+    entries, _ = ensure_entries(store, {k: index.tensors[k] for k in payload}, checkpoint=index.root)
+    return {k: entries[unique[id(t)]] for k, t in tensors.items()}
+
+
+def disk_offload(model: nn.Module, offload_dir: str | os.PathLike, execution_device: torch.device | str | None = None,
+                 offload_buffers: bool = False, preload_module_classes=None) -> nn.Module:
+    """accelerate's `disk_offload`: every weight written to the offload store in
+    `offload_dir`, streamed onto `execution_device` (default: the first GPU, else the CPU)
+    around each top-level module's forward."""
+    device = _execution(execution_device)
+    return dispatch_model(model, _top_level(model, "disk", device), main_device=device,
+                          offload_dir=offload_dir, offload_buffers=offload_buffers,
+                          preload_module_classes=preload_module_classes, force_hooks=True)
+
+
+def _execution(device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _top_level(model: nn.Module, where: str, device: torch.device) -> dict:
+    """A map of `model`'s children on `where`, and its own parameters resident on the
+    execution `device` (no module runs them but the model itself)."""
+    device_map = {name: where for name, _ in model.named_children()}
+    for name, _ in model.named_parameters(recurse=False):
+        device_map[name] = device.index if device.type == "cuda" else str(device)
+    return device_map or {"": where}
