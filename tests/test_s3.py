@@ -5,6 +5,7 @@ transformers on the original files, and from the server's own log of what it sen
 
 Checked: 2 ranks and 2 simulated nodes load bit-exact, each rank fetching exactly its
 tensor bytes (headers aside, on rank 0); the disk tier goes to the node's offload store;
+a cast through bounded staging; `load_checkpoint_and_dispatch` from s3://;
 faults — a missing object, HTTP 500 then success, 500 forever, a truncated body, an object
 replaced after the plan, bad credentials — each stop the load with one line naming the
 object.
@@ -276,3 +277,23 @@ def test_bad_credentials(aws, ckpt, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
     with pytest.raises(CheckpointError, match=f"^{url}/: listing it was refused \\(InvalidAccessKeyId\\)"):
         _load(url)
+
+
+def test_load_checkpoint_and_dispatch_from_s3(aws, ckpt, tmp_path):
+    """accelerate's workflow (its cpu and disk tiers: one loading path, the source's reader)
+    from an s3:// checkpoint, against transformers on the original files."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from distload import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
+
+    url = aws.upload(ckpt, "dispatch")
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt), dtype=torch.float32)
+    device_map = infer_auto_device_map(model, max_memory={"cpu": 400_000})
+    assert {"cpu", "disk"} <= set(device_map.values())
+    model = load_checkpoint_and_dispatch(model, url, device_map=device_map, offload_folder=tmp_path / "off")
+    ids = torch.tensor([[3, 17, 42, 9]])
+    reference = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    assert any((tmp_path / "off").rglob("*"))
