@@ -1,10 +1,10 @@
 """Under torchrun (one launch, or one per simulated node): load an s3:// checkpoint and write
 OUT/rank{R}.json — its report, every resident parameter of its stage compared with
 safetensors' own reader of the original files in SOURCE, and on rank 0 whether the
-pipeline's logits equal transformers' of SOURCE (so disk-tier weights, streamed from the
-node's offload store, are checked too).
+pipeline's logits equal transformers' of SOURCE (with --logits: so disk-tier weights,
+streamed from the node's offload store, are checked too).
 
-    s3_load.py OUT URL SOURCE MAX_MEMORY_JSON
+    s3_load.py OUT URL SOURCE MAX_MEMORY_JSON [--logits]
 """
 
 import json
@@ -17,6 +17,7 @@ from safetensors import safe_open
 import distload
 
 out_dir, url, source, max_memory = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+logits_check = "--logits" in sys.argv[5:]
 if max_memory:
     max_memory = {int(k) if k.isdigit() else k: v for k, v in max_memory.items()}
 rank = int(os.environ["RANK"])
@@ -38,7 +39,7 @@ try:
     ids = torch.tensor([[1, 15, 27, 200, 42, 7]])
     with torch.no_grad():
         logits = pipe.forward(ids)
-    if rank == 0:
+    if rank == 0 and logits_check:
         from transformers import AutoModelForCausalLM
 
         ref = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32).eval()
