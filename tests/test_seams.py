@@ -208,3 +208,21 @@ def test_a_new_schedule_is_one_registration(ckpt, monkeypatch):
     torch.testing.assert_close(pipe.run("last_logits", ids), pipe.forward(ids)[:, -1], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="unknown pipeline schedule 'nope'.*last_logits"):
         pipe.run("nope")
+
+
+@pytest.mark.multiprocess
+def test_read_options_are_node_local_and_reported_per_rank(ckpt, tmp_path):
+    """Ranks given different read options (declared once, `ReadOptions`) agree on the rest
+    and load; each rank's report holds its own."""
+    from .mp import Ranks, worker
+
+    report = tmp_path / "report.json"
+    cli = [worker("cli_slowed.py"), "--device", "cpu", "--model", str(ckpt), "--max-new-tokens", "0",
+           "--report", str(report)]
+    job = Ranks([[*cli, "--read-workers", "1"], [*cli, "--read-workers", "3", "--staging-size", "1MiB"]],
+                tmp_path)
+    assert job.wait(90) == [0, 0], job.stderr(0)[-2000:] + job.stderr(1)[-2000:]
+    ranks = json.loads(report.read_text())["ranks"]
+    assert [r["read_options"] for r in ranks] == [
+        {"workers": 1, "staging_bytes": 16 << 20, "direct_io": False},
+        {"workers": 3, "staging_bytes": 1 << 20, "direct_io": False}]
