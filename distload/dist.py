@@ -9,6 +9,7 @@ timeout, so nothing waits forever.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -33,10 +34,12 @@ __all__ = ["World", "init_world", "run_on_rank0", "agree", "agree_on_arguments",
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600.0
 
-# Process groups made here beside the default one, by purpose. Held here, not in `World`,
-# so that `shutdown` lets go of them: a gloo group still referenced at interpreter exit
-# is torn down with its threads running.
+# Process groups made here beside the default one, by purpose ("cpu", "return"). Held here
+# only, never in `World` (which users keep through their pipeline): a gloo group's worker
+# threads stop only once nothing references it, and one still running at interpreter exit
+# aborts the process (see `_leave_at_exit`).
 _GROUPS: dict[str, Any] = {}
+_EXIT_HOOK: list[bool] = []   # `_leave_at_exit` registered
 # Each rank's (host, pid), from init_world: which rank died, when a connection is lost.
 _PEERS: list[tuple[str, int]] = []
 # The process groups' timeout, from init_world: a host wait on a device-side transfer
@@ -56,7 +59,6 @@ class World:
     local_rank: int
     device: torch.device
     backend: str | None          # None: a single process without a process group
-    cpu_group: Any = None        # gloo group for control messages; None: the default group
     hosts: tuple[str, ...] = ()  # each rank's host name, in rank order
     nodes: tuple[int, ...] = ()  # each rank's node (0..), in rank order: ranks of one node share it
 
@@ -89,6 +91,11 @@ class World:
         return self.backend is not None
 
     @property
+    def cpu_group(self) -> Any:
+        """The gloo group for control messages; None: the default group (itself gloo)."""
+        return _GROUPS.get("cpu")
+
+    @property
     def return_group(self) -> Any:
         """The group that carries results from the last rank back to rank 0. A group of
         its own because NCCL runs a pair's sends and receives on one stream in order: at
@@ -119,15 +126,20 @@ def init_world(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = Non
         # post order, so the schedules post a step's sends before the next receive.
         kwargs = {"device_id": dev} if use_cuda else {}
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    if not _EXIT_HOOK:
+        atexit.register(_leave_at_exit)
+        _EXIT_HOOK.append(True)
     backend = dist.get_backend()
-    # With gloo the default group carries control messages too. Holding no reference to
-    # it lets destroy_process_group free it at shutdown rather than at interpreter exit.
-    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
-    if "return" not in _GROUPS:  # every rank runs init_world equally often: all agree
+    # every rank runs init_world equally often, so all make these groups alike. With gloo
+    # the default group carries control messages too.
+    if backend != "gloo" and "cpu" not in _GROUPS:
+        _GROUPS["cpu"] = dist.new_group(backend="gloo", timeout=timeout)
+    if "return" not in _GROUPS:
         _GROUPS["return"] = dist.new_group(backend=backend, timeout=timeout)
     if backend == "nccl":
         with watch_peers("opening the links between the GPU ranks"):
             _open_links(dist.get_rank(), dist.get_world_size(), dev)
+    cpu_group = _GROUPS.get("cpu")
     # A node is a host; torchrun's GROUP_RANK (the node rank) tells apart "nodes" that share
     # a host name (containers, or several launches on one machine).
     here = (socket.gethostname(), os.environ.get("GROUP_RANK", ""), os.getpid())
@@ -138,7 +150,7 @@ def init_world(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = Non
     first_seen = {key: i for i, key in reversed(list(enumerate(node_keys)))}
     order = sorted(set(first_seen.values()))
     nodes = tuple(order.index(first_seen[key]) for key in node_keys)
-    return World(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, cpu_group,
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend,
                  hosts=tuple(host for host, _, _ in everyone), nodes=nodes)
 
 
@@ -258,6 +270,8 @@ def agree(world: World, error: BaseException | None, *, what: str = "loading") -
 
     A rank's own exception is re-raised as is; the others raise `RankError` naming the
     first failed rank and its message. A rank that died is named (`what` says during what).
+    When every rank failed with the same error, the exception of each rank but 0 carries
+    ``rank0_speaks = True``: a job-wide error, for rank 0 alone to report.
     """
     if not world.distributed:
         if error is not None:
@@ -268,6 +282,11 @@ def agree(world: World, error: BaseException | None, *, what: str = "loading") -
     if not failed:
         return
     if error is not None:
+        # the same error on every rank (a typo in the model's path) is the job's: rank 0
+        # speaks for it, the others may stay quiet (`rank0_speaks`, read by the CLI)
+        same = [(rec["type"], rec["message"]) for _, rec in failed]
+        if world.rank != 0 and len(failed) == world.world_size and len(set(same)) == 1:
+            error.rank0_speaks = True
         raise error
     r, rec = failed[0]
     raise RankError(f"rank {r} failed: {rec['type']}: {rec['message']}")
@@ -331,9 +350,10 @@ def _broadcast_pickled(obj: Any, group: Any) -> Any:
 
 
 def shutdown(world: World | None = None, *, failed: bool = False) -> None:
-    """Leave the process group (if any). After a failure, leave without waiting for
-    peers, which may be gone."""
+    """Leave the process group (if any), every group distload made with it. After a
+    failure, leave without waiting for peers, which may be gone."""
     if not dist.is_initialized():
+        _GROUPS.clear()
         return
     try:
         if not failed and world is not None:
@@ -347,3 +367,16 @@ def shutdown(world: World | None = None, *, failed: bool = False) -> None:
         logger.debug("process group shutdown: %s", exc)
 
 
+def _leave_at_exit() -> None:
+    """At interpreter exit (an atexit hook, so before Python tears itself down): destroy
+    the process groups, which joins their worker threads.
+
+    Why: a gloo worker thread lets go of a finished collective's tensors after the caller
+    has its result; dropping a tensor that Python also references takes the GIL. A script
+    that ends right after a collective (a `load`, a call, an error) reaches interpreter
+    finalization first; the thread then cannot take the GIL, is unwound, and the process
+    aborts ("terminate called without an active exception", SIGABRT). Joined here, the
+    threads finish while the interpreter still runs. No barrier: a peer may be gone, or
+    still busy; nothing of this rank's is pending by now. (A job is joined once per
+    process: torch cannot join it again after leaving.)"""
+    shutdown(failed=True)

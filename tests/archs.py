@@ -89,6 +89,8 @@ def hf_model(config):
     torch.manual_seed(0)
     if config.model_type == "gemma3":
         model = transformers.Gemma3ForConditionalGeneration(config)
+    elif getattr(config, "vision_config", None) is not None:   # another multimodal checkpoint
+        model = transformers.AutoModelForImageTextToText.from_config(config)
     else:
         model = transformers.AutoModelForCausalLM.from_config(config)
     gen = torch.Generator().manual_seed(1)
@@ -98,9 +100,10 @@ def hf_model(config):
     return model.eval()
 
 
-def make_hf_checkpoint(name: str, out: Path) -> Path:
-    """Write architecture `name` with `save_pretrained` into `out`, in 3 or more shards."""
-    model = hf_model(hf_config(name))
+def make_hf_checkpoint(name: str, out: Path, config=None) -> Path:
+    """Write architecture `name` (or transformers' `config`) with `save_pretrained` into
+    `out`, in 3 or more shards."""
+    model = hf_model(hf_config(name) if config is None else config)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(out, max_shard_size=f"{max(total // 3 // 1000, 1)}KB")
     assert len(list(out.glob("*.safetensors"))) >= 2

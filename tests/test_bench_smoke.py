@@ -63,9 +63,13 @@ def test_bench_pipeline_smoke(tmp_path):
            "--kv-heads", "2", "--vocab", "128", "--batch", "4", "--seq", "8",
            "--micro-batches", "2", "4", "--stream-batches", "3", "--decode-batch", "4",
            "--prompt", "4", "--new-tokens", "8", "--repeats", "1", "--max-tries", "2",
-           "--cache", str(tmp_path / "cache"), "--json", str(out), "--trace-overhead"]
+           "--cache", str(tmp_path / "cache"), "--json", str(out), "--trace-overhead",
+           "--check", "--floor", "all=0"]  # a tiny model's ratios are not the point: the lines are
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    for kind in ("forward x 2", "forward x 4", "stream x 2", "stream x 4", "prefill", "generate"):
+        assert f"check {kind:<12} " in proc.stdout
+    assert "check: every ratio at or above its floor" in proc.stdout
     assert proc.stdout.count("forward  batch 4 x 8") == 2
     assert proc.stdout.count("stream   3 batches of 4 x 8") == 2
     assert "decode   batch 4" in proc.stdout

@@ -112,10 +112,10 @@ def test_bad_input_file_lines_fail_before_loading(tiny_ckpt, tmp_path, reads):
 def test_prompts_that_do_not_fit_the_model_fail_before_any_read(tiny_ckpt, tmp_path, reads):
     with pytest.raises(UsageError, match=r"--prompt: text prompts need .*tokenizer\.json"):
         _run("--model", str(tiny_ckpt), "--prompt", "hello")
-    with pytest.raises(UsageError, match=r"--input-ids 2: token id 256 is outside the model's "
+    with pytest.raises(UsageError, match=r"--input-ids #2: token id 256 is outside the model's "
                                          r"vocabulary \(ids 0 to 255"):
         _run("--model", str(tiny_ckpt), "--input-ids", "1,2", "--input-ids", "3,256")
-    with pytest.raises(UsageError, match=r"--input-ids 1: 3 prompt tokens \+ --max-new-tokens 254 "
+    with pytest.raises(UsageError, match=r"--input-ids #1: 3 prompt tokens \+ --max-new-tokens 254 "
                                          r"= 257 tokens, past the model's context of 256"):
         _run("--model", str(tiny_ckpt), "--input-ids", "1,2,3", "--max-new-tokens", "254")
     src = tmp_path / "in.jsonl"
@@ -162,7 +162,7 @@ def test_an_id_outside_the_vocabulary_stops_every_rank_before_reading(tiny_ckpt,
     assert proc.returncode != 0
     assert "spy:" not in proc.stderr and not report.exists()
     said = [line for line in proc.stderr.splitlines()
-            if "--input-ids 1: token id 999 is outside the model's vocabulary" in line]
+            if "--input-ids #1: token id 999 is outside the model's vocabulary" in line]
     assert any(line.startswith("[rank 0]") for line in said)
 
 

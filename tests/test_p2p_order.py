@@ -18,7 +18,8 @@ from .conftest import tiny_config
 from .mp import torchrun, worker
 from .p2p_sim import replay
 
-CASES = ("one_prompt", "one_group", "stopped_early", "forward_stream")
+CASES = ("one_prompt", "one_group", "stopped_early", "forward_stream", "one_group_cap2",
+         "forward_stream_cap2")
 
 
 def _ev(kind, op, group=None, peer=None, shape=(1,)):
@@ -71,6 +72,11 @@ def test_pipeline_p2p_order_completes_on_eager_nccl(ckpt, tmp_path, nproc):
         ranks = [log[case] for log in logs]
         assert all(any(ev[0] == "send" for ev in events) for events in ranks), case
         assert replay(ranks) is None, f"{case} deadlocks on NCCL: {replay(ranks)}"
+    for case in ("one_group_cap2", "forward_stream_cap2"):  # rank 0 waited on an old send mid-call
+        events = logs[0][case]
+        last_send = max(i for i, ev in enumerate(events) if ev[0] == "send")
+        sends = {ev[1] for ev in events if ev[0] == "send"}
+        assert any(ev[0] == "wait" and ev[1] in sends for ev in events[:last_send]), case
     for r in range(1, nproc - 1):  # a middle rank of the stream keeps micro-batches flowing
         assert _receives_ahead_of_sends(logs[r]["forward_stream"]) <= 1
 

@@ -205,6 +205,8 @@ def test_pipelined_forward_matches_transformers(checkpoints, tmp_path, nproc):
         assert all(r["none_returned"] == ["plain", "padded", "padded_m5"] for r in ranks[1:])
         assert "model.embed_tokens" in ranks[0]["units"] and "lm_head" in ranks[-1]["units"]
         assert all(len(r["units"]) >= 1 for r in ranks)
+        # nothing of the load's (heartbeat, progress monitor) wakes during the calls
+        assert all(r["threads"] == ["MainThread"] for r in ranks), [r["threads"] for r in ranks]
         # a bad input on rank 0 fails every rank, rank 0's own error everywhere
         assert "ValueError: token ids must be in" in ranks[0]["bad_input_error"]
         assert all("rank 0 failed: ValueError: token ids" in r["bad_input_error"] for r in ranks[1:])

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 
@@ -24,10 +25,24 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["open_checkpoint_file", "check_checkpoint_file", "file_kind", "byte_view"]
+__all__ = ["missing_path_message", "open_checkpoint_file", "check_checkpoint_file", "file_kind", "byte_view"]
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def missing_path_message(path: str) -> str:
+    """Why `path` cannot be used as a checkpoint path: it does not exist, or it exists but
+    this user cannot reach it (a directory on the way without search permission)."""
+    try:
+        os.stat(os.path.expanduser(path))
+    except PermissionError:
+        return f"permission denied: {path} (it exists, but this user may not read it or a directory above it)"
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+            return f"cannot reach {path}: {exc.strerror}"
+        return f"no such file or directory: {path}"
+    return f"not a checkpoint file or directory: {path}"
 
 
 def file_kind(mode: int) -> str | None:

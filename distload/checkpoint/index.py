@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from distload.checkpoint.bin import read_bin_metas
-from distload.checkpoint.files import check_checkpoint_file, open_checkpoint_file
+from distload.checkpoint.files import check_checkpoint_file, missing_path_message, open_checkpoint_file
 from distload.checkpoint.safetensors_header import MAX_HEADER_BYTES, _read_header, parse_safetensors_header
 from distload.checkpoint.types import TensorMeta
 from distload.errors import CheckpointError
@@ -117,7 +117,7 @@ def index_checkpoint(path: str | os.PathLike) -> CheckpointIndex:
     elif os.path.isfile(p):
         idx = _index_file(p)
     else:
-        raise CheckpointError(f"no such file or directory: {p}")
+        raise CheckpointError(missing_path_message(p))
     logger.debug(
         "indexed %d tensors (%.3f GB) in %d %s file(s) of %s",
         len(idx.tensors), idx.tensor_bytes / 1e9, len(idx.files), idx.format, idx.root,

@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 
 import torch
 
+from ..launch.errorfile import record_error
 from ..plan.budget import parse_max_memory_arg, parse_size
 from .exits import Interrupted
 from .prompts import parse_ids
@@ -58,9 +59,9 @@ class RunConfig:
     micro_batches: int | None = _opt(None, "micro-batches in flight (default: the world size)")
     max_memory: str | None = _opt(None, "memory budgets, e.g. '0=20GiB,1=20GiB,cpu=64GiB,disk=1TB' or "
                                         "JSON; cpu/disk are per node (GB = 10^9 bytes, GiB = 2^30)")
-    max_batch_size: int | None = _opt(None, "largest batch to keep device room for (default 1); "
-                                          "prompts are generated in batches of this size, like lengths together "
-                                          "(default: all at once)")
+    max_batch_size: int | None = _opt(None, "largest batch to keep device room for, and the size of "
+                                          "the batches prompts are generated in, like lengths together "
+                                          "(default: room for 1, all prompts in one batch)")
     max_seq_len: int | None = _opt(None, "longest sequence (prompt + new tokens) to keep KV-cache room "
                                          "for (default min(2048, max_position_embeddings))")
     explain: bool = _opt(False, "print the plan (stages, tiers, reserves, why) and exit without loading",
@@ -199,6 +200,7 @@ class _Parser(argparse.ArgumentParser):
     usage text) and exit status 2 on every rank; ``--help`` prints on rank 0 only."""
 
     def error(self, message: str):
+        record_error(f"{self.prog}: error: {message}")   # every rank: for the launcher's line
         if _rank0():
             sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
             sys.stderr.flush()

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import time
@@ -17,6 +18,7 @@ from .. import trace
 from ..dist import DEFAULT_TIMEOUT_S, World, agree_on_arguments, init_world, run_on_rank0, shutdown
 from ..errors import DistloadError, RankError, UsageError
 from ..io import ReadOptions
+from ..launch.errorfile import record_error
 from ..loader import load, plan_job
 from ..loader.report import versions
 from ..loader.tracing import write_job_trace, write_own_trace
@@ -27,7 +29,7 @@ from .config import RunConfig, parse_args
 from .exits import ERROR, OK, USAGE, Interrupted, install_signal_handlers, leave
 from .prompts import (format_result, left_pad, new_tokens, optional_tokenizer, prepare_requests,
                       read_prompts, write_outputs)
-from .table import format_generation, format_table, write_report
+from .table import format_generation, format_offload_waits, format_table, write_report
 
 __all__ = ["main", "run", "entry"]
 
@@ -57,6 +59,9 @@ class _Prompts:
                                         prompts=cfg.prompt, input_file=cfg.input_file)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        if demo:   # say what the demo generates from, and how to give it other prompts
+            logger.info("demo prompts (token ids): %s; give your own with --input-ids or --prompt",
+                        "; ".join(DEMO_INPUT_IDS))
         return len(self.prompts)
 
     def check(self, plan, root: str) -> None:
@@ -172,6 +177,8 @@ def _load_and_run(cfg: RunConfig, world: World) -> int:
                 max_seq_len=cfg.max_seq_len, world=world, workload="generate",  # the CLI generates
                 before_read=prompts.check if generating else None)
     report = pipe.job_report
+    if cfg.model == "demo" and world.is_first:   # every run: where the demo's files are
+        logger.info("demo checkpoint: %s", pipe.root)
 
     def write() -> None:  # rank 0; a failure here reaches every rank
         logger.info("loaded %s\n%s", pipe.plan.label, format_table(report))
@@ -187,6 +194,8 @@ def _load_and_run(cfg: RunConfig, world: World) -> int:
             report["generation"] = figures
             report["phases"]["first_forward_seconds"] = figures["time_to_first_token_seconds"]
             logger.info("%s", format_generation(figures))
+            if waits := format_offload_waits(report):   # current now: after the calls
+                logger.info("%s", waits)
             if cfg.report:
                 write_report(report, cfg.report)
 
@@ -232,30 +241,42 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         return e.exit_code
     setup_logging(cfg.log_level.upper())
+    relayed = False
     try:
         return run(cfg)
     except Interrupted as e:
-        code = e.exit_code
+        code, line = e.exit_code, f"{e}: stopping"
         _ignore_signals()
-        logger.warning("%s: stopping", e)
+        logger.warning("%s", line)
     except UsageError as e:
-        code = USAGE
-        logger.error("%s", e)
+        code, line = USAGE, _as_flags(str(e))
+        logger.error("%s", line)
     except RankError as e:  # another rank failed; it printed its own error
-        code = ERROR
-        logger.error("%s", e)
+        code, line, relayed = ERROR, _as_flags(str(e)), True
+        logger.error("%s", line)
     except (DistloadError, ValueError, OSError) as e:
-        code = ERROR
-        logger.error("%s: %s", type(e).__name__, e)
+        code, line = ERROR, _as_flags(f"{type(e).__name__}: {e}")
+        # a job-wide error (every rank's the same, see `agree`): rank 0 speaks for the job
+        (logger.debug if getattr(e, "rank0_speaks", False) else logger.error)("%s", line)
     except Exception as e:  # noqa: BLE001 - an unexpected failure still stops this rank cleanly
-        code = ERROR
-        logger.error("unexpected failure: %s: %s (--log-level DEBUG shows where)", type(e).__name__, e)
+        code, line = ERROR, f"unexpected failure: {type(e).__name__}: {e} (--log-level DEBUG shows where)"
+        logger.error("%s", line)
         logger.debug("%s", traceback.format_exc())
+    record_error(line, relayed=relayed)   # for torchrun's summary and distload.launch
     try:
         shutdown(failed=True)
     except Interrupted:
         pass
     return code
+
+
+def _as_flags(message: str) -> str:
+    """The library's messages name the Python API's keywords (``max_batch_size=``); the CLI
+    names its flags (``--max-batch-size``)."""
+    for f in fields(RunConfig):
+        if f.metadata.get("flag") is not False:
+            message = re.sub(rf"\b{f.name}=(?=\W|$)", "--" + f.name.replace("_", "-"), message)
+    return message
 
 
 def _ignore_signals() -> None:

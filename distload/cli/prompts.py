@@ -44,7 +44,7 @@ TOKENIZER_FILE = "tokenizer.json"
 class Prompt:
     """One prompt as given, before the model is known: its ids (``--input-ids``, or
     ``"input_ids"`` of a line) or its text; the JSON object it came from, which the
-    output echoes; and where it came from, for errors (``--input-ids 2``, ``in.jsonl:3``)."""
+    output echoes; and where it came from, for errors (``--input-ids #2``: the second, ``in.jsonl:3``)."""
 
     where: str
     record: dict[str, Any] = field(default_factory=dict)
@@ -114,8 +114,8 @@ def read_prompts(*, input_ids: Sequence[str] = (), prompts: Sequence[str] = (),
     """Every prompt of the run, in order — ``--input-ids`` strings, ``--prompt`` texts,
     then the lines of `input_file` (objects with ``"input_ids"`` or ``"prompt"``) —
     checked for form. Needs no model. Rank 0 calls it."""
-    out = [Prompt(f"--input-ids {i + 1}", ids=parse_ids(text)) for i, text in enumerate(input_ids)]
-    out += [Prompt(f"--prompt {i + 1}", {"prompt": text}, text=text) for i, text in enumerate(prompts)]
+    out = [Prompt(f"--input-ids #{i + 1}", ids=parse_ids(text)) for i, text in enumerate(input_ids)]
+    out += [Prompt(f"--prompt #{i + 1}", {"prompt": text}, text=text) for i, text in enumerate(prompts)]
     for where, record in _read_jsonl(input_file) if input_file else ():
         if "input_ids" in record:
             ids = record["input_ids"]

@@ -14,7 +14,7 @@ import os
 
 from ..plan.explain import compress_units
 
-__all__ = ["format_table", "format_generation", "write_report"]
+__all__ = ["format_offload_waits", "format_table", "format_generation", "write_report"]
 
 
 def _short_units(units: list[str]) -> str:
@@ -28,6 +28,11 @@ def _short_units(units: list[str]) -> str:
     return ", ".join(parts) or "-"
 
 
+def _fit(text: str, width: int) -> str:
+    """`text` cut to `width` characters, the cut marked (``layers.0-7, norm, lm_h…``)."""
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def format_table(report: dict) -> str:
     """The job's table, one row per rank (with its host: a job may span nodes), as rank
     0 prints it; then what each node downloaded, where it downloaded anything."""
@@ -39,7 +44,7 @@ def format_table(report: dict) -> str:
     for r in ranks:
         gbps = r["bytes_read"] / r["load_seconds"] / 1e9 if r["load_seconds"] > 0 else 0.0
         rows.append(f"{r['rank']:>4}  {r.get('host', '')[:width]:<{width}} {r['device']:<8} "
-                    f"{_short_units(r['modules'])[:34]:<34} "
+                    f"{_fit(_short_units(r['modules']), 34):<34} "
                     f"{r['tensors']:>7} {r['tensor_bytes'] / 1e6:>10.1f} {r['bytes_read'] / 1e6:>9.1f} "
                     f"{r['load_seconds']:>8.3f} {gbps:>6.2f} {r['peak_rss_bytes'] / 2**20:>11.0f}")
     total_read = sum(r["bytes_read"] for r in ranks)
@@ -60,8 +65,16 @@ def format_table(report: dict) -> str:
             tiers = r.get("offloaded_bytes_by_tier", {})
             rows.append(f"rank {r['rank']} offloaded: cpu {tiers.get('cpu', 0) / 1e6:.1f} MB, disk "
                         f"{tiers.get('disk', 0) / 1e6:.1f} MB; wrote {r.get('offload_bytes_written', 0) / 1e6:.1f}"
-                        f" MB to the offload dir; waited {r.get('offload_wait_seconds', 0.0):.3f} s for weights")
+                        f" MB to the offload dir")
     return "\n".join(rows)
+
+
+def format_offload_waits(report: dict) -> str:
+    """After calls ran: how long each offloading rank's forwards waited for its streamed
+    weights (``offload_wait_seconds``, current in rank 0's job report); "" without offloading."""
+    waits = [f"rank {r['rank']} {r.get('offload_wait_seconds', 0.0):.3f} s" for r in report["ranks"]
+             if r.get("offloaded_bytes")]
+    return f"waited for offloaded weights: {', '.join(waits)}" if waits else ""
 
 
 def format_generation(figures: dict) -> str:

@@ -32,14 +32,16 @@ def plan_job(model: str = "demo", *, world: World | None = None, dtype: torch.dt
              offload_dir: str | None = None, max_batch_size: int | None = None,
              max_seq_len: int | None = None, device: str | None = None,
              timeout_s: float = 600.0, source: Source | None = None,
-             workload: str = "any") -> LoadPlan:
+             workload: str = "generate") -> LoadPlan:
     """The plan every rank will follow, without loading anything (what ``--explain``
     shows, and the `pipe.plan` of a `load` with the same arguments). Every rank calls it:
     each measures its own memory (its own GPU only), rank 0 gathers those, resolves them
     with `max_memory` (see `distload.plan.budget`) and plans; every rank receives the same
-    plan and checks its digest. `workload` says what to keep device room for:
-    ``"forward"`` (full logits, no KV cache), ``"generate"`` (KV cache, the head on the
-    last position only) or ``"any"`` (both).
+    plan and checks its digest. `workload` says what to keep device room for, for
+    batches of `max_batch_size` sequences of `max_seq_len` tokens: ``"generate"`` (the
+    default: KV cache, activations, the head's logits for the last position only, as
+    `Pipeline.generate` makes them), ``"forward"`` (full-sequence logits of such a batch,
+    as `Pipeline.forward` returns them, no KV cache) or ``"any"`` (both).
 
     Example::
 
@@ -75,7 +77,7 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
          cache_dir: str | None = None, device: str | None = None, timeout_s: float | None = None,
          read_workers: int = DEFAULT_READ_WORKERS, max_batch_size: int | None = None,
          max_seq_len: int | None = None, world: World | None = None,
-         workload: str = "any", direct_io: bool = False,
+         workload: str = "generate", direct_io: bool = False,
          staging_bytes: int | str | None = None,
          before_read: Callable[[LoadPlan, str], None] | None = None) -> Pipeline:
     """Load `model` (a local directory or file, a hub id ``org/name``, or ``"demo"``)
@@ -83,7 +85,9 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
     `Pipeline`. Every rank calls it with the same arguments.
 
     Rank 0 plans (see `plan_job`: `max_memory` budgets, room kept for `max_batch_size`
-    sequences of `max_seq_len` tokens); each rank reads only its own stage's byte ranges.
+    sequences of `max_seq_len` tokens of the `workload`: ``"generate"`` by default; say
+    ``"forward"`` or ``"any"`` to keep room for full-sequence logits of such a batch);
+    each rank reads only its own stage's byte ranges.
     Units the plan puts on the disk tier go to `offload_dir` (default ``<cache>/offload``,
     see `distload.offload`) and are streamed onto the device while they run.
 
@@ -135,6 +139,7 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
                        cache_dir=cache_dir, timeout_s=timeout_s)
     stage.report["fetched_bytes"] = fetched   # the node's download, on its leader's row
     everyone = job_report(plan, gather_objects(world, stage.report), world=world, phases=clock.seconds)
+    everyone["ranks"][world.rank] = stage.report   # this rank's row stays current (`pipeline.figures`)
     return Pipeline(module=stage.module, plan=plan, report=stage.report, job_report=everyone,
                     world=world, root=root, micro_batches=micro_batches,
                     calls=CallChannel.open(world))

@@ -40,7 +40,7 @@ class PlanRequest:
     measured: tuple[LocalMemory, ...] | None = None  # each rank's own measurement, in rank order
     max_batch_size: int | None = None        # room kept on each device for running
     max_seq_len: int | None = None
-    workload: str = "any"                    # "forward", "generate" or "any": what to reserve for
+    workload: str = "generate"               # "forward", "generate" or "any": what to reserve for
 
 
 def plan_load(req: PlanRequest, source: Source | None = None) -> LoadPlan:

@@ -11,7 +11,10 @@ the unit module says otherwise with ``flops_per_token()`` (a mixture of experts 
 its active experts; its bytes still count them all). Its KV cache per token is the output
 width of its ``k_proj`` and ``v_proj``, unless it defines ``kv_elements_per_token()``; its
 activations per token are its Linears' outputs, unless it defines
-``activation_elements_per_token()`` (again: only the active experts run).
+``activation_elements_per_token()`` (again: only the active experts run). A unit with a
+fixed-size recurrent state (linear attention) says its float32 elements per sequence with
+``state_elements_per_sequence()``; one whose cache keeps only a window of tokens says how
+many with ``kv_tokens_kept()``.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class UnitSpec:
     act_per_token: int = 0   # activation elements per token: its input plus every output
     max_out: int = 0         # the widest Linear/Embedding output (logits: the vocabulary)
     in_width: int = 0        # its widest Linear input (the hidden size a head reads)
+    state_per_sequence: int = 0  # float32 elements of a fixed recurrent state per sequence
+    kv_tokens: int = 0       # tokens its KV cache holds at most (a window); 0: all
 
 
 @dataclass(frozen=True)
@@ -144,8 +149,13 @@ def _unit(module: nn.Module, prefix: str) -> UnitSpec:
     act_hook = getattr(module, "activation_elements_per_token", None)  # experts: active ones
     if callable(act_hook):
         act = int(act_hook())
+    state_hook = getattr(module, "state_elements_per_sequence", None)  # linear attention
+    state = int(state_hook()) if callable(state_hook) else 0
+    kept_hook = getattr(module, "kv_tokens_kept", None)  # sliding windows, chunks
+    kept = (kept_hook() or 0) if callable(kept_hook) else 0
     return UnitSpec(name=prefix, params=params, cost=cost, kind=type(module).__name__,
-                    kv_per_token=kv, act_per_token=act + width_in, max_out=widest, in_width=width_in)
+                    kv_per_token=kv, act_per_token=act + width_in, max_out=widest, in_width=width_in,
+                    state_per_sequence=state, kv_tokens=int(kept))
 
 
 # Linear submodules whose outputs a KV cache keeps (Llama/Mistral/Qwen2 and most HF decoders).

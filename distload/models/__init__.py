@@ -29,6 +29,20 @@ from . import smollm3 as _smollm3  # noqa: F401  - smollm3
 from . import cohere as _cohere  # noqa: F401  - cohere
 from . import deepseek_v2 as _deepseek_v2  # noqa: F401  - deepseek_v2
 from . import deepseek_v3 as _deepseek_v3  # noqa: F401  - deepseek_v3
+from . import gpt_oss as _gpt_oss  # noqa: F401  - gpt_oss
+from . import glm4_moe as _glm4_moe  # noqa: F401  - glm4_moe
+from . import olmoe as _olmoe  # noqa: F401  - olmoe
+from . import ernie4_5 as _ernie4_5  # noqa: F401  - ernie4_5
+from . import seed_oss as _seed_oss  # noqa: F401  - seed_oss
+from . import olmo3 as _olmo3  # noqa: F401  - olmo3
+from . import exaone4 as _exaone4  # noqa: F401  - exaone4
+from . import cohere2 as _cohere2  # noqa: F401  - cohere2
+from . import ministral3 as _ministral3  # noqa: F401  - ministral3
+from . import llama4 as _llama4  # noqa: F401  - llama4_text, llama4 (its text part)
+from . import gpt_neox as _gpt_neox  # noqa: F401  - gpt_neox
+from . import phi as _phi  # noqa: F401  - phi
+from . import qwen3_next as _qwen3_next  # noqa: F401  - qwen3_next
+from . import qwen3_5 as _qwen3_5  # noqa: F401  - qwen3_5_text, qwen3_5 (its text part)
 from .cache import KVCache
 from .contract import StageModel
 from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel

@@ -1,4 +1,5 @@
-"""The key/value cache of one pipeline stage for one group of sequences."""
+"""The key/value cache of one pipeline stage for one group of sequences, and the fixed-size
+recurrent states of its linear-attention layers."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ class KVCache:
 
     Growing by concatenation is O(seq) per step, which is fine next to a pipeline's
     communication and keeps the cache exactly as long as what was fed (no capacity to
-    choose up front).
+    choose up front). A layer that attends to a window (or a chunk) of W tokens keeps only
+    the last W - 1 (`update`'s `keep`): older ones can never be attended to again.
+
+    A linear-attention layer (Qwen3-Next's gated DeltaNet) keeps instead a fixed-size
+    state per sequence, whatever the length: named tensors ``[batch, ...]``
+    (`set_state`/`state`), with the count of tokens it has seen.
 
     Example::
 
@@ -28,35 +34,59 @@ class KVCache:
     def __init__(self) -> None:
         self._keys: dict[str, torch.Tensor] = {}
         self._values: dict[str, torch.Tensor] = {}
+        self._states: dict[str, dict[str, torch.Tensor]] = {}
+        self._seen: dict[str, int] = {}
 
-    def update(self, layer_key: str, k: torch.Tensor, v: torch.Tensor
+    def update(self, layer_key: str, k: torch.Tensor, v: torch.Tensor, *, keep: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new tokens' `k`, `v` of layer `layer_key`; return all its keys and
-        values so far (the past followed by the new tokens)."""
+        """Append the new tokens' `k`, `v` of layer `layer_key`; return its keys and values
+        kept so far followed by the new tokens'. With `keep`, only the last `keep` tokens
+        stay cached afterwards (a sliding window's W - 1)."""
+        new = k.shape[2]
         if layer_key in self._keys:
             k = torch.cat([self._keys[layer_key], k], dim=2)
             v = torch.cat([self._values[layer_key], v], dim=2)
-        self._keys[layer_key], self._values[layer_key] = k, v
+        drop = k.shape[2] - keep if keep is not None and k.shape[2] > keep else 0
+        kept_k, kept_v = k[:, :, drop:], v[:, :, drop:]
+        self._keys[layer_key], self._values[layer_key] = kept_k, kept_v
+        self._seen[layer_key] = self._seen.get(layer_key, 0) + new
         return k, v
 
+    def state(self, layer_key: str) -> dict[str, torch.Tensor] | None:
+        """The recurrent state of linear-attention layer `layer_key` (None before its first
+        `set_state`)."""
+        return self._states.get(layer_key)
+
+    def set_state(self, layer_key: str, new_tokens: int, **tensors: torch.Tensor) -> None:
+        """Replace layer `layer_key`'s recurrent state by `tensors` (each ``[batch, ...]``),
+        after it has seen `new_tokens` more tokens."""
+        self._states[layer_key] = dict(tensors)
+        self._seen[layer_key] = self._seen.get(layer_key, 0) + new_tokens
+
     def seq_length(self, layer_key: str) -> int:
-        """Tokens cached for layer `layer_key` (0 before its first update)."""
+        """Tokens layer `layer_key` has seen (cached, or dropped from its window, or folded
+        into its recurrent state; 0 before its first update)."""
+        return self._seen.get(layer_key, 0)
+
+    def kept_length(self, layer_key: str) -> int:
+        """Tokens whose keys and values layer `layer_key` keeps (at most its window - 1)."""
         k = self._keys.get(layer_key)
         return 0 if k is None else k.shape[2]
 
     @property
     def length(self) -> int:
-        """Tokens cached (the longest layer's count; all layers agree between forwards)."""
-        return max((k.shape[2] for k in self._keys.values()), default=0)
+        """Tokens seen (the longest layer's count; all layers agree between forwards)."""
+        return max(self._seen.values(), default=0)
 
     @property
     def batch_size(self) -> int | None:
-        return next((k.shape[0] for k in self._keys.values()), None)
+        tensors = [*self._keys.values(), *(t for s in self._states.values() for t in s.values())]
+        return next((t.shape[0] for t in tensors), None)
 
     def select(self, batch_indices: Sequence[int] | torch.Tensor) -> None:
         """Keep only the sequences `batch_indices` (in that order), e.g. to drop finished
         ones or to reorder a batch; in place."""
-        for store in (self._keys, self._values):
+        for store in (self._keys, self._values, *self._states.values()):
             for name, t in store.items():
                 idx = torch.as_tensor(batch_indices, dtype=torch.long, device=t.device)
                 store[name] = t.index_select(0, idx)
@@ -71,6 +101,9 @@ class KVCache:
         for name in caches[0]._keys:
             out._keys[name] = torch.cat([c._keys[name] for c in caches])
             out._values[name] = torch.cat([c._values[name] for c in caches])
+        for name, state in caches[0]._states.items():
+            out._states[name] = {k: torch.cat([c._states[name][k] for c in caches]) for k in state}
+        out._seen = dict(caches[0]._seen)
         return out
 
     def pad_left(self, count: int) -> None:
@@ -96,12 +129,14 @@ class KVCache:
         """Forget everything cached."""
         self._keys.clear()
         self._values.clear()
+        self._states.clear()
+        self._seen.clear()
 
     def nbytes(self) -> int:
         """Bytes the cached tensors take."""
         return sum(t.numel() * t.element_size()
-                   for store in (self._keys, self._values) for t in store.values())
+                   for store in (self._keys, self._values, *self._states.values()) for t in store.values())
 
     def __repr__(self) -> str:
-        return (f"KVCache(layers={sorted(self._keys, key=int)}, length={self.length}, "
+        return (f"KVCache(layers={sorted({*self._keys, *self._states}, key=int)}, length={self.length}, "
                 f"batch={self.batch_size})")

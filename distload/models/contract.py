@@ -30,7 +30,9 @@ on the meta device from its config, then cut into stages:
   checkpoints whose names differ from the model's: nested text models, packed experts).
   A unit module may define ``flops_per_token()`` and ``activation_elements_per_token()``
   when counting its `nn.Linear`s would be wrong (mixture-of-experts: only the active
-  experts run), and ``kv_elements_per_token()`` (fused qkv projections).
+  experts run), and ``kv_elements_per_token()`` (fused qkv projections), ``kv_tokens_kept()``
+  (a window or chunk: the tokens its cache holds at most) and
+  ``state_elements_per_sequence()`` (linear attention: a fixed float32 state instead of KV).
 * **Buffers.** Non-persistent buffers (RoPE frequencies) are recomputed by
   ``init_buffers(device)`` after a stage is materialized from meta.
 

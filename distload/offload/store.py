@@ -77,7 +77,8 @@ class OffloadStore:
             (self.root / "data").mkdir(exist_ok=True, mode=_DIR_MODE)
             (self.root / "locks").mkdir(exist_ok=True, mode=_DIR_MODE)
         except OSError as e:
-            raise OffloadError(f"cannot create the offload directory {self.root}: {e.strerror} "
+            what = "cannot write into" if self.root.is_dir() else "cannot create"   # an existing one may be read-only
+            raise OffloadError(f"{what} the offload directory {self.root}: {e.strerror} "
                                "(choose another with offload_dir= / --offload-dir)") from e
         if os.environ.get("LOCAL_RANK", "0") == "0":  # the node's first rank speaks for the node
             warn_if_network(self.root)

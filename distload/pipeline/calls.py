@@ -58,6 +58,20 @@ class CallChannel:
             atexit.register(channel.close_at_exit)
         return channel
 
+    @property
+    def store(self):
+        """The job's store (the calls' keys, and `figures`')."""
+        return self._store
+
+    @property
+    def count(self) -> int:
+        """How many calls this rank has taken part in (the same on every rank)."""
+        return self._count
+
+    def shared_key(self, name: str) -> str:
+        """A key of this pipeline's own in the job's store."""
+        return f"{self._prefix}{name}"
+
     def announce(self, kind: str) -> None:
         """Rank 0, at the start of each call."""
         if self.closed:

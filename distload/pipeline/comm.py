@@ -12,7 +12,8 @@ sender sends; gloo, matching untagged messages in order too, holds the CPU tests
 same rule.
 
 Sends are asynchronous (`Outbox`): a rank hands its output to the next and goes on with
-its next micro-batch while the transfer runs. Receives are posted ahead (`post_recv`)
+its next micro-batch while the transfer runs; past 16 sends in flight it waits on the
+oldest, so a long call holds a bounded number of sent tensors. Receives are posted ahead (`post_recv`)
 where the shape is known and no send of the rank's has to pass them (NCCL runs a rank's
 sends and receives of one group on one stream in post order: see the schedules). Every
 wait is bounded by the process group's timeout (`distload.load(timeout_s=...)`); a peer
@@ -47,13 +48,14 @@ from .. import trace
 from ..dist import World, group_timeout_s, peers_gone, run_on_rank0
 from ..errors import CallAborted, RankError
 
-__all__ = ["Outbox", "Inbound", "post_recv", "broadcast_call"]
+__all__ = ["Outbox", "Inbound", "post_recv", "recv_into", "broadcast_call"]
 
 T = TypeVar("T")
 
 
 _GIVE_UP = 0.9      # of the group's timeout, counted from the post: before the watchdog
 _CHECK_PEERS_S = 0.5  # how often a host wait looks for a dead peer
+_MAX_PENDING = 16   # sends an Outbox keeps in flight (a stream's two batches of micro-batches)
 
 
 def _host_wait(work: Any, tensor: torch.Tensor, peer: int, posted: float) -> None:
@@ -99,8 +101,13 @@ class Outbox:
         tensor = tensor.contiguous()
         self._pending.append((dist.isend(tensor, dst=dst, group=group), tensor, dst,
                               time.monotonic()))
-        if len(self._pending) > 8:  # let finished sends (and their tensors) go
+        if len(self._pending) > _MAX_PENDING:  # let finished sends (and their tensors) go
             self._pending = [p for p in self._pending if not p[0].is_completed()]
+            # gloo calls a send complete only once waited on: without this, a long stream
+            # or generation kept every tensor it sent alive to the end of the call. The
+            # oldest has normally been delivered long ago (its receiver posts in order)
+            while len(self._pending) > _MAX_PENDING:
+                self._wait_one(*self._pending.pop(0))
 
     def wait(self) -> None:
         """Wait until every send has been delivered; a peer that failed raises
@@ -109,12 +116,16 @@ class Outbox:
         if not pending:
             return
         with trace.span("send wait", "comm", sends=len(pending)):
-            for work, tensor, dst, posted in pending:
-                try:
-                    _host_wait(work, tensor, dst, posted)
-                except RuntimeError as exc:
-                    raise RankError(f"could not send to rank {dst}: it failed or stopped "
-                                    f"(see its own error); {exc}") from exc
+            for item in pending:
+                self._wait_one(*item)
+
+    @staticmethod
+    def _wait_one(work: Any, tensor: torch.Tensor, dst: int, posted: float) -> None:
+        try:
+            _host_wait(work, tensor, dst, posted)
+        except RuntimeError as exc:
+            raise RankError(f"could not send to rank {dst}: it failed or stopped "
+                            f"(see its own error); {exc}") from exc
 
 
 class Inbound:
@@ -141,7 +152,14 @@ def post_recv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, 
               group: Any = None) -> Inbound:
     """Post a receive of a `shape`/`dtype` tensor from global rank `src` over `group` now;
     wait on it later. Receives from one source complete in the order they were posted."""
-    buffer = torch.empty(shape, dtype=dtype, device=device)
+    return recv_into(torch.empty(shape, dtype=dtype, device=device), src=src, group=group)
+
+
+def recv_into(buffer: torch.Tensor, *, src: int, group: Any = None) -> Inbound:
+    """Post a receive into `buffer` (contiguous: e.g. a row range of a larger result, so
+    that pieces arrive in place and need no concatenation after)."""
+    if not buffer.is_contiguous():
+        raise ValueError("a receive buffer must be contiguous")
     return Inbound(buffer, dist.irecv(buffer, src=src, group=group), src)
 
 

@@ -4,6 +4,7 @@ plan, the load report, the pipelined `forward` / `forward_stream` / `generate`, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -11,8 +12,10 @@ from torch import nn
 
 from ..dist import World
 from ..dtypes import dtype_from_name
+from ..offload.stream import streamer_of
 from ..plan.types import LoadPlan
 from .calls import CLOSE, CallChannel
+from .figures import share_figures
 from .schedules import get_schedule
 
 __all__ = ["Pipeline"]
@@ -31,7 +34,7 @@ class Pipeline:
     module: nn.Module
     plan: LoadPlan
     report: dict          # this rank's figures
-    job_report: dict      # every rank's figures (the JSON of --report)
+    job_report: dict      # every rank's figures (the JSON of --report; current on rank 0, see `figures`)
     world: World
     root: str = ""        # the checkpoint's directory on this rank's node
     micro_batches: int | None = None
@@ -39,6 +42,14 @@ class Pipeline:
     open_stream: bool = field(default=False, repr=False)  # rank 0: a forward_stream is running
     # rank 0: the timings of the last `generate` (see `schedules.ring_decode._Driver.run`)
     last_call: dict = field(default_factory=dict, repr=False)
+    closed: bool = field(default=False, repr=False)
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        # after an error on this rank, do not wait for rank 0's word: it may never come
+        self.close(wait=exc is None)
 
     @property
     def device(self) -> torch.device:
@@ -85,7 +96,15 @@ class Pipeline:
     def run(self, schedule: str, *args, **kwargs):
         """Run the registered schedule `schedule` (every rank; rank 0's result, None
         elsewhere). `forward`, `forward_stream` and `generate` are its named cases."""
-        return get_schedule(schedule).run(self, *args, **kwargs)
+        result = get_schedule(schedule).run(self, *args, **kwargs)
+        if isinstance(result, Iterator):   # a stream: the call ends with its last batch
+            return self._then_share(result)
+        share_figures(self)
+        return result
+
+    def _then_share(self, stream: Iterator) -> Iterator:
+        yield from stream
+        share_figures(self)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 *, micro_batches: int | None = None) -> torch.Tensor | None:
@@ -127,14 +146,31 @@ class Pipeline:
 
         return serve(self)
 
-    def close(self) -> None:
-        """Every rank may call it when done; rank 0 must if the others `serve()`. Rank 0
-        tells the others there are no more calls (their `serve()` returns); on another
-        rank it waits for that word unless `serve()` already got it. Rank 0 closes at
-        interpreter exit too. Calling it again does nothing."""
-        if self.calls is None or self.calls.closed:
+    def close(self, *, wait: bool = True) -> None:
+        """End this pipeline on this rank; every rank should, and rank 0 must if the others
+        `serve()`. Rank 0 tells the others there are no more calls (their `serve()`
+        returns); another rank waits for that word (unless `serve()` already got it, or
+        `wait` is false, as after an error). Then its offload streaming stops (its
+        prefetch thread joined). Calling it again does nothing; ``with distload.load(...)
+        as pipe:`` closes on leaving. The process group stays joined for a later `load`
+        until the interpreter exits: distload leaves it then (`distload.dist`), so a
+        script needs no call of its own to end cleanly.
+
+        Example::
+
+            with distload.load("demo") as pipe:
+                tokens = pipe.generate(ids, max_new_tokens=8)
+        """
+        if self.closed:
             return
-        if self.world.is_first:
-            self.calls.announce(CLOSE)
-        else:
-            self.calls.expect(CLOSE)
+        self.closed = True
+        try:
+            if self.calls is not None and not self.calls.closed:
+                if self.world.is_first:
+                    self.calls.announce(CLOSE)
+                elif wait:
+                    self.calls.expect(CLOSE)
+        finally:
+            streamer = streamer_of(self.module)
+            if streamer is not None:
+                streamer.close()

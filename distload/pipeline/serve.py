@@ -24,6 +24,7 @@ from __future__ import annotations
 from ..errors import CallAborted
 from ..log import logger
 from .calls import CLOSE
+from .figures import share_figures
 from .schedules import get_schedule
 
 __all__ = ["serve"]
@@ -42,6 +43,8 @@ def serve(pipe) -> int:
             get_schedule(kind).follow(pipe)
         except CallAborted as exc:  # raised on rank 0 too, for its caller
             logger.debug("rank 0 ended a %s call: %s", kind, exc)
+        else:
+            share_figures(pipe)
         served += 1
     logger.debug("served %d calls; rank 0 closed the pipeline", served)
     return served

@@ -194,8 +194,8 @@ def _diagnose(model: StageModel, budgets: Sequence[RankBudget]) -> str:
             return (f"unit {u.name} needs {format_bytes(need)} on a device to run (weights "
                     f"{format_bytes(model.own[i])}, resident or streamed into one slot, plus "
                     f"KV cache and activations) but the largest device budget is "
-                    f"{format_bytes(biggest_device)}: raise max_memory, or lower --max-batch-size "
-                    "/ --max-seq-len")
+                    f"{format_bytes(biggest_device)}: raise max_memory=, or lower max_batch_size= "
+                    "/ max_seq_len=")
     devices = sum(b.device for b in budgets)
     if total > devices and all(b.cpu == 0 and b.disk == 0 for b in budgets):
         return (f"the weights ({format_bytes(total)}) exceed the device budgets "

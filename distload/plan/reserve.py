@@ -6,7 +6,10 @@ Per unit (pure; the sizes come from `describe_model`):
 * ``kv_bytes`` — what the unit's KV cache holds at full length: ``batch * seq *
   kv_per_token * itemsize`` (k_proj + v_proj outputs per token; from the config when the
   unit names no such projections). KV caches stay on the device even where the unit's
-  weights are offloaded, so a stage reserves the sum over its units.
+  weights are offloaded, so a stage reserves the sum over its units. A linear-attention
+  unit keeps instead a fixed float32 state per sequence: ``batch * state * 4``; a unit
+  whose cache keeps a window of W tokens (sliding windows, chunks): ``batch * min(seq, W)``
+  tokens.
 * ``work_bytes`` — the transient activations while the unit runs on a whole prefill
   (``batch * seq`` tokens): its input and every Linear/Embedding output in the compute
   dtype, plus one float32 copy of its widest output (logits, RMSNorm's upcast). Units run
@@ -126,7 +129,7 @@ def unit_reserves(spec: ModelSpec, shape: RunShape | None, *, itemsize: int,
     out = []
     for unit in spec.units:
         kv = unit.kv_per_token if shape.workload != "forward" else 0
-        if kv == 0 and unit.kind and unit.kind in spec.no_split_classes:
+        if kv == 0 and not unit.state_per_sequence and unit.kind and unit.kind in spec.no_split_classes:
             kv = fallback_kv
         if shape.workload == "generate" and unit.name == spec.head:
             # its input is the whole sequence; its outputs, one row per sequence
@@ -135,7 +138,9 @@ def unit_reserves(spec: ModelSpec, shape: RunShape | None, *, itemsize: int,
                     + shape.max_batch_size * (outputs * itemsize + unit.max_out * 4))
         else:
             work = tokens * (unit.act_per_token * itemsize + unit.max_out * 4)
-        out.append(UnitReserve(kv_bytes=tokens * kv * itemsize, work_bytes=work))
+        state = unit.state_per_sequence * 4 * shape.max_batch_size if shape.workload != "forward" else 0
+        kept = shape.max_batch_size * min(shape.max_seq_len, unit.kv_tokens) if unit.kv_tokens else tokens
+        out.append(UnitReserve(kv_bytes=kept * kv * itemsize + state, work_bytes=work))
     return tuple(out)
 
 

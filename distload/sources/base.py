@@ -28,6 +28,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
+from ..checkpoint.files import missing_path_message
 from ..checkpoint.index import CheckpointIndex
 from ..errors import CheckpointError
 from ..io import PosixReader, Reader, ReadOptions
@@ -114,4 +115,6 @@ def open_source(spec: str, *, cache_dir: str | os.PathLike | None = None) -> Sou
     for cls in _SOURCES:
         if cls.claims(spec):
             return cls(spec, cache_dir=cache_dir)
-    raise CheckpointError(f"no such file or directory: {spec} (nor a hub id like org/name)")
+    message = missing_path_message(spec)
+    hint = " (nor a hub id like org/name)" if message.startswith("no such") else ""
+    raise CheckpointError(message + hint)

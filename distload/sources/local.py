@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+from ..checkpoint.files import missing_path_message
 from ..checkpoint.index import CheckpointIndex, index_checkpoint
 from ..errors import CheckpointError
 from .base import Source, register_source
@@ -46,7 +47,7 @@ class LocalSource(Source):
         super().__init__(spec, **kw)
         path = local_path(spec)
         if path is None:
-            raise CheckpointError(f"no such file or directory: {spec}")
+            raise CheckpointError(missing_path_message(spec))
         self.path = path
 
     def index(self) -> CheckpointIndex:

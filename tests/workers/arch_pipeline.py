@@ -1,11 +1,11 @@
 """Under torchrun: load each checkpoint given in turn (one process, `distload.load` called
 again and again), run `pipe.forward` on a left-padded batch (one micro-batch per rank) and
-greedy `pipe.generate` for 12 tokens (no EOS). With ``--disk CKPT``, finally load CKPT
-with half of each stage's layers on the disk tier and do the same. Rank 0 saves
+greedy `pipe.generate` for 12 tokens (no EOS). With ``--disk CKPT`` (repeatable), finally
+load each such CKPT with half of each stage's layers on the disk tier and do the same. Rank 0 saves
 OUT/results.pt: per checkpoint name, its logits, tokens, job report and the checkpoint's
 tensor bytes.
 
-    torchrun --nproc_per_node=2 arch_pipeline.py OUT [--disk CKPT] CKPT [CKPT ...]
+    torchrun --nproc_per_node=2 arch_pipeline.py OUT [--disk CKPT ...] CKPT [CKPT ...]
 """
 
 import os
@@ -19,9 +19,9 @@ from tests.archs import left_padded_batch
 
 args = sys.argv[1:]
 out_dir = args.pop(0)
-disk = None
-if args[0] == "--disk":
-    disk = args[1]
+disks = []
+while args and args[0] == "--disk":   # repeatable
+    disks.append(args[1])
     args = args[2:]
 ids, mask = left_padded_batch()
 results, pipe = {}, None
@@ -43,8 +43,9 @@ def run(ckpt: str, name: str, **kw) -> None:
 
 for ckpt in args:
     run(ckpt, os.path.basename(ckpt))
-if disk is not None:
+if disks:
     install_tiers("disk")
+for disk in disks:
     run(disk, os.path.basename(disk) + "@disk", offload_dir=os.path.join(out_dir, "offload"))
 if pipe.rank == 0:
     torch.save(results, os.path.join(out_dir, "results.pt"))

@@ -1,7 +1,8 @@
 """Under torchrun: record every rank's point-to-point operations (group, send/recv, peer,
 shape) and host waits, in the order the comm layer posts them, for `pipe.generate` with
 one prompt, with one group for the whole batch, with two groups of which one stops at once
-(EOS), and for `pipe.forward_stream`. Each rank writes OUT/p2p_rank<R>.json:
+(EOS), and for `pipe.forward_stream`; the last two again with an `Outbox` that waits on
+its oldest send past 2 in flight (instead of 16), so that those host waits are replayed too. Each rank writes OUT/p2p_rank<R>.json:
 {case: [event, ...]}; `tests/p2p_sim.py` replays them as eager NCCL runs them.
 
 The recording wraps `torch.distributed` as `distload.pipeline.comm` sees it, for the
@@ -99,6 +100,9 @@ cases = {
         [(ids, mask), ids[:3], (ids[1:], mask[1:])] if first else None, micro_batches=2)),
 }
 log = {name: recorded(fn) for name, fn in cases.items()}
+for name in ("one_group", "forward_stream"):
+    with mock.patch.object(comm, "_MAX_PENDING", 2):
+        log[f"{name}_cap2"] = recorded(cases[name])
 with open(os.path.join(out_dir, f"p2p_rank{pipe.rank}.json"), "w") as f:
     json.dump(log, f)
 distload.dist.shutdown(pipe.world)

@@ -1,7 +1,8 @@
 """Under torchrun: `pipe.forward` on each checkpoint given, plain (no mask, 2 micro-batches)
 and left padded (3 and 5 micro-batches). Rank 0 saves OUT/<ckpt name>.pt with the inputs
 and logits; every rank writes OUT/<ckpt name>_rank<R>.json: what it returned, its stage,
-and the error a bad input on rank 0 gave it.
+the error a bad input on rank 0 gave it, and the Python threads alive after the calls (no
+load-time heartbeat or progress thread may outlive the load and wake during a call).
 
     torchrun --nproc_per_node=2 pipeline_forward.py OUT CKPT [CKPT ...]
 """
@@ -9,6 +10,7 @@ and the error a bad input on rank 0 gave it.
 import json
 import os
 import sys
+import threading
 
 import torch
 
@@ -34,7 +36,8 @@ for ckpt in ckpts:
     if pipe.rank == 0:
         torch.save({"ids": ids, "mask": mask, **results}, os.path.join(out_dir, f"{name}.pt"))
     record = {"rank": pipe.rank, "none_returned": [k for k, v in results.items() if v is None],
-              "units": list(pipe.plan.stage(pipe.rank).units), "bad_input_error": error}
+              "units": list(pipe.plan.stage(pipe.rank).units), "bad_input_error": error,
+              "threads": sorted(t.name for t in threading.enumerate())}
     with open(os.path.join(out_dir, f"{name}_rank{pipe.rank}.json"), "w") as f:
         json.dump(record, f)
 distload.dist.shutdown(pipe.world)

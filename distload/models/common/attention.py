@@ -18,7 +18,7 @@ from torch import nn
 from ..cache import KVCache
 from .rope import apply_rope
 
-__all__ = ["attention_mask_bias", "attend", "Attention", "position_ids_from_mask"]
+__all__ = ["attention_mask_bias", "attend", "Attention", "position_ids_from_mask", "trim_mask"]
 
 
 def attention_mask_bias(
@@ -29,6 +29,7 @@ def attention_mask_bias(
     dtype: torch.dtype,
     device: torch.device,
     sliding_window: int | None = None,
+    chunk_size: int | None = None,
     always: bool = False,
 ) -> torch.Tensor | None:
     """The additive attention bias ``[B or 1, 1, q_len, past + q_len]``: 0 where a query
@@ -38,12 +39,16 @@ def attention_mask_bias(
 
     Queries are the last `q_len` of ``past + q_len`` cache slots; `attention_mask` is 0/1
     over all those slots. A window of W lets a query see itself and the W - 1 slots
-    before it, as transformers' sliding-window masks do. Example::
+    before it, as transformers' sliding-window masks do. A `chunk_size` of C (Llama 4's
+    chunked attention) lets a query see only the slots of its own chunk of C tokens,
+    counted from each row's first real token (as transformers counts them past the left
+    padding). Example::
 
         bias = attention_mask_bias(torch.tensor([[0, 1, 1]]), q_len=3, past=0,
                                    dtype=torch.float32, device=torch.device("cpu"))
     """
-    if attention_mask is None and sliding_window is None and past == 0 and not always:
+    if attention_mask is None and sliding_window is None and chunk_size is None and past == 0 \
+            and not always:
         return None
     kv_len = past + q_len
     q_idx = torch.arange(past, kv_len, device=device)[:, None]
@@ -52,6 +57,12 @@ def attention_mask_bias(
     if sliding_window is not None:
         allowed = allowed & (kv_idx > q_idx - sliding_window)
     allowed = allowed[None, None]
+    if chunk_size is not None:
+        lead = torch.zeros(1, dtype=torch.long, device=device) if attention_mask is None else \
+            (attention_mask.to(device).long().cumsum(-1) == 0).sum(-1)   # left padding per row
+        q_chunk = (q_idx[None] - lead[:, None, None]).div(chunk_size, rounding_mode="floor")
+        kv_chunk = (kv_idx[None] - lead[:, None, None]).div(chunk_size, rounding_mode="floor")
+        allowed = allowed & (q_chunk == kv_chunk)[:, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, :].to(device=device, dtype=torch.bool)
     # min, not -inf: a padding query that sees nothing gets a uniform softmax, not NaN.
@@ -60,15 +71,20 @@ def attention_mask_bias(
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
-           scale: float, softcap: float | None = None) -> torch.Tensor:
+           scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None
+           ) -> torch.Tensor:
     """Attention of `q` ``[B, H, T, D]`` over `k`, `v` ``[B, KV, S, D]`` (GQA: each kv
     head serves ``H / KV`` query heads) with the additive `mask` (None: causal from slot
     0). With `softcap` the scores are ``cap * tanh(scores / cap)`` before the mask, in the
-    activations' dtype with a float32 softmax, as transformers' eager attention does."""
+    activations' dtype with a float32 softmax, as transformers' eager attention does.
+    `sinks` ``[H]`` (gpt-oss) are one extra logit per head that joins each row's softmax
+    and is then dropped: a row may give part of its weight to nothing."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
+    if sinks is not None:
+        return _attend_with_sinks(q, k, v, mask, scale=scale, sinks=sinks)
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                               is_causal=mask is None and q.shape[2] > 1, scale=scale)
@@ -83,6 +99,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return torch.matmul(probs, v)
 
 
+def _attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       *, scale: float, sinks: torch.Tensor) -> torch.Tensor:
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    if mask is None and q.shape[2] > 1:
+        mask = attention_mask_bias(None, q_len=q.shape[2], past=k.shape[2] - q.shape[2],
+                                   dtype=scores.dtype, device=scores.device, always=True)
+    if mask is not None:
+        scores = scores + mask
+    sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+    combined = torch.cat([scores, sink], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values  # as transformers: no overflow
+    probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention of one decoder layer; writes its keys and values
     (after RoPE) to a `KVCache` under `layer_key`.
@@ -92,7 +123,12 @@ class Attention(nn.Module):
     per head (``[..., heads, head_dim]``: Qwen3, Gemma 3, Cohere) or, with
     `norm_full_width`, to the whole projection before it is split into heads (OLMo 2).
     `rope_key` names the model's rotary table this layer uses (None: no RoPE, SmolLM3's
-    every 4th layer); `sliding_window` its window (None: global).
+    every 4th layer); `sliding_window` its window (None: global); `attention_chunk` its
+    chunk (Llama 4's chunked layers). `clip_qkv` clamps queries, keys and values (OLMoE);
+    `sinks` adds one learned sink logit per head (``sinks`` ``[heads]``, gpt-oss). A
+    rotary table may return a third tensor, a per-position query scale ``[B, 1, T, 1]``
+    applied after RoPE (Ministral 3's long-context temperature). A family with another
+    projection layout overrides `project`.
     """
 
     def __init__(self, *, hidden: int, heads: int, kv_heads: int, head_dim: int, layer_key: str,
@@ -101,7 +137,8 @@ class Attention(nn.Module):
                  norm_full_width: bool = False, scale: float | None = None,
                  softcap: float | None = None, sliding_window: int | None = None,
                  rope_key: str | None = "default", interleaved_rope: bool = False,
-                 rope_upcast: bool = False) -> None:
+                 rope_upcast: bool = False, attention_chunk: int | None = None,
+                 clip_qkv: float | None = None, sinks: bool = False) -> None:
         super().__init__()
         if heads % kv_heads:
             raise ValueError(f"num_attention_heads ({heads}) must be a multiple of "
@@ -112,6 +149,7 @@ class Attention(nn.Module):
         self.softcap, self.sliding_window, self.rope_key = softcap, sliding_window, rope_key
         self.interleaved_rope, self.rope_upcast = interleaved_rope, rope_upcast
         self.norm_full_width = norm_full_width
+        self.attention_chunk, self.clip_qkv = attention_chunk, clip_qkv
         q_out, kv_out = heads * head_dim, kv_heads * head_dim
         if fused_qkv:
             self.qkv_proj = nn.Linear(hidden, q_out + 2 * kv_out, bias=qkv_bias)
@@ -123,6 +161,8 @@ class Attention(nn.Module):
         self.fused_qkv = fused_qkv
         if q_norm is not None:
             self.q_norm, self.k_norm = q_norm, k_norm
+        if sinks:
+            self.sinks = nn.Parameter(torch.zeros(heads))
 
     @classmethod
     def for_layer(cls, config, layer_idx: int, **switches) -> "Attention":
@@ -144,27 +184,48 @@ class Attention(nn.Module):
         """Elements the KV cache keeps per token for this layer."""
         return 2 * self.num_kv_heads * self.head_dim
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
-        b, t, _ = x.shape
+    def kv_keep(self) -> int | None:
+        """Tokens this layer's cache keeps at most: its window's or chunk's W - 1 (a query
+        sees itself and at most W - 1 earlier tokens); None: all."""
+        spans = [w for w in (self.sliding_window, getattr(self, "attention_chunk", None)) if w]
+        return min(spans) - 1 if spans else None
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values ``[B, T, heads * head_dim]`` of `x`."""
         if self.fused_qkv:
             q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([q_out, kv_out, kv_out], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return self.qkv_proj(x).split([q_out, kv_out, kv_out], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...] | None,
+                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.project(x)
         has_norm = hasattr(self, "q_norm")
         if has_norm and self.norm_full_width:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (y.clamp(-self.clip_qkv, self.clip_qkv) for y in (q, k, v))
         q, k, v = (y.view(b, t, -1, self.head_dim) for y in (q, k, v))
         if has_norm and not self.norm_full_width:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, k, *rope, interleaved=self.interleaved_rope, upcast=self.rope_upcast)
+            q, k = apply_rope(q, k, *rope[:2], interleaved=self.interleaved_rope, upcast=self.rope_upcast)
+            if len(rope) > 2:
+                q = q * rope[2].to(q.dtype)
         if cache is not None:
-            k, v = cache.update(self.layer_key, k, v)
-        out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+            k, v = cache.update(self.layer_key, k, v, keep=self.kv_keep())
+            mask = trim_mask(mask, k.shape[2])
+        out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap,
+                     sinks=getattr(self, "sinks", None))
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def trim_mask(mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
+    """`mask` over the last `kv_len` slots: a windowed layer's cache has dropped the older
+    ones, which no query of this call could see."""
+    return mask if mask is None or mask.shape[-1] <= kv_len else mask[..., -kv_len:]
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor, new_tokens: int | None = None

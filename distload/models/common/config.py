@@ -24,7 +24,7 @@ from typing import Any
 from .rope import RopeParams, read_rope
 
 __all__ = ["DecoderConfig", "read_decoder", "need", "positive_int", "value_of", "SLIDING", "FULL",
-           "text_config", "qwen_layer_types"]
+           "text_config", "qwen_layer_types", "read_layer_types"]
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
@@ -186,3 +186,15 @@ def text_config(d: dict[str, Any], outer: str, inner: str) -> dict[str, Any]:
     if "tie_word_embeddings" in d:         # the outer model owns the head, and its tie
         text["tie_word_embeddings"] = d["tie_word_embeddings"]
     return text
+
+
+def read_layer_types(d: dict[str, Any], layers: int, default: list[str]) -> tuple[str, ...]:
+    """config.json's `layer_types` (checked: one entry per layer, each sliding or full), or
+    `default` where it is absent."""
+    types = d.get("layer_types")
+    if types is None:
+        return tuple(default)
+    if not isinstance(types, list) or len(types) != layers or any(t not in (SLIDING, FULL) for t in types):
+        raise ValueError(f"layer_types must list {SLIDING!r} or {FULL!r} for each of the {layers} "
+                         f"layers, not {types!r}")
+    return tuple(types)

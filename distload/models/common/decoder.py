@@ -40,7 +40,8 @@ from .attention import Attention, attention_mask_bias, position_ids_from_mask
 from .layers import linear_flops, linear_outputs
 from .rope import RotaryEmbedding
 
-__all__ = ["DecoderLayer", "PreNormDecoderLayer", "DecoderModel", "DecoderForCausalLM", "nested_text_tensors"]
+__all__ = ["DecoderLayer", "PreNormDecoderLayer", "DecoderModel", "DecoderForCausalLM", "nested_text_tensors",
+           "drop_extra_layers", "rename_tensors"]
 
 
 class DecoderLayer(nn.Module):
@@ -56,6 +57,11 @@ class DecoderLayer(nn.Module):
 
     def kv_elements_per_token(self) -> int:
         return self.self_attn.kv_elements_per_token()
+
+    def kv_tokens_kept(self) -> int | None:
+        """Tokens its KV cache holds at most while it runs (a window's W), None: all."""
+        keep = getattr(self.self_attn, "kv_keep", lambda: None)()
+        return None if keep is None else keep + 1
 
     def activation_elements_per_token(self) -> int:
         """Elements its Linears output per token (a mixture of experts: the active ones)."""
@@ -122,18 +128,19 @@ class DecoderModel(nn.Module):
                     f"({b}, {past + t}): one 0/1 entry per cached token plus per new token")
             if position_ids is None:
                 position_ids = _default_positions(attention_mask, b, t, past, h.device)
-            ropes, masks = {}, {}  # one table per RoPE and one mask per window, per forward
+            ropes, masks = {}, {}  # one table per RoPE and one mask per window/chunk, per forward
             for layer in layers:
                 attn = layer.self_attn
                 if attn.rope_key is not None and attn.rope_key not in ropes:
                     ropes[attn.rope_key] = getattr(self, attn.rope_key)(h, position_ids)
-                if attn.sliding_window not in masks:
-                    masks[attn.sliding_window] = attention_mask_bias(
+                if _mask_key(attn) not in masks:
+                    masks[_mask_key(attn)] = attention_mask_bias(
                         attention_mask, q_len=t, past=past, dtype=h.dtype, device=h.device,
-                        sliding_window=attn.sliding_window)
+                        sliding_window=attn.sliding_window,
+                        chunk_size=getattr(attn, "attention_chunk", None))
             for layer in layers:
                 attn = layer.self_attn
-                h = layer(h, rope=ropes.get(attn.rope_key), mask=masks[attn.sliding_window],
+                h = layer(h, rope=ropes.get(attn.rope_key), mask=masks[_mask_key(attn)],
                           cache=cache)
         if self.norm is not None:
             h = self.norm(h)
@@ -199,6 +206,10 @@ class DecoderForCausalLM(StageModel):
         if getattr(config, "nested_in", None):
             return nested_text_tensors(tensors, outer=config.nested_in)
         return tensors
+
+
+def _mask_key(attn) -> tuple[int | None, int | None]:
+    return attn.sliding_window, getattr(attn, "attention_chunk", None)
 
 
 def _default_positions(attention_mask: torch.Tensor | None, batch: int, length: int, past: int,
@@ -270,3 +281,52 @@ def _retie_head(module: DecoderForCausalLM, incompatible_keys) -> None:
 
 
 _EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def drop_extra_layers(tensors: Mapping[str, TensorMeta], layers: int) -> dict[str, TensorMeta]:
+    """`tensors` without those of layers numbered `layers` and up: the multi-token-prediction
+    layers GLM-4.5 and DeepSeek-V3 checkpoints append after the decoder's own
+    (``model.layers.<num_hidden_layers>.``), which a causal LM never runs. No rank reads them.
+
+    Example::
+
+        drop_extra_layers({"model.layers.46.eh_proj.weight": m, "model.norm.weight": n}, 46)
+        # {"model.norm.weight": n}
+    """
+    out, dropped = {}, 0
+    for name, meta in tensors.items():
+        match = _LAYER_KEY.match(name)
+        if match is not None and int(match[1]) >= layers:
+            dropped += meta.length
+        else:
+            out[name] = meta
+    if dropped:
+        logger.info("%.1f MB of multi-token-prediction layers (model.layers.%d and up) are not read",
+                    dropped / 1e6, layers)
+    return out
+
+
+def rename_tensors(tensors: Mapping[str, TensorMeta], rules: tuple[tuple[str, str], ...]
+                   ) -> dict[str, TensorMeta]:
+    """`tensors` under this model's names: each name takes the first regex of `rules` that
+    matches (``re.sub(pattern, repl, name)``); the byte ranges stay those of the file. For
+    families whose checkpoints name the shared parts otherwise (GPT-NeoX's ``gpt_neox.embed_in``
+    is ``model.embed_tokens``).
+
+    Example::
+
+        rename_tensors(tensors, ((r"^gpt_neox\\.embed_in\\.", "model.embed_tokens."),))
+    """
+    compiled = [(re.compile(p), r) for p, r in rules]
+    out = {}
+    for name, meta in tensors.items():
+        new = name
+        for pattern, repl in compiled:
+            new, hits = pattern.subn(repl, name)
+            if hits:
+                break
+        out[new] = meta if new == name else replace(meta, name=new)
+    return out
