@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import trace
 from ..dist import World, agree, watch_peers
-from ..errors import CheckpointError, LoadError, RankError
+from ..errors import LoadError, RankError
 from ..checkpoint.types import TensorMeta
 from ..io import PosixReader, Reader, ReadOptions, ReadProgress, ReadStats
 from ..plan.types import Tier

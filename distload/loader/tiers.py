@@ -68,7 +68,8 @@ def _homes(plan: LoadPlan, rank: int, device: torch.device) -> dict[str, str]:
 
 
 def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str, torch.Tensor],
-                 device: torch.device | str, *, reader: Reader, offload_dir: str | os.PathLike | None = None, cache_dir: str | None = None,
+                 device: torch.device | str, *, reader: Reader, offload_dir: str | os.PathLike | None = None,
+                 cache_dir: str | None = None,
                  prefetch: bool | None = None, max_resident: int | None = None, verify: bool = True,
                  timeout: float = 600.0, progress: ReadProgress | None = None) -> OffloadResult:
     """Give `rank`'s offloaded parameters their tiers and stream them (see the module

@@ -1,9 +1,10 @@
 """The object-store reader: a rank's read items as ranged GETs, `workers` in flight, each
 body streamed straight into its destinations (a CPU tensor of the stored dtype: its own
 bytes; otherwise through a buffer of at most `staging_bytes` per worker, copied and cast
-on the destination's device: the extra memory stays ``workers * staging_bytes``). Adjacent tensors of a file share a request, long ones are
-cut into requests of at most `staging_bytes`; no byte outside the rank's tensors is
-asked for, and nothing is written to disk.
+on the destination's device: the extra memory stays ``workers * staging_bytes``).
+Adjacent tensors of a file share a request, long ones are cut into requests of at most
+`staging_bytes`; no byte outside the rank's tensors is asked for, and nothing is written
+to disk.
 
 Every GET names the shard's ETag from the plan (``If-Match``): an object replaced since
 rank 0 planned fails, named; so does a response shorter than its range. botocore retries
