@@ -29,7 +29,8 @@ from .errors import RankError, UsageError
 from .log import logger
 
 __all__ = ["World", "init_world", "run_on_rank0", "agree", "agree_on_arguments", "gather_objects",
-           "shutdown", "watch_peers", "peers_gone", "group_timeout_s"]
+           "shutdown", "watch_peers", "peers_gone", "group_timeout_s", "lost_peer", "note_leaving",
+           "dead_peers"]
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600.0
@@ -223,15 +224,71 @@ def watch_peers(what: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:  # gloo/nccl errors (DistBackendError is one)
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        dead = _dead_ranks()
-        if dead:
-            who = ", ".join(map(str, dead))
-            raise RankError(f"rank {who} died (connection lost) during {what}") from exc
-        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
-            raise RankError(f"another rank did not answer in time during {what} ({detail})") from exc
-        raise RankError(f"lost the connection to another rank during {what}: it died or "
-                        f"stopped ({detail})") from exc
+        raise lost_peer(exc, what) from exc
+
+
+def lost_peer(exc: BaseException, what: str, *, peer: int | None = None) -> RankError:
+    """The `RankError` for a transport error `exc` during `what`: the rank(s) whose
+    process is gone, where one on this host is; else `peer` (the rank this one talked
+    to), or that the others did not answer. The backend's own text (gloo's file and line)
+    goes to the debug log only."""
+    logger.debug("%s: %s", what, exc)
+    text = str(exc).strip()
+    gone = _dead_ranks()
+    notes = _notes(gone) or {}
+    dead = [r for r in gone if r not in notes]   # gone without saying why: killed, crashed
+    if dead:
+        return RankError(f"rank {', '.join(map(str, dead))} died (connection lost) during {what}")
+    if notes:   # gone after an error of its own, which it left for the others
+        r, (cause, line) = next(iter(notes.items()))
+        return RankError(f"rank {r} stopped: {line}", cause=cause)
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return RankError(f"another rank did not answer in time during {what}")
+    who = f"rank {peer}" if peer is not None else "another rank"
+    return RankError(f"lost the connection to {who} during {what}: it died or stopped")
+
+
+_NOTE = "distload/left/{}"
+
+
+def note_leaving(reason: str, cause: str | None = None) -> None:
+    """This rank is about to exit after an error (`reason`, its one line; `cause`, the
+    error's kind as `RankError.cause` names it): say so on the job's store, so that a peer
+    that finds it gone does not take it for the rank that died, and exits as it does
+    (`lost_peer`). Best effort: the store may be gone too."""
+    if not dist.is_initialized():
+        return
+    try:
+        note = pickle.dumps((cause, reason))
+        dist.distributed_c10d._get_default_store().set(_NOTE.format(dist.get_rank()), note)
+    except Exception as exc:  # noqa: BLE001 - leaving anyway
+        logger.debug("could not leave a note on the job's store: %s", exc)
+
+
+def dead_peers() -> list[int]:
+    """At once: the ranks on this host whose process is gone without a note (killed or
+    crashed, not stopped by an error of their own or a signal it reported). Empty when
+    the notes cannot be read (the store's host left): then nobody can tell."""
+    gone = peers_gone(range(len(_PEERS)))
+    notes = _notes(gone)
+    return [] if notes is None else [r for r in gone if r not in notes]
+
+
+def _notes(ranks: list[int]) -> dict[int, tuple[str | None, str]] | None:
+    """(cause, line) of each of `ranks` that left a note (`note_leaving`); None when the
+    job's store cannot be read."""
+    out: dict[int, tuple[str | None, str]] = {}
+    if not ranks or not dist.is_initialized():
+        return out
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        for r in ranks:
+            if store.check([_NOTE.format(r)]):
+                out[r] = pickle.loads(store.get(_NOTE.format(r)))
+    except Exception as exc:  # noqa: BLE001 - no store
+        logger.debug("could not read the job's store: %s", exc)
+        return None
+    return out
 
 
 def _error_record(exc: BaseException) -> dict:
@@ -262,7 +319,7 @@ def run_on_rank0(world: World, fn: Callable[[], T] | None, *, what: str = "rank 
         return payload
     if error is not None:
         raise error
-    raise RankError(f"rank 0 failed: {payload['type']}: {payload['message']}")
+    raise RankError(f"rank 0 failed: {payload['type']}: {payload['message']}", cause=payload["type"])
 
 
 def agree(world: World, error: BaseException | None, *, what: str = "loading") -> None:
@@ -289,7 +346,7 @@ def agree(world: World, error: BaseException | None, *, what: str = "loading") -
             error.rank0_speaks = True
         raise error
     r, rec = failed[0]
-    raise RankError(f"rank {r} failed: {rec['type']}: {rec['message']}")
+    raise RankError(f"rank {r} failed: {rec['type']}: {rec['message']}", cause=rec["type"])
 
 
 def agree_on_arguments(world: World, arguments: dict[str, Any]) -> None:

@@ -32,7 +32,13 @@ class LoadError(DistloadError):
 
 
 class RankError(DistloadError):
-    """Another rank failed; the message carries that rank's own error."""
+    """Another rank failed; the message carries that rank's own error, and `cause` the
+    name of its type (e.g. ``"UsageError"``: the CLI exits with that cause's code on every
+    rank), where known."""
+
+    def __init__(self, message: str = "", *, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 class CallAborted(RankError):

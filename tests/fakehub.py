@@ -48,7 +48,7 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 LFS_MIN_SIZE = 10 * 1024 * 1024  # the Hub takes no larger file in git: it must go to LFS
 CHUNK = 64 * 1024  # body write size, and the unit of the "slow" fault's delay
 DATE = "2024-01-01T00:00:00.000Z"
-FAULT_KINDS = ("missing", "error", "truncate", "short", "slow")
+FAULT_KINDS = ("missing", "error", "truncate", "short", "slow", "garbage", "norange")
 
 _NODE = r"(?:/(?P<node>[^/]+))?"
 _RESOLVE = re.compile(_NODE + r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)")
@@ -100,6 +100,7 @@ class FakeHub:
         self._repos: dict[str, _Repo] = {}
         self._faults: list[dict] = []
         self._log: list[dict] = []
+        self._active: list[dict] = []  # requests being served now (the log has them once answered)
         self._rate: float | None = None  # bytes/s of file bodies per node, all its connections together
         self._next_free: dict[str, float] = {}
         self._port = port
@@ -141,7 +142,10 @@ class FakeHub:
         truncate: a GET body stops at file offset `after` (default: half the file) and the connection closes
           short of its Content-Length, so that asking again gets no further;
         short: a GET body ends at offset `after` with a Content-Length to match, short of the HEAD's size;
-        slow: a GET sleeps `delay` seconds before each 64 KiB chunk.
+        slow: a GET sleeps `delay` seconds before each 64 KiB chunk;
+        garbage: a GET body has bytes 8..39 of the file (the start of a safetensors header's JSON) replaced by
+          "~", as a broken proxy or disk might send them (same length, same status);
+        norange: a GET with a Range is answered 200 with the whole file, as a server ignoring Range does.
         Missing and error count HEADs and GETs, the others GETs of the body."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"fault kind {kind!r} is not one of {FAULT_KINDS}")
@@ -203,6 +207,11 @@ class FakeHub:
         with self._lock:
             self._log.clear()
 
+    def active(self) -> list[dict]:
+        """The requests being answered now (a slow body still going out), as log entries so far."""
+        with self._lock:
+            return [dict(r) for r in self._active]
+
     def start(self) -> FakeHub:
         for port, cdn in ((self._port, False), (0, True)):
             server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
@@ -237,6 +246,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass  # the stats log replaces the access log on stderr
 
+    def handle(self):
+        try:
+            super().handle()
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # a client that closed its connection early (one reading a header, then stopping)
+
     def _handle(self):
         hub, cdn = self.server.hub, self.server.cdn
         path, _, query = self.path.partition("?")
@@ -246,6 +261,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._control(hub, path, body)
         self.rec = dict(node="", method=self.command, path=path, kind="other", repo=None, file=None, status=None,
                         bytes=0, cdn=cdn)
+        with hub._lock:
+            hub._active.append(self.rec)
         try:
             if m := _RESOLVE.fullmatch(path):
                 self._resolve(hub, m["node"] or "", m["repo"], unquote(m["rev"]), unquote(m["file"]))
@@ -258,6 +275,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(404, None, f"no route for {path}")
         finally:
             with hub._lock:
+                hub._active.remove(self.rec)
                 hub._log.append(self.rec)
 
     do_HEAD = do_GET = do_POST = _handle
@@ -292,7 +310,12 @@ class _Handler(BaseHTTPRequestHandler):
         """A file body, whole (200) or one `Range: bytes=S-E | S- | -N` (206; E is clamped to the end: the
         client asks get_safetensors_metadata's headers with bytes=0-100000 whatever the size), faults applied."""
         size, start, end, status = len(data), 0, len(data), 200
-        if rng := self.headers.get("Range"):
+        fault = hub._take_fault(node, repo_id, path, ("truncate", "short", "slow", "garbage", "norange")) \
+            if self.command == "GET" else None
+        kind = fault and fault["kind"]
+        if kind == "garbage":
+            data = data[:8] + b"~" * len(data[8:40]) + data[40:]
+        if (rng := self.headers.get("Range")) and kind != "norange":
             m = _RANGE.fullmatch(rng)
             if m and m[1]:
                 start, end = int(m[1]), min(size, int(m[2]) + 1) if m[2] else size
@@ -301,8 +324,6 @@ class _Handler(BaseHTTPRequestHandler):
             if not m or start >= end:
                 return self._error(416, None, f"range {rng} of {size} bytes", [("Content-Range", f"bytes */{size}")])
             status = 206
-        fault = hub._take_fault(node, repo_id, path, ("truncate", "short", "slow")) if self.command == "GET" else None
-        kind = fault and fault["kind"]
         cut = (size // 2 if fault["after"] is None else fault["after"]) if kind in ("truncate", "short") else end
         stop = max(start, min(end, cut))  # no byte at or past `cut` leaves the server
         if kind == "short":

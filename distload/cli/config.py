@@ -52,6 +52,10 @@ class RunConfig:
                            negatable=True)
     staging_size: str | None = _opt(None, "bytes per read and per staging buffer (pinned, two per "
                                           "reader thread on CUDA), e.g. 16MiB (default), at least 64KiB")
+    verify_checksums: bool = _opt(False, "before any rank reads them, hash the files each node's ranks read: "
+                                         "a hub id's against the hub's sha256, a local checkpoint's against "
+                                         "a manifest in the cache dir written on the first such run",
+                                  negatable=True)
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
     input_ids: tuple[str, ...] = _opt((), "comma-separated token ids of one prompt; repeat for a batch",
                                       action="append")

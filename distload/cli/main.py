@@ -14,8 +14,11 @@ import time
 import traceback
 from dataclasses import fields
 
+import torch.distributed
+
 from .. import trace
-from ..dist import DEFAULT_TIMEOUT_S, World, agree_on_arguments, init_world, run_on_rank0, shutdown
+from ..dist import (DEFAULT_TIMEOUT_S, World, agree_on_arguments, dead_peers, init_world, note_leaving,
+                    peers_gone, run_on_rank0, shutdown)
 from ..errors import DistloadError, RankError, UsageError
 from ..io import ReadOptions
 from ..launch.errorfile import record_error
@@ -26,7 +29,7 @@ from ..log import logger, setup_logging
 from ..pipeline.inputs import resolve_eos
 from ..plan.explain import explain_plan
 from .config import RunConfig, parse_args
-from .exits import ERROR, OK, USAGE, Interrupted, install_signal_handlers, leave
+from .exits import ERROR, INTERRUPTED, OK, TERMINATED, USAGE, Interrupted, install_signal_handlers, leave
 from .prompts import (format_result, left_pad, new_tokens, optional_tokenizer, prepare_requests,
                       read_prompts, write_outputs)
 from .table import format_generation, format_offload_waits, format_table, write_report
@@ -127,6 +130,17 @@ def _generate(pipe, cfg: RunConfig, prompts: _Prompts) -> dict:
     return figures if pipe.rank == 0 else {}
 
 
+def _no_outputs(cfg: RunConfig) -> None:
+    """Rank 0, when nothing was generated (no prompt in --input-file, or
+    --max-new-tokens 0): --output-file is written empty, never left with an earlier run's
+    results."""
+    if cfg.max_new_tokens > 0:
+        logger.warning("no prompts in %s: nothing to generate", cfg.input_file or "the input")
+    write_outputs(cfg.output_file, [], [])
+    if cfg.output_file != "-":
+        logger.info("outputs written to %s (empty)", cfg.output_file)
+
+
 def _generation_figures(calls: list[dict], *, prompts: int, generated: int, seconds: float) -> dict:
     """The report's ``generation``: over every `generate` call of the run (see
     `Pipeline.last_call`)."""
@@ -175,7 +189,8 @@ def _load_and_run(cfg: RunConfig, world: World) -> int:
                 staging_bytes=cfg.staging_bytes, micro_batches=cfg.micro_batches,
                 max_memory=cfg.memory_limits, max_batch_size=cfg.max_batch_size,
                 max_seq_len=cfg.max_seq_len, world=world, workload="generate",  # the CLI generates
-                before_read=prompts.check if generating else None)
+                before_read=prompts.check if generating else None,
+                verify_checksums=cfg.verify_checksums)
     report = pipe.job_report
     if cfg.model == "demo" and world.is_first:   # every run: where the demo's files are
         logger.info("demo checkpoint: %s", pipe.root)
@@ -187,6 +202,8 @@ def _load_and_run(cfg: RunConfig, world: World) -> int:
             logger.info("report written to %s", cfg.report)
 
     run_on_rank0(world, write, what="writing the report")
+    if not generating and cfg.output_file:
+        run_on_rank0(world, lambda: _no_outputs(cfg), what="writing the outputs")
     if generating:
         figures = _generate(pipe, cfg, prompts)
 
@@ -241,28 +258,59 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         return e.exit_code
     setup_logging(cfg.log_level.upper())
-    relayed = False
+    relayed = quiet = False
     try:
         return run(cfg)
     except Interrupted as e:
-        code, line = e.exit_code, f"{e}: stopping"
         _ignore_signals()
-        logger.warning("%s", line)
+        dead = dead_peers()
+        if not dead:
+            line = f"{e}: stopping"
+            logger.warning("%s", line)
+            record_error(line, relayed=False)   # for torchrun's summary and distload.launch
+            note_leaving(str(e), signal.Signals(e.signum).name)
+            return _leave_group(e.exit_code)
+        # a launcher stops the others when a rank dies: the death is the cause
+        cause, relayed = "RankError", True
+        line = (f"rank {', '.join(map(str, dead))} died (connection lost); "
+                f"stopping ({signal.Signals(e.signum).name} from the launcher)")
     except UsageError as e:
-        code, line = USAGE, _as_flags(str(e))
-        logger.error("%s", line)
-    except RankError as e:  # another rank failed; it printed its own error
-        code, line, relayed = ERROR, _as_flags(str(e)), True
-        logger.error("%s", line)
+        cause, line = "UsageError", _as_flags(str(e))
+    except RankError as e:  # another rank failed: this one exits with that cause's code
+        cause, line, relayed = e.cause, _as_flags(str(e)), True
     except (DistloadError, ValueError, OSError) as e:
-        code, line = ERROR, _as_flags(f"{type(e).__name__}: {e}")
+        cause, line = type(e).__name__, _as_flags(f"{type(e).__name__}: {e}")
         # a job-wide error (every rank's the same, see `agree`): rank 0 speaks for the job
-        (logger.debug if getattr(e, "rank0_speaks", False) else logger.error)("%s", line)
-    except Exception as e:  # noqa: BLE001 - an unexpected failure still stops this rank cleanly
-        code, line = ERROR, f"unexpected failure: {type(e).__name__}: {e} (--log-level DEBUG shows where)"
+        quiet = getattr(e, "rank0_speaks", False)
+    except torch.distributed.DistNetworkError as e:  # the job's store is gone with its host
+        logger.debug("%s", e)
+        line = ("rank 0 died (connection lost); it held the job's store" if peers_gone([0]) else
+                "lost the job's store: its host (the launcher, or rank 0 when ranks are started by hand) "
+                "died or stopped")
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         logger.error("%s", line)
+        record_error(line, relayed=True)
+        return _leave_group(ERROR)      # no note: there is no store to leave it on
+    except Exception as e:  # noqa: BLE001 - an unexpected failure still stops this rank cleanly
+        cause = type(e).__name__
+        line = f"unexpected failure: {type(e).__name__}: {e} (--log-level DEBUG shows where)"
         logger.debug("%s", traceback.format_exc())
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the launcher's, as it stops the job: the line stands
+    (logger.debug if quiet else logger.error)("%s", line)
     record_error(line, relayed=relayed)   # for torchrun's summary and distload.launch
+    try:
+        note_leaving(line, cause)
+    except Interrupted:   # a Ctrl-C now: the line is out, leave as planned
+        pass
+    return _leave_group(_CODES.get(cause, ERROR))
+
+
+# The exit code of a failure by its cause, the same on every rank (a rank that learns of
+# another's failure exits with that failure's code).
+_CODES = {"UsageError": USAGE, "SIGINT": INTERRUPTED, "SIGTERM": TERMINATED}
+
+
+def _leave_group(code: int) -> int:
     try:
         shutdown(failed=True)
     except Interrupted:

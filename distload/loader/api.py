@@ -79,7 +79,8 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
          max_seq_len: int | None = None, world: World | None = None,
          workload: str = "generate", direct_io: bool = False,
          staging_bytes: int | str | None = None,
-         before_read: Callable[[LoadPlan, str], None] | None = None) -> Pipeline:
+         before_read: Callable[[LoadPlan, str], None] | None = None,
+         verify_checksums: bool = False) -> Pipeline:
     """Load `model` (a local directory or file, a hub id ``org/name``, or ``"demo"``)
     across the ranks torchrun started — or in this one process — and return this rank's
     `Pipeline`. Every rank calls it with the same arguments.
@@ -103,6 +104,10 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
     the files are on its node, before any weight is read (the CLI checks its prompts
     against the model there); its error stops every rank.
 
+    `verify_checksums`: each node's leader hashes the files its ranks read before they
+    read them, against the hub's sha256 (a hub id) or a manifest written on the first
+    such load (a local checkpoint); see `distload.sources.checksums`.
+
     Every rank checks that its arguments (and distload and torch versions) are rank 0's;
     only the node-local paths `cache_dir` and `offload_dir` and the read settings above
     may differ. `world` is the job already joined (`distload.dist.init_world`), if any.
@@ -116,7 +121,7 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
                           staging_bytes=DEFAULT_STAGING_BYTES if staging_bytes is None else parse_size(staging_bytes))
     world = world or init_world(timeout_s=timeout_s or DEFAULT_TIMEOUT_S, device=device)
     agree_on_arguments(world, {"micro_batches": micro_batches, "device": device,
-                               "timeout_s": timeout_s})
+                               "timeout_s": timeout_s, "verify_checksums": verify_checksums})
     source, error = None, None
     try:  # a path one node lacks fails there; every rank must hear of it
         source = open_source(model, cache_dir=cache_dir)
@@ -132,7 +137,8 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
         logger.warning("ignoring %d unexpected checkpoint key(s): %s", len(plan.unexpected_keys),
                        ", ".join(plan.unexpected_keys[:8]))
     with clock("fetch"):
-        root, fetched = fetch_node_files(world, source, plan, timeout_s=timeout_s or DEFAULT_TIMEOUT_S)
+        root, fetched = fetch_node_files(world, source, plan, timeout_s=timeout_s or DEFAULT_TIMEOUT_S,
+                                         verify_checksums=verify_checksums)
     if before_read is not None:
         run_on_rank0(world, lambda: before_read(plan, root))
     stage = load_stage(plan, world, reader=source.reader(options), offload_dir=offload_dir,

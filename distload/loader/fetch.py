@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import datetime
 import pickle
 import threading
 import time
@@ -41,11 +40,12 @@ HEARTBEAT_S = 2.0   # a working leader bumps its heartbeat this often
 
 
 def fetch_node_files(world: World, source: Source, plan: LoadPlan, *,
-                     timeout_s: float = 600.0) -> tuple[str, int]:
+                     timeout_s: float = 600.0, verify_checksums: bool = False) -> tuple[str, int]:
     """Every rank: (the checkpoint's root on this node, the bytes this rank fetched — its
     node's download if it is the leader, else 0), once every node's leader made the files
-    its node's ranks read present. `timeout_s` bounds only how long a leader may go
-    silent, never the download itself."""
+    its node's ranks read present (and, with `verify_checksums`, checked their digests:
+    `Source.verify`). `timeout_s` bounds only how long a leader may go silent, never the
+    download itself."""
     error = None
     try:
         source.check(plan.source)
@@ -60,6 +60,8 @@ def fetch_node_files(world: World, source: Source, plan: LoadPlan, *,
         if fetched:
             logger.info("fetched %.1f MB of %s on this node (%d rank(s))", fetched / 1e6, plan.label,
                         len(node_ranks))
+        if verify_checksums:
+            source.verify(files)
         return fetched
 
     fetched = on_node_leaders(world, fetch, what=f"fetching {plan.label}", timeout_s=timeout_s)
@@ -144,14 +146,17 @@ class _Heartbeat:
 def _wait(store, keys: _Keys, world: World, *, what: str, timeout_s: float) -> bytes:
     """The `done` record, waiting in chunks; between chunks, every leader not yet finished
     must have bumped its heartbeat within `timeout_s`."""
-    chunk = datetime.timedelta(seconds=max(1.0, min(10.0, timeout_s / 4)))
+    # Polled, not a blocking store wait: a signal's handler runs only between Python
+    # calls, and a timed-out store wait logs a C++ warning each time.
+    look = max(1.0, min(10.0, timeout_s / 4))
     seen: dict[int, tuple[int, float]] = {}  # node -> (heartbeat count, when it last changed)
     while True:
+        deadline = time.monotonic() + look
         try:
-            store.wait([keys.done], chunk)
-            return store.get(keys.done)
-        except dist.DistStoreError:  # the chunk's own limit: look at the leaders, then wait on
-            pass
+            while time.monotonic() < deadline:
+                if store.check([keys.done]):
+                    return store.get(keys.done)
+                time.sleep(0.25)
         except dist.DistNetworkError as exc:
             raise RankError(f"lost the job's store while {what}: the launcher or a rank is gone "
                             f"({exc})") from exc

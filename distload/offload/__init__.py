@@ -21,7 +21,7 @@ Example::
 """
 
 from .entry import Entry, EntrySpec, OffloadError, SourceId
-from .maintenance import GcResult, gc_store, list_entries, pending_entries, verify_store
+from .maintenance import GcResult, foreign_entries, gc_store, list_entries, pending_entries, verify_store
 from .populate import ensure_entries
 from .store import MANIFEST_VERSION, OffloadStore, default_offload_dir
 from .stream import Streamer, StreamStats, attach_streaming, streamer_of
@@ -29,6 +29,6 @@ from .stream import Streamer, StreamStats, attach_streaming, streamer_of
 __all__ = [
     "OffloadStore", "Entry", "EntrySpec", "SourceId", "OffloadError", "MANIFEST_VERSION",
     "default_offload_dir", "ensure_entries", "list_entries", "verify_store", "pending_entries",
-    "gc_store", "GcResult",
+    "foreign_entries", "gc_store", "GcResult",
     "attach_streaming", "Streamer", "StreamStats", "streamer_of",
 ]

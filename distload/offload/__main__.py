@@ -2,7 +2,8 @@
 
     ls DIR            entries with their sizes, kinds and the models they came from
     verify DIR        check every entry's size and checksum (exit 1 if any is bad)
-    gc DIR            remove entries no model in the manifest needs (--dry-run: only list)
+    gc DIR            remove entries no model in the manifest needs (--dry-run: only list);
+                      exit 1 if it left a data/<xx> that is a link alone (never followed)
 
 Safe to run while loads use the directory (see `distload.offload.maintenance`).
 
@@ -18,7 +19,7 @@ import os
 import sys
 
 from .entry import OffloadError
-from .maintenance import gc_store, list_entries, pending_entries, verify_store
+from .maintenance import foreign_entries, gc_store, list_entries, pending_entries, verify_store
 from .store import OffloadStore
 
 __all__ = ["main"]
@@ -29,6 +30,8 @@ def _mb(n: int) -> str:
 
 
 def _ls(store: OffloadStore, args) -> int:
+    for path, what in foreign_entries(store):
+        print(f"not an entry: {path} is {what}", file=sys.stderr)
     rows = list_entries(store)
     if not rows:
         print(f"{store.root}: no entries")
@@ -73,7 +76,11 @@ def _gc(store: OffloadStore, args) -> int:
           f"and {len(res.models)} model record(s); kept {res.kept} entries")
     for m in res.models:
         print(f"  model record: {m}")
-    return 0
+    for f in res.foreign:
+        print(f"  {'would remove' if args.dry_run else 'removed'} a name that is no entry file: {f}")
+    for s in res.skipped:
+        print(f"  left alone: {s}; remove it by hand", file=sys.stderr)
+    return 1 if res.skipped else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.dir} is not an offload directory (it has no data/)")
     try:
         return args.fn(OffloadStore(args.dir), args)
-    except OffloadError as e:
+    except (OffloadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

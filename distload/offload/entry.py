@@ -22,22 +22,24 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint.files import byte_view
+from ..checkpoint.files import byte_view, file_kind
 from ..checkpoint.types import SAFETENSORS_DTYPES, TensorMeta
 from ..dtypes import dtype_from_name, dtype_name
 from ..errors import DistloadError
 
 __all__ = ["ENTRY_FORMAT", "OffloadError", "SourceId", "EntrySpec", "Entry", "checksum_bytes",
-           "checksum_file", "pread_exact"]
+           "checksum_file", "pread_exact", "open_regular", "not_regular"]
 
 ENTRY_FORMAT = 1
 KIND_COPY, KIND_REF = "copy", "ref"
@@ -152,7 +154,7 @@ class Entry:
             raise ValueError(f"buffer of {out.numel() * out.element_size()} bytes for entry "
                              f"{self.key[:12]} of {self.nbytes} bytes")
         if self.nbytes:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = open_regular(self.path)
             try:
                 pread_exact(fd, byte_view(out), self.offset, self.path)
             finally:
@@ -162,12 +164,14 @@ class Entry:
     def verify(self) -> str | None:
         """None if the entry is intact, else what is wrong (size or checksum)."""
         try:
-            size = os.stat(self.entry_file).st_size
+            size = os.lstat(self.entry_file).st_size
             if self.kind == KIND_COPY and size != self.offset + self.nbytes:
                 return f"size {size} != {self.offset + self.nbytes} bytes"
             if self.kind == KIND_REF and not self.source.current():
                 return f"source {self.source.file} changed or is gone"
             got = checksum_file(self.path, self.offset, self.nbytes)
+        except OffloadError as e:
+            return str(e)
         except OSError as e:
             return f"unreadable: {e.strerror}"
         return None if got == self.checksum else f"checksum {got} != {self.checksum}"
@@ -182,7 +186,7 @@ def checksum_bytes(data: memoryview | bytes) -> str:
 def checksum_file(path: str, offset: int, nbytes: int) -> str:
     crc, buf = 0, bytearray(min(_CHUNK, max(nbytes, 1)))
     view = memoryview(buf)
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path)
     try:
         done = 0
         while done < nbytes:
@@ -202,6 +206,46 @@ def pread_exact(fd: int, view: memoryview, offset: int, path: str) -> None:
         if n == 0:
             raise OffloadError(f"{path} ends at byte {offset}, before the entry's end: it was truncated")
         view, offset = view[n:], offset + n
+
+
+# ------------------------------------------------------------------------- opening files
+
+def not_regular(path: str | os.PathLike) -> str | None:
+    """None when `path` is a regular file (or absent), else what it is, links not followed
+    ("a symlink to X", "a FIFO", "a directory", ...)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            return f"a symlink to {os.readlink(path)}"
+        except OSError:
+            return "a symlink"
+    return file_kind(st.st_mode)
+
+
+def open_regular(path: str | os.PathLike) -> int:
+    """A read-only descriptor of the regular file `path` (the caller closes it). Never
+    follows a symlink in the last component (an entry may not point out of the store) and
+    never blocks (a FIFO would wait for a writer forever): anything else raises
+    `OffloadError` naming it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OffloadError(f"{path} is {not_regular(path) or 'a symlink'}: the offload store "
+                               "never follows links") from None
+        raise
+    try:
+        kind = file_kind(os.fstat(fd).st_mode)
+    except OSError:
+        os.close(fd)
+        raise
+    if kind is not None:
+        os.close(fd)
+        raise OffloadError(f"{path} is {kind}, not an offload entry file")
+    return fd
 
 
 # ------------------------------------------------------------------------- the file format
@@ -225,8 +269,9 @@ def encode_header(spec: EntrySpec, key: str, kind: str, checksum: str) -> bytes:
 
 
 def read_entry_file(path: str) -> Entry:
-    """Parse an entry file's header; raises `OffloadError` when it is not an entry."""
-    with open(path, "rb") as f:
+    """Parse an entry file's header; raises `OffloadError` when it is not an entry (or not
+    a regular file: see `open_regular`)."""
+    with os.fdopen(open_regular(path), "rb") as f:
         head = f.read(8)
         if len(head) != 8:
             raise OffloadError(f"{path} is not an offload entry (too short)")

@@ -29,6 +29,7 @@ import errno
 import json
 import os
 import secrets
+import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -39,7 +40,8 @@ from ..cache import cache_root
 from ..checkpoint.files import byte_view
 from ..log import logger
 from .entry import (KIND_COPY, KIND_REF, Entry, EntrySpec, OffloadError, checksum_bytes,
-                    checksum_file, encode_header, read_entry_file, tensor_bytes)
+                    checksum_file, encode_header, not_regular, open_regular, read_entry_file,
+                    tensor_bytes)
 from .fs import warn_if_network
 
 __all__ = ["MANIFEST_VERSION", "OffloadStore", "default_offload_dir", "model_id"]
@@ -80,12 +82,25 @@ class OffloadStore:
             what = "cannot write into" if self.root.is_dir() else "cannot create"   # an existing one may be read-only
             raise OffloadError(f"{what} the offload directory {self.root}: {e.strerror} "
                                "(choose another with offload_dir= / --offload-dir)") from e
+        self.check_dir(self.root / "data")
         if os.environ.get("LOCAL_RANK", "0") == "0":  # the node's first rank speaks for the node
             warn_if_network(self.root)
 
     # ------------------------------------------------------------------ paths and locks
     def entry_file(self, key: str) -> Path:
         return self.root / "data" / key[:2] / key
+
+    def check_dir(self, path: Path) -> None:
+        """Raise `OffloadError` unless `path` (``data`` or ``data/<xx>``) is a real directory
+        or absent: a symlink there would take reads, writes and `gc` out of the store."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            kind = not_regular(path) or "a file"
+            raise OffloadError(f"{path} is {kind}, not a directory: the offload store never "
+                               "follows links out of itself; remove it (or choose another --offload-dir)")
 
     def stripe_lock(self, key: str, timeout: float | None = None) -> FileLock:
         return FileLock(str(self.root / "locks" / f"{key[:2]}.lock"),
@@ -105,7 +120,11 @@ class OffloadStore:
         """(entry, problem): (None, None) when absent; a problem when the file is
         malformed, truncated or (with `verify`) its bytes fail their checksum."""
         path = self.entry_file(key)
-        if not path.exists():
+        self.check_dir(path.parent)
+        kind = not_regular(path)
+        if kind is not None:   # rewritten by `ensure` (a name replaced, nothing followed)
+            return None, f"{path} is {kind}, not an entry file"
+        if not os.path.lexists(path):
             return None, None
         try:
             entry = read_entry_file(str(path))
@@ -115,7 +134,7 @@ class OffloadStore:
             return None, f"holds key {entry.key[:12]}"
         if verify:
             return entry, entry.verify()
-        size = path.stat().st_size
+        size = path.lstat().st_size
         if entry.kind == KIND_COPY and size != entry.offset + entry.nbytes:
             return entry, f"size {size} != {entry.offset + entry.nbytes} bytes"
         if entry.kind == KIND_REF and not entry.source.current():
@@ -165,11 +184,15 @@ class OffloadStore:
             view = byte_view(data)
             checksum = checksum_bytes(view)
         final = self.entry_file(spec.key)
+        self.check_dir(final.parent)
         final.parent.mkdir(exist_ok=True, mode=_DIR_MODE)
+        if os.path.isdir(final) and not os.path.islink(final):
+            raise OffloadError(f"{final} is a directory where offload entry {spec.key[:12]} "
+                               f"({spec.name}) belongs: remove it")
         tmp = final.parent / f".{spec.key}.tmp.{os.getpid()}.{secrets.token_hex(4)}"
         header = encode_header(spec, spec.key, kind, checksum)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
             try:
                 _write_all(fd, memoryview(header))
                 if kind == KIND_COPY:
@@ -201,15 +224,18 @@ class OffloadStore:
     def _remove_temporaries(self, key: str) -> None:
         """Leftovers of a writer of `key` that died mid-write (the caller holds the stripe
         lock, so no live writer of `key` exists)."""
-        for tmp in self.entry_file(key).parent.glob(f".{key}.tmp.*"):
-            tmp.unlink(missing_ok=True)
+        parent = self.entry_file(key).parent
+        self.check_dir(parent)
+        for tmp in parent.glob(f".{key}.tmp.*"):
+            tmp.unlink(missing_ok=True)   # unlink removes a link itself, never its target
 
     # ------------------------------------------------------------------ manifest
     def read_manifest(self) -> dict:
         """The manifest: ``{"version": 1, "models": {id: {"checkpoint", "dtype", "keys"}}}``."""
         path = self.root / "manifest.json"
         try:
-            manifest = json.loads(path.read_text())
+            with os.fdopen(open_regular(path), "rb") as f:
+                manifest = json.loads(f.read())
         except FileNotFoundError:
             return {"version": MANIFEST_VERSION, "models": {}}
         except ValueError as e:
@@ -225,7 +251,8 @@ class OffloadStore:
         path = self.root / "manifest.json"
         text = json.dumps(manifest, indent=1, sort_keys=True).encode()
         tmp = path.with_name(f".manifest.json.tmp.{os.getpid()}")
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)   # a leftover of a killed writer with this pid
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

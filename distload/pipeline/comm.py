@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from .. import trace
-from ..dist import World, group_timeout_s, peers_gone, run_on_rank0
+from ..dist import World, group_timeout_s, lost_peer, peers_gone, run_on_rank0
 from ..errors import CallAborted, RankError
 
 __all__ = ["Outbox", "Inbound", "post_recv", "recv_into", "broadcast_call"]
@@ -99,8 +99,11 @@ class Outbox:
     def send(self, tensor: torch.Tensor, *, dst: int, group: Any = None) -> None:
         """Send `tensor` to global rank `dst` over `group` (None: the default group)."""
         tensor = tensor.contiguous()
-        self._pending.append((dist.isend(tensor, dst=dst, group=group), tensor, dst,
-                              time.monotonic()))
+        try:  # gloo fails at once when the peer's connection is already closed
+            work = dist.isend(tensor, dst=dst, group=group)
+        except RuntimeError as exc:
+            raise lost_peer(exc, f"a pipelined call (sending to rank {dst})", peer=dst) from exc
+        self._pending.append((work, tensor, dst, time.monotonic()))
         if len(self._pending) > _MAX_PENDING:  # let finished sends (and their tensors) go
             self._pending = [p for p in self._pending if not p[0].is_completed()]
             # gloo calls a send complete only once waited on: without this, a long stream
@@ -124,8 +127,7 @@ class Outbox:
         try:
             _host_wait(work, tensor, dst, posted)
         except RuntimeError as exc:
-            raise RankError(f"could not send to rank {dst}: it failed or stopped "
-                            f"(see its own error); {exc}") from exc
+            raise lost_peer(exc, f"a pipelined call (sending to rank {dst})", peer=dst) from exc
 
 
 class Inbound:
@@ -142,8 +144,8 @@ class Inbound:
                 try:
                     _host_wait(self._work, self.buffer, self._src, self._posted)
                 except RuntimeError as exc:
-                    raise RankError(f"no data from rank {self._src}: it failed or stopped "
-                                    f"(see its own error); {exc}") from exc
+                    raise lost_peer(exc, f"a pipelined call (receiving from rank {self._src})",
+                                    peer=self._src) from exc
             self._work = None
         return self.buffer
 
@@ -160,7 +162,11 @@ def recv_into(buffer: torch.Tensor, *, src: int, group: Any = None) -> Inbound:
     that pieces arrive in place and need no concatenation after)."""
     if not buffer.is_contiguous():
         raise ValueError("a receive buffer must be contiguous")
-    return Inbound(buffer, dist.irecv(buffer, src=src, group=group), src)
+    try:
+        work = dist.irecv(buffer, src=src, group=group)
+    except RuntimeError as exc:
+        raise lost_peer(exc, f"a pipelined call (receiving from rank {src})", peer=src) from exc
+    return Inbound(buffer, work, src)
 
 
 def broadcast_call(world: World, make: Callable[[], T] | None) -> T:

@@ -13,7 +13,10 @@ Who calls what, in order (`distload.loader` does it):
    (relative to the root) present on this node (a download, or nothing); every other
    rank waits for every node's leader, without a time limit while they live (a download
    may take far longer than the process group's timeout);
-5. every rank: ``source.reader(options)`` — the `distload.io.Reader` that executes this
+5. with ``--verify-checksums``, the node's leader after `fetch`: ``source.verify(files)``
+   — each file's digest against one this node did not compute from the same bytes
+   (`distload.sources.checksums`);
+6. every rank: ``source.reader(options)`` — the `distload.io.Reader` that executes this
    rank's read items on its node (default: the POSIX reader of ``source.root()``, the
    directory on this node that the plan's relative file names are joined to).
 
@@ -86,6 +89,15 @@ class Source(ABC):
         """Every rank, after `fetch`: the reader of this node's copy of the checkpoint
         (`options`: this rank's, node-local)."""
         return PosixReader(self.root(), options)
+
+    def verify(self, files: Sequence[str]) -> int:
+        """One rank per node, after `fetch`: raise `CheckpointError` naming the first of
+        `files` whose content differs from its recorded digest. Default: a manifest of
+        sha256 digests in distload's cache, written on first use. Returns how many files
+        were checked against a digest recorded before."""
+        from .checksums import verify_local_files
+
+        return verify_local_files(self.root(), files, cache_dir=self.cache_dir)
 
 
 _SOURCES: list[type[Source]] = []

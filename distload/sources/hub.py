@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from ..checkpoint.index import CheckpointIndex
 from ..errors import CheckpointError
@@ -31,6 +30,7 @@ from ..log import logger
 from .base import Source, register_source
 from .hub_index import download, remote_index, snapshot_dir
 from .local import local_path
+from .pool import thread_map
 
 __all__ = ["HubSource", "resolve_model", "parse_hub_id", "HUB_PATTERNS"]
 
@@ -146,14 +146,21 @@ class HubSource(Source):
 
         if missing:
             logger.info("downloading %d file(s) of %s@%s on this node", len(missing), self.repo, self.commit)
-        with ThreadPoolExecutor(min(_MAX_DOWNLOADS, len(wanted)) or 1, thread_name_prefix="distload-dl") as pool:
-            failures = [e for e in pool.map(_error_of(one), wanted) if e is not None]
+        failures = [e for e in thread_map(_error_of(one), wanted, workers=_MAX_DOWNLOADS, name="distload-dl")
+                    if e is not None]
         if failures:
             if len(failures) > 1:
                 logger.error("%d more download(s) failed: %s", len(failures) - 1,
                              "; ".join(str(e) for e in failures[1:4]))
             raise failures[0]
         return sum(os.path.getsize(os.path.join(self.root(), f)) for f in missing)
+
+    def verify(self, files: Sequence[str]) -> int:
+        """Each of `files` against the digest the hub gives for it (the ETag
+        huggingface_hub names its blob by: an LFS file's sha256)."""
+        from .checksums import verify_hub_files
+
+        return verify_hub_files(self.root(), files, label=f"{self.repo}@{self.commit}")
 
     def root(self) -> str:
         if self.commit is None:

@@ -27,15 +27,17 @@ import fnmatch
 import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..cache import cache_root
 from ..checkpoint.index import CheckpointIndex, index_from_headers, read_weight_map
-from ..checkpoint.safetensors_header import header_length, read_header_bytes
+from ..checkpoint.safetensors_header import header_length, parse_safetensors_header, read_header_bytes
 from ..errors import CheckpointError
 from ..log import logger
+from .pool import thread_map
 
 __all__ = ["RemoteCheckpoint", "remote_index", "resolve_commit", "snapshot_dir", "offline", "download", "reason",
            "SUPPORT_PATTERNS", "HEADER_PROBE"]
@@ -50,6 +52,10 @@ SUPPORT_PATTERNS = ("*.json", "tokenizer*", "*.model", "*.tiktoken", "merges.txt
 # enough for the whole header of nearly every checkpoint (a second range fetches the rest).
 HEADER_PROBE = 100_000
 _MAX_FETCHERS = 8
+# A header request is retried only on what is transient, a few times (1 + 2 + 4 s at most):
+# an HTTP 500 is the server failing on this request, and retrying it only delays the line.
+_RETRY_STATUS = (429, 502, 503, 504)
+_MAX_RETRIES = 3
 _SHA = re.compile(r"[0-9a-f]{40}")
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -76,8 +82,20 @@ def offline() -> bool:
 
 def reason(exc: BaseException, limit: int = 400) -> str:
     """``Type: message`` of a client's exception on one line (huggingface_hub's span
-    several: status, URL, the server's message), at most `limit` characters."""
-    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    several: status, URL, the server's message), at most `limit` characters. Where the
+    client wrapped a server's answer ("check your connection"), the answer is named: the
+    status and the request that got it."""
+    cause = exc
+    while cause is not None and getattr(cause, "response", None) is None:
+        cause = cause.__cause__
+    response = getattr(cause, "response", None)
+    if cause is not exc and response is not None and getattr(response, "status_code", None):
+        request = getattr(response, "request", None)
+        what = f" to {request.method} {request.url}" if request is not None else ""
+        text = (f"the server answered HTTP {response.status_code} {getattr(response, 'reason_phrase', '')}"
+                f"{what}").rstrip()
+    else:
+        text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -134,11 +152,20 @@ class _CommitCache:
         except (OSError, ValueError):
             return None
 
+    def header_path(self, file: str) -> Path:
+        return self.dir / "headers" / file
+
     def header(self, file: str) -> bytes | None:
         try:
-            return (self.dir / "headers" / file).read_bytes()
+            return self.header_path(file).read_bytes()
         except OSError:
             return None
+
+    def drop_header(self, file: str) -> None:
+        try:
+            self.header_path(file).unlink()
+        except OSError as e:   # a read-only cache: the next run drops it again
+            logger.warning("cannot remove %s: %s", self.header_path(file), e)
 
     def put_files(self, files: dict[str, int]) -> None:
         self._write(self.dir / "files.json", json.dumps(files, sort_keys=True).encode())
@@ -182,27 +209,73 @@ def _list_files(repo: str, sha: str, cache: _CommitCache) -> tuple[dict[str, int
     return files, True
 
 
-def _fetch_header(repo: str, sha: str, file: str, size: int) -> bytes:
+def _fetch_header(repo: str, sha: str, file: str, size: int, cancel: threading.Event | None = None) -> bytes:
     """The first 8 + n bytes of `file` by range requests (huggingface_hub's session:
-    HF_ENDPOINT, HF_TOKEN, retries and redirects as it handles them)."""
+    HF_ENDPOINT, HF_TOKEN and redirects as it handles them). Retries only what is
+    transient (429, 502-504, a dropped connection), a few times; an HTTP 500 fails at
+    once. A server that ignores `Range` (200, the whole file) is read only as far as the
+    header reaches, then the connection is closed. `cancel` set: no further try (the
+    process is stopping)."""
     from huggingface_hub import constants, hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     url = hf_hub_url(repo, file, revision=sha)
     headers = build_hf_headers()
 
+    busy: list[int] = []   # transient statuses seen
+
+    def once(start: int, end: int) -> bytes | None:
+        """The bytes [start, end), or None for a transient status worth another try."""
+        with get_session().stream("GET", url, headers={**headers, "Range": f"bytes={start}-{end - 1}"},
+                                  timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT, follow_redirects=True) as response:
+            if response.status_code in _RETRY_STATUS:
+                busy.append(response.status_code)
+                return None
+            if response.status_code >= 400:
+                response.read()
+                hf_raise_for_status(response)
+            whole = response.status_code != 206   # the server sent the file from byte 0
+            want = end if whole else end - start
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) >= want:
+                    break                          # closing the stream drops the rest
+        if whole:
+            _warn_no_range(url, response.status_code)
+            return bytes(data[start:end])
+        return bytes(data[:want])
+
     def get(start: int, end: int) -> bytes:
-        response = http_backoff("GET", url, headers={**headers, "Range": f"bytes={start}-{end - 1}"},
-                                timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
-        hf_raise_for_status(response)
-        if response.status_code == 200:  # the server sent the whole file: take the part asked
-            return response.content[start:end]
-        return response.content
+        for attempt in range(_MAX_RETRIES + 1):
+            last = attempt == _MAX_RETRIES or (cancel is not None and cancel.is_set())
+            try:
+                data = once(start, end)
+            except HfHubHTTPError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a dropped connection, a timeout
+                if last:
+                    raise
+                logger.warning("%s: %s; trying again in %d s", url, reason(e), 1 << attempt)
+            else:
+                if data is not None:
+                    return data
+                if last:
+                    raise CheckpointError(f"{url}: the server answered HTTP {busy[-1]} "
+                                          f"{len(busy)} times")
+                logger.warning("%s: the server answered HTTP %d; trying again in %d s", url, busy[-1],
+                               1 << attempt)
+            if cancel is not None and cancel.wait(1 << attempt):
+                raise CheckpointError(f"{url}: stopped")
+            if cancel is None:
+                time.sleep(1 << attempt)
+        raise AssertionError("unreachable")
 
     where = f"{repo}@{sha}: {file}"
     try:
         data = get(0, min(size, HEADER_PROBE))
-        n = header_length(data, size, file=where)
+        n = header_length(data, size, file=f"{where} (as the server sent it)")
         if len(data) < 8 + n:
             data += get(len(data), 8 + n)
     except CheckpointError:
@@ -214,23 +287,55 @@ def _fetch_header(repo: str, sha: str, file: str, size: int) -> bytes:
     return data[:8 + n]
 
 
-def _header(repo: str, sha: str, file: str, size: int, cache: _CommitCache) -> tuple[bytes, int]:
-    """`file`'s header bytes and size: distload's cache, this node's hub cache, or the hub."""
+_warned_no_range: set[str] = set()
+
+
+def _warn_no_range(url: str, status: int) -> None:
+    host = url.split("/")[2] if "//" in url else url
+    if host not in _warned_no_range:
+        _warned_no_range.add(host)
+        logger.warning("%s answered a range request with HTTP %d (the whole file): reading only "
+                       "the header's bytes of each answer and closing it", host, status)
+
+
+def _valid(data: bytes, size: int, file: str) -> bytes:
+    """`data` if it parses as a safetensors header of a `size`-byte file (as a local
+    file's is checked), else raise `CheckpointError` naming `file`."""
+    parse_safetensors_header(data, size, file=file)
+    return data
+
+
+def _header(repo: str, sha: str, file: str, size: int, cache: _CommitCache,
+            cancel: threading.Event | None = None) -> tuple[bytes, int]:
+    """`file`'s header bytes and size: distload's cache, this node's hub cache, or the hub.
+    Every header is validated before it is kept; a kept one that fails is dropped (with a
+    warning naming it) and fetched again; errors name where the bad bytes are."""
     data = cache.header(file)
     if data is not None:
-        return data, size
+        try:
+            return _valid(data, size, str(cache.header_path(file))), size
+        except CheckpointError as e:
+            logger.warning("dropping a bad header from distload's cache and fetching it again: %s", e)
+            cache.drop_header(file)
     from huggingface_hub import try_to_load_from_cache
 
     local = try_to_load_from_cache(repo, file, revision=sha)
     if isinstance(local, str) and os.path.getsize(local) == size:
-        data, _ = read_header_bytes(local)
+        data, _ = read_header_bytes(local)   # validated, naming the local file
     elif offline():
         raise CheckpointError(f"{repo}@{sha}: the header of {file} is not in distload's cache "
                               "and HF_HUB_OFFLINE=1 forbids fetching it")
     else:
-        data = _fetch_header(repo, sha, file, size)
+        data = _valid(_fetch_header(repo, sha, file, size, cancel), size,
+                      f"{repo}@{sha}: {file} (its header as {_endpoint()} sent it; nothing was kept)")
     cache.put_header(file, data)
     return data, size
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
 
 
 def _shards(repo: str, sha: str, files: dict[str, int]) -> tuple[list[str], dict[str, str] | None]:
@@ -267,11 +372,14 @@ def remote_index(repo: str, revision: str | None, *, cache_dir=None) -> RemoteCh
         where = "the repo" if complete else "this node's hub cache (HF_HUB_OFFLINE=1: nothing else is known)"
         raise CheckpointError(f"{repo}@{sha}: shard {unlisted[0]} of its {INDEX} is not in {where}")
 
-    def one(file: str) -> tuple[bytes, int]:
-        return _header(repo, sha, file, files[file], cache)
+    cancel = threading.Event()
 
-    with ThreadPoolExecutor(min(_MAX_FETCHERS, len(shards)), thread_name_prefix="distload-hub") as pool:
-        headers = dict(zip(shards, pool.map(one, shards)))  # raises the first failing shard's error
+    def one(file: str) -> tuple[bytes, int]:
+        return _header(repo, sha, file, files[file], cache, cancel)
+
+    # raises the first failing shard's error
+    headers = dict(zip(shards, thread_map(one, shards, workers=_MAX_FETCHERS, name="distload-hub",
+                                          cancel=cancel)))
     # config.json lies in the snapshot: read as a local checkpoint's (bounded, validated)
     index = index_from_headers(os.path.dirname(config_path), headers, weight_map=weight_map)
     support = tuple(sorted(f for f in files if "/" not in f and f not in headers

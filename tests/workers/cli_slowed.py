@@ -5,11 +5,14 @@ interrupt or kill a rank while it loads or generates:
   DISTLOAD_TEST_SLOW_RANK's, when set) takes S more seconds, after it logs "reading (slowed)";
 * DISTLOAD_TEST_SLOW_STEP=S: each decode step of a generation takes S more seconds on
   every rank, after rank 0 logs "generating (slowed)" once;
-* DISTLOAD_TEST_SLOW_WRITE=S: writing each offload entry takes S more seconds, half-way
-  through (its temporary file is open), after rank 0 logs "writing (slowed)" once;
+* DISTLOAD_TEST_SLOW_WRITE=S: writing each offload entry's bytes takes S more seconds,
+  half-way through (its temporary file is open), after a rank logs "writing (slowed)" once;
 * DISTLOAD_TEST_FAIL_REPORT=1: writing the report's JSON fails as on a full disk;
 * DISTLOAD_TEST_SLOW_START=S: rank DISTLOAD_TEST_SLOW_RANK (every rank, when unset)
-  starts S seconds late, as a rank whose imports are slow.
+  starts S seconds late, as a rank whose imports are slow;
+* DISTLOAD_TEST_EXIT_DIR=D: each rank writes its process id to D/pid<RANK> as it starts
+  and its exit code to D/rank<RANK> before it leaves (under torchrun, which does not say
+  its workers' codes when it is signalled).
 """
 
 import os
@@ -19,7 +22,8 @@ import time
 import distload.cli.table as table
 import distload.loader.stage as stage
 import distload.offload.store as store
-from distload.cli.main import entry
+from distload.cli.exits import leave
+from distload.cli.main import main
 from distload.log import logger
 from distload.pipeline.schedules import ring_decode
 
@@ -57,7 +61,9 @@ if write_delay:
     told_write = []
 
     def slow_write_all(fd, view):
-        if not told_write and len(view) > 1024:  # an entry's bytes, not its header
+        if len(view) <= 1024:                    # an entry's header: at full speed
+            return real_write_all(fd, view)
+        if not told_write:
             told_write.append(True)
             logger.warning("writing (slowed)")
         real_write_all(fd, view[:len(view) // 2])
@@ -74,4 +80,11 @@ if os.environ.get("DISTLOAD_TEST_FAIL_REPORT"):
 
 if os.environ.get("DISTLOAD_TEST_SLOW_RANK", os.environ["RANK"]) == os.environ["RANK"]:
     time.sleep(float(os.environ.get("DISTLOAD_TEST_SLOW_START", "0")))
-entry(sys.argv[1:])
+if os.environ.get("DISTLOAD_TEST_EXIT_DIR"):
+    with open(os.path.join(os.environ["DISTLOAD_TEST_EXIT_DIR"], f"pid{os.environ['RANK']}"), "w") as f:
+        f.write(str(os.getpid()))
+code = main(sys.argv[1:])           # as distload.cli.main.entry, noting the code first
+if os.environ.get("DISTLOAD_TEST_EXIT_DIR"):
+    with open(os.path.join(os.environ["DISTLOAD_TEST_EXIT_DIR"], f"rank{os.environ['RANK']}"), "w") as f:
+        f.write(str(code))
+leave(code)
