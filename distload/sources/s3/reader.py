@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ from ...checkpoint.files import byte_view
 from ...checkpoint.types import TensorMeta
 from ...errors import CheckpointError
 from ...io import Reader, ReadOptions, ReadProgress, ReadStats
+from ..pool import thread_map
 from .client import DEFAULT_MAX_ATTEMPTS, object_error, s3_client
 
 __all__ = ["S3Reader"]
@@ -133,12 +133,13 @@ class S3Reader(Reader):
         threads = max(1, min(workers or self.options.workers, len(requests)))
         stats = ReadStats(threads=threads)
         staged = [0]
-        with ThreadPoolExecutor(threads, thread_name_prefix="distload-s3") as pool:
-            for got, buffered in pool.map(lambda r: self._fetch(r, targets, progress), requests):
-                stats.bytes_read += got
-                stats.io_bytes += got
-                stats.syscalls += 1
-                staged[0] = max(staged[0], buffered)
+        # the first failing request's error, once all ended; a signal leaves at once (`sources.pool`)
+        for got, buffered in thread_map(lambda r: self._fetch(r, targets, progress), requests,
+                                        workers=threads, name="distload-s3"):
+            stats.bytes_read += got
+            stats.io_bytes += got
+            stats.syscalls += 1
+            staged[0] = max(staged[0], buffered)
         for name, standin in standins.items():
             dests[name].copy_(standin)
         stats.staging_bytes = staged[0] * threads   # at most one buffer per worker at once

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 
 from ...checkpoint.index import MAX_JSON_BYTES, CheckpointIndex, index_from_headers, read_weight_map
 from ...checkpoint.safetensors_header import header_length
@@ -19,6 +18,7 @@ from ...errors import CheckpointError
 from ...log import logger
 from ...io import Reader, ReadOptions
 from ..base import Source, register_source
+from ..pool import thread_map
 from .client import SCHEMES, object_error, parse_url, s3_client
 from .reader import S3Reader
 
@@ -116,9 +116,9 @@ class S3Source(Source):
                 config = json.loads(self._json("config.json", files["config.json"][0]))
             except ValueError as e:
                 raise CheckpointError(f"{self.url}/config.json: cannot parse it: {e}") from None
-        with ThreadPoolExecutor(min(_HEADER_FETCHERS, len(shards)), thread_name_prefix="distload-s3") as pool:
-            # raises the first failing shard's error
-            headers = dict(zip(shards, pool.map(lambda f: self._header(f, files[f][0]), shards)))
+        # raises the first failing shard's error; a signal leaves at once (`sources.pool`)
+        headers = dict(zip(shards, thread_map(lambda f: self._header(f, files[f][0]), shards,
+                                              workers=_HEADER_FETCHERS, name="distload-s3")))
         self._shards = shards
         return index_from_headers(self.url, headers, weight_map=weight_map, config=config)
 
