@@ -13,7 +13,7 @@ import warnings
 # torch warns at import when numpy is absent; distload never needs numpy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from .compat.accelerate import (disk_offload, dispatch_model, get_balanced_memory,  # noqa: E402
+from .compat.accelerate import (cpu_offload, disk_offload, dispatch_model, get_balanced_memory,  # noqa: E402
                                 infer_auto_device_map, load_checkpoint_and_dispatch, load_checkpoint_in_model)
 from .errors import CheckpointError, DistloadError, LoadError, PlanError, RankError
 from .loader import load, plan_job
@@ -24,7 +24,7 @@ from .plan.types import LoadPlan
 __all__ = [
     "load", "plan_job", "Pipeline", "LoadPlan",
     "infer_auto_device_map", "get_balanced_memory", "load_checkpoint_and_dispatch",
-    "load_checkpoint_in_model", "dispatch_model", "disk_offload", "init_empty_weights", "init_on_device",
+    "load_checkpoint_in_model", "dispatch_model", "disk_offload", "cpu_offload", "init_empty_weights", "init_on_device",
     "DistloadError", "CheckpointError", "PlanError", "LoadError", "RankError",
 ]
 __version__ = "0.1.0"

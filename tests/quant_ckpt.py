@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 __all__ = ["fp8_quantize", "fp8_reference", "quantize_checkpoint_fp8", "mxfp4_quantize",
-           "mxfp4_reference"]
+           "mxfp4_reference", "quantize_checkpoint_mxfp4"]
 
 FP8_MAX = 448.0
 # DeepSeek-V3 keeps these in bfloat16: embeddings, head, norms, routers (and their biases).
@@ -118,3 +118,34 @@ def mxfp4_reference(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
                     out[x, r, g * 32 + 2 * i] = _FP4[byte & 15] * scale
                     out[x, r, g * 32 + 2 * i + 1] = _FP4[byte >> 4] * scale
     return out.transpose(1, 2)
+
+
+# gpt-oss's published MXFP4 checkpoints quantize the experts' matrices and nothing else.
+MXFP4_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+
+
+def quantize_checkpoint_mxfp4(src: Path, dst: Path) -> Path:
+    """`src` (a saved gpt-oss checkpoint, sides multiples of 32) rewritten into `dst` in the
+    published layout: each ``experts.gate_up_proj`` / ``experts.down_proj`` ([E, in, out])
+    as ``_blocks`` and ``_scales`` of its transpose, the rest as it was, same shards;
+    config.json declaring ``quant_method: mxfp4``."""
+    dst.mkdir(parents=True)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    weight_map = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        out = {}
+        with safe_open(src / shard, framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                    out[key + "_blocks"], out[key + "_scales"] = mxfp4_quantize(t.transpose(1, 2).contiguous())
+                else:
+                    out[key] = t
+        save_file(out, dst / shard, metadata={"format": "pt"})
+        weight_map.update({k: shard for k in out})
+    (dst / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": MXFP4_NOT_CONVERTED}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst

@@ -1,11 +1,13 @@
 """The frontier architectures (DeepSeek-V2 and V3) against transformers, the independent
 reference, as `test_archs.py` does for the others: checkpoints transformers writes itself
-(`save_pretrained`, >= 2 shards, awkward sizes), their packed-expert layout, and an FP8
+(`save_pretrained`, >= 2 shards, awkward sizes), their packed-expert layout, an FP8
 copy (block scales, every matrix with a clipped last block) whose reference is
-transformers loading the same weights decoded value by value (`tests.quant_ckpt`) —
+transformers loading the same weights decoded value by value (`tests.quant_ckpt`), and a
+gpt-oss with MXFP4 experts (the published ``_blocks`` / ``_scales``; 2 ranks) whose
+reference is transformers' own dequantization (`Mxfp4Config(dequantize=True)`) —
 loaded on 2 ranks (each type and the FP8 copy on 3 too; one launch per world size): logits of a
 left-padded batch within 1e-4 (float32), greedy `generate` identical for 12 tokens, the
-ranks' bytes summing to the checkpoint's (the FP8 one's: its quantized bytes and scales),
+ranks' bytes summing to the checkpoint's (the quantized ones': their quantized bytes and scales),
 and one MoE with layers on the disk tier, plain and FP8. In one process: MLA's KV reserve
 is the latent, MTP layers are not read, config errors name the field.
 """
@@ -13,6 +15,7 @@ is the latent, MTP layers are not read, config errors name the field.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -22,25 +25,32 @@ from distload.models import build_model, supported_model_types
 from distload.pipeline.microbatch import position_ids_from_mask
 
 from .archs import left_padded_batch, repack_experts
+from .archs import make_hf_checkpoint as make_any_checkpoint
 from .archs_frontier import ARCHS, FP8_BLOCK, hf_config, make_hf_checkpoint
+from .archs_more import more_config
 from .mp import torchrun, worker
-from .quant_ckpt import quantize_checkpoint_fp8
+from .quant_ckpt import quantize_checkpoint_fp8, quantize_checkpoint_mxfp4
 
 transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-4
 NEW = 12
 FP8 = "deepseek_v3_fp8"
+MXFP4 = "gpt_oss_mxfp4"
+QUANTIZED = (FP8, MXFP4)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """name -> directory: every case, `deepseek_v3_packed`, and `deepseek_v3_fp8` (with its
-    decoded twin under `deepseek_v3_fp8_ref`)."""
+    """name -> directory: every case, `deepseek_v3_packed`, `deepseek_v3_fp8` (with its
+    decoded twin under `deepseek_v3_fp8_ref`) and `gpt_oss_mxfp4`."""
     root = tmp_path_factory.mktemp("frontier")
     out = {name: make_hf_checkpoint(name, root / name) for name in ARCHS}
     out["deepseek_v3_packed"] = repack_experts(out["deepseek_v3"], root / "deepseek_v3_packed")
     out[FP8] = quantize_checkpoint_fp8(out["deepseek_v3"], root / FP8, root / f"{FP8}_ref", FP8_BLOCK)
+    gpt_oss = more_config("gpt_oss")
+    gpt_oss.intermediate_size = 96    # MXFP4 groups 32 values along each expert's input side
+    out[MXFP4] = quantize_checkpoint_mxfp4(make_any_checkpoint("gpt_oss", root / "gpt_oss", gpt_oss), root / MXFP4)
     return out
 
 
@@ -50,8 +60,9 @@ def _reference(name: str, checkpoints):
         path = path.parent / f"{FP8}_ref"
     elif name.endswith("_packed"):
         path = checkpoints[name.removesuffix("_packed")]
+    kw = {"quantization_config": transformers.Mxfp4Config(dequantize=True)} if name == MXFP4 else {}
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, experts_implementation="eager").eval()
+        path, dtype=torch.float32, experts_implementation="eager", **kw).eval()
     model.generation_config.eos_token_id = None
     return model
 
@@ -61,7 +72,7 @@ def references(checkpoints):
     """name -> (logits, greedy tokens) of transformers on the left-padded batch."""
     ids, mask = left_padded_batch()
     refs = {}
-    for name in (*ARCHS, FP8):
+    for name in (*ARCHS, *QUANTIZED):
         model = _reference(name, checkpoints)
         with torch.no_grad():
             logits = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
@@ -106,9 +117,9 @@ def test_frontier_architectures_across_ranks_match_transformers(world, checkpoin
         # weights, decoded, and written to the offload store.
         plain_on_disk = got["plain_on_disk"]
         assert read + plain_on_disk == got["checkpoint_bytes"], name
-        if name.startswith(FP8):
+        if name.startswith(QUANTIZED):
             # Each rank decodes only its own weights, from their quantized bytes and scales.
-            files = sum(p.stat().st_size for p in checkpoints[FP8].glob("*.safetensors"))
+            files = sum(p.stat().st_size for p in checkpoints[name.split("@")[0]].glob("*.safetensors"))
             assert got["checkpoint_bytes"] < files and all(got["decoded"]), name
             assert (on_disk > plain_on_disk) == name.endswith("@disk"), name
         else:
@@ -234,10 +245,34 @@ def test_a_headers_only_fp8_deepseek_v3_plans_quantized_reads(tmp_path):
     decoded = {k for s in plan.stages for k in s.decode}
     assert kv_a in decoded and "model.layers.3.mlp.experts.255.down_proj.weight" in decoded
     assert "model.layers.3.mlp.gate.weight" not in decoded
-    # an fp8 matrix is 1 byte per weight (and its scales) read, 2 held; the rest 2 held
+    # an fp8 matrix is 1 byte per weight (and its scales) read, 2 held; the routers (their
+    # weight and correction bias) 4 held, kept in float32 as transformers keeps them; the rest 2
     held = sum(s.param_bytes for s in plan.stages)
-    assert held == sum(m.numel * 2 for n, m in index.tensors.items() if not n.endswith("_scale_inv"))
+    router = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")
+    assert held == sum(m.numel * (4 if router.search(n) else 2) for n, m in index.tensors.items()
+                       if not n.endswith("_scale_inv"))
+    assert {p.dtype for s in plan.stages for p in s.params if router.search(p.param)} == {"float32"}
     assert held > 1.7 * plan.checkpoint_bytes
+
+
+def test_an_mxfp4_gpt_oss_plans_quantized_reads(checkpoints):
+    """The MXFP4 gpt-oss: the ranks read the blocks and scales (the checkpoint's tensor
+    bytes, summed), hold the experts decoded (bfloat16 by default: 2 bytes a value where
+    half a byte and a scale per 32 were read), and nothing else is decoded."""
+    from distload.checkpoint import index_checkpoint
+    from distload.loader.prepare import PlanRequest, plan_load
+
+    index = index_checkpoint(checkpoints[MXFP4])
+    plan = plan_load(PlanRequest(model=str(checkpoints[MXFP4]), world_size=2))
+    assert plan.dtype == "bfloat16"
+    assert sum(s.tensor_bytes for s in plan.stages) == plan.checkpoint_bytes == index.tensor_bytes
+    decoded = {k for s in plan.stages for k in s.decode}
+    assert decoded == {k.removesuffix("_blocks") for k in index.tensors if k.endswith("_blocks")}
+    quantized = sum(index.tensors[k + part].length for k in decoded for part in ("_blocks", "_scales"))
+    values = sum(index.tensors[k + "_blocks"].numel * 2 for k in decoded)   # two values a byte
+    plain = sum(index.tensors[k].numel * 2 for k in index.tensors if not k.endswith(("_blocks", "_scales")))
+    assert sum(s.param_bytes for s in plan.stages) == values * 2 + plain
+    assert values * 2 > 3.5 * quantized
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2"])

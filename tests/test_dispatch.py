@@ -335,3 +335,81 @@ def test_nothing_fits_streams_from_disk_with_one_warning(tmp_path, caplog):
     model = load_checkpoint_and_dispatch(model, path, device_map=device_map, offload_folder=tmp_path / "off")
     x = torch.randn(3, 3)
     torch.testing.assert_close(model.eval()(x), ref(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("offload_buffers", [False, True])
+def test_cpu_offload_keeps_the_outputs(tmp_path, offload_buffers):
+    """accelerate's `cpu_offload`: the weights (and with `offload_buffers` the buffers)
+    wait in host memory, on meta in the model between uses, and each module's come in when
+    it runs: the outputs equal the model's before offload, `get_state_dict_offloaded_model`
+    its state dict; accelerate's own `remove_hook_from_submodules` undoes it."""
+    from accelerate.hooks import remove_hook_from_submodules
+
+    from distload import cpu_offload
+    from distload.compat.accelerate import get_state_dict_offloaded_model
+    from distload.offload import streamer_of
+
+    _, ref = _stats_checkpoint(tmp_path, "torch")
+    model = copy.deepcopy(ref)
+    assert cpu_offload(model, execution_device="cpu", offload_buffers=offload_buffers) is model
+    assert not hasattr(model, "hf_device_map")   # accelerate's cpu_offload sets none
+    assert model.linear1.weight.is_meta and model.linear2.bias.is_meta and not model.scale.is_meta
+    assert model.batchnorm.running_mean.is_meta == offload_buffers
+    x = torch.randn(6, 3)
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+    assert model.batchnorm.weight.is_meta and model.batchnorm.running_var.is_meta == offload_buffers
+    assert streamer_of(model).stats.fetches == 3
+    want, got = ref.state_dict(), get_state_dict_offloaded_model(model)
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert model.linear1.weight.is_meta   # read from where it waits, not brought in
+    remove_hook_from_submodules(model)
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["untied", "tied"])
+def test_cpu_offload_of_a_transformers_model_equals_it(ckpts, name):
+    """cpu_offload of transformers' `from_pretrained` model, and of one built on meta with
+    the weights passed as `state_dict` (accelerate's two uses): the same logits."""
+    from distload import cpu_offload
+
+    path = ckpts[name]
+    want = _reference(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    cpu_offload(model, offload_buffers=True)
+    assert all(p.is_meta for p in model.parameters())
+    torch.testing.assert_close(_logits(model), want, rtol=0, atol=0)
+    state_dict = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    model.tie_weights()
+    cpu_offload(model, state_dict=state_dict)
+    torch.testing.assert_close(_logits(model), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("api", ["load_checkpoint_and_dispatch", "load_checkpoint_in_model", "dispatch_model"])
+def test_offload_buffers_stay_off_the_device_until_their_module_runs(tmp_path, api):
+    """`offload_buffers=True`: an offloaded module's buffers are streamed with its weights
+    (on meta between uses) rather than kept on the device; the outputs are unchanged."""
+    from distload import load_checkpoint_in_model
+    from distload.offload import streamer_of
+
+    path, ref = _stats_checkpoint(tmp_path, "safetensors")
+    device_map = {"linear1": "cpu", "batchnorm": "disk", "linear2": "disk", "scale": "cpu", "shift": "cpu"}
+    kw = dict(offload_buffers=True)
+    if api == "dispatch_model":
+        from distload import dispatch_model
+        model = dispatch_model(copy.deepcopy(ref), device_map, offload_dir=tmp_path / "off", **kw)
+    elif api == "load_checkpoint_in_model":
+        model = _empty(False)
+        load_checkpoint_in_model(model, path, device_map=device_map, offload_folder=tmp_path / "off", **kw)
+    else:
+        model = load_checkpoint_and_dispatch(_empty(False), path, device_map=device_map,
+                                             offload_folder=tmp_path / "off", **kw)
+    model.eval()
+    assert model.batchnorm.running_mean.is_meta and model.batchnorm.num_batches_tracked.is_meta
+    assert not model.shift.is_meta   # the root's buffer: no module streams it
+    x = torch.randn(7, 3)
+    for _ in range(2):
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+    assert model.batchnorm.running_var.is_meta and streamer_of(model).stats.fetches >= 2

@@ -416,6 +416,21 @@ def test_kv_cache_pad_left_and_drop_left():
     assert cache.length == 5 and torch.equal(cache.update("0", k[:, :, :0], k[:, :, :0])[0][:, :, 2:], k)
     cache.drop_left(2)
     assert torch.equal(cache.update("0", k[:, :, :0], k[:, :, :0])[1], k + 1)
+    # a windowed layer (keeps 2): padding counts as seen, but it still holds its last 2
+    window = KVCache()
+    window.update("0", k, k, keep=2)
+    window.pad_left(4)
+    assert window.seq_length("0") == 7 and window.kept_length("0") == 2
+    short = KVCache()
+    short.update("0", k[:, :, :1], k[:, :, :1], keep=2)
+    short.pad_left(6)     # one token: a padding slot joins it in the window
+    assert short.seq_length("0") == 7 and short.kept_length("0") == 2
+    both = KVCache.stacked([window, short])
+    assert both.batch_size == 2 and both.kept_length("0") == 2
+    both.drop_left(6)
+    assert both.seq_length("0") == 1 and both.kept_length("0") == 1
+    none = torch.empty(2, 1, 0, 4)
+    assert torch.equal(both.update("0", none, none)[0][1], k[0, :, :1])   # short's one token
 
 
 def test_scheduler_in_one_process_joins_and_leaves_match_transformers(ckpt, hf):
@@ -476,3 +491,63 @@ def test_scheduler_in_one_process_joins_and_leaves_match_transformers(ckpt, hf):
     done = [e for e in events if isinstance(e, Done)]
     assert len(done) == 6 and all(e.error for e in done)
     assert not scheduler.decoder.is_open and not scheduler.decoder.local.configs
+
+
+def test_scheduler_with_sliding_window_layers_matches_transformers(tmp_path):
+    """Continuous batching over a model whose sliding layers cache only their window's last
+    W - 1 tokens (gpt-oss: window 4, sliding and full layers alternating, sinks): requests
+    shorter and longer than the window join groups of other lengths (left-padded, stacked,
+    leading padding dropped) and leave them; every greedy answer is transformers' for it
+    alone, and the windowed layers never hold more than W - 1 positions between steps."""
+    import distload
+    from distload.pipeline.sampling import SamplingConfig
+    from distload.serve.scheduler import Scheduler
+    from distload.serve.sequence import Sequence
+
+    from .archs import VOCAB, make_hf_checkpoint
+    from .archs_more import more_config
+
+    class NoText:
+        def decode(self, ids):
+            return ""
+
+    path = make_hf_checkpoint("gpt_oss", tmp_path / "gpt_oss", more_config("gpt_oss"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                              experts_implementation="eager").eval()
+    pipe = distload.load(str(path), device="cpu", max_batch_size=4, max_seq_len=64)
+    held = []
+    update = type(pipe.module.new_cache()).update
+
+    def watched(cache, key, k, v, *, keep=None):   # what a windowed layer holds after each step
+        out = update(cache, key, k, v, keep=keep)
+        if keep is not None:
+            held.append(cache.kept_length(key) <= keep)
+        return out
+
+    scheduler = Scheduler(pipe, groups=2, group_size=2, max_queue=100)
+    rng = random.Random(5)
+    seqs = [Sequence(prompt=[1] + [rng.randrange(3, VOCAB) for _ in range(n - 1)], max_tokens=m, sampling=SamplingConfig(), stop_ids=set(),
+                     stop_strings=(), text=NoText(), emit=lambda e: None)
+            for n, m in ((9, 8), (2, 10), (5, 3), (3, 9), (12, 6), (2, 1), (7, 9), (4, 5))]
+
+    def arrive():
+        for i, seq in enumerate(seqs):
+            assert scheduler.submit(seq)
+            time.sleep(0.004 * (i % 3))
+        scheduler.drain(60)
+
+    from unittest import mock
+
+    with mock.patch.object(type(pipe.module.new_cache()), "update", watched):
+        feeder = threading.Thread(target=arrive)
+        feeder.start()
+        scheduler.run()
+        feeder.join()
+    assert held and all(held)
+    for seq in seqs:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([seq.prompt]), max_new_tokens=seq.max_tokens, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0,
+                                 attention_mask=torch.ones(1, len(seq.prompt), dtype=torch.long))
+        assert seq.output == out[0, len(seq.prompt):].tolist(), seq.prompt
+    assert all(g.used == 0 and not g.cached for g in scheduler.groups)

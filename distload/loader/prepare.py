@@ -18,7 +18,7 @@ from ..dtypes import dtype_from_name
 from ..errors import CheckpointError, ConfigError, UsageError
 from ..log import logger
 from ..meta import describe_model, init_empty_weights
-from ..models import build_model
+from ..models import build_model, family_for
 from ..plan.budget import LocalMemory, resolve_budgets
 from ..plan.planner import plan_model
 from ..plan.reserve import run_shape
@@ -89,7 +89,8 @@ def plan_load(req: PlanRequest, source: Source | None = None) -> LoadPlan:
     plan = plan_model(spec, tensors, budgets=budgets, source=source.identity(), format=index.format,
                       config=index.config, dtype=dtype, strict=req.strict, shape=shape,
                       file_sizes=file_sizes, activation_dtype=activation or dtype,
-                      shard_aware=source.fetches_files, encoded=encoded)
+                      shard_aware=source.fetches_files, encoded=encoded,
+                      keep_float32=family_for(index.config).float32_params(dtype))
     logger.debug("planned %d units over %d ranks", len(spec.units), req.world_size)
     return plan
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from ..dtypes import dtype_from_name
+from ..dtypes import cast_dtype, dtype_from_name
 from ..io import Reader, ReadProgress
 from ..io.pinned import HostArena, arena_layout
 from ..offload import Entry, OffloadError, OffloadStore, Streamer, attach_streaming, default_offload_dir
@@ -108,10 +108,11 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
         dtypes = {src.key: src.dtype for src in stage.params}
         tensors = DecodedOnDemand({k: storage[k] for k in disk if k in storage}, decoded, stage.decode,
                                   located, reader=reader, progress=progress)
-        # One group per cast: a plan's dtype, or each parameter's own (a device map's plan)
+        # One group per cast: a plan's dtype, or each parameter's own (a device map's plan,
+        # a parameter its family keeps in float32)
         casts: dict[str | None, list[str]] = {}
         for k in disk:
-            cast = plan.dtype if plan.dtype is not None or dtypes[k] == located[k].dtype else dtypes[k]
+            cast = plan.dtype if dtypes[k] == cast_dtype(located[k].dtype, plan.dtype) else dtypes[k]
             casts.setdefault(cast, []).append(k)
         for cast, keys in sorted(casts.items(), key=lambda kv: str(kv[0])):
             made, nread = ensure_entries(

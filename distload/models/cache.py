@@ -23,6 +23,10 @@ class KVCache:
     state per sequence, whatever the length: named tensors ``[batch, ...]``
     (`set_state`/`state`), with the count of tokens it has seen.
 
+    Continuous batching aligns caches of different lengths (`pad_left`, `stacked`,
+    `drop_left`): a count of positions seen is then the group's, padding included, and a
+    windowed layer still keeps only its last W - 1 positions of them.
+
     Example::
 
         cache = KVCache()
@@ -36,6 +40,7 @@ class KVCache:
         self._values: dict[str, torch.Tensor] = {}
         self._states: dict[str, dict[str, torch.Tensor]] = {}
         self._seen: dict[str, int] = {}
+        self._keep: dict[str, int | None] = {}   # a windowed layer's W - 1; None: all
 
     def update(self, layer_key: str, k: torch.Tensor, v: torch.Tensor, *, keep: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +55,7 @@ class KVCache:
         kept_k, kept_v = k[:, :, drop:], v[:, :, drop:]
         self._keys[layer_key], self._values[layer_key] = kept_k, kept_v
         self._seen[layer_key] = self._seen.get(layer_key, 0) + new
+        self._keep[layer_key] = keep
         return k, v
 
     def state(self, layer_key: str) -> dict[str, torch.Tensor] | None:
@@ -103,27 +109,39 @@ class KVCache:
             out._values[name] = torch.cat([c._values[name] for c in caches])
         for name, state in caches[0]._states.items():
             out._states[name] = {k: torch.cat([c._states[name][k] for c in caches]) for k in state}
-        out._seen = dict(caches[0]._seen)
+        out._seen, out._keep = dict(caches[0]._seen), dict(caches[0]._keep)
         return out
 
     def pad_left(self, count: int) -> None:
         """Put `count` zero positions before every sequence's cached ones (in place), so
-        that caches of different lengths can be `stacked`; the caller masks them out."""
+        that caches of different lengths can be `stacked`; the caller masks them out. Every
+        layer counts them as seen; a windowed layer keeps at most its W - 1 positions, the
+        padding among them only while its sequences are shorter than that."""
         if count <= 0:
             return
+        for name in self._seen:
+            self._seen[name] += count
         for store in (self._keys, self._values):
             for name, t in store.items():
-                pad = t.new_zeros(t.shape[0], t.shape[1], count, t.shape[3])
-                store[name] = torch.cat([pad, t], dim=2)
+                keep = self._keep.get(name)
+                want = self._seen[name] if keep is None else min(self._seen[name], keep)
+                if want > t.shape[2]:
+                    pad = t.new_zeros(t.shape[0], t.shape[1], want - t.shape[2], t.shape[3])
+                    store[name] = torch.cat([pad, t], dim=2)
 
     def drop_left(self, count: int) -> None:
         """Forget the first `count` positions of every sequence (in place): padding that
-        no sequence still in the cache attends to."""
+        no sequence still in the cache attends to. A windowed layer, which keeps only its
+        last positions, loses those of them that were among the first `count`."""
         if count <= 0:
             return
+        for name in self._seen:
+            self._seen[name] = max(self._seen[name] - count, 0)
         for store in (self._keys, self._values):
             for name, t in store.items():
-                store[name] = t[:, :, count:]
+                extra = t.shape[2] - self._seen[name]
+                if extra > 0:
+                    store[name] = t[:, :, extra:]
 
     def reset(self) -> None:
         """Forget everything cached."""
@@ -131,6 +149,7 @@ class KVCache:
         self._values.clear()
         self._states.clear()
         self._seen.clear()
+        self._keep.clear()
 
     def nbytes(self) -> int:
         """Bytes the cached tensors take."""

@@ -30,7 +30,7 @@ from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLaye
 from .common.layers import GatedMLP, RMSNorm, activation
 from .common.mla import LatentAttention, mla_softmax_scale
 from .common.moe import unpack_experts
-from .common.routing import GroupedTopKRouter, RoutedExperts
+from .common.routing import ROUTER_FLOAT32, GroupedTopKRouter, RoutedExperts, check_grouped_routing
 from .registry import ModelFamily, register_family
 
 __all__ = ["DeepseekConfig", "DeepseekForCausalLM", "DeepseekDecoderLayer", "read_deepseek_v2",
@@ -129,8 +129,10 @@ def read_deepseek(d: dict[str, Any], *, defaults: dict[str, Any], method: str,
         routed_scaling_factor=float(scaling),
         attention_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)),
         **switches)
-    if config.first_k_dense_replace < config.num_hidden_layers:
-        _router(config)   # the routing's sizes checked now, not when a stage is built
+    if config.first_k_dense_replace < config.num_hidden_layers:  # checked now, not when a stage is built
+        check_grouped_routing(method=config.topk_method, experts=config.n_routed_experts,
+                              top_k=config.num_experts_per_tok, groups=config.n_group,
+                              topk_group=config.topk_group)
     return config
 
 
@@ -202,4 +204,4 @@ class DeepseekForCausalLM(DecoderForCausalLM):
 
 
 register_family(ModelFamily(("deepseek_v2",), read_deepseek_v2, DeepseekForCausalLM,
-                            unread=("num_key_value_heads", "head_dim")))
+                            unread=("num_key_value_heads", "head_dim"), keep_float32=ROUTER_FLOAT32[:1]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from .deepseek_v2 import DeepseekConfig, DeepseekForCausalLM, read_deepseek
+from .common.routing import ROUTER_FLOAT32
 from .registry import ModelFamily, register_family
 
 __all__ = ["read_deepseek_v3"]
@@ -46,4 +47,4 @@ def read_deepseek_v3(d: dict[str, Any]) -> DeepseekConfig:
 
 
 register_family(ModelFamily(("deepseek_v3",), read_deepseek_v3, DeepseekForCausalLM,
-                            unread=("num_key_value_heads", "head_dim")))
+                            unread=("num_key_value_heads", "head_dim"), keep_float32=ROUTER_FLOAT32))

@@ -4,8 +4,9 @@
 * attention: q/k/v biases (`attention_bias`), no o bias, optional per-head RMSNorm on
   queries and keys (`use_qk_norm`), RoPE on the first half of each head
   (`partial_rotary_factor` 0.5 by default; halves, not GLM-4's interleaved pairs);
-* MoE: `GroupLimitedRouter` (sigmoid scores, ``e_score_correction_bias`` for the choice,
-  `n_group` / `topk_group`, renormalized, times `routed_scaling_factor`) over
+* MoE: DeepSeek-V3's ``noaux_tc`` routing (`common.routing.GroupedTopKRouter`: sigmoid
+  scores, ``e_score_correction_bias`` for the choice, `n_group` / `topk_group`,
+  renormalized, times `routed_scaling_factor`; router kept in float32) over
   `n_routed_experts` SwiGLU experts, plus always-on ``shared_experts`` of
   ``n_shared_experts * moe_intermediate_size``;
 * the checkpoint's trailing multi-token-prediction layer (``model.layers.<N>.``) is not
@@ -27,7 +28,7 @@ from .common.config import DecoderConfig, positive_int, read_decoder
 from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer, drop_extra_layers
 from .common.layers import GatedMLP, RMSNorm, activation
 from .common.moe import unpack_experts
-from .common.routing import GroupLimitedMoE, GroupLimitedRouter
+from .common.routing import ROUTER_FLOAT32, GroupedTopKRouter, RoutedExperts, check_grouped_routing
 from .qwen3 import qwen_attention
 from .registry import ModelFamily, register_family
 
@@ -80,9 +81,8 @@ def read_glm4_moe(d: dict[str, Any]) -> Glm4MoeConfig:
     experts = positive_int(d, "n_routed_experts", 128)
     top_k = positive_int(d, "num_experts_per_tok", 8)
     n_group, topk_group = positive_int(d, "n_group", 1), positive_int(d, "topk_group", 1)
-    if experts % n_group or topk_group > n_group or top_k > experts // n_group * topk_group:
-        raise ValueError(f"num_experts_per_tok ({top_k}), n_group ({n_group}) and topk_group "
-                         f"({topk_group}) do not fit n_routed_experts ({experts})")
+    check_grouped_routing(method="noaux_tc", experts=experts, top_k=top_k, groups=n_group,
+                          topk_group=topk_group)
     return Glm4MoeConfig(
         **fields, n_routed_experts=experts, num_experts_per_tok=top_k,
         moe_intermediate_size=positive_int(d, "moe_intermediate_size", 1408),
@@ -93,15 +93,14 @@ def read_glm4_moe(d: dict[str, Any]) -> Glm4MoeConfig:
         attention_bias=bool(d.get("attention_bias", False)), use_qk_norm=bool(d.get("use_qk_norm", False)))
 
 
-def group_limited_moe(config: Glm4MoeConfig) -> GroupLimitedMoE:
+def group_limited_moe(config: Glm4MoeConfig) -> RoutedExperts:
     h, i, act = config.hidden_size, config.moe_intermediate_size, config.hidden_act
-    router = GroupLimitedRouter(hidden=h, experts=config.n_routed_experts, top_k=config.num_experts_per_tok,
-                                n_group=config.n_group, topk_group=config.topk_group,
-                                norm_topk_prob=config.norm_topk_prob,
-                                routed_scaling_factor=config.routed_scaling_factor)
+    router = GroupedTopKRouter(hidden=h, experts=config.n_routed_experts, top_k=config.num_experts_per_tok,
+                               method="noaux_tc", groups=config.n_group, topk_group=config.topk_group,
+                               norm_topk_prob=config.norm_topk_prob, scaling=config.routed_scaling_factor)
     shared = GatedMLP(h, i * config.n_shared_experts, act=act) if config.n_shared_experts else None
-    return GroupLimitedMoE(hidden=h, router=router, shared_experts=shared,
-                           experts=[GatedMLP(h, i, act=act) for _ in range(config.n_routed_experts)])
+    return RoutedExperts(router, [GatedMLP(h, i, act=act) for _ in range(config.n_routed_experts)],
+                         shared=shared)
 
 
 class Glm4MoeDecoderLayer(PreNormDecoderLayer):
@@ -131,4 +130,4 @@ class Glm4MoeForCausalLM(DecoderForCausalLM):
         return super().checkpoint_tensors(config, unpack_experts(own, block="mlp"))
 
 
-register_family(ModelFamily(("glm4_moe",), read_glm4_moe, Glm4MoeForCausalLM))
+register_family(ModelFamily(("glm4_moe",), read_glm4_moe, Glm4MoeForCausalLM, keep_float32=ROUTER_FLOAT32))

@@ -172,4 +172,6 @@ class GptOssForCausalLM(DecoderForCausalLM):
         super().__init__(config, DecoderModel(config, GptOssDecoderLayer, norm=norm))
 
 
-register_family(ModelFamily(("gpt_oss",), read_gpt_oss, GptOssForCausalLM))
+# Its norms stay float32 under a float16 load (transformers' `_keep_in_fp32_modules`:
+# input_layernorm, post_attention_layernorm, norm); the norm casts its output back.
+register_family(ModelFamily(("gpt_oss",), read_gpt_oss, GptOssForCausalLM, keep_float32_fp16=(r"norm\.weight$",)))

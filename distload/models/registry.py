@@ -30,13 +30,32 @@ class ModelFamily:
     `nested_text` family is a multimodal type of which distload loads the text model
     alone (its config.json nests it under `text_config`). `unread` names config.json
     fields the family does not read, which `validate_config` then leaves alone (MLA
-    has no `num_key_value_heads`)."""
+    has no `num_key_value_heads`). `keep_float32` names (regexes, searched in parameter
+    names) the parameters kept in float32 when the load casts to bfloat16 or float16, and
+    `keep_float32_fp16` those kept so under float16 only: transformers'
+    `_keep_in_fp32_modules_strict` and `_keep_in_fp32_modules` (a router's bias rounded to
+    bfloat16 changes which experts are chosen)."""
 
     model_types: tuple[str, ...]
     read_config: Callable[[dict], Any]
     model_class: Callable[[Any], nn.Module]
     nested_text: bool = False   # a multimodal type of which the text model is loaded
     unread: tuple[str, ...] = ()  # config.json fields the family never reads
+    keep_float32: tuple[str, ...] = ()       # kept float32 under a bfloat16/float16 cast
+    keep_float32_fp16: tuple[str, ...] = ()  # kept float32 under a float16 cast only
+
+    def float32_params(self, dtype: str | None) -> tuple[str, ...]:
+        """The patterns of parameters kept in float32 when the load casts to `dtype` (a
+        name; None: no cast, every tensor as stored), by transformers' rule.
+
+        Example::
+
+            family_for({"model_type": "deepseek_v3"}).float32_params("bfloat16")
+            # ('\\.gate\\.weight$', '\\.e_score_correction_bias$')
+        """
+        if dtype == "float16":
+            return self.keep_float32 + self.keep_float32_fp16
+        return self.keep_float32 if dtype == "bfloat16" else ()
 
 
 _FAMILIES: dict[str, ModelFamily] = {}

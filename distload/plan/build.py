@@ -13,7 +13,7 @@ from ..meta.describe import ModelSpec
 from .partition import min_max_partition
 from .types import LoadPlan, ParamSource, StagePlan, Tier
 
-__all__ = ["match_params_to_keys", "make_plan"]
+__all__ = ["match_params_to_keys", "make_plan", "key_dtypes"]
 
 
 def match_params_to_keys(
@@ -63,6 +63,23 @@ def match_params_to_keys(
     return param_to_key, unexpected
 
 
+def key_dtypes(param_to_key: Mapping[str, str], tensors: Mapping[str, TensorMeta], dtype: str | None,
+               keep_float32: Sequence[str] = ()) -> dict[str, str]:
+    """The dtype each used checkpoint key is materialized in: `dtype` for floating tensors
+    (None: as stored), but float32 for a key filling a parameter whose name one of the
+    `keep_float32` regexes finds (a family's, for this `dtype`: `ModelFamily.float32_params`).
+
+    Example::
+
+        key_dtypes({"mlp.gate.weight": "mlp.gate.weight"}, tensors, "bfloat16", [r"\\.gate\\.weight$"])
+        # {"mlp.gate.weight": "float32"}
+    """
+    kept = [re.compile(p) for p in keep_float32]
+    fp32 = {k for p, k in param_to_key.items() if any(r.search(p) for r in kept)}
+    return {k: "float32" if k in fp32 and is_floating(tensors[k].dtype) else cast_dtype(tensors[k].dtype, dtype)
+            for k in set(param_to_key.values())}
+
+
 def _itemsize(dtype_name: str) -> int:
     return dtype_from_name(dtype_name).itemsize
 
@@ -84,6 +101,7 @@ def make_plan(
     reserved_bytes: Sequence[int] | None = None,
     bound_reasons: Sequence[str] | None = None,
     encoded: Mapping[str, Encoded] | None = None,
+    keep_float32: Sequence[str] = (),
 ) -> LoadPlan:
     """Assign contiguous runs of units to ranks and say what each rank reads.
 
@@ -95,6 +113,8 @@ def make_plan(
     names the keys of `tensors` that are decoded from a quantized checkpoint's parts: the
     rank that reads such a key reads its parts (quantized bytes and scales), and its stage
     says how to decode them (`StagePlan.decode`); its size on the device is the decoded one.
+    `keep_float32`: regexes of parameter names materialized in float32 whatever `dtype`
+    (`key_dtypes`); the stages' sizes count them so.
     """
     encoded = encoded or {}
     param_to_key, unexpected = match_params_to_keys(spec, tensors, strict=strict)
@@ -103,8 +123,10 @@ def make_plan(
         raise PlanError(f"the model has {len(units)} units but the world has {world_size} ranks; "
                         f"use at most {len(units)} processes")
 
+    dtypes = key_dtypes(param_to_key, tensors, dtype, keep_float32)
+
     def target_dtype(key: str) -> str:
-        return cast_dtype(tensors[key].dtype, dtype)
+        return dtypes[key]
 
     def param_bytes(pname: str) -> int:
         key = param_to_key[pname]

@@ -33,11 +33,11 @@ from dataclasses import dataclass, replace
 
 from ..checkpoint.quant import Encoded
 from ..checkpoint.types import TensorMeta
-from ..dtypes import cast_dtype, dtype_from_name
+from ..dtypes import dtype_from_name
 from ..errors import PlanError
 from ..meta.describe import ModelSpec
 from .budget import RankBudget, format_bytes
-from .build import make_plan, match_params_to_keys
+from .build import key_dtypes, make_plan, match_params_to_keys
 from .reserve import RunShape, UnitReserve, unit_reserves
 from .stage import INF, PlannerOptions, StageLayout, StageModel, UnitLoad
 from .types import LoadPlan, Tier
@@ -247,13 +247,14 @@ def plan_model(spec: ModelSpec, tensors: Mapping[str, TensorMeta], *, budgets: S
                strict: bool = True, shape: RunShape | None = None,
                options: PlannerOptions | None = None, file_sizes: Mapping[str, int] | None = None,
                activation_dtype: str | None = None, shard_aware: bool = False,
-               encoded: Mapping[str, Encoded] | None = None) -> LoadPlan:
+               encoded: Mapping[str, Encoded] | None = None, keep_float32: Sequence[str] = ()) -> LoadPlan:
     """The `LoadPlan` for one rank per budget: the partition above, then `make_plan` for
     what each rank reads and sends. Pure (rank 0 calls it; see `distload.loader.prepare`).
     `shard_aware`: among equally good splits, prefer the one whose stages touch the fewest
     checkpoint files (when each node downloads the files its ranks read). `encoded`: the
     keys decoded from a quantized checkpoint (`make_plan`); stages are sized by their
-    decoded bytes, reads are the quantized ones.
+    decoded bytes, reads are the quantized ones. `keep_float32`: regexes of parameter names
+    held in float32 whatever `dtype` (`make_plan`).
 
     Example::
 
@@ -262,8 +263,8 @@ def plan_model(spec: ModelSpec, tensors: Mapping[str, TensorMeta], *, budgets: S
                           config=cfg, shape=RunShape(1, 2048))
     """
     param_to_key, _ = match_params_to_keys(spec, tensors, strict=strict)
-    nbytes = {p: tensors[k].numel * dtype_from_name(cast_dtype(tensors[k].dtype, dtype)).itemsize
-              for p, k in param_to_key.items()}
+    dtypes = key_dtypes(param_to_key, tensors, dtype, keep_float32)
+    nbytes = {p: tensors[k].numel * dtype_from_name(dtypes[k]).itemsize for p, k in param_to_key.items()}
     floats = [m for m in tensors.values() if dtype_from_name(m.dtype).is_floating_point]
     itemsize = dtype_from_name(dtype).itemsize if dtype else (
         max(floats, key=lambda m: (m.length, m.name)).torch_dtype.itemsize if floats else 2)
@@ -274,7 +275,8 @@ def plan_model(spec: ModelSpec, tensors: Mapping[str, TensorMeta], *, budgets: S
     plan = make_plan(spec, tensors, world_size=len(budgets), source=source, format=format,
                      config=config, dtype=dtype, strict=strict, bounds=p.bounds, unit_tiers=p.tiers,
                      reserved_bytes=[s.reserved for s in p.stages], bound_reasons=p.reasons,
-                     file_sizes=file_sizes, activation_dtype=activation_dtype, encoded=encoded)
+                     file_sizes=file_sizes, activation_dtype=activation_dtype, encoded=encoded,
+                     keep_float32=keep_float32)
     stages = tuple(replace(st, budget=budgets[r].as_dict(), plan_cost=lay.cost,
                            held_bytes=dict(zip(Tier.ALL, lay.tier_bytes)), stream_slots=lay.stream_slots,
                            reserve={"kv": lay.kv_bytes, "work": lay.work_bytes,

@@ -63,6 +63,7 @@ from ...plan.sequential import Placement, single_process_plan
 from ...plan.types import Tier
 from ...sources import open_source
 from .device_map import Device, as_dtype, get_balanced_memory, infer_auto_device_map
+from .buffers import offload_streamed_buffers
 from .hooks import align_devices as _align_devices
 from .placement import (DISK, HOST, RESIDENT, check_devices_present, device_for, module_devices,
                         normalize_device, placement, warn_once)
@@ -97,8 +98,8 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
     accelerate's switches: `skip_keys` (output/input keys never moved between devices)
     and `force_hooks` (move inputs even on one device) work; `preload_module_classes` is
     what distload always does (an offloaded unit's weights are all fetched before it
-    runs); `offload_buffers` is not implemented (buffers stay on the device: a warning,
-    once); `offload_state_dict` is needless — no temporary state dict is built, and the
+    runs); `offload_buffers` keeps the buffers of offloaded modules in host memory,
+    brought onto the device with their module's weights (`buffers.py`); `offload_state_dict` is needless — no temporary state dict is built, and the
     load's peak host memory (the "cpu" weights plus the read staging) is logged instead;
     `full_state_dict` and `broadcast_from_rank0` concern accelerate's sharded training
     (a warning, once, when not their defaults).
@@ -123,9 +124,6 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
         return load(os.fspath(checkpoint), dtype=dtype, max_memory=max_memory, strict=strict,
                     offload_dir=None if offload_folder is None else os.fspath(offload_folder),
                     max_batch_size=max_batch_size, max_seq_len=max_seq_len, workload=workload)
-    if offload_buffers:
-        warn_once("offload_buffers", "offload_buffers=True is not implemented by distload: buffers "
-                  "of offloaded modules stay on the device they run on")
     if preload_module_classes:
         warn_once("preload_module_classes", "preload_module_classes: distload already fetches all of "
                   "an offloaded unit's weights before it runs", level=20)
@@ -145,6 +143,8 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
                         no_split_module_classes=no_split_module_classes, skip_keys=skip_keys,
                         force_hooks=force_hooks, offload_state_dict=bool(offload_state_dict),
                         stream_slots=stream_slots or getattr(device_map, "stream_slots", 0) or 2)
+    if offload_buffers:
+        offload_streamed_buffers(model)
     model.hf_device_map = dict(device_map)
     return model
 
@@ -164,7 +164,8 @@ def load_checkpoint_in_model(model: nn.Module, checkpoint: str | os.PathLike,
     "disk" parameters become entries of the offload store in `offload_folder` *and* are
     streamed in when their unit runs (accelerate leaves them on meta until
     `dispatch_model`, which distload folds in here). No temporary state dict is built (see
-    `load_checkpoint_and_dispatch` for `offload_state_dict`); `offload_8bit_bnb` is
+    `load_checkpoint_and_dispatch` for `offload_state_dict`; `offload_buffers` likewise
+    streams the buffers of "disk" modules with them); `offload_8bit_bnb` is
     not implemented, `broadcast_from_rank0` / `full_state_dict=False` concern sharded
     training (a warning, once each). Returns None.
 
@@ -174,9 +175,9 @@ def load_checkpoint_in_model(model: nn.Module, checkpoint: str | os.PathLike,
             model = AutoModelForCausalLM.from_config(config)
         load_checkpoint_in_model(model, "ckpt/", device_map={"": "cpu"})
     """
-    for name, value in (("offload_buffers", offload_buffers), ("offload_8bit_bnb", offload_8bit_bnb)):
-        if value:
-            warn_once(name, f"{name}=True is not implemented by distload's load_checkpoint_in_model: ignored")
+    if offload_8bit_bnb:
+        warn_once("offload_8bit_bnb", "offload_8bit_bnb=True is not implemented by distload's "
+                  "load_checkpoint_in_model: ignored")
     _sharded_switches(full_state_dict, broadcast_from_rank0)
     fp32 = tuple(keep_in_fp32_modules or ()) if dtype is not None and as_dtype(dtype) == torch.float16 else ()
     dispatch_checkpoint(model, os.fspath(checkpoint), dict(device_map or {"": "cpu"}),
@@ -185,6 +186,8 @@ def load_checkpoint_in_model(model: nn.Module, checkpoint: str | os.PathLike,
                         stream_host=False, align=False, keep_in_fp32=fp32,
                         offload_state_dict=offload_state_dict,
                         stream_slots=getattr(device_map, "stream_slots", 0) or 2)
+    if offload_buffers:   # the "disk" modules' buffers stream with them
+        offload_streamed_buffers(model)
 
 
 def _sharded_switches(full_state_dict: bool, broadcast_from_rank0: bool) -> None:

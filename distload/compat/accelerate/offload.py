@@ -1,4 +1,4 @@
-"""`dispatch_model` and `disk_offload` with accelerate's meaning: place a
+"""`dispatch_model`, `disk_offload` and `cpu_offload` with accelerate's meaning: place a
 model whose weights are already in memory (built, or loaded by other means) as a device
 map says, with distload's offload store and streaming.
 
@@ -29,12 +29,12 @@ from ...checkpoint import index_checkpoint
 from ...errors import LoadError
 from ...offload import OffloadStore, attach_streaming, default_offload_dir, ensure_entries, streamer_of
 from ...offload.stream import _ATTR as _STREAMER_ATTR
+from .buffers import offload_streamed_buffers
 from .dispatch import _ancestors, _load_buffers, _owner
 from .hooks import align_devices as _align_devices
-from .placement import (HOST, RESIDENT, check_devices_present, device_for, normalize_device, placement,
-                        warn_once)
+from .placement import HOST, RESIDENT, check_devices_present, device_for, normalize_device, placement
 
-__all__ = ["dispatch_model", "disk_offload"]
+__all__ = ["dispatch_model", "disk_offload", "cpu_offload", "get_state_dict_offloaded_model"]
 
 
 def dispatch_model(model: nn.Module, device_map: Mapping, main_device: torch.device | str | None = None,
@@ -49,12 +49,19 @@ def dispatch_model(model: nn.Module, device_map: Mapping, main_device: torch.dev
     `offload_index` (accelerate's own offload-folder layout) is refused with a message;
     `offload_buffers` and `preload_module_classes` as in `load_checkpoint_and_dispatch`.
     Returns `model`, with ``model.hf_device_map`` set."""
+    model = _dispatch(model, device_map, main_device, state_dict, offload_dir, offload_index, offload_buffers,
+                      skip_keys, force_hooks, stream_cpu=False)
+    model.hf_device_map = dict(device_map)
+    return model
+
+
+def _dispatch(model: nn.Module, device_map: Mapping, main_device, state_dict, offload_dir, offload_index,
+              offload_buffers: bool, skip_keys, force_hooks: bool, *, stream_cpu: bool) -> nn.Module:
+    """`dispatch_model`'s work. `stream_cpu`: "cpu" parameters are kept in host memory and
+    streamed even when the CPU runs them (`cpu_offload`'s meaning), not made resident."""
     if offload_index is not None:
         raise LoadError("dispatch_model: offload_index (accelerate's .dat offload folder) is not a distload "
                         "offload store; load the checkpoint with load_checkpoint_and_dispatch instead")
-    if offload_buffers:
-        warn_once("offload_buffers", "offload_buffers=True is not implemented by distload: buffers "
-                  "of offloaded modules stay on the device they run on")
     device_map = dict(device_map)
     check_devices_present(device_map)
     gpus = sorted({d for d in map(normalize_device, device_map.values()) if isinstance(d, int)})
@@ -79,7 +86,8 @@ def dispatch_model(model: nn.Module, device_map: Mapping, main_device: torch.dev
             if value.is_meta:
                 raise LoadError(f"dispatch_model: {name} is on the meta device and not in state_dict: load "
                                 "the checkpoint with load_checkpoint_and_dispatch")
-            kind, dev = placement(device, main)
+            host = stream_cpu and normalize_device(device) == "cpu" and "." in name   # the root's own stay
+            kind, dev = (HOST, None) if host else placement(device, main)
             if kind == RESIDENT:
                 if id(param) not in resident:
                     resident[id(param)] = nn.Parameter(value.to(dev), requires_grad=param.requires_grad)
@@ -92,6 +100,10 @@ def dispatch_model(model: nn.Module, device_map: Mapping, main_device: torch.dev
                 source[name] = source[name].pin_memory() if main.type == "cuda" else source[name]
             else:
                 disk[name] = value.detach().to("cpu").contiguous()
+        by_id = {id(m): m for m in modules.values()}
+        for (owner_id, attr), value in streamed.items():   # buffers a previous dispatch streamed
+            if attr in by_id[owner_id]._buffers:
+                by_id[owner_id]._buffers[attr] = value
     if disk:
         source.update(_disk_entries(disk, offload_dir))
     _load_buffers(model, device_map, main, None, set(), dtype=None, stream_host=True)
@@ -102,11 +114,12 @@ def dispatch_model(model: nn.Module, device_map: Mapping, main_device: torch.dev
         outer = sorted({next((a for a in _ancestors(u) if a in chosen), u) for u in chosen},
                        key=list(modules).index)
         attach_streaming(model, outer, source, main, prefetch=False, max_resident=1)
+        if offload_buffers:
+            offload_streamed_buffers(model)
         hook = _Detach(main, model)
         for holder in ("", *outer):   # accelerate's remove_hook_from_submodules visits the children
             modules[holder]._hf_hook = hook
     _align_devices(model, device_map, main, skip_keys=skip_keys, force=force_hooks)
-    model.hf_device_map = dict(device_map)
     return model
 
 
@@ -148,6 +161,24 @@ def _release_streamed(model: nn.Module) -> dict:
     return out
 
 
+def get_state_dict_offloaded_model(model: nn.Module) -> dict[str, torch.Tensor]:
+    """accelerate's `get_state_dict_offloaded_model`: `model.state_dict()` on the CPU, each
+    offloaded (streamed) tensor taken from where it waits — host memory, or read from its
+    offload-store entry — without running the model or moving its placeholders."""
+    values: dict[tuple[int, str], torch.Tensor] = {}
+    streamer = streamer_of(model)
+    for unit in streamer.units if streamer is not None else ():
+        for owner, attr, _, group in unit.slots:
+            src = unit.sources[group]
+            values[(id(owner), attr)] = src if isinstance(src, torch.Tensor) else src.read()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        owner, attr = _owner(model, name)
+        value = values.get((id(owner), attr), tensor)
+        out[name] = value.detach().to("cpu")
+    return out
+
+
 def _disk_entries(tensors: dict[str, torch.Tensor], offload_dir) -> dict:
     """Offload-store entries for in-memory `tensors`: written once to a safetensors file
     under the store (hidden until complete), referenced by zero-copy entries."""
@@ -178,6 +209,21 @@ def disk_offload(model: nn.Module, offload_dir: str | os.PathLike, execution_dev
     return dispatch_model(model, _top_level(model, "disk", device), main_device=device,
                           offload_dir=offload_dir, offload_buffers=offload_buffers,
                           preload_module_classes=preload_module_classes, force_hooks=True)
+
+
+def cpu_offload(model: nn.Module, execution_device: torch.device | str | None = None,
+                offload_buffers: bool = False, state_dict: Mapping[str, torch.Tensor] | None = None,
+                preload_module_classes=None) -> nn.Module:
+    """accelerate's `cpu_offload`: every weight kept in host memory (pinned on CUDA; the
+    values of `state_dict` where given, else the model's own), each top-level module's
+    weights brought onto `execution_device` (default: the first GPU, else the CPU) when it
+    runs and released after; the model's own parameters live on `execution_device`, and
+    buffers too unless `offload_buffers`. Outputs come back to the inputs' device. As in
+    accelerate, no ``hf_device_map`` is set; `preload_module_classes` is what distload
+    always does (a module's weights are all fetched before it runs)."""
+    device = _execution(execution_device)
+    return _dispatch(model, _top_level(model, "cpu", device), device, state_dict, None, None, offload_buffers,
+                     None, True, stream_cpu=True)
 
 
 def _execution(device) -> torch.device:

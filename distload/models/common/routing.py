@@ -1,7 +1,6 @@
-"""DeepSeek's mixture of experts: a router that may limit each token to the best groups of
-experts, routed experts scaled by `routed_scaling_factor`, and shared experts that every
-token runs. The numerics follow transformers' DeepSeek-V2/V3 code: router logits in
-float32, routing weights kept in float32 when they scale the experts' outputs, experts
+"""Grouped top-k routing (DeepSeek-V2/V3, Kimi K2, GLM-4.5) and the runner of chosen
+experts. The numerics follow transformers' DeepSeek-V2/V3 and GLM-4.5 code: router logits
+in float32, routing weights kept in float32 when they scale the experts' outputs, experts
 visited in ascending order and summed with `index_add_`.
 
 Routing methods (`GroupedTopKRouter.method`):
@@ -12,7 +11,18 @@ Routing methods (`GroupedTopKRouter.method`):
 * ``"noaux_tc"`` — sigmoid scores; the choice adds `e_score_correction_bias` (a learnt
   per-expert bias, a checkpoint tensor), ranks groups by the sum of their two best biased
   scores, keeps `topk_group`, takes the top-k of those; the weights are the unbiased
-  scores, renormalized with `norm_topk_prob` (DeepSeek-V3, Kimi K2).
+  scores, renormalized with `norm_topk_prob` (DeepSeek-V3, Kimi K2, GLM-4.5 — one rule).
+
+Whatever the model's dtype, the router computes in float32; a family keeps its router's
+``gate.weight`` and ``e_score_correction_bias`` in float32 too (`ModelFamily.keep_float32`),
+as transformers does, since a bias rounded to bfloat16 changes which experts are chosen.
+
+* `GroupedTopKRouter` — the router (``gate`` in checkpoints);
+* `RoutedExperts` — that router, routed ``experts`` and optional always-on
+  ``shared_experts``, under the hub's names;
+* `run_experts` — each chosen expert on its tokens, weighted and summed (also gpt-oss's
+  and Llama 4's, whose routers differ);
+* `check_grouped_routing` — the routing's sizes checked when a config is read.
 
 Example::
 
@@ -32,40 +42,54 @@ from torch import nn
 
 from .layers import linear_flops, linear_outputs
 
-__all__ = ["GroupedTopKRouter", "RoutedExperts", "ROUTING_METHODS",
-           "GroupLimitedRouter", "GroupLimitedMoE", "run_experts"]
+__all__ = ["GroupedTopKRouter", "RoutedExperts", "ROUTING_METHODS", "ROUTER_FLOAT32",
+           "check_grouped_routing", "run_experts"]
 
 ROUTING_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+# The router parameters a family keeps in float32 under a bfloat16/float16 load
+# (`ModelFamily.keep_float32`; transformers' `_keep_in_fp32_modules_strict` of DeepSeek-V3
+# and GLM-4.5; DeepSeek-V2 keeps the weight only).
+ROUTER_FLOAT32 = (r"\.gate\.weight$", r"\.e_score_correction_bias$")
+
+
+def check_grouped_routing(*, method: str, experts: int, top_k: int, groups: int = 1,
+                          topk_group: int = 1) -> None:
+    """ValueError naming the config field when the routing cannot run (pure; a family
+    calls it while reading config.json, before anything is built)."""
+    if method not in ROUTING_METHODS:
+        raise ValueError(f"topk_method {method!r} is not supported; distload supports "
+                         f"{', '.join(ROUTING_METHODS)}")
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"num_experts_per_tok ({top_k}) must be between 1 and the number "
+                         f"of routed experts ({experts})")
+    if method == "greedy":
+        return
+    if experts % groups:
+        raise ValueError(f"n_group ({groups}) must divide the number of routed experts ({experts})")
+    if not 1 <= topk_group <= groups:
+        raise ValueError(f"topk_group ({topk_group}) must be between 1 and n_group ({groups})")
+    if top_k > topk_group * (experts // groups):
+        raise ValueError(f"num_experts_per_tok ({top_k}) exceeds the experts of the "
+                         f"topk_group ({topk_group}) groups kept")
+    if method == "noaux_tc" and experts // groups < 2:
+        raise ValueError(f"noaux_tc routing ranks groups by their two best experts: "
+                         f"n_group ({groups}) leaves fewer than 2 per group")
 
 
 class GroupedTopKRouter(nn.Module):
     """The router of one layer (named ``gate`` in checkpoints): ``weight`` ``[experts,
-    hidden]`` and, for ``noaux_tc``, ``e_score_correction_bias`` ``[experts]``. Returns
-    (weights ``[N, top_k]`` float32, chosen experts ``[N, top_k]``)."""
+    hidden]`` and, for ``noaux_tc``, ``e_score_correction_bias`` ``[experts]`` (a
+    parameter here, so the checkpoint's tensor loads like any weight). Returns (weights
+    ``[N, top_k]`` float32, chosen experts ``[N, top_k]``)."""
 
     def __init__(self, *, hidden: int, experts: int, top_k: int, method: str, groups: int = 1,
                  topk_group: int = 1, norm_topk_prob: bool = False, scaling: float = 1.0) -> None:
         super().__init__()
-        if method not in ROUTING_METHODS:
-            raise ValueError(f"topk_method {method!r} is not supported; distload supports "
-                             f"{', '.join(ROUTING_METHODS)}")
-        if not 1 <= top_k <= experts:
-            raise ValueError(f"num_experts_per_tok ({top_k}) must be between 1 and the number "
-                             f"of routed experts ({experts})")
-        if method != "greedy":
-            if experts % groups:
-                raise ValueError(f"n_group ({groups}) must divide the number of routed experts ({experts})")
-            if not 1 <= topk_group <= groups:
-                raise ValueError(f"topk_group ({topk_group}) must be between 1 and n_group ({groups})")
-            if top_k > topk_group * (experts // groups):
-                raise ValueError(f"num_experts_per_tok ({top_k}) exceeds the experts of the "
-                                 f"topk_group ({topk_group}) groups kept")
-            if method == "noaux_tc" and experts // groups < 2:
-                raise ValueError(f"noaux_tc routing ranks groups by their two best experts: "
-                                 f"n_group ({groups}) leaves fewer than 2 per group")
+        check_grouped_routing(method=method, experts=experts, top_k=top_k, groups=groups,
+                              topk_group=topk_group)
         self.weight = nn.Parameter(nn.init.normal_(torch.empty(experts, hidden), std=0.02))
         if method == "noaux_tc":
-            self.e_score_correction_bias = nn.Parameter(torch.zeros(experts))
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(experts), requires_grad=False)
         self.experts, self.top_k, self.method = experts, top_k, method
         self.groups, self.topk_group = groups, topk_group
         self.norm_topk_prob, self.scaling = norm_topk_prob, scaling
@@ -113,15 +137,9 @@ class RoutedExperts(nn.Module):
             self.shared_experts = shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
+        flat = x.reshape(-1, x.shape[-1])
         weights, chosen = self.gate(flat)
-        out = torch.zeros_like(flat)
-        for e in torch.unique(chosen).tolist():  # ascending, as transformers visits them
-            token, slot = torch.where(chosen == e)
-            y = self.experts[e](flat[token]) * weights[token, slot, None]
-            out.index_add_(0, token, y.to(out.dtype))
-        out = out.view(shape)
+        out = run_experts(flat, self.experts, weights, chosen).view(x.shape)
         shared = getattr(self, "shared_experts", None)
         return out if shared is None else out + shared(x)
 
@@ -141,65 +159,6 @@ class RoutedExperts(nn.Module):
             + sum(per_expert[:self.gate.top_k])
 
 
-# --- GLM-4.5's grouped routing (the same noaux_tc rule) and the shared expert runner ---
-# Routing other than `SparseMoE`'s softmax top-k, and running the chosen experts.
-# 
-# * `GroupLimitedRouter` — DeepSeek-V3's "noaux_tc" routing, which GLM-4.5 (glm4_moe) uses
-#   too: sigmoid scores in float32, a per-expert ``e_score_correction_bias`` added *for the
-#   choice only*, the experts split into `n_group` groups of which the `topk_group` best
-#   (each group scored by its two best experts) may be chosen, top-k among those, the
-#   unbiased scores of the chosen renormalized (`norm_topk_prob`) and multiplied by
-#   `routed_scaling_factor`.
-# * `GroupLimitedMoE` — that router, routed experts and always-on ``shared_experts``, with
-#   the hub's names (GLM-4.5, DeepSeek-V3);
-# * `run_experts` — each chosen expert on its tokens, in ascending expert order, weighted
-#   and summed with `index_add_` (transformers' order, so float32 results agree to
-#   round-off).
-# 
-# Example::
-# 
-#     router = GroupLimitedRouter(hidden=64, experts=8, top_k=2, n_group=2, topk_group=1)
-#     weights, chosen = router(flat)                    # [N, 2] float32, [N, 2] expert ids
-#     out = run_experts(flat, experts, weights, chosen)
-
-
-class GroupLimitedRouter(nn.Module):
-    """The router of a DeepSeek-V3-style MoE: ``weight`` ``[E, H]`` and
-    ``e_score_correction_bias`` ``[E]`` (a parameter here, so the checkpoint's tensor
-    loads like any weight). Returns ``(weights [N, k] float32, chosen [N, k])``."""
-
-    def __init__(self, *, hidden: int, experts: int, top_k: int, n_group: int = 1,
-                 topk_group: int = 1, norm_topk_prob: bool = True,
-                 routed_scaling_factor: float = 1.0) -> None:
-        super().__init__()
-        if experts % n_group:
-            raise ValueError(f"n_routed_experts ({experts}) must be a multiple of n_group ({n_group})")
-        if not 1 <= topk_group <= n_group:
-            raise ValueError(f"topk_group ({topk_group}) must be between 1 and n_group ({n_group})")
-        if not 1 <= top_k <= experts // n_group * topk_group:
-            raise ValueError(f"num_experts_per_tok ({top_k}) must be between 1 and the experts of "
-                             f"the topk_group best groups ({experts // n_group * topk_group})")
-        self.weight = nn.Parameter(torch.zeros(experts, hidden))
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(experts), requires_grad=False)
-        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
-        self.norm_topk_prob, self.routed_scaling_factor = norm_topk_prob, routed_scaling_factor
-
-    def forward(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = F.linear(flat.float(), self.weight.float()).sigmoid()
-        biased = scores + self.e_score_correction_bias.float()
-        n, per_group = biased.shape[0], biased.shape[1] // self.n_group
-        group_scores = biased.view(n, self.n_group, per_group).topk(min(2, per_group), dim=-1)[0].sum(-1)
-        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-        expert_mask = group_mask.unsqueeze(-1).expand(n, self.n_group, per_group).reshape(n, -1)
-        biased = biased.masked_fill(~expert_mask.bool(), float("-inf"))
-        chosen = torch.topk(biased, k=self.top_k, dim=-1, sorted=False)[1]
-        weights = scores.gather(1, chosen)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.routed_scaling_factor, chosen
-
-
 def run_experts(flat: torch.Tensor, experts: Sequence[nn.Module] | Callable[[int, torch.Tensor], torch.Tensor],
                 weights: torch.Tensor, chosen: torch.Tensor, *, scale_inputs: bool = False) -> torch.Tensor:
     """``sum_k weights[:, k] * expert[chosen[:, k]](flat)`` over the tokens `flat` ``[N, H]``;
@@ -217,41 +176,3 @@ def run_experts(flat: torch.Tensor, experts: Sequence[nn.Module] | Callable[[int
             y = call(e, flat[token]) * w
         out.index_add_(0, token, y.to(out.dtype))
     return out
-
-
-class GroupLimitedMoE(nn.Module):
-    """``gate`` (a `GroupLimitedRouter`), ``experts`` (SwiGLU modules) and, if any,
-    ``shared_experts`` (one SwiGLU on every token): DeepSeek-V3's MoE block, with the
-    hub's names."""
-
-    def __init__(self, *, hidden: int, router: GroupLimitedRouter, experts: list[nn.Module],
-                 shared_experts: nn.Module | None) -> None:
-        super().__init__()
-        self.gate = router
-        self.experts = nn.ModuleList(experts)
-        if shared_experts is not None:
-            self.shared_experts = shared_experts
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        weights, chosen = self.gate(flat)
-        out = run_experts(flat, self.experts, weights, chosen)
-        shared = getattr(self, "shared_experts", None)
-        if shared is not None:
-            out = out + shared(flat)
-        return out.view(x.shape)
-
-    def _always_on(self) -> tuple[float, int]:
-        shared = getattr(self, "shared_experts", None)
-        e, h = self.gate.weight.shape
-        flops, acts = 2.0 * e * h, e
-        if shared is not None:
-            flops, acts = flops + linear_flops(shared), acts + linear_outputs(shared)
-        return flops, acts
-
-    def active_flops(self) -> float:
-        """The router, the shared experts and `top_k` routed experts, per token."""
-        return self._always_on()[0] + self.gate.top_k * linear_flops(self.experts[0])
-
-    def active_activations(self) -> int:
-        return self._always_on()[1] + self.gate.top_k * linear_outputs(self.experts[0])
