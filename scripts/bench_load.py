@@ -42,6 +42,7 @@ Example::
     python scripts/make_checkpoint.py /tmp/bench-ckpt --preset 1.4gb
     python scripts/bench_load.py /tmp/bench-ckpt --nproc 2 --repeats 3 --cold --json out.json
     python scripts/bench_load.py /tmp/bench-ckpt --nproc 2 --staged --cold --threads 1,2,4,8
+    python scripts/bench_load.py /tmp/bench-ckpt --nproc 2 --model s3://bench/ckpt   # object store
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ MIB = 1 << 20
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", type=Path, help="checkpoint directory (HF safetensors)")
+    p.add_argument("--model", help="s3://BUCKET/PREFIX: upload CKPT there on a local S3 server and compare "
+                                   "loading from it with downloads (scripts/_bench_s3.py)")
     p.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="runs per system and mode (default 3)")
     p.add_argument("--cold", action="store_true", help="also run with the page cache dropped")
@@ -385,6 +388,12 @@ def _parse_size(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.model:
+        if not a.model.startswith("s3://"):
+            raise SystemExit("--model takes an s3://BUCKET/PREFIX URL")
+        from _bench_s3 import s3_main
+
+        return s3_main(a)
     if a.staged:
         from _bench_staged import staged_main
 

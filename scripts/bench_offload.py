@@ -8,7 +8,7 @@ without prefetch, against the same model with nothing offloaded.
     python scripts/bench_offload.py --json out.json
 
 Runs in one process on the CPU (or `--device cuda:0`). Each variant is loaded the way
-`distload.load` loads a stage (`key_tiers` → `allocate_stage` → `read_stage` → `attach_tiers` →
+`distload.load` loads a stage (`key_tiers` → `allocate_stage` → the reader's `read` → `attach_tiers` →
 `finish_stage`), with the plan's tiers set by hand: the later half of the layers on disk.
 """
 
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from distload.loader.materialize import allocate_stage, finish_stage, key_tiers, read_stage
+from distload.io import PosixReader
+from distload.loader.materialize import allocate_stage, finish_stage, key_tiers
 from distload.loader.prepare import PlanRequest, plan_load
 from distload.loader.skeleton import build_stage_skeleton
 from distload.loader.tiers import attach_tiers
@@ -47,9 +48,9 @@ def half_on_disk(plan: LoadPlan) -> LoadPlan:
 def load_stage(plan: LoadPlan, root: str, device: torch.device, offload_dir: str, **attach_kw):
     module = build_stage_skeleton(plan, 0)
     storage = allocate_stage(plan, 0, module, device, tiers=key_tiers(plan, 0, device))
-    reads = [m.located(root) for m in plan.stage(0).reads]
-    read_stage(reads, storage)
-    result = attach_tiers(plan, 0, module, storage, reads, device, root=root,
+    reader = PosixReader(root)
+    reader.read([m for m in plan.stage(0).reads if m.name in storage], storage)
+    result = attach_tiers(plan, 0, module, storage, device, reader=reader,
                           offload_dir=offload_dir, **attach_kw)
     finish_stage(module, device, offloaded=result.params)
     return module.eval(), result

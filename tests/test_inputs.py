@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-import distload.loader.materialize as materialize
+from distload.io import PosixReader
 from distload.cli.config import parse_args
 from distload.cli.main import run
 from distload.errors import UsageError
@@ -39,15 +39,15 @@ def small_tokenizer_ckpt(tmp_path_factory):
 
 @pytest.fixture
 def reads(monkeypatch):
-    """Every read the loader makes (mapped or preadv), by the reader functions it calls."""
+    """Every read the loader makes (mapped or preadv), by the `Reader` methods it calls."""
     calls = []
-    for name in ("read_tensors", "map_tensors"):
-        real = getattr(materialize, name)
+    for name, method in (("read_tensors", "read"), ("map_tensors", "map")):
+        real = getattr(PosixReader, method)
 
-        def spy(items, *args, _real=real, _name=name, **kwargs):
+        def spy(self, items, *args, _real=real, _name=name, **kwargs):
             calls.append((_name, len(items)))
-            return _real(items, *args, **kwargs)
-        monkeypatch.setattr(materialize, name, spy)
+            return _real(self, items, *args, **kwargs)
+        monkeypatch.setattr(PosixReader, method, spy)
     return calls
 
 

@@ -21,6 +21,7 @@ from distload.checkpoint.dequant import fp8_decode, mxfp4_decode
 from distload.checkpoint.quant import decoded_view, quant_scheme
 from distload.cli.exits import ERROR
 from distload.errors import CheckpointError, ConfigError, UsageError
+from distload.io import PosixReader
 from distload.loader.decode import read_decoded
 from distload.loader.prepare import PlanRequest, plan_load
 from distload.plan.explain import explain_plan
@@ -173,7 +174,8 @@ def test_mxfp4_experts_equal_transformers_dequantization(tmp_path):
     for dtype in (torch.bfloat16, torch.float32):
         storage = {k: torch.empty(e.shape, dtype=dtype) for k, e in encoded.items()}
         parts = [p.located(index.root) for e in encoded.values() for p in e.parts]
-        stats = read_decoded(parts, storage, {k: e.as_dict() for k, e in encoded.items()})
+        stats = read_decoded(parts, storage, {k: e.as_dict() for k, e in encoded.items()},
+                             reader=PosixReader(index.root))
         assert stats.bytes_read == sum(p.length for p in parts)
         for key, value in storage.items():
             assert torch.equal(value, want[key].to(dtype)), key
@@ -292,7 +294,8 @@ def test_a_disk_tier_weight_is_decoded_once_when_its_entry_is_made(fp8_ckpt):
     _, encoded = decoded_view(index.tensors, quant_scheme(index.config))
     key = "model.layers.1.self_attn.o_proj.weight"
     metas = {p.name: p.located(index.root) for p in encoded[key].parts}
-    lazy = DecodedOnDemand({}, {key: (encoded[key].shape, "float32")}, {key: encoded[key].as_dict()}, metas)
+    lazy = DecodedOnDemand({}, {key: (encoded[key].shape, "float32")}, {key: encoded[key].as_dict()}, metas,
+                           reader=PosixReader(index.root))
     assert key in lazy and "other" not in lazy and lazy.bytes_read == 0 and list(lazy) == [key]
     w, s = (p for p in encoded[key].parts)
     from safetensors import safe_open

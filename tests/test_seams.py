@@ -7,6 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import fields
+from pathlib import Path
+
+import importlib
 
 import pytest
 import torch
@@ -17,7 +21,9 @@ from distload.checkpoint import index_checkpoint
 from distload.models import LlamaConfig, LlamaForCausalLM, ModelFamily, registry
 from distload.pipeline.schedules import registry as schedules
 from distload.pipeline.schedules.registry import Schedule
-from distload.sources import Source, base
+from distload.cli.config import RunConfig
+from distload.io import Reader, ReadOptions, ReadStats
+from distload.sources import LocalSource, Source, base, open_source
 from distload.sources.demo import make_checkpoint
 
 from .conftest import tiny_config
@@ -98,6 +104,72 @@ def test_a_new_source_is_one_registration(ckpt, tmp_path, monkeypatch):
         torch.testing.assert_close(pipe.forward(ids), reference(ids).logits, atol=1e-4, rtol=0)
 
 
+def test_a_new_reader_is_one_class_its_source_returns(ckpt, monkeypatch):
+    """A reader of its own (plain buffered file reads), chosen by its source's `reader()`:
+    the loader, the tiers and the offload store reach the bytes only through it. (A
+    GPUDirect or io_uring reader is the same: a module under `distload/io/` and the one
+    line of a source's `reader()` that returns it.)"""
+    seen: list[str] = []
+
+    class BufferedReader(Reader):
+        def __init__(self, directory, options=None):
+            super().__init__(options)
+            self.directory = directory
+
+        def read(self, reads, dests, *, progress=None, workers=None):
+            stats = ReadStats()
+            for m in reads:
+                with open(os.path.join(self.directory, m.file), "rb") as f:
+                    f.seek(m.offset)
+                    raw = bytearray(f.read(m.length))
+                dests[m.name].copy_(torch.frombuffer(raw, dtype=m.torch_dtype).view(m.shape))
+                stats.bytes_read += m.length
+                seen.append(m.name)
+            return stats
+
+        def entry_source(self, file):
+            st = os.stat(os.path.join(self.directory, file))
+            return os.path.join(self.directory, file), st.st_size, st.st_mtime_ns
+
+    class BufferedSource(LocalSource):
+        kind = "buffered"
+
+        @classmethod
+        def claims(cls, spec):
+            return spec.startswith("buffered:")
+
+        def __init__(self, spec, **kw):
+            super().__init__(spec.removeprefix("buffered:"), **kw)
+
+        def reader(self, options=None):
+            return BufferedReader(self.root(), options)
+
+    monkeypatch.setattr(base, "_SOURCES", [BufferedSource, *base._SOURCES])
+    pipe = distload.load(f"buffered:{ckpt}", device="cpu", read_workers=3)
+    assert sorted(seen) == sorted(m.name for m in pipe.plan.stage(0).reads)   # every byte came through it
+    assert pipe.report["bytes_read"] == pipe.report["tensor_bytes"]
+    assert pipe.report["read_options"]["workers"] == 3
+    ids = torch.tensor([[3, 17, 42, 9]])
+    reference = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.forward(ids), reference(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_the_object_store_source_is_one_package_and_one_registration():
+    """`distload/sources/s3/` is named by one line outside itself (its registering import);
+    the read options are declared once, and the CLI's per-rank flags derive from them."""
+    package = Path(distload.__file__).parent
+    mentions = [(str(p.relative_to(package)), line) for p in package.rglob("*.py")
+                if "s3" not in p.relative_to(package).parts
+                for line in p.read_text().splitlines() if "from .s3" in line or "sources.s3" in line]
+    assert mentions == [("sources/__init__.py", "from .s3 import S3Source  # noqa: F401 - registers "
+                                                "(boto3 imported only when used)")]
+    assert type(open_source("s3://bucket/prefix")).__name__ == "S3Source"
+    cli_main = importlib.import_module("distload.cli.main")   # `distload.cli.main` is also a function
+    assert set(ReadOptions.flags()) <= set(cli_main._PER_RANK_FLAGS)
+    assert {f.name for f in fields(RunConfig)} >= set(ReadOptions.flags())
+
+
 def test_a_new_model_type_is_one_registration(ckpt, tmp_path, monkeypatch):
     """A family of its own for `model_type: "toyllama"` (a llama under another name)."""
     renamed = tmp_path / "toy"
@@ -136,3 +208,21 @@ def test_a_new_schedule_is_one_registration(ckpt, monkeypatch):
     torch.testing.assert_close(pipe.run("last_logits", ids), pipe.forward(ids)[:, -1], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="unknown pipeline schedule 'nope'.*last_logits"):
         pipe.run("nope")
+
+
+@pytest.mark.multiprocess
+def test_read_options_are_node_local_and_reported_per_rank(ckpt, tmp_path):
+    """Ranks given different read options (declared once, `ReadOptions`) agree on the rest
+    and load; each rank's report holds its own."""
+    from .mp import Ranks, worker
+
+    report = tmp_path / "report.json"
+    cli = [worker("cli_slowed.py"), "--device", "cpu", "--model", str(ckpt), "--max-new-tokens", "0",
+           "--report", str(report)]
+    job = Ranks([[*cli, "--read-workers", "1"], [*cli, "--read-workers", "3", "--staging-size", "1MiB"]],
+                tmp_path)
+    assert job.wait(90) == [0, 0], job.stderr(0)[-2000:] + job.stderr(1)[-2000:]
+    ranks = json.loads(report.read_text())["ranks"]
+    assert [r["read_options"] for r in ranks] == [
+        {"workers": 1, "staging_bytes": 16 << 20, "direct_io": False},
+        {"workers": 3, "staging_bytes": 1 << 20, "direct_io": False}]

@@ -20,6 +20,7 @@ from .. import trace
 from ..dist import (DEFAULT_TIMEOUT_S, World, agree_on_arguments, dead_peers, init_world, note_leaving,
                     peers_gone, run_on_rank0, shutdown)
 from ..errors import DistloadError, RankError, UsageError
+from ..io import ReadOptions
 from ..launch.errorfile import record_error
 from ..loader import load, plan_job
 from ..loader.report import versions
@@ -35,8 +36,9 @@ from .table import format_generation, format_offload_waits, format_table, write_
 
 __all__ = ["main", "run", "entry"]
 
-# Flags that may differ between ranks: paths on each node, and how much a rank logs.
-_PER_RANK_FLAGS = ("cache_dir", "offload_dir", "log_level", "read_workers", "direct_io", "staging_size")
+# Flags that may differ between ranks: paths on each node, how much a rank logs, and the
+# reader's options (node-local, declared with them: `distload.io.ReadOptions`).
+_PER_RANK_FLAGS = ("cache_dir", "offload_dir", "log_level", *ReadOptions.flags())
 
 DEMO_INPUT_IDS = ("1,15,27,300,42,7", "5,9,81,2")
 

@@ -29,6 +29,7 @@ from .. import trace
 from ..checkpoint.bin import load_bin_tensors
 from ..checkpoint.types import TensorMeta
 from ..errors import CheckpointError
+from .base import DEFAULT_STAGING_BYTES, MIN_STAGING_BYTES
 from .direct import Fallbacks, FileHandle
 from .segments import BLOCK, Segment, align_down, plan_segments
 from .staging import StagingAccount
@@ -36,9 +37,6 @@ from .stats import ReadProgress, ReadStats
 from .worker import SegmentWorker, run_workers
 
 __all__ = ["ReadStats", "ReadProgress", "read_tensors", "DEFAULT_STAGING_BYTES", "MIN_STAGING_BYTES"]
-
-DEFAULT_STAGING_BYTES = 16 << 20
-MIN_STAGING_BYTES = 64 << 10
 
 
 def read_tensors(

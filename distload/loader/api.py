@@ -11,7 +11,7 @@ import torch
 from ..dist import DEFAULT_TIMEOUT_S, World, agree, agree_on_arguments, gather_objects, init_world, run_on_rank0
 from ..dtypes import normalize_dtype
 from ..errors import PlanError
-from ..io import DEFAULT_STAGING_BYTES, MIN_STAGING_BYTES
+from ..io import DEFAULT_READ_WORKERS, DEFAULT_STAGING_BYTES, ReadOptions
 from ..log import logger
 from ..offload import default_offload_dir
 from ..pipeline import CallChannel, Pipeline
@@ -75,7 +75,7 @@ def plan_job(model: str = "demo", *, world: World | None = None, dtype: torch.dt
 def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_memory=None,
          offload_dir: str | None = None, micro_batches: int | None = None, strict: bool = True,
          cache_dir: str | None = None, device: str | None = None, timeout_s: float | None = None,
-         read_workers: int = 2, max_batch_size: int | None = None,
+         read_workers: int = DEFAULT_READ_WORKERS, max_batch_size: int | None = None,
          max_seq_len: int | None = None, world: World | None = None,
          workload: str = "generate", direct_io: bool = False,
          staging_bytes: int | str | None = None,
@@ -92,7 +92,8 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
     Units the plan puts on the disk tier go to `offload_dir` (default ``<cache>/offload``,
     see `distload.offload`) and are streamed onto the device while they run.
 
-    How each rank reads (node-local, may differ between ranks): `read_workers` threads,
+    How each rank reads (`distload.io.ReadOptions`: node-local, may differ between ranks;
+    the source's reader executes them): `read_workers` threads,
     reads and staging buffers of `staging_bytes` (``"16MiB"`` by default; pinned and
     doubled per thread on CUDA), and `direct_io` (O_DIRECT where the filesystem allows
     it: no page cache, for cold loads; CPU ranks then read instead of mapping pages).
@@ -116,10 +117,8 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
         pipe = distload.load("./llama-dir", dtype="bfloat16")
         pipe.report["bytes_read"], pipe.module, pipe.job_report
     """
-    staging = DEFAULT_STAGING_BYTES if staging_bytes is None else parse_size(staging_bytes)
-    if staging < MIN_STAGING_BYTES or read_workers < 1:
-        raise ValueError(f"staging_bytes must be at least 64KiB (got {staging}) and read_workers "
-                         f"at least 1 (got {read_workers})")
+    options = ReadOptions(workers=read_workers, direct_io=direct_io,
+                          staging_bytes=DEFAULT_STAGING_BYTES if staging_bytes is None else parse_size(staging_bytes))
     world = world or init_world(timeout_s=timeout_s or DEFAULT_TIMEOUT_S, device=device)
     agree_on_arguments(world, {"micro_batches": micro_batches, "device": device,
                                "timeout_s": timeout_s, "verify_checksums": verify_checksums})
@@ -142,9 +141,8 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
                                          verify_checksums=verify_checksums)
     if before_read is not None:
         run_on_rank0(world, lambda: before_read(plan, root))
-    stage = load_stage(plan, world, root=root, read_workers=read_workers, offload_dir=offload_dir,
-                       cache_dir=cache_dir, timeout_s=timeout_s, direct_io=direct_io,
-                       staging_bytes=staging)
+    stage = load_stage(plan, world, reader=source.reader(options), offload_dir=offload_dir,
+                       cache_dir=cache_dir, timeout_s=timeout_s)
     stage.report["fetched_bytes"] = fetched   # the node's download, on its leader's row
     everyone = job_report(plan, gather_objects(world, stage.report), world=world, phases=clock.seconds)
     everyone["ranks"][world.rank] = stage.report   # this rank's row stays current (`pipeline.figures`)

@@ -9,7 +9,7 @@ time, so the extra memory stays bounded whatever the stage's size.
 
 Example::
 
-    stats = read_decoded(reads, storage, plan.stage(rank).decode, workers=2)
+    stats = read_decoded(reads, storage, plan.stage(rank).decode, reader=reader)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from ..checkpoint.dequant import apply_block_scales_, mxfp4_decode
 from ..checkpoint.types import TensorMeta
-from ..io import ReadStats, read_tensors
+from ..io import Reader, ReadProgress, ReadStats
 
 __all__ = ["read_decoded", "DecodedOnDemand", "BATCH_BYTES"]
 
@@ -40,10 +40,12 @@ def _batches(keys: Sequence[str], size: Mapping[str, int]) -> list[list[str]]:
 
 
 def read_decoded(reads: Sequence[TensorMeta], storage: dict[str, torch.Tensor],
-                 decode: Mapping[str, dict], **read_kw) -> ReadStats:
-    """Read the parts of every key of `decode` (names into `reads`, the stage's located
-    read items) and decode them into ``storage[key]``; `read_kw` go to
-    `distload.io.read_tensors`. Returns the read's figures (quantized bytes)."""
+                 decode: Mapping[str, dict], *, reader: Reader, progress: ReadProgress | None = None,
+                 workers: int | None = None) -> ReadStats:
+    """Read the parts of every key of `decode` (names into `reads`, the stage's read
+    items) with `reader` and decode them into ``storage[key]`` (`workers`: the reader's
+    override). Returns the read's figures (quantized bytes)."""
+    read_kw = dict(progress=progress, workers=workers)
     metas = {m.name: m for m in reads}
     stats = ReadStats()
     fp8 = sorted(k for k, d in decode.items() if d["method"] == "fp8")
@@ -53,7 +55,7 @@ def read_decoded(reads: Sequence[TensorMeta], storage: dict[str, torch.Tensor],
                                                      dtype=metas[decode[k]["parts"][1]].torch_dtype,
                                                      device=storage[k].device) for k in fp8}
         dests = {decode[k]["parts"][0]: storage[k] for k in fp8} | scales
-        stats.add(read_tensors([metas[n] for n in dests], dests, **read_kw))
+        stats.add(reader.read([metas[n] for n in dests], dests, **read_kw))
         for k in fp8:
             block = decode[k]["block"]
             apply_block_scales_(storage[k], scales[decode[k]["parts"][1]], tuple(block) if block else None)
@@ -62,7 +64,7 @@ def read_decoded(reads: Sequence[TensorMeta], storage: dict[str, torch.Tensor],
     for batch in _batches(mx, size):
         temps = {n: torch.empty(metas[n].shape, dtype=metas[n].torch_dtype, device=storage[k].device)
                  for k in batch for n in decode[k]["parts"]}
-        stats.add(read_tensors([metas[n] for n in temps], temps, **read_kw))
+        stats.add(reader.read([metas[n] for n in temps], temps, **read_kw))
         for k in batch:
             blocks, scales = (temps[n] for n in decode[k]["parts"])
             mxfp4_decode(blocks, scales, storage[k].dtype, out=storage[k])
@@ -73,14 +75,15 @@ def read_decoded(reads: Sequence[TensorMeta], storage: dict[str, torch.Tensor],
 class DecodedOnDemand(Mapping):
     """The tensors to write to the offload store: `ready` ones as they are, and each key of
     `shapes` (key -> (shape, dtype name)) read from its parts (`decode`: the stage's
-    `StagePlan.decode`; `metas`: located read items by name) and decoded when asked for —
+    `StagePlan.decode`; `metas`: read items by name; `reader` reads them) and decoded when asked for —
     one at a time, so a disk tier's decoding needs one weight's memory, and none where the
     store already holds the entry. `bytes_read` counts the parts read."""
 
     def __init__(self, ready: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple],
-                 decode: Mapping[str, dict], metas: Mapping[str, TensorMeta], **read_kw) -> None:
+                 decode: Mapping[str, dict], metas: Mapping[str, TensorMeta], *, reader: Reader,
+                 progress: ReadProgress | None = None) -> None:
         self.ready, self.shapes, self.decode, self.metas = dict(ready), dict(shapes), decode, metas
-        self.read_kw = read_kw
+        self.reader, self.progress = reader, progress
         self.bytes_read = 0
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -89,8 +92,8 @@ class DecodedOnDemand(Mapping):
         shape, dtype = self.shapes[key]
         out = {key: torch.empty(shape, dtype=getattr(torch, dtype))}
         parts = [self.metas[n] for n in self.decode[key]["parts"]]
-        self.bytes_read += read_decoded(parts, out, {key: self.decode[key]}, workers=1,
-                                        **self.read_kw).bytes_read
+        self.bytes_read += read_decoded(parts, out, {key: self.decode[key]}, reader=self.reader,
+                                        progress=self.progress, workers=1).bytes_read
         return out[key]
 
     def __contains__(self, key: object) -> bool:   # without decoding (Mapping's would)

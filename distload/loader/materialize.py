@@ -3,7 +3,7 @@ the rank's device (or host memory for the CPU tier), read its byte ranges, excha
 tensors with the ranks that share them, and check nothing is left on meta.
 
 Called by `load_stage`, on every rank, in this order:
-`key_tiers` → `map_stage` → `allocate_stage` → `read_stage` → (agree) → `exchange_tied`
+`key_tiers` → `map_stage` → `allocate_stage` → (the reader's `read`) → (agree) → `exchange_tied`
 → (`distload.loader.tiers`) → `finish_stage`.
 """
 
@@ -17,13 +17,12 @@ from torch import nn
 
 from ..checkpoint.types import TensorMeta
 from ..dtypes import dtype_from_name
-from ..io import DEFAULT_STAGING_BYTES, ReadProgress, ReadStats, map_tensors, read_tensors
+from ..io import Reader, ReadProgress, ReadStats
 from ..io.pinned import HostArena
 from ..meta import check_materialized, init_buffers
 from ..plan.types import LoadPlan, Tier
-from .decode import read_decoded
 
-__all__ = ["key_tiers", "map_stage", "allocate_stage", "read_stage", "exchange_tied", "finish_stage"]
+__all__ = ["key_tiers", "map_stage", "allocate_stage", "exchange_tied", "finish_stage"]
 
 
 def key_tiers(plan: LoadPlan, rank: int, device: torch.device | str) -> dict[str, str]:
@@ -46,21 +45,20 @@ def key_tiers(plan: LoadPlan, rank: int, device: torch.device | str) -> dict[str
 
 
 def map_stage(reads: Sequence[TensorMeta], plan: LoadPlan, rank: int, device: torch.device, *,
-              tiers: Mapping[str, str], direct_io: bool = False, progress: ReadProgress | None = None
+              tiers: Mapping[str, str], reader: Reader, progress: ReadProgress | None = None
               ) -> tuple[dict[str, torch.Tensor], ReadStats]:
-    """On the CPU, this rank's own device-tier tensors that need no cast, as copy-on-write
-    views of the checkpoint's pages (see `distload.io.mapped`); elsewhere nothing, and
-    nothing with `direct_io` (pages are the page cache, which O_DIRECT is asked to skip).
-    `reads` are the stage's read items with files located on this node; `progress` hears
-    of the bytes as they come in."""
-    if device.type != "cpu" or plan.format != "safetensors" or direct_io:
+    """On the CPU, this rank's own device-tier tensors that need no cast, as the reader
+    hands them over without a copy (`Reader.map`: the POSIX reader's copy-on-write views
+    of the checkpoint's pages, see `distload.io.mapped`); elsewhere nothing. `reads` are
+    the stage's read items; `progress` hears of the bytes as they come in."""
+    if device.type != "cpu" or plan.format != "safetensors":
         return {}, ReadStats()
     stage = plan.stage(rank)
     want = {p.key for p in stage.params if p.src_rank == rank and tiers.get(p.key) == Tier.DEVICE
             and p.key not in stage.decode and p.device in ("", "cpu")}
     dtypes = {p.key: p.dtype for p in stage.params}
-    return map_tensors([m for m in reads if m.name in want and dtypes[m.name] == m.dtype],
-                       progress=progress)
+    return reader.map([m for m in reads if m.name in want and dtypes[m.name] == m.dtype],
+                      progress=progress)
 
 
 def allocate_stage(plan: LoadPlan, rank: int, module: nn.Module, device: torch.device, *,
@@ -111,26 +109,6 @@ def allocate_stage(plan: LoadPlan, rank: int, module: nn.Module, device: torch.d
 
 def _nbytes(meta_param: torch.Tensor, dtype: str) -> int:
     return meta_param.numel() * dtype_from_name(dtype).itemsize
-
-
-def read_stage(reads: Sequence[TensorMeta], storage: dict[str, torch.Tensor], *, workers: int = 2,
-               skip: Collection[str] = (), direct_io: bool = False,
-               staging_bytes: int = DEFAULT_STAGING_BYTES, progress: ReadProgress | None = None,
-               decode: Mapping[str, dict] | None = None) -> ReadStats:
-    """Read exactly the byte ranges of `reads` (the stage's read items, located on this
-    node) into `storage`; keys it lacks (the disk tier's, read into the offload store
-    instead) and keys in `skip` (mapped) are left alone. `decode` (`StagePlan.decode`)
-    names the keys made from a quantized checkpoint's parts, which are read and decoded
-    into their storage here (`distload.loader.decode`). `workers`, `direct_io`,
-    `staging_bytes` and `progress` are `distload.io.read_tensors`'s."""
-    kw = dict(workers=workers, direct_io=direct_io, staging_bytes=staging_bytes, progress=progress)
-    decode = {k: d for k, d in (decode or {}).items() if k in storage}
-    parts = {name for d in decode.values() for name in d["parts"]}
-    stats = read_tensors([m for m in reads if m.name in storage and m.name not in skip
-                          and m.name not in parts], storage, **kw)
-    if decode:
-        stats.add(read_decoded(reads, storage, decode, **kw))
-    return stats
 
 
 def exchange_tied(plan: LoadPlan, rank: int, storage: dict[str, torch.Tensor]) -> int:

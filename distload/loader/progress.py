@@ -16,7 +16,7 @@ Example (every rank; rank 0 also runs the monitor)::
     mine = RankProgress(board, plan, world.rank, root=root)
     with ProgressMonitor.maybe(board, plan, world):
         mine.phase("reading")
-        read_tensors(reads, storage, progress=mine)
+        reader.read(reads, storage, progress=mine)
         mine.phase("done")
 """
 

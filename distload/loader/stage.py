@@ -4,7 +4,7 @@ reports. Every rank calls it, with the same plan.
 
 Example::
 
-    stage = load_stage(plan, world, root=source.root())
+    stage = load_stage(plan, world, reader=source.reader(ReadOptions()))
     stage.module, stage.report["bytes_read"]
 """
 
@@ -12,24 +12,27 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from .. import trace
 from ..dist import World, agree, watch_peers
-from ..errors import CheckpointError, LoadError, RankError
-from ..io import DEFAULT_STAGING_BYTES, ReadStats
+from ..errors import LoadError, RankError
+from ..checkpoint.types import TensorMeta
+from ..io import PosixReader, Reader, ReadOptions, ReadProgress, ReadStats
 from ..plan.types import Tier
 from .board import JobBoard
-from .materialize import allocate_stage, exchange_tied, finish_stage, key_tiers, map_stage, read_stage
+from .decode import read_decoded
+from .materialize import allocate_stage, exchange_tied, finish_stage, key_tiers, map_stage
 from .progress import ProgressMonitor, RankProgress
 from .report import rank_report
 from .skeleton import build_stage_skeleton
 from .tiers import OffloadResult, attach_tiers
 from .waits import wait_for_ranks, work_limit
 
-__all__ = ["StageLoad", "load_stage"]
+__all__ = ["StageLoad", "load_stage", "read_stage"]
 
 
 @dataclass
@@ -42,30 +45,30 @@ class StageLoad:
     offload: OffloadResult = field(default_factory=OffloadResult)
 
 
-def check_files(plan, files, root: str) -> None:
-    """The checkpoint files this rank reads are on its node, with the sizes rank 0 saw."""
-    for file in files:
-        path = os.path.join(root, file)
-        want = plan.file_sizes.get(file)
-        try:
-            size = os.stat(path).st_size
-        except OSError as e:
-            raise CheckpointError(f"{path}: {e.strerror} (a file of the checkpoint rank 0 planned "
-                                  f"{plan.label!r})") from None
-        if want is not None and size != want:
-            raise CheckpointError(f"{path} is {size} bytes on this node but {want} bytes on rank 0's: "
-                                  "every node must see the same checkpoint")
+def read_stage(reads: list[TensorMeta], storage: dict, *, reader: Reader, skip: Collection[str] = (),
+               progress: ReadProgress | None = None, decode: Mapping[str, dict] | None = None) -> ReadStats:
+    """Read exactly the byte ranges of `reads` (the stage's read items) into `storage`
+    with `reader`; keys it lacks (the disk tier's, read into the offload store instead)
+    and keys in `skip` (mapped) are left alone. `decode` (`StagePlan.decode`) names the
+    keys made from a quantized checkpoint's parts, which are read and decoded into their
+    storage here (`distload.loader.decode`)."""
+    decode = {k: d for k, d in (decode or {}).items() if k in storage}
+    parts = {name for d in decode.values() for name in d["parts"]}
+    stats = reader.read([m for m in reads if m.name in storage and m.name not in skip and m.name not in parts],
+                        storage, progress=progress)
+    if decode:
+        stats.add(read_decoded(reads, storage, decode, reader=reader, progress=progress))
+    return stats
 
 
-def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
-               offload_dir: str | os.PathLike | None = None, cache_dir: str | None = None,
-               timeout_s: float | None = None, direct_io: bool = False,
-               staging_bytes: int = DEFAULT_STAGING_BYTES, board: JobBoard | None = None,
-               module: nn.Module | None = None) -> StageLoad:
-    """Materialize this rank's stage of `plan` on `world.device` from the checkpoint under
-    `root` (this node's directory of it). Every rank calls it; an error on any rank
-    raises on every rank (the others get `RankError`). `read_workers`, `direct_io` and
-    `staging_bytes` tune the reads (`distload.io.read_tensors`).
+def load_stage(plan, world: World, *, reader: Reader | None = None, root: str | None = None,
+               options: ReadOptions | None = None, offload_dir: str | os.PathLike | None = None,
+               cache_dir: str | None = None, timeout_s: float | None = None,
+               board: JobBoard | None = None, module: nn.Module | None = None) -> StageLoad:
+    """Materialize this rank's stage of `plan` on `world.device` with `reader` (its
+    source's, for this node: `Source.reader`), or a POSIX reader of the directory `root`
+    with `options`. Every rank calls it; an error on any rank raises on every rank (the
+    others get `RankError`).
 
     Progress goes to the job's `board` (default: a new one for this load) and rank 0
     shows it (`distload.loader.progress`); the ranks wait for each other at most as long
@@ -74,26 +77,30 @@ def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
     `module`: the stage to fill (on meta, or materialized: its parameters are replaced),
     where the caller built it — a whole model a device map's world-of-one plan covers
     (`distload.compat.accelerate`); default: this rank's stage of distload's own model."""
+    if reader is None:
+        if root is None:
+            raise ValueError("load_stage needs a reader or a root")
+        reader = PosixReader(root, options)
     rank, device = world.rank, world.device
     stage = plan.stage(rank)
     board = board or JobBoard.open(world, plan)
-    mine = RankProgress(board, plan, rank, root=root)
+    mine = RankProgress(board, plan, rank, root=reader.root)
     start = time.perf_counter()
     seconds: dict[str, float] = {}
     error, given, module, storage, stats = None, module, None, {}, ReadStats()
-    reads = [m.located(root) for m in stage.reads]
+    reads = list(stage.reads)
     with ProgressMonitor.maybe(board, plan, world), mine.beating():
         with trace.span("read stage", "load", bytes=stage.tensor_bytes):
             try:
-                check_files(plan, sorted({m.file for m in stage.reads}), root)
+                reader.check(sorted({m.file for m in stage.reads}), plan.file_sizes)
                 module = build_stage_skeleton(plan, rank) if given is None else given
                 tiers = key_tiers(plan, rank, device)
                 mine.phase("reading")
-                mapped, stats = map_stage(reads, plan, rank, device, tiers=tiers, direct_io=direct_io,
+                mapped, stats = map_stage(reads, plan, rank, device, tiers=tiers, reader=reader,
                                           progress=mine)
                 storage = allocate_stage(plan, rank, module, device, tiers=tiers, mapped=mapped)
-                stats.add(read_stage(reads, storage, workers=read_workers, skip=mapped, direct_io=direct_io,
-                                     staging_bytes=staging_bytes, progress=mine, decode=stage.decode))
+                stats.add(read_stage(reads, storage, reader=reader, skip=mapped, progress=mine,
+                                     decode=stage.decode))
             except Exception as exc:  # noqa: BLE001 - every rank learns of it in agree()
                 error = exc
         seconds["read"] = time.perf_counter() - start
@@ -112,7 +119,7 @@ def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
         mine.phase("offloading")
         try:  # cpu/disk tiers: pinned host memory, the node's offload directory, streaming hooks
             with trace.span("attach tiers", "load"):
-                offloaded = attach_tiers(plan, rank, module, storage, reads, device, root=root,
+                offloaded = attach_tiers(plan, rank, module, storage, device, reader=reader,
                                          offload_dir=offload_dir, cache_dir=cache_dir,
                                          timeout=work_limit(moved, override=timeout_s), progress=mine)
             finish_stage(module, device, offloaded=offloaded.params)
@@ -126,6 +133,7 @@ def load_stage(plan, world: World, *, root: str, read_workers: int = 2,
                          bytes_read=stats.bytes_read + offloaded.bytes_read, host=world.hosts[rank]
                          if world.hosts else "", staging_bytes=stats.staging_bytes,
                          direct_io_files=stats.direct_files, direct_io_refused_files=stats.refused_files,
+                         read_options=reader.options.report(),
                          **{f"{k}_seconds": round(v, 6) for k, v in seconds.items()},
                          **offloaded.report_fields())
     offloaded.bind_report(report)

@@ -9,7 +9,7 @@ tied tensors. On a CPU rank the CPU tier *is* the device.
 
 Every rank calls `attach_tiers` during the load, after its reads and the tied exchange::
 
-    result = attach_tiers(plan, rank, module, storage, reads, device, root=root,
+    result = attach_tiers(plan, rank, module, storage, device, reader=reader,
                           offload_dir="/scratch/offload")
     finish_stage(module, device, offloaded=result.params)
 """
@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from ..checkpoint.types import TensorMeta
 from ..dtypes import cast_dtype, dtype_from_name
-from ..io import ReadProgress
+from ..io import Reader, ReadProgress
 from ..io.pinned import HostArena, arena_layout
 from ..offload import Entry, OffloadError, OffloadStore, Streamer, attach_streaming, default_offload_dir
 from ..offload import ensure_entries
@@ -70,14 +68,14 @@ def _homes(plan: LoadPlan, rank: int, device: torch.device) -> dict[str, str]:
 
 
 def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str, torch.Tensor],
-                 reads: Sequence[TensorMeta], device: torch.device | str, *, root: str,
-                 offload_dir: str | os.PathLike | None = None, cache_dir: str | None = None,
+                 device: torch.device | str, *, reader: Reader, offload_dir: str | os.PathLike | None = None,
+                 cache_dir: str | None = None,
                  prefetch: bool | None = None, max_resident: int | None = None, verify: bool = True,
                  timeout: float = 600.0, progress: ReadProgress | None = None) -> OffloadResult:
     """Give `rank`'s offloaded parameters their tiers and stream them (see the module
     doc). `storage` is `allocate_stage`'s key -> tensor map; keys moved off the device are
-    removed from it. `reads` are the stage's read items located under `root` on this
-    node. `offload_dir` defaults to `default_offload_dir(cache_dir)`; it is only touched
+    removed from it. `reader` (the rank's, `distload.io.Reader`) reads what the offload
+    store must copy. `offload_dir` defaults to `default_offload_dir(cache_dir)`; it is only touched
     when the stage has disk-tier parameters. `verify` checksums reused entries.
     `max_resident` and `prefetch` default to the plan's streaming slots for this stage
     (2: one unit runs while the next is fetched; 1: no prefetch — the device room the
@@ -92,8 +90,7 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
     if not moved:
         return result
     # A tied tensor received from another rank is in that rank's reads, not this one's.
-    located = {m.name: m.located(root) for s in plan.stages for m in s.reads}
-    located.update({m.name: m for m in reads})
+    located = {m.name: m for s in plan.stages for m in s.reads}
     disk = sorted(k for k in moved if homes[k] == Tier.DISK)
     # A disk-tier weight of a quantized checkpoint: its entry is the decoded tensor, made
     # (its parts read and decoded, one weight at a time) only where the store lacks it.
@@ -110,7 +107,7 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
         store = OffloadStore(offload_dir or default_offload_dir(cache_dir), timeout=timeout)
         dtypes = {src.key: src.dtype for src in stage.params}
         tensors = DecodedOnDemand({k: storage[k] for k in disk if k in storage}, decoded, stage.decode,
-                                  located, progress=progress)
+                                  located, reader=reader, progress=progress)
         # One group per cast: a plan's dtype, or each parameter's own (a device map's plan,
         # a parameter its family keeps in float32)
         casts: dict[str | None, list[str]] = {}
@@ -119,7 +116,7 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
             casts.setdefault(cast, []).append(k)
         for cast, keys in sorted(casts.items(), key=lambda kv: str(kv[0])):
             made, nread = ensure_entries(
-                store, {k: located[k] for k in keys}, checkpoint=root, dtype=cast,
+                store, {k: located[k] for k in keys}, reader=reader, dtype=cast,
                 tensors=tensors, verify=verify, progress=progress)
             entries.update(made)
             result.bytes_read += nread

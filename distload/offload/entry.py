@@ -68,7 +68,11 @@ class SourceId:
         return cls(real, st.st_size, st.st_mtime_ns)
 
     def current(self) -> bool:
-        """Whether the file is still there, unchanged."""
+        """Whether the file is still there, unchanged. A remote object (a URL) cannot be
+        checked from here: its version (an ETag) is in `file`, so a changed object gets
+        other entries."""
+        if "://" in self.file:
+            return True
         try:
             return SourceId.of(self.file) == self
         except OSError:
@@ -90,8 +94,13 @@ class EntrySpec:
     length: int = 0
 
     @classmethod
-    def from_meta(cls, meta: TensorMeta, dtype: str | None = None) -> "EntrySpec":
-        """The spec of checkpoint tensor `meta` materialized as `dtype` (None: its own)."""
+    def from_meta(cls, meta: TensorMeta, dtype: str | None = None, *,
+                  source: SourceId | None = None) -> "EntrySpec":
+        """The spec of checkpoint tensor `meta` materialized as `dtype` (None: its own).
+        `source`: the identity of a file that is not on this node (a reader's
+        `entry_source`): its bytes can only be copied, never referenced."""
+        if source is not None:
+            return cls(source, meta.name, dtype or meta.dtype, tuple(meta.shape), meta.dtype, -1, meta.length)
         offset = meta.offset if meta.file.endswith(".safetensors") else -1
         return cls(SourceId.of(meta.file), meta.name, dtype or meta.dtype, tuple(meta.shape),
                    meta.dtype, offset, meta.length)

@@ -13,14 +13,15 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
 from .. import trace
 from ..checkpoint.types import TensorMeta
 from ..dtypes import cast_dtype, dtype_from_name
-from ..io.reader import ReadProgress, read_tensors
-from .entry import Entry, EntrySpec, OffloadError
+from ..io import PosixReader, Reader, ReadProgress
+from .entry import Entry, EntrySpec, OffloadError, SourceId
 from .store import OffloadStore
 
 __all__ = ["ensure_entries", "bytes_to_write"]
@@ -39,10 +40,10 @@ def bytes_to_write(store: OffloadStore, specs: Mapping[str, EntrySpec]) -> int:
     return needed
 
 
-def ensure_entries(store: OffloadStore, metas: Mapping[str, TensorMeta], *, checkpoint: str,
+def ensure_entries(store: OffloadStore, metas: Mapping[str, TensorMeta], *, checkpoint: str | None = None,
                    dtype: str | None = None, tensors: Mapping[str, torch.Tensor] | None = None,
-                   verify: bool = True, progress: ReadProgress | None = None
-                   ) -> tuple[dict[str, Entry], int]:
+                   verify: bool = True, progress: ReadProgress | None = None,
+                   reader: Reader | None = None) -> tuple[dict[str, Entry], int]:
     """Offload-store entries for tensors `metas` of the checkpoint whose root is
     `checkpoint` (keyed by any name, e.g. parameter names; a meta's `file` is relative to
     that root, or absolute) as `dtype` (None: their own;
@@ -51,6 +52,9 @@ def ensure_entries(store: OffloadStore, metas: Mapping[str, TensorMeta], *, chec
     `tensors[name]` if given, else read from the checkpoint (one tensor at a time).
     Returns (name -> Entry, checkpoint bytes read). `progress` hears of those reads (see
     `distload.io.reader`); each entry is an ``offload entry`` span of `distload.trace`.
+    `reader` reads them (`distload.io.Reader`; default: the POSIX reader of `checkpoint`,
+    and `checkpoint` defaults to its `root`); a file the reader has no local path for is
+    copied, never referenced.
 
     Example::
 
@@ -58,9 +62,14 @@ def ensure_entries(store: OffloadStore, metas: Mapping[str, TensorMeta], *, chec
         entries, _ = ensure_entries(store, {p: index.tensors[p] for p in disk_params},
                                     checkpoint=index.root, dtype="bfloat16")
     """
-    metas = {name: meta.located(checkpoint) for name, meta in metas.items()}
-    specs = {name: EntrySpec.from_meta(meta, cast_dtype(meta.dtype, dtype))
-             for name, meta in metas.items()}
+    if reader is None:
+        reader = PosixReader(checkpoint)
+    checkpoint = checkpoint if checkpoint is not None else reader.root
+    specs = {}
+    for name, meta in metas.items():
+        local, cast = reader.local_path(meta.file), cast_dtype(meta.dtype, dtype)
+        specs[name] = (EntrySpec.from_meta(replace(meta, file=local), cast) if local is not None else
+                       EntrySpec.from_meta(meta, cast, source=SourceId(*reader.entry_source(meta.file))))
     needed, free = bytes_to_write(store, specs), shutil.disk_usage(store.root).free
     if needed > free:
         raise OffloadError(f"{store.root}: the disk tier needs {needed / 1e9:.2f} GB more here, "
@@ -76,7 +85,7 @@ def ensure_entries(store: OffloadStore, metas: Mapping[str, TensorMeta], *, chec
         meta, spec = metas[name], specs[name]
         read += meta.length
         out = torch.empty(spec.shape, dtype=dtype_from_name(spec.dtype))
-        read_tensors([meta], {meta.name: out}, workers=1, progress=progress)
+        reader.read([meta], {meta.name: out}, workers=1, progress=progress)
         return out
 
     # Concurrent processes start at different places, so they write different entries at

@@ -13,13 +13,15 @@ Who calls what, in order (`distload.loader` does it):
    (relative to the root) present on this node (a download, or nothing); every other
    rank waits for every node's leader, without a time limit while they live (a download
    may take far longer than the process group's timeout);
-5. every rank: ``source.root()`` — the directory on this node that the plan's relative
-   file names are joined to;
-6. with ``--verify-checksums``, the node's leader after `fetch`: ``source.verify(files)``
+5. with ``--verify-checksums``, the node's leader after `fetch`: ``source.verify(files)``
    — each file's digest against one this node did not compute from the same bytes
-   (`distload.sources.checksums`).
+   (`distload.sources.checksums`);
+6. every rank: ``source.reader(options)`` — the `distload.io.Reader` that executes this
+   rank's read items on its node (default: the POSIX reader of ``source.root()``, the
+   directory on this node that the plan's relative file names are joined to).
 
-A new source is a new file with a `Source` subclass and one `register_source` line.
+A new source is a new file (or package) with a `Source` subclass and one
+`register_source` line; a source whose bytes are not local files returns its own reader.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import ClassVar
 from ..checkpoint.files import missing_path_message
 from ..checkpoint.index import CheckpointIndex
 from ..errors import CheckpointError
+from ..io import PosixReader, Reader, ReadOptions
 
 __all__ = ["Source", "register_source", "open_source", "registered_sources"]
 
@@ -79,7 +82,13 @@ class Source(ABC):
 
     @abstractmethod
     def root(self) -> str:
-        """The checkpoint's directory on this node (after `fetch`)."""
+        """The checkpoint's directory on this node (after `fetch`); for a source with no
+        local files, the location its reader's progress and messages name."""
+
+    def reader(self, options: ReadOptions | None = None) -> Reader:
+        """Every rank, after `fetch`: the reader of this node's copy of the checkpoint
+        (`options`: this rank's, node-local)."""
+        return PosixReader(self.root(), options)
 
     def verify(self, files: Sequence[str]) -> int:
         """One rank per node, after `fetch`: raise `CheckpointError` naming the first of

@@ -13,8 +13,7 @@ import os
 import sys
 import time
 
-import distload.loader.materialize as materialize
-import distload.offload.populate as populate
+from distload.io import PosixReader
 from distload.cli.main import main
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -34,15 +33,15 @@ def _slowed(progress):
 
 
 def _spy(fn, name):
-    def wrapped(*args, progress=None, **kwargs):
-        result = fn(*args, progress=_slowed(progress), **kwargs)
+    def wrapped(self, *args, progress=None, **kwargs):
+        result = fn(self, *args, progress=_slowed(progress), **kwargs)
         stats = result[1] if isinstance(result, tuple) else result
-        print(f"spy: rank {RANK} read {stats.bytes_read} bytes ({name})", file=sys.stderr, flush=True)
+        what = "offload" if kwargs.get("workers") else name   # the offload store reads one at a time
+        print(f"spy: rank {RANK} read {stats.bytes_read} bytes ({what})", file=sys.stderr, flush=True)
         return result
     return wrapped
 
 
-materialize.map_tensors = _spy(materialize.map_tensors, "mapped")
-materialize.read_tensors = _spy(materialize.read_tensors, "read")
-populate.read_tensors = _spy(populate.read_tensors, "offload")
+PosixReader.map = _spy(PosixReader.map, "mapped")
+PosixReader.read = _spy(PosixReader.read, "read")
 sys.exit(main(sys.argv[1:]))

@@ -52,8 +52,7 @@ from ...checkpoint.quant import quant_scheme
 from ...dist import World
 from ...dtypes import cast_dtype, dtype_from_name, dtype_name
 from ...errors import ConfigError, LoadError
-from ...io import read_tensors
-from ...io.reader import DEFAULT_STAGING_BYTES
+from ...io import DEFAULT_STAGING_BYTES, Reader, ReadOptions
 from ...loader.fetch import fetch_node_files
 from ...loader.stage import load_stage
 from ...log import logger
@@ -251,10 +250,11 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
                   f"plus the read staging (at most {format_bytes(_READ_WORKERS * DEFAULT_STAGING_BYTES)})",
                   level=20)
     world = World(rank=0, world_size=1, local_rank=0, device=main, backend=None)
-    root, _ = fetch_node_files(world, source, plan)
-    _load_buffers(model, device_map, main, index, buffer_keys, dtype=dtype, stream_host=stream_host)
-    load_stage(plan, world, root=root, read_workers=_READ_WORKERS, module=model,
-               offload_dir=offload_folder, cache_dir=cache_dir)
+    fetch_node_files(world, source, plan)
+    reader = source.reader(ReadOptions(workers=_READ_WORKERS))
+    _load_buffers(model, device_map, main, index, buffer_keys, dtype=dtype, stream_host=stream_host,
+                  reader=reader)
+    load_stage(plan, world, reader=reader, module=model, offload_dir=offload_folder, cache_dir=cache_dir)
     # buffers the load recomputed (a distload model's RoPE, on the load's device) go back
     # to their module's device
     _load_buffers(model, device_map, main, index, set(), dtype=dtype, stream_host=stream_host)
@@ -333,12 +333,13 @@ def _ancestors(name: str) -> list[str]:
 
 
 def _load_buffers(model: nn.Module, device_map: dict, main: torch.device, index, keys: set[str], *,
-                  dtype: str | None, stream_host: bool) -> None:
+                  dtype: str | None, stream_host: bool, reader: Reader | None = None) -> None:
     """Every buffer goes to its module's device (an offloaded module's to the device it
     runs on: buffers are not offloaded, as in accelerate by default); a persistent one the
     checkpoint holds (`keys`) takes the checkpoint's value wherever it was — on meta, or
     already materialised (a BatchNorm's statistics under `init_empty_weights()`) —, its
-    dtype `dtype` if floating and given, else its own (as `load_state_dict` keeps it)."""
+    dtype `dtype` if floating and given, else its own (as `load_state_dict` keeps it);
+    `reader` (the source's) reads them."""
     devices = module_devices(model, device_map)
     read: dict[str, torch.Tensor] = {}
     owners: dict[str, tuple[nn.Module, str, torch.device]] = {}
@@ -360,7 +361,8 @@ def _load_buffers(model: nn.Module, device_map: dict, main: torch.device, index,
             elif not buf.is_meta:
                 mod._buffers[name] = buf.to(dev)   # left on meta: check_materialized names it
     if read:
-        read_tensors([index.tensors[k] for k in sorted(read)], read, workers=_READ_WORKERS)
+        relative, _ = index.relative()
+        reader.read([relative[k] for k in sorted(read)], read)
     for full, (mod, name, dev) in owners.items():
         mod._buffers[name] = read[full].to(dev)
 
