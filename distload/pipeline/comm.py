@@ -58,6 +58,11 @@ _CHECK_PEERS_S = 0.5  # how often a host wait looks for a dead peer
 _MAX_PENDING = 16   # sends an Outbox keeps in flight (a stream's two batches of micro-batches)
 
 
+class _Unanswered(RuntimeError):
+    """What `_host_wait` found itself (a peer's process gone, the deadline passed): said as
+    it is, where a transport error goes through `dist.lost_peer`."""
+
+
 def _host_wait(work: Any, tensor: torch.Tensor, peer: int, posted: float) -> None:
     """Return once `work` (a transfer of `tensor` with global rank `peer`, posted at
     `posted`, monotonic) has completed; raise RuntimeError if it failed, if `peer`'s
@@ -77,9 +82,9 @@ def _host_wait(work: Any, tensor: torch.Tensor, peer: int, posted: float) -> Non
         if now >= next_check:
             next_check = now + _CHECK_PEERS_S
             if peers_gone([peer]):
-                raise RuntimeError(f"rank {peer}'s process is gone")
+                raise _Unanswered(f"rank {peer}'s process is gone")
         if now >= deadline:
-            raise RuntimeError(f"no answer in {now - posted:.0f} s (the process group's "
+            raise _Unanswered(f"no answer in {now - posted:.0f} s (the process group's "
                                f"timeout is {group_timeout_s():.0f} s)")
         time.sleep(pause)
         pause = min(2 * pause, 2e-4)
@@ -126,6 +131,8 @@ class Outbox:
     def _wait_one(work: Any, tensor: torch.Tensor, dst: int, posted: float) -> None:
         try:
             _host_wait(work, tensor, dst, posted)
+        except _Unanswered as exc:
+            raise RankError(f"could not send to rank {dst}: {exc}") from exc
         except RuntimeError as exc:
             raise lost_peer(exc, f"a pipelined call (sending to rank {dst})", peer=dst) from exc
 
@@ -143,6 +150,8 @@ class Inbound:
             with trace.span("recv wait", "comm", src=self._src, shape=list(self.buffer.shape)):
                 try:
                     _host_wait(self._work, self.buffer, self._src, self._posted)
+                except _Unanswered as exc:
+                    raise RankError(f"no data from rank {self._src}: {exc}") from exc
                 except RuntimeError as exc:
                     raise lost_peer(exc, f"a pipelined call (receiving from rank {self._src})",
                                     peer=self._src) from exc
