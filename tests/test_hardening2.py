@@ -199,7 +199,9 @@ def test_a_garbled_header_is_never_kept_and_a_bad_kept_one_is_fetched_again(ckpt
     assert third["ok"] == reference
     assert any(line.startswith(f"dropping a bad header from distload's cache and fetching it again: {kept}: "
                                "header is not valid JSON") for line in third["log"]), third["log"]
-    assert sorted(ranges) == sorted([shard] * 3 + [f for f in shards if f != shard])   # 3 asks of the bad one
+    assert ranges.count(shard) == 3                      # 3 asks of the bad one
+    # the others: kept by the first plan, or asked again when it stopped before they landed
+    assert all(1 <= ranges.count(f) <= 2 for f in shards if f != shard), ranges
     assert kept.read_bytes() == (ckpt / shard).read_bytes()[:len(kept.read_bytes())]
 
 
