@@ -280,7 +280,8 @@ def plan_model(spec: ModelSpec, tensors: Mapping[str, TensorMeta], *, budgets: S
     stages = tuple(replace(st, budget=budgets[r].as_dict(), plan_cost=lay.cost,
                            held_bytes=dict(zip(Tier.ALL, lay.tier_bytes)), stream_slots=lay.stream_slots,
                            reserve={"kv": lay.kv_bytes, "work": lay.work_bytes,
-                                    "stream": lay.stream_slots * lay.stream_bytes})
+                                    "stream": lay.stream_slots * lay.stream_bytes,
+                                    "host_staging": lay.staging_bytes})
                    for r, (st, lay) in enumerate(zip(plan.stages, p.stages)))
     run = shape.as_dict() if shape else {}
     return replace(plan, stages=stages, no_split_classes=tuple(spec.no_split_classes), run_shape=run)
