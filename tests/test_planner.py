@@ -369,7 +369,8 @@ def problems(draw):
         units[-1] = UnitLoad(last.name, last.cost, last.items + (("w0", units[0].items[0][1]),),
                              last.kv_bytes, last.work_bytes, last.files)
     budgets = [RankBudget(draw(st.integers(0, 500)), draw(st.integers(0, 200)),
-                          draw(st.one_of(st.none(), st.integers(0, 300)))) for _ in range(world)]
+                          draw(st.one_of(st.none(), st.integers(0, 300))), pinned=draw(st.booleans()))
+               for _ in range(world)]
     options = draw(st.sampled_from([OPT, PlannerOptions(stream_slots=1), PlannerOptions(no_prefetch_factor=1.0)]))
     return units, budgets, options
 
@@ -397,6 +398,7 @@ def test_optimal_feasible_and_contiguous(problem):
         cost, tiers, held, reserved = evaluate(units, s.lo, s.hi, budgets[r], resident, s.stream_slots or 1, opt)
         assert _close(s.cost, cost) and s.cost < math.inf     # the layout is what it claims
         assert s.tiers == tiers and s.tier_bytes == held and s.reserved == reserved
+        assert s.tier_bytes[1] + s.staging_bytes <= budgets[r].cpu   # the pinned staging too
         assert _close(s.cost, reference_stage(units, s.lo, s.hi, budgets[r], opt))
         costs.append(s.cost)
         dev, cpu, disk = s.tier_bytes                              # capacity never exceeded
