@@ -209,7 +209,9 @@ def _diagnose(model: StageModel, budgets: Sequence[RankBudget]) -> str:
     return (f"no contiguous split of {model.n} units ({format_bytes(total)} of weights, plus "
             f"reserves) fits {len(budgets)} rank(s) whose device + cpu + disk budgets total "
             f"{capacity} (a streamed unit also needs room for itself on the device beside "
-            "the KV cache and activations): raise max_memory, or use more ranks; "
+            "the KV cache and activations; on a GPU, streaming from disk also needs slots x "
+            "the largest streamed unit of pinned staging within the cpu budget): raise "
+            "max_memory, or use more ranks; "
             "budgets: " + "; ".join(f"rank {r}: device {format_bytes(b.device)}, cpu "
                                     f"{format_bytes(b.cpu)}, disk {format_bytes(b.disk)}"
                                     for r, b in enumerate(budgets)))
