@@ -98,7 +98,7 @@ def test_resolve_budgets_defaults_on_gpus():
 def test_resolve_budgets_user_values_win():
     m = LocalMemory("cuda", 10 * GiB, 100 * GiB, None, 2)
     b0, b1 = resolve_budgets({1: 3 * GiB, "cpu": 8 * GiB, "disk": 2 * GiB}, [m, m])
-    assert b1 == RankBudget(3 * GiB, 4 * GiB, GiB, b1.source) and "max_memory[1]" in b1.source
+    assert b1 == RankBudget(3 * GiB, 4 * GiB, GiB, b1.source, pinned=True) and "max_memory[1]" in b1.source
     assert b0.device == 10 * GiB - device_margin(10 * GiB) and b0.cpu == 4 * GiB
 
 

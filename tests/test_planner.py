@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from distload.checkpoint.types import TensorMeta
 from distload.errors import PlanError
-from distload.plan.budget import RankBudget, format_bytes
+from distload.plan.budget import LocalMemory, RankBudget, format_bytes, resolve_budgets
 from distload.plan.explain import compress_units, explain_plan
 from distload.plan.planner import PlannerOptions, UnitLoad, partition, plan_model, stage_layout
 from distload.plan.reserve import RunShape
@@ -59,24 +59,32 @@ def evaluate(units, lo, hi, b, resident, slots, opt=OPT):
             pieces.remove(p)
             units_, keys_ = units_ | p[0], keys_ | p[1]
         pieces.append((units_, keys_))
-    tiers = {x: Tier.DEVICE for x in resident}
-    cpu = disk = 0
-    for p_units, p_keys in sorted(pieces, key=lambda p: (-sum(size[k] for k in p[1]), min(p[0]))):
-        nbytes = sum(size[k] for k in p_keys)
-        if nbytes == 0:
-            where = Tier.DEVICE
-        elif cpu + nbytes <= b.cpu:
-            where, cpu = Tier.CPU, cpu + nbytes
-        else:
-            where, disk = Tier.DISK, disk + nbytes
-        tiers.update(dict.fromkeys(p_units, where))
-    dev = sum(size[k] for k in on_device)
     largest = max((sum(size[k] for k in f) for f in fetch.values()), default=0)
+
+    def fill(room):
+        tiers = {x: Tier.DEVICE for x in resident}
+        cpu = disk = 0
+        for p_units, p_keys in sorted(pieces, key=lambda p: (-sum(size[k] for k in p[1]), min(p[0]))):
+            nbytes = sum(size[k] for k in p_keys)
+            if nbytes == 0:
+                where = Tier.DEVICE
+            elif cpu + nbytes <= room:
+                where, cpu = Tier.CPU, cpu + nbytes
+            else:
+                where, disk = Tier.DISK, disk + nbytes
+            tiers.update(dict.fromkeys(p_units, where))
+        return tiers, cpu, disk
+
+    tiers, cpu, disk = fill(b.cpu)
+    staging = slots * largest if disk and b.pinned else 0   # the disk tier's pinned staging
+    if staging:
+        tiers, cpu, disk = fill(b.cpu - staging)
+    dev = sum(size[k] for k in on_device)
     streaming = slots if cpu + disk else 0
     reserved = kv + work + streaming * largest
     factor = opt.no_prefetch_factor if streaming == 1 and opt.stream_slots == 2 else 1.0
     cost = compute + factor * (opt.cpu_penalty * cpu + opt.disk_penalty * disk)
-    if dev + reserved > b.device or (b.disk is not None and disk > b.disk):
+    if dev + reserved > b.device or (b.disk is not None and disk > b.disk) or staging > b.cpu:
         cost = math.inf
     return cost, tuple(tiers[x] for x in seg), (dev, cpu, disk), reserved
 
@@ -200,6 +208,50 @@ def test_disk_budget_is_respected():
         partition(units, [RankBudget(device=300, cpu=100, disk=99)], two)
 
 
+def test_disk_staging_is_counted_in_the_cpu_budget_on_a_gpu():
+    # A GPU rank's streamer pins slots x the largest disk unit on the host, beside the CPU tier.
+    units = _layers([1] * 4, [100] * 4)
+    gpu = RankBudget(device=300, cpu=150, disk=None, pinned=True)
+    # one slot: 200 streamed; 100 would fit the 150-byte cpu tier, but with the other 100
+    # on disk its 1 x 100 staging leaves 50: both go to disk. Two slots would stream 300
+    # with 2 x 100 staging > 150: not possible.
+    (stage,) = partition(units, [gpu]).stages
+    assert stage.stream_slots == 1 and stage.tiers == (Tier.DEVICE, Tier.DEVICE, Tier.DISK, Tier.DISK)
+    assert stage.tier_bytes == (200, 0, 200) and stage.staging_bytes == 100 and stage.reserved == 100
+    assert stage.cost == 4 + OPT.no_prefetch_factor * OPT.disk_penalty * 200
+    assert stage.cost == reference_stage(units, 0, 4, gpu)
+    # a CPU device reads straight into its tensors: nothing pinned, 100 stays on the cpu tier
+    (stage,) = partition(units, [dataclasses.replace(gpu, pinned=False)]).stages
+    assert stage.tier_bytes == (200, 100, 100) and stage.staging_bytes == 0
+    # nothing on disk: nothing staged
+    (stage,) = partition(units, [dataclasses.replace(gpu, cpu=200)]).stages
+    assert stage.tier_bytes == (200, 200, 0) and stage.staging_bytes == 0
+    # the disk budget sees the moved bytes; a cpu budget below the staging itself cannot
+    # stream from disk at all
+    assert partition(units, [dataclasses.replace(gpu, disk=200)]).stages[0].tier_bytes == (200, 0, 200)
+    for tight in (dataclasses.replace(gpu, disk=199), dataclasses.replace(gpu, cpu=99)):
+        with pytest.raises(PlanError):
+            partition(units, [tight])
+
+
+def test_plan_and_explain_count_the_disk_staging_as_host_memory():
+    budgets = [RankBudget(400, 300, None, pinned=True), RankBudget(300, 0, None)]
+    plan, _ = _model_plan(2, budgets, vocab=8)
+    # rank 0 (a GPU): 128 B embedding and head on disk, a 144 B layer on the cpu tier, and
+    # 1 slot x 144 B staging; rank 1 (a CPU device) stages nothing
+    s0, s1 = plan.stages
+    assert s0.held_bytes == {Tier.DEVICE: 144, Tier.CPU: 144, Tier.DISK: 272} and s0.stream_slots == 1
+    assert s0.reserve["host_staging"] == 144 and s1.reserve["host_staging"] == 0
+    assert s0.held_bytes[Tier.CPU] + s0.reserve["host_staging"] <= budgets[0].cpu
+    assert "+ 144 B pinned disk-tier staging (1 x 144 B, in the cpu budget)" in explain_plan(plan)
+    assert LoadPlan.from_json(plan.to_json()) == plan
+
+
+def test_resolve_budgets_marks_gpu_ranks_pinned():
+    cuda, cpu = LocalMemory("cuda", 10 << 30, 64 << 30), LocalMemory("cpu", None, 64 << 30)
+    assert [b.pinned for b in resolve_budgets({}, [cuda, cpu])] == [True, False]
+
+
 def test_reserve_counts_kv_per_unit_and_the_largest_work():
     units = [UnitLoad(f"u{i}", 1, ((f"w{i}", 10),), kv_bytes=5, work_bytes=w) for i, w in enumerate((3, 9, 4))]
     s = stage_layout(units, 0, 3, RankBudget(1000))
@@ -317,7 +369,8 @@ def problems(draw):
         units[-1] = UnitLoad(last.name, last.cost, last.items + (("w0", units[0].items[0][1]),),
                              last.kv_bytes, last.work_bytes, last.files)
     budgets = [RankBudget(draw(st.integers(0, 500)), draw(st.integers(0, 200)),
-                          draw(st.one_of(st.none(), st.integers(0, 300)))) for _ in range(world)]
+                          draw(st.one_of(st.none(), st.integers(0, 300))), pinned=draw(st.booleans()))
+               for _ in range(world)]
     options = draw(st.sampled_from([OPT, PlannerOptions(stream_slots=1), PlannerOptions(no_prefetch_factor=1.0)]))
     return units, budgets, options
 
@@ -345,6 +398,7 @@ def test_optimal_feasible_and_contiguous(problem):
         cost, tiers, held, reserved = evaluate(units, s.lo, s.hi, budgets[r], resident, s.stream_slots or 1, opt)
         assert _close(s.cost, cost) and s.cost < math.inf     # the layout is what it claims
         assert s.tiers == tiers and s.tier_bytes == held and s.reserved == reserved
+        assert s.tier_bytes[1] + s.staging_bytes <= budgets[r].cpu   # the pinned staging too
         assert _close(s.cost, reference_stage(units, s.lo, s.hi, budgets[r], opt))
         costs.append(s.cost)
         dev, cpu, disk = s.tier_bytes                              # capacity never exceeded
@@ -416,7 +470,8 @@ def test_plan_model_reserves_for_the_run_shape():
     for s in plan.stages:
         layers = sum(".layers." in u for u in s.units)
         assert s.reserved_bytes == layers * 256 + 1664
-        assert s.reserve == {"kv": layers * 256, "work": 1664, "stream": 0} and s.stream_slots == 0
+        assert s.reserve == {"kv": layers * 256, "work": 1664, "stream": 0, "host_staging": 0}
+        assert s.stream_slots == 0
     assert plan.run_shape == {"max_batch_size": 2, "max_seq_len": 16, "workload": "any"}
 
 

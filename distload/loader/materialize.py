@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint.types import TensorMeta
+from ..dist import _GROUPS
 from ..dtypes import dtype_from_name
 from ..io import Reader, ReadProgress, ReadStats
 from ..io.pinned import HostArena
@@ -29,7 +30,10 @@ def key_tiers(plan: LoadPlan, rank: int, device: torch.device | str) -> dict[str
     """Where `allocate_stage` puts each checkpoint key of `rank`'s stage: its planned tier
     (`ParamSource.tier`), except that the CPU tier of a CPU device *is* the device, and
     that a tied tensor sent to or received from another rank gets device storage for the
-    exchange (`distload.loader.tiers` moves it to its tier after). ``disk`` keys are not
+    exchange (`distload.loader.tiers` moves it to its tier after) — but for one whose home
+    here is the CPU tier of a GPU: it stays in the pinned arena the plan counted and is
+    exchanged over the host group (`exchange_tied`), never occupying device memory the
+    plan did not give it. ``disk`` keys are not
     allocated: they stay on meta and the offload store holds them (a key decoded from a
     quantized checkpoint too: `attach_tiers` decodes it into its entry)."""
     device = torch.device(device)
@@ -38,7 +42,8 @@ def key_tiers(plan: LoadPlan, rank: int, device: torch.device | str) -> dict[str
     out = {}
     for src in stage.params:
         tier = src.tier
-        if src.key in exchanged or (tier == Tier.CPU and device.type != "cuda"):
+        if (src.key in exchanged and not (tier == Tier.CPU and device.type == "cuda")) or \
+                (tier == Tier.CPU and device.type != "cuda"):
             tier = Tier.DEVICE
         out[src.key] = tier
     return out
@@ -114,19 +119,48 @@ def _nbytes(meta_param: torch.Tensor, dtype: str) -> int:
 def exchange_tied(plan: LoadPlan, rank: int, storage: dict[str, torch.Tensor]) -> int:
     """Send the tied tensors this rank read to the ranks that also need them, and receive
     the ones it needs. Every rank calls it (a no-op without tied tensors across stages).
-    Returns the bytes received."""
+    Returns the bytes received.
+
+    A tensor that is CPU-tier at either end goes over the host (gloo) group in host
+    memory: the CPU-tier end's buffer is its pinned-arena view, so it never takes device
+    memory outside the plan; a device-tier end copies through a host tensor. Both ends
+    decide from the plan alone, so they agree. Device-group ops go as one batch first,
+    then host-group ops (a batch is one group's)."""
     stage = plan.stage(rank)
-    ops = [dist.P2POp(dist.isend, storage[key], dst) for key, dst in stage.sends]
+    host_group = _GROUPS.get("cpu")      # None: the default group is gloo itself
+
+    def via_host(key: str, peer: int) -> bool:
+        return host_group is not None and any(
+            p.key == key and p.tier == Tier.CPU for r in (rank, peer) for p in plan.stage(r).params)
+
+    device_ops, host_ops, copy_back = [], [], []
+    for key, dst in stage.sends:
+        t = storage[key]
+        if via_host(key, dst):
+            host_ops.append(dist.P2POp(dist.isend, t if t.device.type == "cpu" else t.to("cpu"),
+                                       dst, group=host_group))
+        else:
+            device_ops.append(dist.P2POp(dist.isend, t, dst))
     received = 0
     seen: set[str] = set()
     for src in stage.params:
         if src.src_rank != rank and src.key not in seen:
             seen.add(src.key)
-            ops.append(dist.P2POp(dist.irecv, storage[src.key], src.src_rank))
-            received += storage[src.key].numel() * storage[src.key].element_size()
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+            t = storage[src.key]
+            if via_host(src.key, src.src_rank):
+                buf = t if t.device.type == "cpu" else torch.empty(t.shape, dtype=t.dtype)
+                if buf is not t:
+                    copy_back.append((t, buf))
+                host_ops.append(dist.P2POp(dist.irecv, buf, src.src_rank, group=host_group))
+            else:
+                device_ops.append(dist.P2POp(dist.irecv, t, src.src_rank))
+            received += t.numel() * t.element_size()
+    for ops in (device_ops, host_ops):
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+    for t, buf in copy_back:
+        t.copy_(buf)
     return received
 
 

@@ -174,12 +174,15 @@ class LocalMemory:
 @dataclass(frozen=True)
 class RankBudget:
     """The bytes the planner may place on one rank: on its device, its CPU tier and its disk
-    tier (None: unlimited). `source` says where each figure came from, for --explain."""
+    tier (None: unlimited). `source` says where each figure came from, for --explain.
+    `pinned`: the device is a GPU, so the disk tier streams through pinned host staging
+    that the CPU budget must also hold (a CPU device reads straight into its tensors)."""
 
     device: int
     cpu: int = 0
     disk: int | None = None
     source: str = ""
+    pinned: bool = False
 
     def as_dict(self) -> dict:
         return {"device": self.device, "cpu": self.cpu, "disk": self.disk, "source": self.source}
@@ -232,5 +235,6 @@ def resolve_budgets(max_memory: Mapping[int | str, int],
             device, dev_src, cpu = m.device_free - device_margin(m.device_free), "free GPU memory - margin", host
         else:  # a CPU device: its memory is the host's, so there is no separate CPU tier
             device, dev_src, cpu, host_src = host, host_src, 0, "none (the device is the CPU)"
-        budgets.append(RankBudget(device, cpu, disk, f"device: {dev_src}; cpu: {host_src}; disk: {disk_src}"))
+        budgets.append(RankBudget(device, cpu, disk, f"device: {dev_src}; cpu: {host_src}; disk: {disk_src}",
+                                  pinned=m.device_type == "cuda"))
     return tuple(budgets)

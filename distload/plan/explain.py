@@ -121,8 +121,12 @@ def explain_plan(plan: LoadPlan) -> str:
                          f"{format_bytes(s.reserve.get('stream', 0))}")
         # a CUDA reader double-buffers its pinned staging (one buffer reads while the
         # other's copy to the device runs); a CPU reader needs one
+        staging = s.reserve.get("host_staging", 0) if s.reserve else 0
+        disk_staging = (f" + {format_bytes(staging)} pinned disk-tier staging ({s.stream_slots} x "
+                        f"{format_bytes(staging // max(s.stream_slots, 1))}, in the cpu budget)"
+                        if staging else "")
         lines.append(f"        host memory: {format_bytes(held[Tier.CPU])} cpu tier (plus the device "
-                     f"tier where the device is the CPU) + read staging, at most "
+                     f"tier where the device is the CPU){disk_staging} + read staging, at most "
                      f"{format_bytes(DEFAULT_STAGING_BYTES)} per reader thread on the CPU, "
                      f"2 x {format_bytes(DEFAULT_STAGING_BYTES)} pinned on a GPU; no whole state "
                      "dict is ever built")

@@ -209,7 +209,9 @@ def _diagnose(model: StageModel, budgets: Sequence[RankBudget]) -> str:
     return (f"no contiguous split of {model.n} units ({format_bytes(total)} of weights, plus "
             f"reserves) fits {len(budgets)} rank(s) whose device + cpu + disk budgets total "
             f"{capacity} (a streamed unit also needs room for itself on the device beside "
-            "the KV cache and activations): raise max_memory, or use more ranks; "
+            "the KV cache and activations; on a GPU, streaming from disk also needs slots x "
+            "the largest streamed unit of pinned staging within the cpu budget): raise "
+            "max_memory, or use more ranks; "
             "budgets: " + "; ".join(f"rank {r}: device {format_bytes(b.device)}, cpu "
                                     f"{format_bytes(b.cpu)}, disk {format_bytes(b.disk)}"
                                     for r, b in enumerate(budgets)))
@@ -280,7 +282,8 @@ def plan_model(spec: ModelSpec, tensors: Mapping[str, TensorMeta], *, budgets: S
     stages = tuple(replace(st, budget=budgets[r].as_dict(), plan_cost=lay.cost,
                            held_bytes=dict(zip(Tier.ALL, lay.tier_bytes)), stream_slots=lay.stream_slots,
                            reserve={"kv": lay.kv_bytes, "work": lay.work_bytes,
-                                    "stream": lay.stream_slots * lay.stream_bytes})
+                                    "stream": lay.stream_slots * lay.stream_bytes,
+                                    "host_staging": lay.staging_bytes})
                    for r, (st, lay) in enumerate(zip(plan.stages, p.stages)))
     run = shape.as_dict() if shape else {}
     return replace(plan, stages=stages, no_split_classes=tuple(spec.no_split_classes), run_shape=run)

@@ -14,7 +14,10 @@ A stage is the units ``lo..hi-1`` on one rank with a `RankBudget` (device, cpu, 
 * Streamed storage is placed in *pieces* (one streamed unit's fetch; pieces that share a
   tensor are one piece): the largest piece first, each on the CPU tier while it fits
   there, else on the disk tier (ties in execution order). The disk tier's budget must
-  hold the rest.
+  hold the rest. When anything goes to the disk tier of a GPU rank (``budget.pinned``),
+  the streamer's reused pinned staging, ``s x`` the largest fetch (an upper bound of its
+  ``s x`` largest disk unit), comes out of the CPU budget first: the host holds it beside
+  the CPU tier. A CPU budget below the staging itself cannot stream from disk.
 * The cost is the per-token FLOPs plus a penalty per streamed byte (fetched on every
   forward): ``cpu_penalty`` per CPU-tier byte, ``disk_penalty`` per disk byte, both times
   ``no_prefetch_factor`` with one slot (a fetch then no longer overlaps the previous
@@ -95,6 +98,7 @@ class StageLayout:
     stream_bytes: int = 0                  # the largest streamed unit's fetch
     kv_bytes: int = 0
     work_bytes: int = 0
+    staging_bytes: int = 0                 # host: disk tier's pinned staging, slots x fetch
 
     @property
     def streamed(self) -> int:
@@ -177,7 +181,7 @@ class StageModel:
         return self._choice(a, b, budget, limit).cost
 
     def _choice(self, a: int, b: int, budget: RankBudget, limit: float = INF) -> _Choice:
-        key = (a, b, budget.device, budget.cpu, budget.disk)
+        key = (a, b, budget.device, budget.cpu, budget.disk, budget.pinned)
         hit = self._cache.get(key)
         if hit is not None and (hit.slots >= 0 or hit.cost > limit):
             return hit
@@ -218,7 +222,8 @@ class StageModel:
                     if compute + factor * opt.cpu_penalty * (need + slots * m) >= best.cost:
                         continue  # at least need + slots * m bytes stream: no better
                     small = [(w, c) for w, c in classes if w <= m]
-                    for resident, cpu, disk in self._fills(small, cap, pieces, bud):
+                    for resident, cpu, disk in self._fills(small, cap, pieces, bud,
+                                                           slots * m if bud.pinned else 0):
                         if bud.disk is not None and disk > bud.disk:
                             continue
                         cost = compute + factor * (opt.cpu_penalty * cpu + opt.disk_penalty * disk)
@@ -228,12 +233,13 @@ class StageModel:
                                            big + resident)
         return best
 
-    def _fills(self, small, cap, pieces, bud):
+    def _fills(self, small, cap, pieces, bud, staging):
         """Yield (resident (size, count) pairs, cpu bytes, disk bytes) for every way of
         keeping units of `small` resident within `cap` (the most numerous size: as many as
-        fit), the streamed rest plus `pieces` placed largest first on the CPU tier."""
+        fit), the streamed rest plus `pieces` placed largest first on the CPU tier (less
+        `staging` when the disk tier is used; disk bytes INF when even that cannot fit)."""
         if not small:
-            yield (), *_place(pieces, (), bud.cpu)
+            yield (), *_place(pieces, (), bud.cpu, staging)
             return
         greedy = max(range(len(small)), key=lambda x: (small[x][1], small[x][0]))
         others = [small[x] for x in range(len(small)) if x != greedy]
@@ -250,7 +256,7 @@ class StageModel:
                 counts.append((w, k))
                 left -= w * k
             yield (tuple(counts), *_place(pieces, tuple((w, c - k) for (w, c), (_, k)
-                                                        in zip(small, counts)), bud.cpu))
+                                                        in zip(small, counts)), bud.cpu, staging))
             return
         for ks in itertools.product(*(range(c + 1) for _, c in others)):
             left = cap - sum(w * k for (w, _), k in zip(others, ks))
@@ -259,7 +265,7 @@ class StageModel:
             kg = gc if gw == 0 else min(gc, left // gw)
             counts = tuple((w, k) for (w, _), k in zip(others, ks)) + ((gw, kg),)
             streamed = tuple((w, c - k) for (w, c), k in zip(others, ks)) + ((gw, gc - kg),)
-            yield (counts, *_place(pieces, streamed, bud.cpu))
+            yield (counts, *_place(pieces, streamed, bud.cpu, staging))
 
     def _stage_groups(self, a: int, b: int):
         """The stage's tied groups (units joined by keys shared within a..b-1) and the
@@ -310,24 +316,34 @@ class StageModel:
         on_device = {k for x in resident for k in self.keys[x]}
         fetch = {x: {k for k in self.keys[x] if k not in on_device} for x in units if x not in resident}
         pieces = _merge_pieces(fetch)
-        tier = {x: Tier.DEVICE for x in resident}
-        cpu_left, cpu, disk = budget.cpu, 0, 0
-        for nbytes, members in sorted(((sum(self.size[k] for k in keys), sorted(m))
-                                       for m, keys in pieces), key=lambda p: (-p[0], p[1][0])):
-            if nbytes == 0:
-                where = Tier.DEVICE
-            elif nbytes <= cpu_left:
-                where, cpu_left, cpu = Tier.CPU, cpu_left - nbytes, cpu + nbytes
-            else:
-                where, disk = Tier.DISK, disk + nbytes
-            tier.update({x: where for x in members})
-        dev = sum(self.size[k] for k in on_device)
         largest = max((sum(self.size[k] for k in f) for f in fetch.values()), default=0)
+        ordered = sorted(((sum(self.size[k] for k in keys), sorted(m)) for m, keys in pieces),
+                         key=lambda p: (-p[0], p[1][0]))
+
+        def fill(room: int) -> tuple[dict, int, int]:
+            tier, cpu, disk = {x: Tier.DEVICE for x in resident}, 0, 0
+            for nbytes, members in ordered:
+                if nbytes == 0:
+                    where = Tier.DEVICE
+                elif nbytes <= room - cpu:
+                    where, cpu = Tier.CPU, cpu + nbytes
+                else:
+                    where, disk = Tier.DISK, disk + nbytes
+                tier.update({x: where for x in members})
+            return tier, cpu, disk
+
+        tier, cpu, disk = fill(budget.cpu)
+        staging = 0
+        if disk and budget.pinned:   # as in `_place`: the disk's pinned staging is host memory
+            staging = choice.slots * largest
+            tier, cpu, disk = fill(budget.cpu - staging)
+        dev = sum(self.size[k] for k in on_device)
         slots = choice.slots if cpu + disk else 0
         factor = 1.0 if slots != 1 or self.opt.stream_slots == 1 else self.opt.no_prefetch_factor
         cost = compute + factor * (self.opt.cpu_penalty * cpu + self.opt.disk_penalty * disk)
         return StageLayout(a, b, tuple(tier[x] for x in units), (dev, cpu, disk), compute, cost,
-                           kv + work + slots * largest, slots, largest if slots else 0, kv, work)
+                           kv + work + slots * largest, slots, largest if slots else 0, kv, work,
+                           staging)
 
 
 class _TiedGroup:
@@ -366,15 +382,26 @@ def _merge_pieces(fetch: dict[int, set]) -> list[tuple[set, set]]:
     return pieces
 
 
-def _place(pieces, classes, cpu: int) -> tuple[int, int]:
+def _place(pieces, classes, cpu: int, staging: int = 0) -> tuple[int, float]:
     """(cpu bytes, disk bytes) of streamed `pieces` (sizes) and `classes` ((size, count)
-    pairs), placed largest first on the CPU tier while each fits."""
+    pairs), placed largest first on the CPU tier while each fits. If any goes to disk,
+    its pinned `staging` (0 off a GPU) takes its share of `cpu` first (disk bytes INF: not
+    even the staging fits)."""
     items = sorted([(p, 1) for p in pieces] + [wc for wc in classes if wc[1] and wc[0]], reverse=True)
-    on_cpu = on_disk = 0
-    for w, c in items:
-        take = min(c, (cpu - on_cpu) // w) if w else c
-        on_cpu += take * w
-        on_disk += (c - take) * w
+
+    def fill(room: int) -> tuple[int, int]:
+        on_cpu = on_disk = 0
+        for w, c in items:
+            take = min(c, (room - on_cpu) // w) if w else c
+            on_cpu += take * w
+            on_disk += (c - take) * w
+        return on_cpu, on_disk
+
+    on_cpu, on_disk = fill(cpu)
+    if on_disk and staging:
+        if staging > cpu:
+            return on_cpu, INF
+        on_cpu, on_disk = fill(cpu - staging)
     return on_cpu, on_disk
 
 

@@ -68,7 +68,9 @@ class StagePlan:
     held_bytes: dict = field(default_factory=dict)  # bytes held per tier, a tied tensor once
     plan_cost: float = 0.0                 # the planner's cost: FLOPs plus streaming penalty
     stream_slots: int = 0                  # units streamed in at once: 2 prefetch, 1 not, 0 none
-    reserve: dict = field(default_factory=dict)  # reserved_bytes as {"kv", "work", "stream"}
+    # reserved_bytes as {"kv", "work", "stream"}; "host_staging": host bytes beside the cpu
+    # tier for the disk tier's pinned staging (in the cpu budget)
+    reserve: dict = field(default_factory=dict)
     # keys this rank decodes from a quantized checkpoint's parts (in `reads`):
     # key -> {"method": "fp8" | "mxfp4", "parts": [checkpoint names], "block": [r, c] | None}
     decode: dict = field(default_factory=dict)
