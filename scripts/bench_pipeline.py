@@ -39,6 +39,14 @@ Example::
     python scripts/bench_pipeline.py --micro-batches 4 8 --repeats 5 --json out.json
     python scripts/bench_pipeline.py --config scripts/configs/bench-qwen3-moe.json   # an MoE
     python scripts/bench_pipeline.py --check              # each ratio against its floor
+    python scripts/bench_pipeline.py --stages traces/     # + each stage's busy/wait seconds
+
+`--stages` traces one more call of each workload and prints each rank's busy and wait
+seconds in it, the call against the same stages run in turn (same processes, so the
+process-to-process spread of a core's speed, a few percent, does not enter) and the bound
+the stages' balance allows: with a head on the last stage the stages are not equal, and
+no schedule beats sum(busy) / (one micro-batch through every stage + the rest at the
+slowest stage's pace).
 
 `--check` prints each ratio against its bound and its floor (a fraction of the bound,
 `CHECK_FLOORS`, or `--floor KIND=FRACTION`) and exits 1 if a figure measured on a quiet
@@ -111,6 +119,11 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--trace-overhead", action="store_true",
                    help="also time every pipelined call with distload.trace recording (as --trace "
                         "does), alternating with the plain calls, and print the ratios")
+    p.add_argument("--stages", metavar="DIR", nargs="?", const="", default=None,
+                   help="after the timings, trace one more call of each workload on every rank "
+                        "and print each stage's busy and wait seconds, the pipeline against the "
+                        "same stages run in turn, and the bound the stages' balance allows; with "
+                        "DIR, also write each call's Chrome/Perfetto trace there")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--check", action="store_true",
                    help="print each ratio against its bound and floor; exit 1 below a floor "
@@ -305,12 +318,65 @@ def _job(a) -> None:
                         times[role][key].append(seconds)
                     else:
                         disturbed[role] += 1
+    stages = {} if a.stages is None else {
+        f"{kind}_{arg}": _stage_figures(world, pipelined(kind, arg), a.stages, f"{kind}_{arg}")
+        for kind, arg in cases if (kind, arg) != ("generate", 1)}
     dist.barrier(group=world.cpu_group)
     if world.rank == 0:
         Path(a.result).write_text(json.dumps({
             "times": times, "all_times": everything, "disturbed_calls": disturbed, "load_average": os.getloadavg(),
-            "stages": [list(s.units) for s in pipe.plan.stages]}))
+            "stages": [list(s.units) for s in pipe.plan.stages], "stage_figures": stages}))
     distload.dist.shutdown(world)
+
+
+# what a stage's trace spans mean: its own compute, or waiting on a peer
+_BUSY_SPANS = ("forward", "prefill", "decode step")
+_WAIT_SPANS = ("recv wait", "send wait")
+
+
+def _stage_figures(world, fn, out_dir: str, name: str) -> list[dict] | None:
+    """Every rank: one traced call of `fn`; rank 0 gets each rank's seconds busy (its
+    stage's compute spans), waiting (receives and sends) and in the call, and writes the
+    call's Chrome trace to `out_dir` if given (one track per rank)."""
+    import torch.distributed as dist
+
+    from distload import trace
+    from distload.dist import gather_objects
+    from distload.loader.tracing import write_job_trace
+
+    dist.barrier(group=world.cpu_group)
+    trace.enable()
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    spans: dict[str, float] = {}
+    for name_, _cat, phase, _start, dur, *_ in (trace.snapshot() or trace.Recording()).events:
+        if phase == "X":
+            spans[name_] = spans.get(name_, 0.0) + dur / 1e6
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_job_trace(world, Path(out_dir) / f"{name}.json")
+    trace.disable()
+    mine = {"call": seconds, "busy": sum(spans.get(k, 0.0) for k in _BUSY_SPANS),
+            "wait": sum(spans.get(k, 0.0) for k in _WAIT_SPANS)}
+    rows = gather_objects(world, mine)
+    return rows if world.rank == 0 else None
+
+
+def stage_balance(rows: list[dict], items: int) -> dict:
+    """From one traced call's per-rank busy seconds over `items` equal work items
+    (micro-batches through the stages): the call against the same stages run in turn
+    (``in_turn``: sum of busy / the call, what a multi-device map does with the same
+    processes, so no process-to-process noise enters), the bound the stages' balance
+    allows (``balance_bound``: sum of busy / (one item through every stage + the other
+    items at the slowest stage's pace), the GPipe bound for unequal stages) and how
+    close the call came to that (``schedule_efficiency``)."""
+    busy = [r["busy"] for r in rows]
+    call = max(r["call"] for r in rows)
+    ideal = sum(busy) / items + (items - 1) * max(busy) / items
+    return {"in_turn": sum(busy) / call, "balance_bound": sum(busy) / ideal,
+            "schedule_efficiency": ideal / call,
+            "imbalance": max(busy) / (sum(busy) / len(busy)) - 1}
 
 
 def _decode_tok_s(decoded: int, seconds: float) -> float | None:
@@ -454,6 +520,20 @@ def main(argv=None) -> int:
     print(f"generate end to end, {a.new_tokens} new tokens: sequential {seq['generate_tok_s']:8.1f} "
           f"new tok/s | pipeline {pipe['generate_tok_s']:8.1f} new tok/s | ratio "
           f"{fig['generate_ratio']:.2f}")
+    for key, rows in raw.get("stage_figures", {}).items():
+        kind, arg = key.rsplit("_", 1)
+        items = {"forward": int(arg), "stream": int(arg) * a.stream_batches}.get(kind)
+        per_rank = " | ".join(f"rank {r}: busy {row['busy']:.3f} s, waits {row['wait']:.3f} s"
+                              for r, row in enumerate(rows))
+        print(f"stages   {key:<12} one traced call of {rows[0]['call']:.3f} s: {per_rank}")
+        if items:  # the forwards: every stage runs `items` equal micro-batches
+            b = stage_balance(rows, items)
+            print(f"         against the same stages in turn {b['in_turn']:.2f}; the stages' "
+                  f"balance (slowest {b['imbalance']:+.1%} on the mean) allows "
+                  f"{b['balance_bound']:.2f}; the schedule reached {b['schedule_efficiency']:.1%} of it")
+        else:
+            total = sum(r["busy"] for r in rows)
+            print(f"         against the same stages in turn {total / max(r['call'] for r in rows):.2f}")
     if a.trace_overhead:
         traced = fig["traced"]
         parts = [f"forward {traced['forward_tok_s'][m] / pipe['forward_tok_s'][m]:.3f}"

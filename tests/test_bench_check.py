@@ -61,3 +61,17 @@ def test_floor_flag():
     assert a.floor == [("forward", 0.5), ("all", 0.0)]
     with pytest.raises(SystemExit):
         bench._args(["--floor", "speed=1"])
+
+
+def test_stage_balance_of_a_traced_call():
+    # 4 micro-batches; stage 1 is 10% slower (1.1 s a micro-batch against 1.0 s): one call
+    # at best takes 1.0 + 4 * 1.1 = 5.4 s against 8.4 s of the stages in turn
+    rows = [{"busy": 4.0, "call": 6.0, "wait": 2.0}, {"busy": 4.4, "call": 6.0, "wait": 1.6}]
+    b = bench.stage_balance(rows, items=4)
+    assert b["in_turn"] == pytest.approx(8.4 / 6.0)
+    assert b["balance_bound"] == pytest.approx(8.4 / 5.4)   # 8.4 / (2.1 + 3 * 1.1)
+    assert b["schedule_efficiency"] == pytest.approx(5.4 / 6.0)
+    assert b["imbalance"] == pytest.approx(4.4 / 4.2 - 1)
+    # equal stages: the GPipe bound P * M / (M + P - 1)
+    even = bench.stage_balance([{"busy": 4.0, "call": 5.0, "wait": 1.0}] * 2, items=4)
+    assert even["balance_bound"] == pytest.approx(1.6) and even["schedule_efficiency"] == pytest.approx(1.0)

@@ -64,7 +64,8 @@ def test_bench_pipeline_smoke(tmp_path):
            "--micro-batches", "2", "4", "--stream-batches", "3", "--decode-batch", "4",
            "--prompt", "4", "--new-tokens", "8", "--repeats", "1", "--max-tries", "2",
            "--cache", str(tmp_path / "cache"), "--json", str(out), "--trace-overhead",
-           "--check", "--floor", "all=0"]  # a tiny model's ratios are not the point: the lines are
+           "--check", "--floor", "all=0",  # a tiny model's ratios are not the point: the lines are
+           "--stages", str(tmp_path / "traces")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     for kind in ("forward x 2", "forward x 4", "stream x 2", "stream x 4", "prefill", "generate"):
@@ -85,6 +86,11 @@ def test_bench_pipeline_smoke(tmp_path):
         assert figures["decode_ratio"] > 0 and "decode   batch 4, 8 new tokens: sequential" in proc.stdout
     assert "prefill  batch 4 x 4" in proc.stdout and "generate end to end" in proc.stdout
     assert "with tracing on, tokens/s relative to off (pipeline, same run): forward " in proc.stdout
+    for key in ("forward_2", "forward_4", "stream_2", "stream_4", "generate_8"):
+        assert f"stages   {key:<12} one traced call of " in proc.stdout
+        trace = json.loads((tmp_path / "traces" / f"{key}.json").read_text())
+        assert {e["pid"] for e in trace["traceEvents"] if e.get("ph") == "X"} == {0, 1}
+    assert proc.stdout.count("the schedule reached") == 4
 
 
 def test_bench_observe_smoke(tiny_ckpt, tmp_path):
