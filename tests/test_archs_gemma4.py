@@ -3,7 +3,8 @@ against transformers, with the machinery of `test_archs.py`: checkpoints transfo
 writes (`save_pretrained`, >= 2 shards, awkward sizes, every weight and each layer's
 `layer_scalar` perturbed) loaded across 2 and 3 ranks in one torchrun launch per world size
 (`workers/arch_pipeline.py`): logits of a left-padded batch within 1e-4 (float32) of
-`from_pretrained`'s, 12 greedy tokens identical, the ranks' bytes summing to the checkpoint's.
+`from_pretrained`'s, 12 greedy tokens identical, the ranks' bytes summing to the checkpoint's;
+on 2 ranks both cases again with half of each stage's layers on the disk tier.
 
 The first case has all of Gemma 4's parts at once: per-layer embeddings (sent beside the
 hidden states to the later stages), KV sharing (the last 2 layers reuse the keys and values
@@ -136,23 +137,27 @@ def test_the_checkpoint_has_what_the_cases_test(checkpoints):
 @pytest.mark.parametrize("world", [2, 3])
 def test_gemma4_across_ranks_matches_transformers(world, checkpoints, references, tmp_path):
     names = sorted(GEMMA4)   # the multimodal checkpoint's text model is the first case's: one process below
-    proc = torchrun(world, [worker("arch_pipeline.py"), str(tmp_path), *(str(checkpoints[n]) for n in names)],
+    # on 2 ranks, both again with half of each stage's layers streamed from the disk tier
+    disk = [a for n in names for a in ("--disk", str(checkpoints[n]))] if world == 2 else []
+    proc = torchrun(world, [worker("arch_pipeline.py"), str(tmp_path), *disk, *(str(checkpoints[n]) for n in names)],
                     timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = torch.load(tmp_path / "results.pt")
     ids, mask = left_padded_batch()
     real = mask.bool()
-    for name in names:
-        got, (ref_logits, ref_tokens) = results[name], references[name]
+    for name in names + ([f"{n}@disk" for n in names] if disk else []):
+        got, (ref_logits, ref_tokens) = results[name], references[name.removesuffix("@disk")]
         assert got["logits"].shape == ref_logits.shape, name
         err = (got["logits"][real] - ref_logits[real]).abs().max().item()
         assert err <= ATOL, f"{name}: logits differ from transformers' by {err:.2e}"
         assert torch.equal(got["tokens"], ref_tokens), f"{name}: greedy tokens differ"
         ranks = got["job_report"]["ranks"]
-        assert sum(r["bytes_read"] for r in ranks) == got["checkpoint_bytes"], name
+        on_disk = sum(r["offloaded_bytes_by_tier"]["disk"] for r in ranks)
+        assert sum(r["bytes_read"] for r in ranks) + on_disk == got["checkpoint_bytes"], name
+        assert (on_disk > 0 and all(r["offloaded_bytes"] > 0 for r in ranks)) == name.endswith("@disk")
         units = got["units"]
         assert len(units) == world and all(units), name
-        if name == "gemma4_text":   # PLE with the embedding; the KV-sharing run on one stage
+        if name.removesuffix("@disk") == "gemma4_text":   # PLE with the embedding; KV sharing on one stage
             stage_of = {u: r for r, us in enumerate(units) for u in us}
             assert stage_of["model.embed_tokens_per_layer"] == stage_of["model.embed_tokens"] == 0
             assert len({stage_of[f"model.layers.{i}"] for i in range(1, 6)}) == 1, units
