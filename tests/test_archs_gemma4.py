@@ -12,14 +12,16 @@ of layers 1 and 3, which the planner keeps on their stage), global layers of ano
 size with keys as values (`attention_k_eq_v`) and one KV head, proportional RoPE, a window
 shorter than the prompts, double-wide MLPs on the sharing layers, soft-capped logits. The
 second is the 26B-A4B's shape: no PLE, no sharing, experts beside each MLP, biases, an
-untied head. In one process: the
-KV reserve (sharing layers count nothing, their source once), the planner's joined units,
-config errors naming the field.
+untied head. In one process: the KV reserve (sharing layers count nothing, their source
+once), the planner's joined units, config errors naming the field, the multimodal
+checkpoint's text part (logits and tokens too), continuous batching.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -314,3 +316,44 @@ def test_a_multimodal_checkpoint_loads_its_text_part_only(checkpoints, reference
     real = mask.bool()
     assert (logits[real] - references["gemma4"][0][real]).abs().max() <= ATOL
     assert torch.equal(tokens, references["gemma4"][1])
+
+
+def test_continuous_batching_with_shared_kv_and_ple_matches_transformers(checkpoints):
+    """The serving scheduler (a world of one) over the first case: requests shorter and
+    longer than the window join groups of other lengths (left-padded, stacked, leading
+    padding dropped) and leave them, the sharing layers reading their sources' aligned
+    caches; every greedy answer is transformers' for it alone."""
+    from distload.pipeline.sampling import SamplingConfig
+    from distload.serve.scheduler import Scheduler
+    from distload.serve.sequence import Sequence
+
+    class NoText:
+        def decode(self, ids):
+            return ""
+
+    path = checkpoints["gemma4_text"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    pipe = distload.load(str(path), device="cpu", max_batch_size=4, max_seq_len=64)
+    scheduler = Scheduler(pipe, groups=2, group_size=2, max_queue=100)
+    rng = random.Random(5)
+    seqs = [Sequence(prompt=[1] + [rng.randrange(3, VOCAB) for _ in range(n - 1)], max_tokens=m,
+                     sampling=SamplingConfig(), stop_ids=set(), stop_strings=(), text=NoText(),
+                     emit=lambda e: None)
+            for n, m in ((9, 8), (2, 10), (5, 3), (3, 9), (12, 6), (7, 9))]
+
+    def arrive():
+        for i, seq in enumerate(seqs):
+            assert scheduler.submit(seq)
+        scheduler.drain(60)
+
+    feeder = threading.Thread(target=arrive)
+    feeder.start()
+    scheduler.run()
+    feeder.join()
+    for seq in seqs:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([seq.prompt]), max_new_tokens=seq.max_tokens, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0,
+                                 attention_mask=torch.ones(1, len(seq.prompt), dtype=torch.long))
+        assert seq.output == out[0, len(seq.prompt):].tolist(), seq.prompt
+    assert all(g.used == 0 and not g.cached for g in scheduler.groups)
