@@ -7,7 +7,9 @@ a final norm and a head, each of which a pipeline stage may drop, run in order:
 A family subclasses `DecoderLayer` (its residual structure, in a few lines), and, where it
 has them, overrides `DecoderModel.embed` (embedding scales) and
 `DecoderForCausalLM.final_logits` (soft-capping, logit scales). Because the transforms
-live in the stage's `forward`, `last_only=True` (generation) gets them too.
+live in the stage's `forward`, `last_only=True` (generation) gets them too. A family whose
+layers need side inputs (Gemma 4's per-layer embeddings, shared KV) overrides
+`DecoderModel.begin` / `end`.
 
 Example::
 
@@ -83,7 +85,10 @@ class DecoderModel(nn.Module):
     """Embedding, decoder layers (``make_layer(config, index)`` each) and final `norm`;
     each may be absent in a pipeline stage. RoPE tables are `rotary_emb` (from
     ``config.rope``) plus any `extra_rotary` a family adds (Gemma 3's local table): a
-    layer's ``self_attn.rope_key`` names the attribute it uses, None for no RoPE."""
+    layer's ``self_attn.rope_key`` names the attribute it uses, None for no RoPE. `after_embed`
+    modules are registered right after the embedding (the units that follow it: Gemma 4's
+    per-layer embeddings). A family whose layers need more than the hidden states overrides
+    `begin` (what every layer of a forward also gets) and `end` (what the stage sends on)."""
 
     def __init__(self, config: Any, make_layer: Callable[[Any, int], DecoderLayer], *,
                  norm: nn.Module, interleaved_rope: bool = False,
