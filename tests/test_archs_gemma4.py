@@ -357,3 +357,19 @@ def test_continuous_batching_with_shared_kv_and_ple_matches_transformers(checkpo
                                  attention_mask=torch.ones(1, len(seq.prompt), dtype=torch.long))
         assert seq.output == out[0, len(seq.prompt):].tolist(), seq.prompt
     assert all(g.used == 0 and not g.cached for g in scheduler.groups)
+
+
+def test_shared_layers_kv_projections_in_a_checkpoint_are_not_read():
+    """Exports that keep the k/v projections and norms of the KV-sharing layers (transformers
+    ignores them): distload maps them to nothing, so no rank reads them; the sources' stay."""
+    from distload.checkpoint.types import TensorMeta
+    from distload.models import config_from_dict
+    from distload.models.gemma4 import Gemma4ForCausalLM
+
+    config = config_from_dict(gemma4_config("gemma4_text").to_dict())
+    names = [f"model.layers.{i}.self_attn.{p}.weight" for i in (3, 4, 5) for p in ("k_proj", "v_proj", "k_norm")]
+    names += ["model.layers.14.self_attn.k_proj.weight", "model.layers.4.self_attn.q_proj.weight"]
+    tensors = {n: TensorMeta(n, "a.safetensors", "float32", (2,), 8 * i, 8) for i, n in enumerate(names)}
+    kept = set(Gemma4ForCausalLM.checkpoint_tensors(config, tensors))
+    assert kept == {n for n in names if not n.startswith(("model.layers.4.self_attn.k", "model.layers.4.self_attn.v",
+                                                          "model.layers.5.self_attn.k", "model.layers.5.self_attn.v"))}
