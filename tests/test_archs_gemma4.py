@@ -187,6 +187,8 @@ def test_kv_reserve_counts_each_cache_once(name):
         sub = config.per_layer_config[i]   # transformers' own view of layer i
         expect.append(0 if i >= n - shared else 2 * sub.num_key_value_heads * sub.head_dim)
     assert [u.kv_per_token for u in layers] == expect
+    side = 2 * n * (config.hidden_size_per_layer_input or 0)   # PLE inputs held and sent on
+    assert all(u.act_per_token > side + config.hidden_size for u in layers)
     model = build_model(gemma4_config(name).to_dict()).eval()
     ids, mask = left_padded_batch(lengths=(9, 6))
     cache = KVCache()

@@ -208,6 +208,12 @@ class Gemma4DecoderLayer(DecoderLayer):
             self.act = activation(config.hidden_act)
         # a buffer in transformers, saved in the checkpoint: a weight here, so it is read
         self.layer_scalar = nn.Parameter(torch.ones(1))
+        self.side_width = config.num_hidden_layers * config.per_layer_size
+
+    def activation_elements_per_token(self) -> int:
+        """Its Linears' outputs, plus every layer's PLE inputs, which each stage holds beside
+        the hidden states while its layers run and sends on (their message copy)."""
+        return super().activation_elements_per_token() + 2 * self.side_width
 
     def forward(self, x: torch.Tensor, *, rope, mask: torch.Tensor | None, cache: KVCache | None = None,
                 per_layer: torch.Tensor | None = None, shared_kv: dict | None = None) -> torch.Tensor:
