@@ -14,7 +14,8 @@ activations per token are its Linears' outputs, unless it defines
 ``activation_elements_per_token()`` (again: only the active experts run). A unit with a
 fixed-size recurrent state (linear attention) says its float32 elements per sequence with
 ``state_elements_per_sequence()``; one whose cache keeps only a window of tokens says how
-many with ``kv_tokens_kept()``.
+many with ``kv_tokens_kept()``. A model whose ``joined_units()`` names units keeps each on
+the stage of the unit before it (`ModelSpec.joined`: the planner puts no boundary there).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class ModelSpec:
     no_split_classes: tuple[str, ...]    # class names that were treated as units
     ignored_keys: tuple[str, ...] = ()   # regexes of checkpoint keys that fill no parameter
     head: str = ""                       # the unit making the logits (output embedding), if known
+    joined: tuple[str, ...] = ()         # units kept on the stage of the unit before them
 
     def unit_of(self) -> dict[str, str]:
         return {p.name: u.name for u in self.units for p in u.params}
@@ -86,7 +88,16 @@ def describe_model(model: nn.Module, *, no_split_module_classes=None) -> ModelSp
     tied = tuple(tuple(group) for group in find_tied_parameters(model))
     ignored = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
     return ModelSpec(units=tuple(units), tied=tied, no_split_classes=no_split, ignored_keys=ignored,
-                     head=_head_unit(model, units))
+                     head=_head_unit(model, units), joined=_joined(model, units))
+
+
+def _joined(model: nn.Module, units: list[UnitSpec]) -> tuple[str, ...]:
+    """The units the model keeps on the stage of the unit before them (the stage
+    contract's ``joined_units()``), in execution order. A name that is no unit here (a
+    coarser unit holds it, whole) or is the first unit constrains nothing and is left out."""
+    hook = getattr(model, "joined_units", None)
+    joined = set(hook()) if callable(hook) else set()
+    return tuple(u.name for u in units[1:] if u.name in joined)
 
 
 def _head_unit(model: nn.Module, units: list[UnitSpec]) -> str:

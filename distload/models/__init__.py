@@ -43,6 +43,7 @@ from . import gpt_neox as _gpt_neox  # noqa: F401  - gpt_neox
 from . import phi as _phi  # noqa: F401  - phi
 from . import qwen3_next as _qwen3_next  # noqa: F401  - qwen3_next
 from . import qwen3_5 as _qwen3_5  # noqa: F401  - qwen3_5_text, qwen3_5 (its text part)
+from . import gemma4 as _gemma4  # noqa: F401  - gemma4_text, gemma4 (its text part)
 from .cache import KVCache
 from .contract import StageModel
 from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel

@@ -20,8 +20,12 @@ on the meta device from its config, then cut into stages:
   none are given (``model(ids)`` in one process, as with a transformers model: from the
   mask, else from the cache's length). `attention_mask` ``[B, past + T]`` is 1 for real
   tokens; `cache` is the stage's `KVCache` for one group of sequences.
-* **Facts for the pipeline.** ``config.hidden_size`` and ``config.vocab_size`` size the
-  messages between stages; `has_embedding` / `has_head` say what the stage holds.
+* **Facts for the pipeline.** `message_width` (``config.hidden_size`` unless a family
+  sends more) and ``config.vocab_size`` size the messages between stages; `has_embedding`
+  / `has_head` say what the stage holds. A family whose layers need more than the hidden
+  states — inputs only the first stage can compute (Gemma 4's per-layer embeddings) —
+  sends them beside the hidden states, ``[B, T, message_width]``: every stage without the
+  head returns that width, the one with the head reads it.
 * **Facts for the planner and loader** (class attributes, read on the meta model):
   `_no_split_modules` (class names never split), `_keys_to_ignore_on_load_unexpected`
   (regexes of checkpoint keys that are not parameters, e.g. saved RoPE frequencies),
@@ -33,6 +37,8 @@ on the meta device from its config, then cut into stages:
   experts run), and ``kv_elements_per_token()`` (fused qkv projections), ``kv_tokens_kept()``
   (a window or chunk: the tokens its cache holds at most) and
   ``state_elements_per_sequence()`` (linear attention: a fixed float32 state instead of KV).
+  `joined_units()` names the units the planner must keep on the stage of the unit before
+  them (a layer reading another layer's KV; parts the embedding's stage must hold).
 * **Buffers.** Non-persistent buffers (RoPE frequencies) are recomputed by
   ``init_buffers(device)`` after a stage is materialized from meta.
 
@@ -79,6 +85,17 @@ class StageModel(nn.Module):
     @property
     def has_head(self) -> bool:
         return getattr(self, "lm_head", None) is not None
+
+    @property
+    def message_width(self) -> int:
+        """Width of the activations one stage sends the next (the same on every stage)."""
+        return int(self.config.hidden_size)
+
+    def joined_units(self) -> tuple[str, ...]:
+        """Names of the units (as `distload.meta.describe_model` names them) that must stay
+        on the same stage as the unit before them; no stage boundary falls before one.
+        Read on the meta model before planning. Default: none."""
+        return ()
 
     def forward(self, x: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,

@@ -62,8 +62,10 @@ class Pipeline:
     # ------------------------------------------------------------------ for the schedules
     @property
     def hidden_size(self) -> int:
-        """Width of the hidden states the stages exchange."""
-        return int(self.module.config.hidden_size)
+        """Width of the activations the stages exchange: the stage contract's
+        `message_width` (the hidden size, unless a family sends side inputs beside it)."""
+        width = getattr(self.module, "message_width", None)
+        return int(width if width is not None else self.module.config.hidden_size)
 
     @property
     def vocab_size(self) -> int:

@@ -135,6 +135,10 @@ def make_plan(
     unit_bytes = {u.name: sum(param_bytes(p.name) for p in u.params) for u in units}
     if bounds is None:
         bounds = min_max_partition([unit_bytes[u.name] for u in units], world_size)
+    cut = [units[b].name for b in bounds[1:-1] if units[b].name in spec.joined]
+    if cut:
+        raise PlanError(f"a stage boundary falls before unit {cut[0]}, which must stay on the stage of "
+                        "the unit before it (the model's joined_units)")
     tiers = list(unit_tiers) if unit_tiers is not None else [Tier.DEVICE] * len(units)
 
     # Who reads each key: the lowest rank holding a parameter filled from it; that rank

@@ -17,7 +17,8 @@ penalty, then — when units name their checkpoint files (`UnitLoad.files`) — 
 files touched summed over the stages (less to download per node), then the most even
 costs (least sum of squares). Ties go the same way on every run and hash seed. (Costs
 never fall as a stage grows, so both passes stop a sweep early — except when units share
-a key, where that can fail and every split is tried.)
+a key, where that can fail and every split is tried.) A unit marked `with_previous` (the
+model's `joined_units`: a layer reading another layer's KV cache) never starts a stage.
 
 Example::
 
@@ -81,7 +82,7 @@ def best_splits(model: StageModel, budgets: Sequence[RankBudget], *,
     for r in range(world):
         for i in range(r + 1, n + 1 - (0 if every_end else world - 1 - r)):
             for j in range(i - 1, r - 1, -1):
-                if best[r][j] == INF:
+                if best[r][j] == INF or _joined(model, j):
                     continue
                 cost = model.cost(j, i, budgets[r], best[r + 1][i])
                 if cost >= best[r + 1][i]:
@@ -108,6 +109,8 @@ def choose_bounds(model: StageModel, budgets: Sequence[RankBudget], bottleneck: 
             touched: set = set()
             for j in range(i - 1, r - 1, -1):
                 touched |= files[j]
+                if _joined(model, j):   # no stage may start at this unit
+                    continue
                 cost = model.cost(j, i, budgets[r], bottleneck)
                 if cost > bottleneck:
                     if monotone:
@@ -144,12 +147,23 @@ def partition(units: Sequence[UnitLoad], budgets: Sequence[RankBudget],
         raise PlanError("the world has no ranks")
     if world > n:
         raise PlanError(f"the model has {n} units but the world has {world} ranks; use at most {n} processes")
+    starts = [i for i in range(n) if not units[i].with_previous or i == 0]
+    if world > len(starts):
+        together = [u.name for u in units if u.with_previous]
+        raise PlanError(f"the model splits into at most {len(starts)} stages ({len(together)} of its {n} units, "
+                        f"from {together[0]}, stay on the stage of the unit before them) but the world "
+                        f"has {world} ranks; use at most {len(starts)} processes")
     model = StageModel(units, options)
     bottleneck = best_splits(model, budgets)[world][n]
     if bottleneck == INF:
         raise PlanError(_diagnose(model, budgets))
     bounds = choose_bounds(model, budgets, bottleneck)
     return finish(model, budgets, bounds, bottleneck)
+
+
+def _joined(model: StageModel, j: int) -> bool:
+    """Whether unit j must stay on the stage of unit j - 1 (no stage may start at it)."""
+    return j > 0 and model.units[j].with_previous
 
 
 def finish(model: StageModel, budgets: Sequence[RankBudget], bounds: Sequence[int],
@@ -236,11 +250,13 @@ def unit_loads(spec: ModelSpec, param_bytes: Mapping[str, int], *,
         key_of = {name: group[0] for group in spec.tied for name in group}
     reserves = reserves or [UnitReserve()] * len(spec.units)
     files = files or {}
+    joined = set(spec.joined)
     out = []
     for u, r in zip(spec.units, reserves):
         keys = [key_of.get(p.name, p.name) for p in u.params]
         out.append(UnitLoad(u.name, u.cost, tuple((k, int(param_bytes[p.name])) for k, p in zip(keys, u.params)),
-                            r.kv_bytes, r.work_bytes, tuple(sorted({files[k] for k in keys if k in files}))))
+                            r.kv_bytes, r.work_bytes, tuple(sorted({files[k] for k in keys if k in files})),
+                            u.name in joined))
     return tuple(out)
 
 

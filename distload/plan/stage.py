@@ -65,7 +65,9 @@ _MAX_TIED_GROUP = 6        # members of one tied group whose resident subsets ar
 class UnitLoad:
     """One unit as the planner sees it: per-token cost, the storage it holds as (key,
     bytes) pairs, what it reserves on the device while running (see `reserve.py`), and
-    optionally the checkpoint files its tensors live in (a shard-aware tie-break)."""
+    optionally the checkpoint files its tensors live in (a shard-aware tie-break), and
+    whether it must run on the stage of the unit before it (`with_previous`: a layer that
+    reads another layer's KV cache; no stage starts at such a unit)."""
 
     name: str
     cost: float
@@ -73,6 +75,7 @@ class UnitLoad:
     kv_bytes: int = 0
     work_bytes: int = 0
     files: tuple[str, ...] = ()
+    with_previous: bool = False   # must stay on the stage of the unit before it (no boundary)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ a final norm and a head, each of which a pipeline stage may drop, run in order:
 A family subclasses `DecoderLayer` (its residual structure, in a few lines), and, where it
 has them, overrides `DecoderModel.embed` (embedding scales) and
 `DecoderForCausalLM.final_logits` (soft-capping, logit scales). Because the transforms
-live in the stage's `forward`, `last_only=True` (generation) gets them too.
+live in the stage's `forward`, `last_only=True` (generation) gets them too. A family whose
+layers need side inputs (Gemma 4's per-layer embeddings, shared KV) overrides
+`DecoderModel.begin` / `end`.
 
 Example::
 
@@ -83,14 +85,20 @@ class DecoderModel(nn.Module):
     """Embedding, decoder layers (``make_layer(config, index)`` each) and final `norm`;
     each may be absent in a pipeline stage. RoPE tables are `rotary_emb` (from
     ``config.rope``) plus any `extra_rotary` a family adds (Gemma 3's local table): a
-    layer's ``self_attn.rope_key`` names the attribute it uses, None for no RoPE."""
+    layer's ``self_attn.rope_key`` names the attribute it uses, None for no RoPE. `after_embed`
+    modules are registered right after the embedding (the units that follow it: Gemma 4's
+    per-layer embeddings). A family whose layers need more than the hidden states overrides
+    `begin` (what every layer of a forward also gets) and `end` (what the stage sends on)."""
 
     def __init__(self, config: Any, make_layer: Callable[[Any, int], DecoderLayer], *,
                  norm: nn.Module, interleaved_rope: bool = False,
-                 extra_rotary: Mapping[str, RotaryEmbedding] | None = None) -> None:
+                 extra_rotary: Mapping[str, RotaryEmbedding] | None = None,
+                 after_embed: Mapping[str, nn.Module] | None = None) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens: nn.Embedding | None = nn.Embedding(config.vocab_size, config.hidden_size)
+        for name, module in (after_embed or {}).items():   # registered here: units in run order
+            setattr(self, name, module)
         self.layers = nn.ModuleDict(
             {str(i): make_layer(config, i) for i in range(config.num_hidden_layers)})
         self.norm: nn.Module | None = norm
@@ -117,7 +125,7 @@ class DecoderModel(nn.Module):
         ``[B, T, H]``; returns hidden states ``[B, T, H]`` (normed if it has the norm).
         Without `position_ids`, positions count the real tokens of `attention_mask` (as
         `generate` does: left padding starts at 0), else run on from the cache's length."""
-        h = self.embed(x) if self.embed_tokens is not None else x
+        h, side = self.begin(x)
         layers = [layer for _, layer in sorted(self.layers.items(), key=lambda kv: int(kv[0]))]
         if layers:
             b, t = h.shape[:2]
@@ -141,9 +149,20 @@ class DecoderModel(nn.Module):
             for layer in layers:
                 attn = layer.self_attn
                 h = layer(h, rope=ropes.get(attn.rope_key), mask=masks[_mask_key(attn)],
-                          cache=cache)
+                          cache=cache, **side)
         if self.norm is not None:
             h = self.norm(h)
+        return self.end(h, side)
+
+    def begin(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """This stage's input → (hidden states ``[B, T, H]``, keyword arguments every layer
+        of this forward gets besides). Default: the embedding of ids where this part has
+        it, else `x` itself, and no side inputs."""
+        return (self.embed(x) if self.embed_tokens is not None else x), {}
+
+    def end(self, h: torch.Tensor, side: dict[str, Any]) -> torch.Tensor:
+        """What this part returns after its layers and norm (a family that sends side
+        inputs to the next stage packs them here). Default: the hidden states."""
         return h
 
 
@@ -223,12 +242,14 @@ def _default_positions(attention_mask: torch.Tensor | None, batch: int, length: 
 
 # Where multimodal checkpoints keep their text model: transformers 4.50's layout (what
 # 5.x's save_pretrained writes, and the hub holds) and 4.52+'s in-memory names.
-# A text-only export under the outer config keeps its plain names.
+# A text-only export under the outer config keeps its plain names (Gemma 4's per-layer
+# embedding modules among them).
 _TEXT_PREFIXES = ((re.compile(r"^language_model\.model\."), "model."),
                   (re.compile(r"^model\.language_model\."), "model."),
                   (re.compile(r"^language_model\.lm_head\."), "lm_head."),
                   (re.compile(r"^lm_head\."), "lm_head."),
-                  (re.compile(r"^model\.(?=(layers|embed_tokens|norm)\.)"), "model."))
+                  (re.compile(r"^model\.(?=(layers|embed_tokens|norm|embed_tokens_per_layer|per_layer_model_projection"
+                              r"|per_layer_projection_norm)\.)"), "model."))
 
 
 def nested_text_tensors(tensors: Mapping[str, TensorMeta], *, outer: str) -> dict[str, TensorMeta]:

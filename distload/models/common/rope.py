@@ -9,7 +9,9 @@ the pretraining length, long factors beyond it, and an attention factor on cos/s
 ``dynamic`` (NTK) is refused: transformers recomputes it statefully as sequences grow. A partial rotary
 factor rotates only the first ``head_dim * factor`` channels of each head; the
 interleaved style (GLM-4, Cohere) rotates channel pairs (0, 1), (2, 3), ... instead of
-the halves (i, i + d/2).
+the halves (i, i + d/2). ``proportional`` (Gemma 4's global layers) rotates the whole head
+with the first ``head_dim * partial_rotary_factor / 2`` frequencies of a full-width RoPE
+and zero for the rest (those channels pass through), all divided by `factor` (default 1).
 
 Example::
 
@@ -31,7 +33,7 @@ from torch import nn
 __all__ = ["RopeParams", "read_rope", "rope_inv_freq", "rope_attention_scaling", "RotaryEmbedding",
            "apply_rope"]
 
-ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn", "longrope")
+ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn", "longrope", "proportional")
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,10 @@ def read_rope(d: dict[str, Any], *, default_theta: float, max_positions: int,
         raise ValueError(f"partial_rotary_factor must be in (0, 1], not {partial}")
     if rope_type == "default":
         return RopeParams(theta=theta, partial_rotary_factor=partial)
+    if rope_type == "proportional":
+        factor = params.get("factor")
+        return RopeParams("proportional", theta, factor=1.0 if factor is None else _number(factor, f"{field}.factor"),
+                          partial_rotary_factor=partial)
 
     def need(key: str) -> Any:
         if params.get(key) is None:
@@ -180,6 +186,8 @@ def _number(value: Any, field: str, default: float | None = None) -> float:
 
 def rotary_dim(rope: RopeParams, head_dim: int) -> int:
     """Channels of each head that RoPE rotates."""
+    if rope.rope_type == "proportional":   # full width; the channels past its frequencies turn by 0
+        return head_dim
     return int(head_dim * rope.partial_rotary_factor)
 
 
@@ -192,6 +200,8 @@ def rope_inv_freq(rope: RopeParams, head_dim: int, device: torch.device | str | 
 
         rope_inv_freq(RopeParams(theta=1e4), 64).shape     # (32,)
     """
+    if rope.rope_type == "proportional":
+        return _proportional_inv_freq(rope, head_dim, device)
     dim = rotary_dim(rope, head_dim)
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
     if rope.rope_type == "longrope":
@@ -218,6 +228,19 @@ def rope_inv_freq(rope: RopeParams, head_dim: int, device: torch.device | str | 
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def _proportional_inv_freq(rope: RopeParams, head_dim: int, device) -> torch.Tensor:
+    """``[head_dim // 2]``: the first ``int(partial * head_dim // 2)`` frequencies of a
+    full-width RoPE (exponents over `head_dim`), zeros after, divided by `factor` (as
+    transformers' `_compute_proportional_rope_parameters`)."""
+    angles = int(rope.partial_rotary_factor * head_dim // 2)
+    exponents = torch.arange(0, 2 * angles, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (rope.theta ** exponents)
+    rest = head_dim // 2 - angles
+    if rest > 0:
+        inv_freq = torch.cat((inv_freq, torch.zeros(rest, dtype=torch.float32, device=device)))
+    return inv_freq / (rope.factor or 1.0)
 
 
 def _yarn_inv_freq(rope: RopeParams, dim: int, wavelengths: torch.Tensor) -> torch.Tensor:
