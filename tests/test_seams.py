@@ -21,6 +21,7 @@ from distload.checkpoint import index_checkpoint
 from distload.models import LlamaConfig, LlamaForCausalLM, ModelFamily, registry
 from distload.pipeline.schedules import registry as schedules
 from distload.pipeline.schedules.registry import Schedule
+from distload import dist
 from distload.cli.config import RunConfig
 from distload.io import Reader, ReadOptions, ReadStats
 from distload.sources import LocalSource, Source, base, open_source
@@ -226,3 +227,14 @@ def test_read_options_are_node_local_and_reported_per_rank(ckpt, tmp_path):
     assert [r["read_options"] for r in ranks] == [
         {"workers": 1, "staging_bytes": 16 << 20, "direct_io": False},
         {"workers": 3, "staging_bytes": 1 << 20, "direct_io": False}]
+
+
+def test_the_jobs_store_has_one_getter():
+    """Every store protocol goes through `dist.job_store`: torch's private getter is named
+    in dist.py alone; without a process group there is no job store."""
+    package = Path(distload.__file__).parent
+    users = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if "_get_default_store" in p.read_text())
+    assert users == ["dist.py"]
+    with pytest.raises(RuntimeError, match="init_world"):
+        dist.job_store()
+    assert dist.job_key("abc", "call", "") == "distload/abc/call/"

@@ -14,12 +14,14 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 
 import torch
 
+from ..dist import DEFAULT_TIMEOUT_S
+from ..io import MIN_STAGING_BYTES
 from ..launch.errorfile import record_error
 from ..plan.budget import parse_max_memory_arg, parse_size
 from .exits import Interrupted
 from .prompts import parse_ids
 
-__all__ = ["RunConfig", "parse_args", "check_device"]
+__all__ = ["RunConfig", "parse_args", "check_device", "flag_of"]
 
 
 def _opt(default, help: str, **kw):
@@ -43,9 +45,10 @@ class RunConfig:
                                          "<cache dir>/offload; see python -m distload.offload)")
     device: str | None = _opt(None, "'cpu' forces CPU ranks (gloo), 'cuda' GPU ranks (cuda:LOCAL_RANK); "
                                     "default cuda when CUDA is there")
-    timeout: float | None = _opt(None, "seconds a rank waits on another before giving up (between calls, "
-                                       "no limit); default: within the load as long as its bytes need "
-                                       "(at least 600 s), within a call 600 s")
+    timeout_s: float | None = _opt(None, "seconds a rank waits on another before giving up (between calls, "
+                                         "no limit); default: within the load as long as its bytes need "
+                                         f"(at least {DEFAULT_TIMEOUT_S:g} s), within a call {DEFAULT_TIMEOUT_S:g} s",
+                                   flag="timeout")
     read_workers: int = _opt(2, "reader threads per rank")
     direct_io: bool = _opt(False, "read with O_DIRECT where the filesystem allows it (no page cache: "
                                   "for cold loads; CPU ranks then read instead of mapping pages)",
@@ -95,7 +98,7 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """This config checked, with `memory_limits` parsed from `max_memory` (see
         `distload.plan.budget`); ValueError says what to write instead."""
-        if self.timeout is not None and self.timeout <= 0:
+        if self.timeout_s is not None and self.timeout_s <= 0:
             raise ValueError("--timeout must be positive")
         if self.read_workers < 1:
             raise ValueError("--read-workers must be at least 1")
@@ -120,8 +123,8 @@ class RunConfig:
         staging = None
         if self.staging_size is not None:
             staging = parse_size(self.staging_size)
-            if staging < 64 << 10:
-                raise ValueError(f"--staging-size {self.staging_size} is below the smallest, 64KiB")
+            if staging < MIN_STAGING_BYTES:
+                raise ValueError(f"--staging-size {self.staging_size} is below the smallest, {MIN_STAGING_BYTES >> 10}KiB")
         return replace(self, model=self._model_at_revision(),
                        memory_limits=parse_max_memory_arg(self.max_memory), staging_bytes=staging)
 
@@ -217,6 +220,12 @@ class _Parser(argparse.ArgumentParser):
             super().print_help(file)
 
 
+def flag_of(f) -> str:
+    """The flag of a `RunConfig` field: ``--`` and its name (or its metadata's ``flag``),
+    dashes for underscores."""
+    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m distload.load",
@@ -226,12 +235,13 @@ def _parser() -> argparse.ArgumentParser:
     for f in fields(RunConfig):
         if f.metadata.get("flag") is False:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        meta = dict(f.metadata)
+        flag = flag_of(f)
+        meta = {k: v for k, v in f.metadata.items() if k != "flag"}
         help_text = meta.pop("help")
         default = f.default if f.default is not MISSING else None
         if meta.pop("negatable", False):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
         elif meta.get("action") == "append":
             parser.add_argument(flag, dest=f.name, default=None, help=help_text, **meta)
         else:

@@ -31,7 +31,7 @@ def plan_job(model: str = "demo", *, world: World | None = None, dtype: torch.dt
              max_memory=None, strict: bool = True, cache_dir: str | None = None,
              offload_dir: str | None = None, max_batch_size: int | None = None,
              max_seq_len: int | None = None, device: str | None = None,
-             timeout_s: float = 600.0, source: Source | None = None,
+             timeout_s: float = DEFAULT_TIMEOUT_S, source: Source | None = None,
              workload: str = "generate") -> LoadPlan:
     """The plan every rank will follow, without loading anything (what ``--explain``
     shows, and the `pipe.plan` of a `load` with the same arguments). Every rank calls it:
@@ -100,9 +100,9 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
 
     The ranks wait for each other within the load as long as its bytes need
     (`distload.loader.waits`), or `timeout_s`, which also bounds every wait in a call
-    (default 600 s). `before_read(plan, root)` runs on rank 0 once the plan is made and
-    the files are on its node, before any weight is read (the CLI checks its prompts
-    against the model there); its error stops every rank.
+    (default `distload.dist.DEFAULT_TIMEOUT_S`, 600 s). `before_read(plan, root)` runs on
+    rank 0 once the plan is made and the files are on its node, before any weight is read
+    (the CLI checks its prompts against the model there); its error stops every rank.
 
     `verify_checksums`: each node's leader hashes the files its ranks read before they
     read them, against the hub's sha256 (a hub id) or a manifest written on the first

@@ -27,7 +27,8 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
-from ..dist import World, agree, run_on_rank0
+from ..dist import (DEFAULT_TIMEOUT_S, STORE_HEARTBEAT_S, STORE_POLL_S, World, agree, job_key, job_store,
+                    run_on_rank0)
 from ..errors import RankError
 from ..log import logger
 from ..plan.types import LoadPlan
@@ -36,11 +37,11 @@ from ..sources import Source
 __all__ = ["fetch_node_files", "on_node_leaders"]
 
 T = TypeVar("T")
-HEARTBEAT_S = 2.0   # a working leader bumps its heartbeat this often
+HEARTBEAT_S = STORE_HEARTBEAT_S   # a working leader bumps its heartbeat this often
 
 
 def fetch_node_files(world: World, source: Source, plan: LoadPlan, *,
-                     timeout_s: float = 600.0, verify_checksums: bool = False) -> tuple[str, int]:
+                     timeout_s: float = DEFAULT_TIMEOUT_S, verify_checksums: bool = False) -> tuple[str, int]:
     """Every rank: (the checkpoint's root on this node, the bytes this rank fetched — its
     node's download if it is the leader, else 0), once every node's leader made the files
     its node's ranks read present (and, with `verify_checksums`, checked their digests:
@@ -76,9 +77,8 @@ def on_node_leaders(world: World, fn: Callable[[], T], *, what: str, timeout_s: 
     if not world.distributed:
         return fn()
     token = run_on_rank0(world, lambda: uuid.uuid4().hex[:16], what=what)
-    keys = _Keys(f"distload/{token}/leaders", sorted(set(world.nodes)))
-    # the store every rank joined the job with; torch has no public getter for it
-    store = dist.distributed_c10d._get_default_store()
+    keys = _Keys(job_key(token, "leaders"), sorted(set(world.nodes)))
+    store = job_store()
     result, error = None, None
     if world.is_node_leader:
         beat = _Heartbeat(store, keys.alive(world.node))
@@ -156,7 +156,7 @@ def _wait(store, keys: _Keys, world: World, *, what: str, timeout_s: float) -> b
             while time.monotonic() < deadline:
                 if store.check([keys.done]):
                     return store.get(keys.done)
-                time.sleep(0.25)
+                time.sleep(STORE_POLL_S)
         except dist.DistNetworkError as exc:
             raise RankError(f"lost the job's store while {what}: the launcher or a rank is gone "
                             f"({exc})") from exc

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+from ..dist import STORE_HEARTBEAT_S
 from ..log import logger
 from ..plan.explain import compress_units
 from .board import JobBoard
@@ -36,7 +37,7 @@ from .board import JobBoard
 __all__ = ["RankProgress", "ProgressMonitor", "stage_label", "progress_enabled"]
 
 PUSH_SECONDS = 0.2      # a rank writes its state at most this often
-HEARTBEAT_SECONDS = 2.0  # ... and at least this often while it loads (`RankProgress.beating`)
+HEARTBEAT_SECONDS = STORE_HEARTBEAT_S  # ... and at least this often while it loads (`RankProgress.beating`)
 POLL_SECONDS = 0.5      # rank 0 reads every rank's state this often
 BAR_DELAY_SECONDS = 1.0  # no bar for a load quicker than this
 # phases in which a rank that reads nothing is stalled (in the others it waits, or writes)

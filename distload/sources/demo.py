@@ -25,6 +25,7 @@ from filelock import FileLock
 from ..cache import cache_root
 from ..checkpoint.index import CheckpointIndex, index_checkpoint
 from ..checkpoint.writer import write_sharded_checkpoint
+from ..dist import DEFAULT_TIMEOUT_S
 from ..dtypes import dtype_from_name, dtype_name
 from ..log import logger
 from ..models import build_model, config_from_dict
@@ -74,7 +75,7 @@ def ensure_demo_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     if path.is_dir():
         return path
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{path}.lock", timeout=600):
+    with FileLock(f"{path}.lock", timeout=DEFAULT_TIMEOUT_S):   # another process making it
         if not path.is_dir():  # another process may have made it while we waited
             logger.info("making the demo checkpoint in %s", path)
             make_checkpoint(DEMO_CONFIG, path, num_shards=DEMO_SHARDS, seed=_DEMO_SEED)
