@@ -23,8 +23,10 @@ from distload.pipeline.schedules import registry as schedules
 from distload.pipeline.schedules.registry import Schedule
 from distload import dist
 from distload.cli.config import RunConfig
+from distload.dist import World
 from distload.io import Reader, ReadOptions, ReadStats
-from distload.sources import LocalSource, Source, base, open_source
+from distload.loader.fetch import fetch_node_files
+from distload.sources import DemoSource, HubSource, LocalSource, Source, base, open_source
 from distload.sources.demo import make_checkpoint
 
 from .conftest import tiny_config
@@ -238,3 +240,42 @@ def test_the_jobs_store_has_one_getter():
     with pytest.raises(RuntimeError, match="init_world"):
         dist.job_store()
     assert dist.job_key("abc", "call", "") == "distload/abc/call/"
+
+
+def test_each_source_decides_what_a_node_fetches(ckpt):
+    """Sources decide (`Source.node_files`); the loader only asks the leader to fetch that."""
+    reads = ["model-00002-of-00002.safetensors"]
+    assert LocalSource(str(ckpt)).node_files(reads) == ()
+    assert open_source("s3://bucket/prefix").node_files(reads) == ()        # read in place
+    assert DemoSource("demo").node_files(reads) == tuple(reads)            # made whole on the node
+    hub = HubSource("acme/tiny")
+    hub.check({"kind": "hub", "label": "acme/tiny@" + "a" * 40, "repo": "acme/tiny", "revision": "a" * 40,
+               "support": ["tokenizer.json", "config.json"]})
+    assert hub.node_files(reads) == ("config.json", reads[0], "tokenizer.json")
+
+    class OneFile(LocalSource):
+        def __init__(self, spec, **kw):
+            super().__init__(spec, **kw)
+            self.asked, self.fetched = [], []
+
+        def node_files(self, reads):
+            self.asked.append(tuple(reads))
+            return tuple(reads[-1:])
+
+        def fetch(self, files, *, sizes=None):
+            self.fetched.append((tuple(files), dict(sizes)))
+            return 7
+
+    plan = distload.plan_job(str(ckpt), device="cpu")
+    world = World(0, 1, 0, torch.device("cpu"), None)
+    source = OneFile(str(ckpt))
+    read = sorted({m.file for m in plan.stage(0).reads})
+    assert fetch_node_files(world, source, plan) == (str(ckpt), 7)
+    assert source.asked == [tuple(read)]
+    assert source.fetched == [((read[-1],), {read[-1]: plan.file_sizes[read[-1]]})]
+
+    class Never(LocalSource):
+        def fetch(self, files, *, sizes=None):
+            raise AssertionError(f"asked to fetch {files}")
+
+    assert fetch_node_files(world, Never(str(ckpt)), plan) == (str(ckpt), 0)

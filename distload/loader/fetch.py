@@ -1,15 +1,18 @@
-"""Each node's leader makes the files its node's ranks read present (a download, for a
-hub id); every rank waits for every leader — on the job's store, not in a collective.
+"""Each node's leader brings in what its source says the node needs for the files its
+ranks read (`Source.node_files`: a hub id's shards, the demo checkpoint, or nothing); every
+rank waits for every leader — on the job's store, not in a collective. This module only
+coordinates (who fetches, who waits, how a failure reaches everyone), whatever the source.
 
 A download can take far longer than the process group's timeout (a gloo or NCCL
 collective fails after it), and one node's can end long before another's. So leaders
-publish their outcome under keys in the store torchrun set up, and every rank waits on
-those keys in chunks with no overall limit, while each leader still working bumps a
-heartbeat key every few seconds: a leader whose heartbeat stops for the timeout (its
-process died on a node whose launcher did not end the job, or it hangs) fails every rank
-with a message naming it. A leader's error reaches every rank: its own rank re-raises it,
-the others raise `RankError` naming that rank. Per load: one broadcast (the keys'
-prefix), then a few store round trips per rank, and the heartbeat checks while waiting.
+publish their outcome under keys in the job's store (`distload.dist.job_store`), and
+every rank waits on those keys in chunks with no overall limit, while each leader still
+working bumps a heartbeat key every few seconds: a leader whose heartbeat stops for the
+timeout (its process died on a node whose launcher did not end the job, or it hangs)
+fails every rank with a message naming it. A leader's error reaches every rank: its own
+rank re-raises it, the others raise `RankError` naming that rank. Per load: one broadcast
+(the keys' prefix), then a few store round trips per rank, and the heartbeat checks
+while waiting.
 
 Example::
 
@@ -56,13 +59,15 @@ def fetch_node_files(world: World, source: Source, plan: LoadPlan, *,
     node_ranks = world.node_ranks()
 
     def fetch() -> int:
-        files = sorted({m.file for r in node_ranks for m in plan.stage(r).reads})
-        fetched = source.fetch(files, sizes={f: plan.file_sizes[f] for f in files if f in plan.file_sizes})
+        reads = sorted({m.file for r in node_ranks for m in plan.stage(r).reads})
+        wanted = source.node_files(reads)   # the source decides what the node brings in
+        sizes = {f: plan.file_sizes[f] for f in wanted if f in plan.file_sizes}
+        fetched = source.fetch(wanted, sizes=sizes) if wanted else 0
         if fetched:
             logger.info("fetched %.1f MB of %s on this node (%d rank(s))", fetched / 1e6, plan.label,
                         len(node_ranks))
         if verify_checksums:
-            source.verify(files)
+            source.verify(reads)
         return fetched
 
     fetched = on_node_leaders(world, fetch, what=f"fetching {plan.label}", timeout_s=timeout_s)

@@ -105,7 +105,13 @@ class DemoSource(Source):
     def identity(self) -> dict:
         return {"kind": self.kind, "label": "demo", "recipe": _recipe_key()}
 
+    def node_files(self, reads) -> tuple[str, ...]:
+        """The files the node's ranks read: the demo checkpoint is made whole, once per
+        node (a node whose ranks read nothing still makes it: `root` needs it)."""
+        return tuple(sorted(set(reads)))
+
     def fetch(self, files, *, sizes=None) -> int:
+        """Make this node's demo checkpoint (all of it) unless it is there; its bytes."""
         path = cache_root(self.cache_dir) / f"demo-{_recipe_key()}"
         if path.is_dir():
             return 0
