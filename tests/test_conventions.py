@@ -1,5 +1,6 @@
 """Rules of the code base that a grep would state, checked on its syntax trees (docstrings
-and comments aside): each default a named constant defined once."""
+and comments aside): no Hugging Face weight name outside the model families and the
+accelerate layer, and each default a named constant defined once."""
 
 from __future__ import annotations
 
@@ -16,9 +17,25 @@ def _trees():
         yield path.relative_to(PACKAGE), ast.parse(path.read_text())
 
 
+def _code_strings(tree: ast.AST):
+    """The string constants of `tree` that are no docstring."""
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [node for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs]
+
+
 def _number(node: ast.AST) -> float | None:
     ok = isinstance(node, ast.Constant) and type(node.value) in (int, float)
     return node.value if ok else None
+
+
+def test_no_hugging_face_weight_name_outside_models_and_compat():
+    names = ("lm_head", "embed_tokens", "norm.weight", "model.layers")
+    found = [(str(rel), node.lineno, node.value) for rel, tree in _trees() if rel.parts[0] not in ("models", "compat")
+             for node in _code_strings(tree) if any(name in node.value for name in names)]
+    assert found == []
 
 
 def test_each_default_is_named_once():
