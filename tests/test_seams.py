@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import importlib
@@ -22,9 +22,10 @@ from distload.models import LlamaConfig, LlamaForCausalLM, ModelFamily, registry
 from distload.pipeline.schedules import registry as schedules
 from distload.pipeline.schedules.registry import Schedule
 from distload import dist
-from distload.cli.config import RunConfig
+from distload.cli import config as cli_config
+from distload.cli.config import parse_args
 from distload.dist import World
-from distload.io import Reader, ReadOptions, ReadStats
+from distload.io import Reader, ReadOptions, ReadStats, read_option
 from distload.loader.fetch import fetch_node_files
 from distload.sources import DemoSource, HubSource, LocalSource, Source, base, open_source
 from distload.sources.demo import make_checkpoint
@@ -169,8 +170,9 @@ def test_the_object_store_source_is_one_package_and_one_registration():
                                                 "(boto3 imported only when used)")]
     assert type(open_source("s3://bucket/prefix")).__name__ == "S3Source"
     cli_main = importlib.import_module("distload.cli.main")   # `distload.cli.main` is also a function
-    assert set(ReadOptions.flags()) <= set(cli_main._PER_RANK_FLAGS)
-    assert {f.name for f in fields(RunConfig)} >= set(ReadOptions.flags())
+    given = parse_args(["--read-workers", "3", "--staging-size", "1MiB", "--direct-io"])
+    assert given.read_options == ReadOptions(workers=3, staging_bytes=1 << 20, direct_io=True)
+    assert cli_main._flags(given) == cli_main._flags(parse_args([]))    # node-local: never compared
 
 
 def test_a_new_model_type_is_one_registration(ckpt, tmp_path, monkeypatch):
@@ -279,3 +281,25 @@ def test_each_source_decides_what_a_node_fetches(ckpt):
             raise AssertionError(f"asked to fetch {files}")
 
     assert fetch_node_files(world, Never(str(ckpt)), plan) == (str(ckpt), 0)
+
+
+def test_a_new_read_option_is_one_line_and_gets_its_flag(capsys):
+    """A field added to `ReadOptions` (here in a subclass) is a CLI flag, parsed into the
+    options, reported; a bad value is one line naming the flag."""
+    @dataclass(frozen=True)
+    class MoreOptions(ReadOptions):
+        queue_depth: int = read_option(32, flag="io_queue_depth", help="requests in flight per file")
+
+    parser = cli_config._parser(MoreOptions)
+    assert "--io-queue-depth" in parser.format_help() and "requests in flight per file" in parser.format_help()
+    values = vars(parser.parse_args(["--io-queue-depth", "8", "--staging-size", "1MiB", "--no-direct-io"]))
+    options = cli_config.read_options_from(values, MoreOptions)
+    assert options == MoreOptions(queue_depth=8, staging_bytes=1 << 20, direct_io=False)
+    assert options.report()["queue_depth"] == 8 and not set(MoreOptions.flags()) & set(values)
+    assert cli_config.read_options_from({}, MoreOptions) == MoreOptions()      # not given: the defaults
+    for argv, line in ((["--staging-size", "1KiB"], "staging_bytes (--staging-size) must be at least 64KiB"),
+                       (["--staging-size", "20G"], "--staging-size 20G: memory size '20G' is ambiguous"),
+                       (["--read-workers", "0"], "read_workers (--read-workers) must be at least 1")):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(argv)
+        assert exit_.value.code == 2 and line in capsys.readouterr().err

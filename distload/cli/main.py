@@ -20,7 +20,6 @@ from .. import trace
 from ..dist import (DEFAULT_TIMEOUT_S, World, agree_on_arguments, dead_peers, init_world, note_leaving,
                     peers_gone, run_on_rank0, shutdown)
 from ..errors import DistloadError, RankError, UsageError
-from ..io import ReadOptions
 from ..launch.errorfile import record_error
 from ..loader import load, plan_job
 from ..loader.report import versions
@@ -36,9 +35,10 @@ from .table import format_generation, format_offload_waits, format_table, write_
 
 __all__ = ["main", "run", "entry"]
 
-# Flags that may differ between ranks: paths on each node, how much a rank logs, and the
-# reader's options (node-local, declared with them: `distload.io.ReadOptions`).
-_PER_RANK_FLAGS = ("cache_dir", "offload_dir", "log_level", *ReadOptions.flags())
+# Flags that may differ between ranks: paths on each node and how much a rank logs. The
+# reader's options may too: node-local, they are `cfg.read_options` (flag False), never
+# compared (declared once: `distload.io.ReadOptions`).
+_PER_RANK_FLAGS = ("cache_dir", "offload_dir", "log_level")
 
 DEMO_INPUT_IDS = ("1,15,27,300,42,7", "5,9,81,2")
 
@@ -185,8 +185,7 @@ def _load_and_run(cfg: RunConfig, world: World) -> int:
     generating = cfg.max_new_tokens > 0 and run_on_rank0(world, prompts.read, what="reading the prompts") > 0
     pipe = load(cfg.model, dtype=cfg.dtype, strict=cfg.strict, cache_dir=cfg.cache_dir,
                 offload_dir=cfg.offload_dir, device=cfg.device, timeout_s=cfg.timeout_s,
-                read_workers=cfg.read_workers, direct_io=cfg.direct_io,
-                staging_bytes=cfg.staging_bytes, micro_batches=cfg.micro_batches,
+                read_options=cfg.read_options, micro_batches=cfg.micro_batches,
                 max_memory=cfg.memory_limits, max_batch_size=cfg.max_batch_size,
                 max_seq_len=cfg.max_seq_len, world=world, workload="generate",  # the CLI generates
                 before_read=prompts.check if generating else None,

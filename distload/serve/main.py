@@ -166,8 +166,7 @@ def run(ns, cfg, signals: _Signals) -> int:
         logger.warning("%s: not used by the server (each request brings its own prompt and sampling)", ", ".join(_unused(cfg)))
     pipe = load(cfg.model, dtype=cfg.dtype, strict=cfg.strict, cache_dir=cfg.cache_dir,
                 offload_dir=cfg.offload_dir, device=cfg.device, timeout_s=cfg.timeout_s,
-                read_workers=cfg.read_workers, direct_io=cfg.direct_io,
-                staging_bytes=cfg.staging_bytes, micro_batches=cfg.micro_batches,
+                read_options=cfg.read_options, micro_batches=cfg.micro_batches,
                 max_memory=cfg.memory_limits, max_batch_size=cfg.max_batch_size or DEFAULT_SLOTS,
                 max_seq_len=cfg.max_seq_len, world=world, workload="generate")
     if not world.is_first:
