@@ -31,7 +31,7 @@ from collections.abc import Iterator
 
 from ..dist import STORE_HEARTBEAT_S
 from ..log import logger
-from ..plan.explain import compress_units
+from ..plan.explain import short_units
 from .board import JobBoard
 
 __all__ = ["RankProgress", "ProgressMonitor", "stage_label", "progress_enabled"]
@@ -57,8 +57,8 @@ def progress_enabled() -> bool:
 
 
 def stage_label(plan, rank: int) -> str:
-    """``layers.40-47, norm, lm_head``: a stage's units for people."""
-    return compress_units(plan.stage(rank).units).replace("model.", "") or "-"
+    """``layers.40-47, norm, lm_head``: a stage's units for people (`short_units`)."""
+    return short_units(plan.stage(rank).units)
 
 
 class RankProgress:
