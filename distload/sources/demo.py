@@ -26,7 +26,7 @@ from ..cache import cache_root
 from ..checkpoint.index import CheckpointIndex, index_checkpoint
 from ..checkpoint.writer import write_sharded_checkpoint
 from ..dist import DEFAULT_TIMEOUT_S
-from ..dtypes import dtype_from_name, dtype_name
+from ..dtypes import FLOAT32_STEP_ELEMENTS, dtype_from_name, dtype_name
 from ..log import logger
 from ..models import build_model, config_from_dict
 from .base import Source, register_source
@@ -174,13 +174,10 @@ def _random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dt
     gen = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
     out = torch.empty(shape, dtype=dtype)
     flat = out.view(-1)
-    for start in range(0, flat.numel(), _CHUNK):
-        noise = torch.randn(min(_CHUNK, flat.numel() - start), generator=gen)
+    for start in range(0, flat.numel(), FLOAT32_STEP_ELEMENTS):
+        noise = torch.randn(min(FLOAT32_STEP_ELEMENTS, flat.numel() - start), generator=gen)
         flat[start:start + noise.numel()] = 1.0 + 0.05 * noise if is_norm else 0.02 * noise
     return out
-
-
-_CHUNK = 1 << 22  # elements drawn at a time (16 MiB of float32)
 
 
 def _shard_capacity(sizes: list[int], num_shards: int) -> int:
