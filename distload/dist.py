@@ -30,10 +30,17 @@ from .log import logger
 
 __all__ = ["World", "init_world", "run_on_rank0", "agree", "agree_on_arguments", "gather_objects",
            "shutdown", "watch_peers", "peers_gone", "group_timeout_s", "lost_peer", "note_leaving",
-           "dead_peers"]
+           "dead_peers", "job_store", "job_key", "DEFAULT_TIMEOUT_S", "STORE_POLL_S", "STORE_HEARTBEAT_S"]
 
 T = TypeVar("T")
+# The one default of every wait between processes that has no better bound: the process
+# groups' timeout, a call's waits, a silent node leader, another process's file lock.
 DEFAULT_TIMEOUT_S = 600.0
+# The job's store protocols (`job_store`): the longest pause between two looks at a key
+# another rank sets (a wait ends at most this late), and how often a rank busy for long
+# shows it lives by bumping a key of its own.
+STORE_POLL_S = 0.25
+STORE_HEARTBEAT_S = 2.0
 
 # Process groups made here beside the default one, by purpose ("cpu", "return"). Held here
 # only, never in `World` (which users keep through their pipeline): a gloo group's worker
@@ -248,7 +255,33 @@ def lost_peer(exc: BaseException, what: str, *, peer: int | None = None) -> Rank
     return RankError(f"lost the connection to {who} during {what}: it died or stopped")
 
 
-_NOTE = "distload/left/{}"
+def job_store() -> dist.Store:
+    """The job's key-value store: the one every rank joined the job with (the TCPStore
+    torchrun set up), which every store protocol of distload shares — each node leader's
+    fetch (`distload.loader.fetch`), the load's board (`distload.loader.board`), the call
+    announcements (`distload.pipeline.calls`) and the notes of ranks that leave. Unlike a
+    collective, a wait on it is bounded by its caller, never by the process group's
+    timeout. Any rank, once `init_world` made the process group; `RuntimeError` before.
+
+    Example::
+
+        store = job_store()
+        store.set(job_key(token, "ready"), "1")      # every rank finds the same key
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("the job's store exists only once the process group is made (init_world)")
+    # torch has no public getter for it: this is distload's one use of the private name
+    return dist.distributed_c10d._get_default_store()
+
+
+def job_key(*parts: object) -> str:
+    """A key of distload's in the job's store: ``distload/<part>/<part>...`` (a protocol
+    makes its parts unique per job, e.g. with a token rank 0 drew, so that keys left in
+    a long-lived store by an earlier job never match)."""
+    return "/".join(("distload", *map(str, parts)))
+
+
+_NOTE = job_key("left", "{}")
 
 
 def note_leaving(reason: str, cause: str | None = None) -> None:
@@ -260,7 +293,7 @@ def note_leaving(reason: str, cause: str | None = None) -> None:
         return
     try:
         note = pickle.dumps((cause, reason))
-        dist.distributed_c10d._get_default_store().set(_NOTE.format(dist.get_rank()), note)
+        job_store().set(_NOTE.format(dist.get_rank()), note)
     except Exception as exc:  # noqa: BLE001 - leaving anyway
         logger.debug("could not leave a note on the job's store: %s", exc)
 
@@ -281,7 +314,7 @@ def _notes(ranks: list[int]) -> dict[int, tuple[str | None, str]] | None:
     if not ranks or not dist.is_initialized():
         return out
     try:
-        store = dist.distributed_c10d._get_default_store()
+        store = job_store()
         for r in ranks:
             if store.check([_NOTE.format(r)]):
                 out[r] = pickle.loads(store.get(_NOTE.format(r)))

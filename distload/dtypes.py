@@ -15,7 +15,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dtype_name", "dtype_from_name", "normalize_dtype", "cast_dtype", "is_floating"]
+__all__ = ["dtype_name", "dtype_from_name", "normalize_dtype", "cast_dtype", "is_floating",
+           "FLOAT32_STEP_ELEMENTS"]
+
+# Elements a loop over a whole tensor turns into float32 temporaries at once (16 MiB of
+# them): drawing random weights, decoding quantized blocks. Bounds the temporaries, whatever
+# the tensor.
+FLOAT32_STEP_ELEMENTS = 1 << 22
 
 _ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
             "float": "float32", "auto": None, "none": None}

@@ -130,7 +130,7 @@ def test_writer_killed_mid_write_leaves_nothing_visible(ckpt, tmp_path):
     _wait_for(ready, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
-    store = OffloadStore(root, timeout=5)       # its lock died with it: no waiting
+    store = OffloadStore(root, timeout_s=5)       # its lock died with it: no waiting
     leftovers = list((root / "data").glob("*/.*.tmp.*"))
     assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # bytes reached the disk ...
     assert list_entries(store) == []                               # ... but no entry is visible
@@ -148,7 +148,7 @@ def test_lock_waits_with_a_clear_timeout_and_dies_with_its_process(ckpt, tmp_pat
     _wait_for(ready, proc)
     index = index_checkpoint(ckpt)
     meta = min(index.tensors.values(), key=lambda m: EntrySpec.from_meta(m, "bfloat16").key)
-    store = OffloadStore(root, timeout=0.5)
+    store = OffloadStore(root, timeout_s=0.5)
     try:
         with pytest.raises(OffloadError, match=r"waited 0.5 s for .*\.lock to write offload entry"):
             ensure_entries(store, {meta.name: meta}, checkpoint=str(ckpt), dtype="bfloat16")

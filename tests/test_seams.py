@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import importlib
@@ -21,9 +21,13 @@ from distload.checkpoint import index_checkpoint
 from distload.models import LlamaConfig, LlamaForCausalLM, ModelFamily, registry
 from distload.pipeline.schedules import registry as schedules
 from distload.pipeline.schedules.registry import Schedule
-from distload.cli.config import RunConfig
-from distload.io import Reader, ReadOptions, ReadStats
-from distload.sources import LocalSource, Source, base, open_source
+from distload import dist
+from distload.cli import config as cli_config
+from distload.cli.config import parse_args
+from distload.dist import World
+from distload.io import Reader, ReadOptions, ReadStats, read_option
+from distload.loader.fetch import fetch_node_files
+from distload.sources import DemoSource, HubSource, LocalSource, Source, base, open_source
 from distload.sources.demo import make_checkpoint
 
 from .conftest import tiny_config
@@ -166,8 +170,9 @@ def test_the_object_store_source_is_one_package_and_one_registration():
                                                 "(boto3 imported only when used)")]
     assert type(open_source("s3://bucket/prefix")).__name__ == "S3Source"
     cli_main = importlib.import_module("distload.cli.main")   # `distload.cli.main` is also a function
-    assert set(ReadOptions.flags()) <= set(cli_main._PER_RANK_FLAGS)
-    assert {f.name for f in fields(RunConfig)} >= set(ReadOptions.flags())
+    given = parse_args(["--read-workers", "3", "--staging-size", "1MiB", "--direct-io"])
+    assert given.read_options == ReadOptions(workers=3, staging_bytes=1 << 20, direct_io=True)
+    assert cli_main._flags(given) == cli_main._flags(parse_args([]))    # node-local: never compared
 
 
 def test_a_new_model_type_is_one_registration(ckpt, tmp_path, monkeypatch):
@@ -226,3 +231,75 @@ def test_read_options_are_node_local_and_reported_per_rank(ckpt, tmp_path):
     assert [r["read_options"] for r in ranks] == [
         {"workers": 1, "staging_bytes": 16 << 20, "direct_io": False},
         {"workers": 3, "staging_bytes": 1 << 20, "direct_io": False}]
+
+
+def test_the_jobs_store_has_one_getter():
+    """Every store protocol goes through `dist.job_store`: torch's private getter is named
+    in dist.py alone; without a process group there is no job store."""
+    package = Path(distload.__file__).parent
+    users = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if "_get_default_store" in p.read_text())
+    assert users == ["dist.py"]
+    with pytest.raises(RuntimeError, match="init_world"):
+        dist.job_store()
+    assert dist.job_key("abc", "call", "") == "distload/abc/call/"
+
+
+def test_each_source_decides_what_a_node_fetches(ckpt):
+    """Sources decide (`Source.node_files`); the loader only asks the leader to fetch that."""
+    reads = ["model-00002-of-00002.safetensors"]
+    assert LocalSource(str(ckpt)).node_files(reads) == ()
+    assert open_source("s3://bucket/prefix").node_files(reads) == ()        # read in place
+    assert DemoSource("demo").node_files(reads) == tuple(reads)            # made whole on the node
+    hub = HubSource("acme/tiny")
+    hub.check({"kind": "hub", "label": "acme/tiny@" + "a" * 40, "repo": "acme/tiny", "revision": "a" * 40,
+               "support": ["tokenizer.json", "config.json"]})
+    assert hub.node_files(reads) == ("config.json", reads[0], "tokenizer.json")
+
+    class OneFile(LocalSource):
+        def __init__(self, spec, **kw):
+            super().__init__(spec, **kw)
+            self.asked, self.fetched = [], []
+
+        def node_files(self, reads):
+            self.asked.append(tuple(reads))
+            return tuple(reads[-1:])
+
+        def fetch(self, files, *, sizes=None):
+            self.fetched.append((tuple(files), dict(sizes)))
+            return 7
+
+    plan = distload.plan_job(str(ckpt), device="cpu")
+    world = World(0, 1, 0, torch.device("cpu"), None)
+    source = OneFile(str(ckpt))
+    read = sorted({m.file for m in plan.stage(0).reads})
+    assert fetch_node_files(world, source, plan) == (str(ckpt), 7)
+    assert source.asked == [tuple(read)]
+    assert source.fetched == [((read[-1],), {read[-1]: plan.file_sizes[read[-1]]})]
+
+    class Never(LocalSource):
+        def fetch(self, files, *, sizes=None):
+            raise AssertionError(f"asked to fetch {files}")
+
+    assert fetch_node_files(world, Never(str(ckpt)), plan) == (str(ckpt), 0)
+
+
+def test_a_new_read_option_is_one_line_and_gets_its_flag(capsys):
+    """A field added to `ReadOptions` (here in a subclass) is a CLI flag, parsed into the
+    options, reported; a bad value is one line naming the flag."""
+    @dataclass(frozen=True)
+    class MoreOptions(ReadOptions):
+        queue_depth: int = read_option(32, flag="io_queue_depth", help="requests in flight per file")
+
+    parser = cli_config._parser(MoreOptions)
+    assert "--io-queue-depth" in parser.format_help() and "requests in flight per file" in parser.format_help()
+    values = vars(parser.parse_args(["--io-queue-depth", "8", "--staging-size", "1MiB", "--no-direct-io"]))
+    options = cli_config.read_options_from(values, MoreOptions)
+    assert options == MoreOptions(queue_depth=8, staging_bytes=1 << 20, direct_io=False)
+    assert options.report()["queue_depth"] == 8 and not set(MoreOptions.flags()) & set(values)
+    assert cli_config.read_options_from({}, MoreOptions) == MoreOptions()      # not given: the defaults
+    for argv, line in ((["--staging-size", "1KiB"], "staging_bytes (--staging-size) must be at least 64KiB"),
+                       (["--staging-size", "20G"], "--staging-size 20G: memory size '20G' is ambiguous"),
+                       (["--read-workers", "0"], "read_workers (--read-workers) must be at least 1")):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(argv)
+        assert exit_.value.code == 2 and line in capsys.readouterr().err

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import torch
 
+from ..dtypes import FLOAT32_STEP_ELEMENTS
+
 __all__ = ["apply_block_scales_", "fp8_decode", "mxfp4_decode", "FP4_VALUES"]
 
 # e2m1: the 16 values of a nibble (sign bit 3).
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-_ROWS_PER_STEP = 1 << 22   # elements decoded at once: bounds the float32 temporaries
 
 
 def _scale_values(scale: torch.Tensor) -> torch.Tensor:
@@ -47,7 +48,7 @@ def apply_block_scales_(weight: torch.Tensor, scale: torch.Tensor,
     rows, cols = weight.shape[-2:]
     w = weight.view(-1, rows, cols)
     s = s.reshape(-1, s.shape[-2], s.shape[-1])
-    step = max(b0, (_ROWS_PER_STEP // max(cols, 1)) // b0 * b0)
+    step = max(b0, (FLOAT32_STEP_ELEMENTS // max(cols, 1)) // b0 * b0)
     for lead in range(w.shape[0]):
         for r0 in range(0, rows, step):
             r1 = min(r0 + step, rows)
@@ -75,7 +76,7 @@ def mxfp4_decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
         out = torch.empty(experts, groups * width * 2, rows, dtype=dtype, device=blocks.device)
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
     exps = scales.to(torch.int32) - 127
-    per_expert = max(1, _ROWS_PER_STEP // max(groups * width * 2, 1))
+    per_expert = max(1, FLOAT32_STEP_ELEMENTS // max(groups * width * 2, 1))
     for e in range(experts):
         for r0 in range(0, rows, per_expert):
             r1 = min(r0 + per_expert, rows)

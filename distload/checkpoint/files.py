@@ -25,7 +25,12 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["missing_path_message", "open_checkpoint_file", "check_checkpoint_file", "file_kind", "byte_view"]
+__all__ = ["missing_path_message", "open_checkpoint_file", "check_checkpoint_file", "file_kind", "byte_view",
+           "FILE_CHUNK_BYTES"]
+
+# Bytes per buffered write or hashing read of a whole file (checksums, offload entries):
+# large enough for a disk's full speed, small enough that the buffer never matters.
+FILE_CHUNK_BYTES = 16 << 20
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))

@@ -1,7 +1,9 @@
 """The one configuration dataclass that drives the CLI (`python -m distload.load`).
 
 Each field's metadata gives its flag help; `parse_args` builds argparse from the fields
-and validates early, with messages that say what to do.
+and validates early, with messages that say what to do. The per-rank read options' flags
+derive from their one declaration, `distload.io.ReadOptions` (`add_read_option_flags`):
+a new read option is one line there.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 
 import torch
 
+from ..dist import DEFAULT_TIMEOUT_S
+from ..io import ReadOptions
 from ..launch.errorfile import record_error
-from ..plan.budget import parse_max_memory_arg, parse_size
+from ..plan.budget import parse_max_memory_arg
 from .exits import Interrupted
 from .prompts import parse_ids
 
-__all__ = ["RunConfig", "parse_args", "check_device"]
+__all__ = ["RunConfig", "parse_args", "check_device", "flag_of", "add_read_option_flags", "read_options_from"]
 
 
 def _opt(default, help: str, **kw):
@@ -43,15 +47,10 @@ class RunConfig:
                                          "<cache dir>/offload; see python -m distload.offload)")
     device: str | None = _opt(None, "'cpu' forces CPU ranks (gloo), 'cuda' GPU ranks (cuda:LOCAL_RANK); "
                                     "default cuda when CUDA is there")
-    timeout: float | None = _opt(None, "seconds a rank waits on another before giving up (between calls, "
-                                       "no limit); default: within the load as long as its bytes need "
-                                       "(at least 600 s), within a call 600 s")
-    read_workers: int = _opt(2, "reader threads per rank")
-    direct_io: bool = _opt(False, "read with O_DIRECT where the filesystem allows it (no page cache: "
-                                  "for cold loads; CPU ranks then read instead of mapping pages)",
-                           negatable=True)
-    staging_size: str | None = _opt(None, "bytes per read and per staging buffer (pinned, two per "
-                                          "reader thread on CUDA), e.g. 16MiB (default), at least 64KiB")
+    timeout_s: float | None = _opt(None, "seconds a rank waits on another before giving up (between calls, "
+                                         "no limit); default: within the load as long as its bytes need "
+                                         f"(at least {DEFAULT_TIMEOUT_S:g} s), within a call {DEFAULT_TIMEOUT_S:g} s",
+                                   flag="timeout")
     verify_checksums: bool = _opt(False, "before any rank reads them, hash the files each node's ranks read: "
                                          "a hub id's against the hub's sha256, a local checkpoint's against "
                                          "a manifest in the cache dir written on the first such run",
@@ -89,16 +88,15 @@ class RunConfig:
 
     # not a flag: `max_memory` parsed once, by `validate`
     memory_limits: dict | None = field(default=None, metadata={"flag": False})
-    # not a flag: `staging_size` parsed once, by `validate` (None: the reader's default)
-    staging_bytes: int | None = field(default=None, metadata={"flag": False})
+    # the read options' own flags (`ReadOptions`, each field one; node-local: never compared
+    # between ranks), parsed by `parse_args`
+    read_options: ReadOptions = field(default_factory=ReadOptions, metadata={"flag": False})
 
     def validate(self) -> "RunConfig":
         """This config checked, with `memory_limits` parsed from `max_memory` (see
         `distload.plan.budget`); ValueError says what to write instead."""
-        if self.timeout is not None and self.timeout <= 0:
+        if self.timeout_s is not None and self.timeout_s <= 0:
             raise ValueError("--timeout must be positive")
-        if self.read_workers < 1:
-            raise ValueError("--read-workers must be at least 1")
         if self.max_new_tokens < 0:
             raise ValueError("--max-new-tokens must be 0 or more")
         if self.micro_batches is not None and self.micro_batches < 1:
@@ -117,13 +115,7 @@ class RunConfig:
                 raise ValueError(f"{flag} {path}: its directory does not exist")
         check_device(self.device)
         self._validate_generation()
-        staging = None
-        if self.staging_size is not None:
-            staging = parse_size(self.staging_size)
-            if staging < 64 << 10:
-                raise ValueError(f"--staging-size {self.staging_size} is below the smallest, 64KiB")
-        return replace(self, model=self._model_at_revision(),
-                       memory_limits=parse_max_memory_arg(self.max_memory), staging_bytes=staging)
+        return replace(self, model=self._model_at_revision(), memory_limits=parse_max_memory_arg(self.max_memory))
 
     def _model_at_revision(self) -> str:
         """`model` with `revision` folded in (``ORG/NAME@REV``), checked to be a hub id."""
@@ -217,7 +209,13 @@ class _Parser(argparse.ArgumentParser):
             super().print_help(file)
 
 
-def _parser() -> argparse.ArgumentParser:
+def flag_of(f) -> str:
+    """The flag of a `RunConfig` field: ``--`` and its name (or its metadata's ``flag``),
+    dashes for underscores."""
+    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+def _parser(options: type[ReadOptions] = ReadOptions) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m distload.load",
         description="Load a model across the ranks torchrun started, each rank reading only its "
@@ -226,18 +224,54 @@ def _parser() -> argparse.ArgumentParser:
     for f in fields(RunConfig):
         if f.metadata.get("flag") is False:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        meta = dict(f.metadata)
+        flag = flag_of(f)
+        meta = {k: v for k, v in f.metadata.items() if k != "flag"}
         help_text = meta.pop("help")
         default = f.default if f.default is not MISSING else None
         if meta.pop("negatable", False):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
         elif meta.get("action") == "append":
             parser.add_argument(flag, dest=f.name, default=None, help=help_text, **meta)
         else:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
             parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_text)
+    add_read_option_flags(parser, options)
     return parser
+
+
+def add_read_option_flags(parser: argparse.ArgumentParser, options: type[ReadOptions] = ReadOptions) -> None:
+    """One flag per field of `options` (`ReadOptions` or a subclass: its `read_option`
+    metadata), in a group of their own; each dest is the option's flag name, None where
+    not given (the option's default then). `read_options_from` turns them into options."""
+    group = parser.add_argument_group("per-rank read options (node-local: they may differ between ranks)")
+    for f in fields(options):
+        meta = f.metadata
+        flag, dest = "--" + meta["flag"].replace("_", "-"), meta["flag"]
+        if isinstance(f.default, bool):
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+        else:   # a custom parse runs in `read_options_from`, so that its error names the flag
+            group.add_argument(flag, dest=dest, default=None, type=str if meta["parse"] else type(f.default),
+                               metavar=meta["metavar"], help=meta["help"])
+
+
+def read_options_from(values: dict, options: type[ReadOptions] = ReadOptions) -> ReadOptions:
+    """The `options` the read-option flags in `values` (dest -> value, as parsed by
+    `add_read_option_flags`) set; the others keep their defaults. Takes those entries out
+    of `values`. ValueError names a bad flag."""
+    given = {}
+    for f in fields(options):
+        flag = f.metadata["flag"]
+        value = values.pop(flag, None)
+        if value is None:
+            continue
+        if f.metadata["parse"] is not None:
+            try:
+                value = f.metadata["parse"](value)
+            except ValueError as e:
+                raise ValueError(f"--{flag.replace('_', '-')} {value}: {e}") from None
+        given[f.name] = value
+    return options(**given)
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
@@ -249,6 +283,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     ns["input_ids"] = ns["input_ids"] or ()
     ns["prompt"] = ns["prompt"] or ()
     try:
-        return RunConfig(**ns).validate()
+        read_options = read_options_from(ns)
+        return RunConfig(**ns, read_options=read_options).validate()
     except ValueError as e:
         parser.error(str(e))

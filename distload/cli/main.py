@@ -20,7 +20,6 @@ from .. import trace
 from ..dist import (DEFAULT_TIMEOUT_S, World, agree_on_arguments, dead_peers, init_world, note_leaving,
                     peers_gone, run_on_rank0, shutdown)
 from ..errors import DistloadError, RankError, UsageError
-from ..io import ReadOptions
 from ..launch.errorfile import record_error
 from ..loader import load, plan_job
 from ..loader.report import versions
@@ -28,7 +27,7 @@ from ..loader.tracing import write_job_trace, write_own_trace
 from ..log import logger, setup_logging
 from ..pipeline.inputs import resolve_eos
 from ..plan.explain import explain_plan
-from .config import RunConfig, parse_args
+from .config import RunConfig, flag_of, parse_args
 from .exits import ERROR, INTERRUPTED, OK, TERMINATED, USAGE, Interrupted, install_signal_handlers, leave
 from .prompts import (format_result, left_pad, new_tokens, optional_tokenizer, prepare_requests,
                       read_prompts, write_outputs)
@@ -36,9 +35,10 @@ from .table import format_generation, format_offload_waits, format_table, write_
 
 __all__ = ["main", "run", "entry"]
 
-# Flags that may differ between ranks: paths on each node, how much a rank logs, and the
-# reader's options (node-local, declared with them: `distload.io.ReadOptions`).
-_PER_RANK_FLAGS = ("cache_dir", "offload_dir", "log_level", *ReadOptions.flags())
+# Flags that may differ between ranks: paths on each node and how much a rank logs. The
+# reader's options may too: node-local, they are `cfg.read_options` (flag False), never
+# compared (declared once: `distload.io.ReadOptions`).
+_PER_RANK_FLAGS = ("cache_dir", "offload_dir", "log_level")
 
 DEMO_INPUT_IDS = ("1,15,27,300,42,7", "5,9,81,2")
 
@@ -175,7 +175,7 @@ def _explain(cfg: RunConfig, world) -> int:
 
 def _flags(cfg: RunConfig) -> dict:
     """The command line as rank 0 must agree with it (``--flag``: value), and versions."""
-    flags = {"--" + f.name.replace("_", "-"): getattr(cfg, f.name) for f in fields(cfg)
+    flags = {flag_of(f): getattr(cfg, f.name) for f in fields(cfg)
              if f.metadata.get("flag") is not False and f.name not in _PER_RANK_FLAGS}
     return {**flags, **versions()}
 
@@ -184,9 +184,8 @@ def _load_and_run(cfg: RunConfig, world: World) -> int:
     prompts = _Prompts(cfg)
     generating = cfg.max_new_tokens > 0 and run_on_rank0(world, prompts.read, what="reading the prompts") > 0
     pipe = load(cfg.model, dtype=cfg.dtype, strict=cfg.strict, cache_dir=cfg.cache_dir,
-                offload_dir=cfg.offload_dir, device=cfg.device, timeout_s=cfg.timeout,
-                read_workers=cfg.read_workers, direct_io=cfg.direct_io,
-                staging_bytes=cfg.staging_bytes, micro_batches=cfg.micro_batches,
+                offload_dir=cfg.offload_dir, device=cfg.device, timeout_s=cfg.timeout_s,
+                read_options=cfg.read_options, micro_batches=cfg.micro_batches,
                 max_memory=cfg.memory_limits, max_batch_size=cfg.max_batch_size,
                 max_seq_len=cfg.max_seq_len, world=world, workload="generate",  # the CLI generates
                 before_read=prompts.check if generating else None,
@@ -225,7 +224,7 @@ def _load_and_run(cfg: RunConfig, world: World) -> int:
 
 def run(cfg: RunConfig) -> int:
     """Every rank: the whole run of one command line; raises on any failure."""
-    world = init_world(timeout_s=cfg.timeout or DEFAULT_TIMEOUT_S, device=cfg.device)
+    world = init_world(timeout_s=cfg.timeout_s or DEFAULT_TIMEOUT_S, device=cfg.device)
     agree_on_arguments(world, _flags(cfg))
     if world.is_first:
         for note in cfg.warnings():

@@ -12,20 +12,9 @@ import contextlib
 import json
 import os
 
-from ..plan.explain import compress_units
+from ..plan.explain import short_units
 
 __all__ = ["format_offload_waits", "format_table", "format_generation", "write_report"]
-
-
-def _short_units(units: list[str]) -> str:
-    """``model.embed_tokens, model.layers.0-3`` → ``embed_tokens, layers.0-3``: each run of
-    units by its last name (and the range of a numbered run)."""
-    parts = []
-    for part in compress_units(units).split(", "):
-        head, _, tail = part.rpartition(".")
-        numbered = tail.replace("-", "").isdigit()
-        parts.append(f"{head.rpartition('.')[2]}.{tail}" if numbered and head else tail or part)
-    return ", ".join(parts) or "-"
 
 
 def _fit(text: str, width: int) -> str:
@@ -44,7 +33,7 @@ def format_table(report: dict) -> str:
     for r in ranks:
         gbps = r["bytes_read"] / r["load_seconds"] / 1e9 if r["load_seconds"] > 0 else 0.0
         rows.append(f"{r['rank']:>4}  {r.get('host', '')[:width]:<{width}} {r['device']:<8} "
-                    f"{_fit(_short_units(r['modules']), 34):<34} "
+                    f"{_fit(short_units(r['modules']), 34):<34} "
                     f"{r['tensors']:>7} {r['tensor_bytes'] / 1e6:>10.1f} {r['bytes_read'] / 1e6:>9.1f} "
                     f"{r['load_seconds']:>8.3f} {gbps:>6.2f} {r['peak_rss_bytes'] / 2**20:>11.0f}")
     total_read = sum(r["bytes_read"] for r in ranks)

@@ -15,11 +15,11 @@ Example::
     stats = read_tensors([meta.located(root) for meta in metas], destinations, workers=4)
 """
 
-from .base import DEFAULT_READ_WORKERS, DEFAULT_STAGING_BYTES, MIN_STAGING_BYTES, Reader, ReadOptions
+from .base import DEFAULT_READ_WORKERS, DEFAULT_STAGING_BYTES, MIN_STAGING_BYTES, Reader, ReadOptions, read_option
 from .mapped import map_tensors
 from .posix import PosixReader
 from .reader import ReadProgress, read_tensors
 from .stats import ReadStats
 
-__all__ = ["Reader", "ReadOptions", "PosixReader", "ReadStats", "ReadProgress", "read_tensors", "map_tensors",
+__all__ = ["Reader", "ReadOptions", "read_option", "PosixReader", "ReadStats", "ReadProgress", "read_tensors", "map_tensors",
            "DEFAULT_STAGING_BYTES", "MIN_STAGING_BYTES", "DEFAULT_READ_WORKERS"]

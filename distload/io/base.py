@@ -13,61 +13,87 @@ what, on every rank, in order (`distload.loader.load_stage` does it):
 4. for the disk tier: ``reader.entry_source(file)`` (the identity an offload entry records)
    and ``reader.local_path(file)`` (a file a zero-copy entry may reference, or None).
 
-`ReadOptions` holds the options of every reader: node-local (they may differ between
-ranks: the argument-agreement check skips them), reported per rank, and the CLI's flags
-of the same names. A new reader is a module here (or a package of its own) and a source
-whose `reader()` returns it.
+`ReadOptions` holds the options of every reader, each declared once (`read_option`):
+node-local (they may differ between ranks: the argument-agreement check skips them),
+reported per rank, and a CLI flag each (`distload.cli.config` derives them). A new
+reader is a module here (or a package of its own) and a source whose `reader()` returns it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import torch
 
 from ..checkpoint.types import TensorMeta
 from .stats import ReadProgress, ReadStats
 
-__all__ = ["Reader", "ReadOptions", "DEFAULT_STAGING_BYTES", "MIN_STAGING_BYTES", "DEFAULT_READ_WORKERS"]
+__all__ = ["Reader", "ReadOptions", "read_option", "DEFAULT_STAGING_BYTES", "MIN_STAGING_BYTES",
+           "DEFAULT_READ_WORKERS"]
 
 DEFAULT_STAGING_BYTES = 16 << 20
 MIN_STAGING_BYTES = 64 << 10
 DEFAULT_READ_WORKERS = 2
 
 
-def _option(default, flag: str):
-    # `flag`: the CLI field (`distload.cli.config.RunConfig`) that sets this option
-    return field(default=default, metadata={"flag": flag})
+def read_option(default: Any, *, flag: str, help: str, parse: Callable[[str], Any] | None = None,
+                metavar: str | None = None) -> Any:
+    """Declare one `ReadOptions` field: its `default`, and its CLI flag ``--<flag>`` (dashes
+    for underscores) with its `help` (`distload.cli.config` makes the flag). The flag's
+    text becomes the value through `parse` (default: the type of `default`); a bool is a
+    switch with a ``--no-`` form. Every read option is node-local: never compared between
+    ranks, reported per rank.
+
+    Example (a new option is this one line in `ReadOptions`, or in a subclass)::
+
+        queue_depth: int = read_option(32, flag="io_queue_depth", help="requests in flight per file")
+    """
+    return field(default=default, metadata={"flag": flag, "help": help, "parse": parse, "metavar": metavar})
+
+
+def _size(text: str) -> int:
+    from ..plan.budget import parse_size   # not at import: `plan` imports `io`
+
+    return parse_size(text)
 
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How one rank reads. Every field is node-local (may differ between ranks) and goes
-    into the rank's report. `workers`: threads (or requests in flight) per rank;
-    `staging_bytes`: bytes per read and per staging buffer; `direct_io`: O_DIRECT where
-    the filesystem allows it (POSIX reader; no mapped pages then).
+    """How one rank reads: the one declaration of the readers' options (`read_option`).
+    Every field is node-local (may differ between ranks), goes into the rank's report, and
+    is a flag of ``python -m distload.load``. `workers`: threads (or requests in flight)
+    per rank; `staging_bytes`: bytes per read and per staging buffer; `direct_io`:
+    O_DIRECT where the filesystem allows it (POSIX reader; no mapped pages then).
 
     Example::
 
         reader = open_source("./llama").reader(ReadOptions(workers=4, direct_io=True))
     """
 
-    workers: int = _option(DEFAULT_READ_WORKERS, "read_workers")
-    staging_bytes: int = _option(DEFAULT_STAGING_BYTES, "staging_size")
-    direct_io: bool = _option(False, "direct_io")
+    workers: int = read_option(DEFAULT_READ_WORKERS, flag="read_workers", metavar="N",
+                               help=f"reader threads (or requests in flight) per rank (default {DEFAULT_READ_WORKERS})")
+    staging_bytes: int = read_option(
+        DEFAULT_STAGING_BYTES, flag="staging_size", parse=_size, metavar="SIZE",
+        help=f"bytes per read and per staging buffer (pinned, two per reader thread on CUDA), e.g. "
+             f"{DEFAULT_STAGING_BYTES >> 20}MiB (default), at least {MIN_STAGING_BYTES >> 10}KiB")
+    direct_io: bool = read_option(False, flag="direct_io",
+                                  help="read with O_DIRECT where the filesystem allows it (no page cache: for "
+                                       "cold loads; CPU ranks then read instead of mapping pages)")
 
     def __post_init__(self) -> None:
         if self.workers < 1:
-            raise ValueError(f"read_workers must be at least 1, got {self.workers}")
+            raise ValueError(f"read_workers (--read-workers) must be at least 1, got {self.workers}")
         if self.staging_bytes < MIN_STAGING_BYTES:
-            raise ValueError(f"staging_bytes must be at least {MIN_STAGING_BYTES} (64KiB), got {self.staging_bytes}")
+            raise ValueError(f"staging_bytes (--staging-size) must be at least {MIN_STAGING_BYTES >> 10}KiB, "
+                             f"got {self.staging_bytes}")
 
-    @staticmethod
-    def flags() -> tuple[str, ...]:
-        """The CLI fields that set read options: node-local, so never compared between ranks."""
-        return tuple(f.metadata["flag"] for f in fields(ReadOptions))
+    @classmethod
+    def flags(cls) -> tuple[str, ...]:
+        """The CLI names of the read options (``read_workers`` for ``--read-workers``)."""
+        return tuple(f.metadata["flag"] for f in fields(cls))
 
     def report(self) -> dict:
         """The rank report's ``read_options``."""

@@ -31,7 +31,7 @@ def plan_job(model: str = "demo", *, world: World | None = None, dtype: torch.dt
              max_memory=None, strict: bool = True, cache_dir: str | None = None,
              offload_dir: str | None = None, max_batch_size: int | None = None,
              max_seq_len: int | None = None, device: str | None = None,
-             timeout_s: float = 600.0, source: Source | None = None,
+             timeout_s: float = DEFAULT_TIMEOUT_S, source: Source | None = None,
              workload: str = "generate") -> LoadPlan:
     """The plan every rank will follow, without loading anything (what ``--explain``
     shows, and the `pipe.plan` of a `load` with the same arguments). Every rank calls it:
@@ -78,7 +78,7 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
          read_workers: int = DEFAULT_READ_WORKERS, max_batch_size: int | None = None,
          max_seq_len: int | None = None, world: World | None = None,
          workload: str = "generate", direct_io: bool = False,
-         staging_bytes: int | str | None = None,
+         staging_bytes: int | str | None = None, read_options: ReadOptions | None = None,
          before_read: Callable[[LoadPlan, str], None] | None = None,
          verify_checksums: bool = False) -> Pipeline:
     """Load `model` (a local directory or file, a hub id ``org/name``, or ``"demo"``)
@@ -97,12 +97,14 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
     reads and staging buffers of `staging_bytes` (``"16MiB"`` by default; pinned and
     doubled per thread on CUDA), and `direct_io` (O_DIRECT where the filesystem allows
     it: no page cache, for cold loads; CPU ranks then read instead of mapping pages).
+    `read_options`, when given, is all of them at once (the CLI's: every `ReadOptions`
+    field, a reader's own included) and replaces those three.
 
     The ranks wait for each other within the load as long as its bytes need
     (`distload.loader.waits`), or `timeout_s`, which also bounds every wait in a call
-    (default 600 s). `before_read(plan, root)` runs on rank 0 once the plan is made and
-    the files are on its node, before any weight is read (the CLI checks its prompts
-    against the model there); its error stops every rank.
+    (default `distload.dist.DEFAULT_TIMEOUT_S`, 600 s). `before_read(plan, root)` runs on
+    rank 0 once the plan is made and the files are on its node, before any weight is read
+    (the CLI checks its prompts against the model there); its error stops every rank.
 
     `verify_checksums`: each node's leader hashes the files its ranks read before they
     read them, against the hub's sha256 (a hub id) or a manifest written on the first
@@ -117,8 +119,9 @@ def load(model: str = "demo", *, dtype: torch.dtype | str | None = None, max_mem
         pipe = distload.load("./llama-dir", dtype="bfloat16")
         pipe.report["bytes_read"], pipe.module, pipe.job_report
     """
-    options = ReadOptions(workers=read_workers, direct_io=direct_io,
-                          staging_bytes=DEFAULT_STAGING_BYTES if staging_bytes is None else parse_size(staging_bytes))
+    options = read_options if read_options is not None else ReadOptions(
+        workers=read_workers, direct_io=direct_io,
+        staging_bytes=DEFAULT_STAGING_BYTES if staging_bytes is None else parse_size(staging_bytes))
     world = world or init_world(timeout_s=timeout_s or DEFAULT_TIMEOUT_S, device=device)
     agree_on_arguments(world, {"micro_batches": micro_batches, "device": device,
                                "timeout_s": timeout_s, "verify_checksums": verify_checksums})

@@ -1,5 +1,5 @@
-"""The job's board for one load: a few keys in the job's store (the TCPStore torchrun set
-up, which `distload.pipeline.calls` uses too) through which ranks tell each other how far
+"""The job's board for one load: a few keys in the job's store (`distload.dist.job_store`,
+which `distload.pipeline.calls` uses too) through which ranks tell each other how far
 they are, without a collective.
 
 * ``state/<rank>``: that rank's state as JSON — its phase, bytes read of its total, the
@@ -29,7 +29,7 @@ import json
 
 import torch.distributed as dist
 
-from ..dist import World
+from ..dist import World, job_key, job_store
 
 __all__ = ["JobBoard"]
 
@@ -47,13 +47,8 @@ class JobBoard:
         """Every rank, once per load, after the plan arrived. Rank 0 makes every rank's
         state key (without overwriting one a fast rank already set), so that reading
         them never blocks."""
-        if world.distributed:
-            # the store every rank joined the job with; torch has no public getter for it
-            store = dist.distributed_c10d._get_default_store()
-        else:
-            store = dist.HashStore()
-        board = cls(store, f"distload/load/{plan.digest()[:16]}/{next(_LOADS)}/", world.world_size,
-                    world.rank)
+        store = job_store() if world.distributed else dist.HashStore()
+        board = cls(store, job_key("load", plan.digest()[:16], next(_LOADS), ""), world.world_size, world.rank)
         if world.is_first:
             for r in range(world.world_size):
                 store.compare_set(board._state_key(r), "", json.dumps({"phase": "starting"}))

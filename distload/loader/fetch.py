@@ -1,15 +1,18 @@
-"""Each node's leader makes the files its node's ranks read present (a download, for a
-hub id); every rank waits for every leader — on the job's store, not in a collective.
+"""Each node's leader brings in what its source says the node needs for the files its
+ranks read (`Source.node_files`: a hub id's shards, the demo checkpoint, or nothing); every
+rank waits for every leader — on the job's store, not in a collective. This module only
+coordinates (who fetches, who waits, how a failure reaches everyone), whatever the source.
 
 A download can take far longer than the process group's timeout (a gloo or NCCL
 collective fails after it), and one node's can end long before another's. So leaders
-publish their outcome under keys in the store torchrun set up, and every rank waits on
-those keys in chunks with no overall limit, while each leader still working bumps a
-heartbeat key every few seconds: a leader whose heartbeat stops for the timeout (its
-process died on a node whose launcher did not end the job, or it hangs) fails every rank
-with a message naming it. A leader's error reaches every rank: its own rank re-raises it,
-the others raise `RankError` naming that rank. Per load: one broadcast (the keys'
-prefix), then a few store round trips per rank, and the heartbeat checks while waiting.
+publish their outcome under keys in the job's store (`distload.dist.job_store`), and
+every rank waits on those keys in chunks with no overall limit, while each leader still
+working bumps a heartbeat key every few seconds: a leader whose heartbeat stops for the
+timeout (its process died on a node whose launcher did not end the job, or it hangs)
+fails every rank with a message naming it. A leader's error reaches every rank: its own
+rank re-raises it, the others raise `RankError` naming that rank. Per load: one broadcast
+(the keys' prefix), then a few store round trips per rank, and the heartbeat checks
+while waiting.
 
 Example::
 
@@ -27,7 +30,8 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
-from ..dist import World, agree, run_on_rank0
+from ..dist import (DEFAULT_TIMEOUT_S, STORE_HEARTBEAT_S, STORE_POLL_S, World, agree, job_key, job_store,
+                    run_on_rank0)
 from ..errors import RankError
 from ..log import logger
 from ..plan.types import LoadPlan
@@ -36,11 +40,11 @@ from ..sources import Source
 __all__ = ["fetch_node_files", "on_node_leaders"]
 
 T = TypeVar("T")
-HEARTBEAT_S = 2.0   # a working leader bumps its heartbeat this often
+HEARTBEAT_S = STORE_HEARTBEAT_S   # a working leader bumps its heartbeat this often
 
 
 def fetch_node_files(world: World, source: Source, plan: LoadPlan, *,
-                     timeout_s: float = 600.0, verify_checksums: bool = False) -> tuple[str, int]:
+                     timeout_s: float = DEFAULT_TIMEOUT_S, verify_checksums: bool = False) -> tuple[str, int]:
     """Every rank: (the checkpoint's root on this node, the bytes this rank fetched — its
     node's download if it is the leader, else 0), once every node's leader made the files
     its node's ranks read present (and, with `verify_checksums`, checked their digests:
@@ -55,13 +59,15 @@ def fetch_node_files(world: World, source: Source, plan: LoadPlan, *,
     node_ranks = world.node_ranks()
 
     def fetch() -> int:
-        files = sorted({m.file for r in node_ranks for m in plan.stage(r).reads})
-        fetched = source.fetch(files, sizes={f: plan.file_sizes[f] for f in files if f in plan.file_sizes})
+        reads = sorted({m.file for r in node_ranks for m in plan.stage(r).reads})
+        wanted = source.node_files(reads)   # the source decides what the node brings in
+        sizes = {f: plan.file_sizes[f] for f in wanted if f in plan.file_sizes}
+        fetched = source.fetch(wanted, sizes=sizes) if wanted else 0
         if fetched:
             logger.info("fetched %.1f MB of %s on this node (%d rank(s))", fetched / 1e6, plan.label,
                         len(node_ranks))
         if verify_checksums:
-            source.verify(files)
+            source.verify(reads)
         return fetched
 
     fetched = on_node_leaders(world, fetch, what=f"fetching {plan.label}", timeout_s=timeout_s)
@@ -76,9 +82,8 @@ def on_node_leaders(world: World, fn: Callable[[], T], *, what: str, timeout_s: 
     if not world.distributed:
         return fn()
     token = run_on_rank0(world, lambda: uuid.uuid4().hex[:16], what=what)
-    keys = _Keys(f"distload/{token}/leaders", sorted(set(world.nodes)))
-    # the store every rank joined the job with; torch has no public getter for it
-    store = dist.distributed_c10d._get_default_store()
+    keys = _Keys(job_key(token, "leaders"), sorted(set(world.nodes)))
+    store = job_store()
     result, error = None, None
     if world.is_node_leader:
         beat = _Heartbeat(store, keys.alive(world.node))
@@ -156,7 +161,7 @@ def _wait(store, keys: _Keys, world: World, *, what: str, timeout_s: float) -> b
             while time.monotonic() < deadline:
                 if store.check([keys.done]):
                     return store.get(keys.done)
-                time.sleep(0.25)
+                time.sleep(STORE_POLL_S)
         except dist.DistNetworkError as exc:
             raise RankError(f"lost the job's store while {what}: the launcher or a rank is gone "
                             f"({exc})") from exc

@@ -29,14 +29,15 @@ import threading
 import time
 from collections.abc import Iterator
 
+from ..dist import STORE_HEARTBEAT_S
 from ..log import logger
-from ..plan.explain import compress_units
+from ..plan.explain import short_units
 from .board import JobBoard
 
 __all__ = ["RankProgress", "ProgressMonitor", "stage_label", "progress_enabled"]
 
 PUSH_SECONDS = 0.2      # a rank writes its state at most this often
-HEARTBEAT_SECONDS = 2.0  # ... and at least this often while it loads (`RankProgress.beating`)
+HEARTBEAT_SECONDS = STORE_HEARTBEAT_S  # ... and at least this often while it loads (`RankProgress.beating`)
 POLL_SECONDS = 0.5      # rank 0 reads every rank's state this often
 BAR_DELAY_SECONDS = 1.0  # no bar for a load quicker than this
 # phases in which a rank that reads nothing is stalled (in the others it waits, or writes)
@@ -56,8 +57,8 @@ def progress_enabled() -> bool:
 
 
 def stage_label(plan, rank: int) -> str:
-    """``layers.40-47, norm, lm_head``: a stage's units for people."""
-    return compress_units(plan.stage(rank).units).replace("model.", "") or "-"
+    """``layers.40-47, norm, lm_head``: a stage's units for people (`short_units`)."""
+    return short_units(plan.stage(rank).units)
 
 
 class RankProgress:

@@ -121,7 +121,7 @@ def load_stage(plan, world: World, *, reader: Reader | None = None, root: str | 
             with trace.span("attach tiers", "load"):
                 offloaded = attach_tiers(plan, rank, module, storage, device, reader=reader,
                                          offload_dir=offload_dir, cache_dir=cache_dir,
-                                         timeout=work_limit(moved, override=timeout_s), progress=mine)
+                                         timeout_s=work_limit(moved, override=timeout_s), progress=mine)
             finish_stage(module, device, offloaded=offloaded.params)
         except Exception as exc:  # noqa: BLE001
             error = exc

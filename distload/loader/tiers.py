@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from ..dist import DEFAULT_TIMEOUT_S
 from ..dtypes import cast_dtype, dtype_from_name
 from ..io import Reader, ReadProgress
 from ..io.pinned import HostArena, arena_layout
@@ -71,7 +72,7 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
                  device: torch.device | str, *, reader: Reader, offload_dir: str | os.PathLike | None = None,
                  cache_dir: str | None = None,
                  prefetch: bool | None = None, max_resident: int | None = None, verify: bool = True,
-                 timeout: float = 600.0, progress: ReadProgress | None = None) -> OffloadResult:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, progress: ReadProgress | None = None) -> OffloadResult:
     """Give `rank`'s offloaded parameters their tiers and stream them (see the module
     doc). `storage` is `allocate_stage`'s key -> tensor map; keys moved off the device are
     removed from it. `reader` (the rank's, `distload.io.Reader`) reads what the offload
@@ -79,7 +80,7 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
     when the stage has disk-tier parameters. `verify` checksums reused entries.
     `max_resident` and `prefetch` default to the plan's streaming slots for this stage
     (2: one unit runs while the next is fetched; 1: no prefetch — the device room the
-    planner kept holds one streamed unit). `timeout` bounds the wait for another
+    planner kept holds one streamed unit). `timeout_s` bounds the wait for another
     process's lock on an entry; `progress` hears of the checkpoint bytes read to make
     entries."""
     device = torch.device(device)
@@ -104,7 +105,7 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
                                        length=math.prod(shape) * dtype_from_name(src.dtype).itemsize)
     entries: dict[str, Entry] = {}
     if disk:
-        store = OffloadStore(offload_dir or default_offload_dir(cache_dir), timeout=timeout)
+        store = OffloadStore(offload_dir or default_offload_dir(cache_dir), timeout_s=timeout_s)
         dtypes = {src.key: src.dtype for src in stage.params}
         tensors = DecodedOnDemand({k: storage[k] for k in disk if k in storage}, decoded, stage.decode,
                                   located, reader=reader, progress=progress)

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import time
 
-from ..dist import peers_gone
+from ..dist import DEFAULT_TIMEOUT_S, STORE_POLL_S, peers_gone
 from ..errors import LoadError, RankError
 from .board import JobBoard
 from .progress import stage_label
 
 __all__ = ["work_limit", "wait_for_ranks", "FLOOR_SECONDS", "MIN_RATE", "DEAD_SECONDS"]
 
-FLOOR_SECONDS = 600.0
+FLOOR_SECONDS = DEFAULT_TIMEOUT_S   # the least a wait allows: the fixed limit it replaced
 MIN_RATE = 10e6   # bytes/s a rank moves at the least (a busy network filesystem, a cold disk)
 DEAD_SECONDS = 60.0  # a rank whose state (reads, heartbeat) has not changed this long is dead
 
@@ -120,7 +120,7 @@ def wait_for_ranks(board: JobBoard, world, point: str, *, nbytes: int, override:
             look = now
             _look_around(board, others, liveness, now, what=what)
         time.sleep(min(pause, max(limit - (now - start), 0.001)))
-        pause = min(2 * pause, 0.25)
+        pause = min(2 * pause, STORE_POLL_S)
 
 
 def _look_around(board: JobBoard, others: list[int], liveness: _Liveness | None, now: float, *,

@@ -101,15 +101,15 @@ def _joined(model: nn.Module, units: list[UnitSpec]) -> tuple[str, ...]:
 
 
 def _head_unit(model: nn.Module, units: list[UnitSpec]) -> str:
-    """The unit holding the output embedding (``get_output_embeddings()``, else a module
-    named ``lm_head``), "" when there is none."""
+    """The unit holding the output embedding (the model's ``get_output_embeddings()``, as
+    transformers' and distload's models have it), "" when there is none: the model says
+    which module is its head, no name is guessed here."""
     getter = getattr(model, "get_output_embeddings", None)
     head = None
     try:
         head = getter() if callable(getter) else None
     except (AttributeError, NotImplementedError):
         head = None
-    head = head if isinstance(head, nn.Module) else getattr(model, "lm_head", None)
     if not isinstance(head, nn.Module):
         return ""
     names = {u.name for u in units}

@@ -29,7 +29,9 @@ on the meta device from its config, then cut into stages:
 * **Facts for the planner and loader** (class attributes, read on the meta model):
   `_no_split_modules` (class names never split), `_keys_to_ignore_on_load_unexpected`
   (regexes of checkpoint keys that are not parameters, e.g. saved RoPE frequencies),
-  `input_embedding_name` (the parameter whose dtype the activations take), and
+  `input_embedding_name` (the parameter whose dtype the activations take),
+  `output_embedding_name` (the head module, `get_output_embeddings()`), `is_norm_scale`
+  (which parameters scale a normalization), and
   `checkpoint_tensors` (maps the checkpoint's tensors onto parameter names, for
   checkpoints whose names differ from the model's: nested text models, packed experts).
   A unit module may define ``flops_per_token()`` and ``activation_elements_per_token()``
@@ -72,6 +74,7 @@ class StageModel(nn.Module):
     _no_split_modules: list[str] = []
     _keys_to_ignore_on_load_unexpected: list[str] = []
     input_embedding_name: str = "model.embed_tokens.weight"
+    output_embedding_name: str = "lm_head"   # the head: the module that makes the logits
 
     @property
     def has_embedding(self) -> bool:
@@ -82,9 +85,26 @@ class StageModel(nn.Module):
                 return False
         return True
 
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The head module (`output_embedding_name`; transformers' name for this getter), None
+        on a stage without it."""
+        module: Any = self
+        for part in self.output_embedding_name.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                return None
+        return module
+
     @property
     def has_head(self) -> bool:
-        return getattr(self, "lm_head", None) is not None
+        return self.get_output_embeddings() is not None
+
+    @classmethod
+    def is_norm_scale(cls, name: str) -> bool:
+        """Whether parameter `name` is a normalization's scale (one leaves its input as is,
+        zero erases it): checkpoints of random weights (`distload.sources.make_checkpoint`)
+        draw these near one. A family naming its norms otherwise overrides it."""
+        return name.endswith("norm.weight")
 
     @property
     def message_width(self) -> int:

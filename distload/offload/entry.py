@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint.files import byte_view, file_kind
+from ..checkpoint.files import FILE_CHUNK_BYTES, byte_view, file_kind
 from ..checkpoint.types import SAFETENSORS_DTYPES, TensorMeta
 from ..dtypes import dtype_from_name, dtype_name
 from ..errors import DistloadError
@@ -43,7 +43,6 @@ __all__ = ["ENTRY_FORMAT", "OffloadError", "SourceId", "EntrySpec", "Entry", "ch
 
 ENTRY_FORMAT = 1
 KIND_COPY, KIND_REF = "copy", "ref"
-_CHUNK = 16 << 20                       # bytes per write / checksum read
 _ALIGN = 64                             # data of a copy entry starts 64-byte aligned
 _ST_NAME = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
@@ -184,7 +183,7 @@ def checksum_bytes(data: memoryview | bytes) -> str:
 
 
 def checksum_file(path: str, offset: int, nbytes: int) -> str:
-    crc, buf = 0, bytearray(min(_CHUNK, max(nbytes, 1)))
+    crc, buf = 0, bytearray(min(FILE_CHUNK_BYTES, max(nbytes, 1)))
     view = memoryview(buf)
     fd = open_regular(path)
     try:

@@ -194,7 +194,7 @@ def gc_store(store: OffloadStore, *, dry_run: bool = False) -> GcResult:
 
 def _remove_unlocked(store: OffloadStore, key: str, paths: list[Path], dry_run: bool) -> bool:
     """Remove `paths` if no process holds `key`'s stripe lock (none is writing it)."""
-    lock = store.stripe_lock(key, timeout=0)
+    lock = store.stripe_lock(key, timeout_s=0)
     try:
         lock.acquire()
     except Timeout:

@@ -9,7 +9,7 @@ One directory per node serves every rank and every job on it::
     DIR/data/<xx>/<key>      the entries (see `entry.py`), each a safetensors file
 
 Who calls what: any process, any time. `ensure` is safe with any number of concurrent
-processes: exactly one writes a missing entry, the others wait for it (at most `timeout`
+processes: exactly one writes a missing entry, the others wait for it (at most `timeout_s`
 seconds) and reuse it. A write goes to a temporary file in the entry's directory, is
 fsynced, read back and checked (size and checksum), and only then renamed into place, so a
 writer killed at any moment leaves nothing visible. Locks are `fcntl.flock` locks: they die
@@ -37,7 +37,8 @@ import torch
 from filelock import FileLock, Timeout
 
 from ..cache import cache_root
-from ..checkpoint.files import byte_view
+from ..checkpoint.files import FILE_CHUNK_BYTES, byte_view
+from ..dist import DEFAULT_TIMEOUT_S
 from ..log import logger
 from .entry import (KIND_COPY, KIND_REF, Entry, EntrySpec, OffloadError, checksum_bytes,
                     checksum_file, encode_header, not_regular, open_regular, read_entry_file,
@@ -47,7 +48,6 @@ from .fs import warn_if_network
 __all__ = ["MANIFEST_VERSION", "OffloadStore", "default_offload_dir", "model_id"]
 
 MANIFEST_VERSION = 1
-_WRITE_CHUNK = 16 << 20
 _DIR_MODE = 0o755
 
 
@@ -63,13 +63,13 @@ def model_id(checkpoint: str, dtype: str | None) -> str:
 
 
 class OffloadStore:
-    """An offload directory (created if missing). `timeout`: seconds to wait for another
+    """An offload directory (created if missing). `timeout_s`: seconds to wait for another
     process's write of an entry this one needs. `zero_copy`: store a reference to the
     source byte range instead of a copy where no cast is needed."""
 
-    def __init__(self, root: str | os.PathLike, *, timeout: float = 600.0, zero_copy: bool = True):
+    def __init__(self, root: str | os.PathLike, *, timeout_s: float = DEFAULT_TIMEOUT_S, zero_copy: bool = True):
         self.root = Path(root).expanduser().resolve()
-        self.timeout = timeout
+        self.timeout_s = timeout_s
         self.zero_copy = zero_copy
         self.bytes_written = 0      # bytes this process wrote into the directory
         self.entries_written = 0
@@ -102,12 +102,12 @@ class OffloadStore:
             raise OffloadError(f"{path} is {kind}, not a directory: the offload store never "
                                "follows links out of itself; remove it (or choose another --offload-dir)")
 
-    def stripe_lock(self, key: str, timeout: float | None = None) -> FileLock:
+    def stripe_lock(self, key: str, timeout_s: float | None = None) -> FileLock:
         return FileLock(str(self.root / "locks" / f"{key[:2]}.lock"),
-                        timeout=self.timeout if timeout is None else timeout)
+                        timeout=self.timeout_s if timeout_s is None else timeout_s)
 
     def manifest_lock(self) -> FileLock:
-        return FileLock(str(self.root / "manifest.lock"), timeout=self.timeout)
+        return FileLock(str(self.root / "manifest.lock"), timeout=self.timeout_s)
 
     # ------------------------------------------------------------------ entries
     def lookup(self, key: str, *, verify: bool = False) -> Entry | None:
@@ -145,7 +145,7 @@ class OffloadStore:
         """The entry for `spec`, written now if it is missing or corrupt (with a warning),
         else reused as it is. A zero-copy reference only checksums the source's bytes; a
         copy calls `produce()` for the tensor (any dtype and device; cast to `spec.dtype`).
-        Raises `OffloadError` after `timeout` seconds waiting for another writer."""
+        Raises `OffloadError` after `timeout_s` seconds waiting for another writer."""
         key = spec.key
         entry, problem = self.probe(key, verify=verify)
         if entry is not None and problem is None:
@@ -155,7 +155,7 @@ class OffloadStore:
             lock.acquire()
         except Timeout:
             raise OffloadError(
-                f"waited {self.timeout:g} s for {lock.lock_file} to write offload entry {key[:12]} "
+                f"waited {self.timeout_s:g} s for {lock.lock_file} to write offload entry {key[:12]} "
                 f"({spec.name}): another process holds it and has not finished. Locks die with "
                 "their process, so a crashed job cannot cause this; a stuck one can.") from None
         try:
@@ -277,8 +277,8 @@ class OffloadStore:
 
 
 def _write_all(fd: int, view: memoryview) -> None:
-    for start in range(0, len(view), _WRITE_CHUNK):
-        chunk = view[start:start + _WRITE_CHUNK]
+    for start in range(0, len(view), FILE_CHUNK_BYTES):
+        chunk = view[start:start + FILE_CHUNK_BYTES]
         while len(chunk):
             chunk = chunk[os.write(fd, chunk):]
 

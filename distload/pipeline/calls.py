@@ -1,7 +1,7 @@
 """Call announcements: rank 0 tells the other ranks which call comes next.
 
 Every pipelined call (`forward`, `forward_stream`, `generate`: a schedule's name, see
-`schedules`) starts with rank 0 writing that name under a numbered key in the job's store (the TCPStore torchrun set up).
+`schedules`) starts with rank 0 writing that name under a numbered key in the job's store (`distload.dist.job_store`).
 The other ranks wait on that key, and that wait has no time limit, unlike a receive
 (which fails after the process group's timeout), so they can sit idle between calls
 for as long as rank 0 does: a serving launcher's rank 0 waits for requests while the
@@ -24,7 +24,7 @@ import uuid
 
 import torch.distributed as dist
 
-from ..dist import World, run_on_rank0
+from ..dist import World, job_key, job_store, run_on_rank0
 from ..errors import RankError
 
 __all__ = ["CallChannel", "FORWARD", "GENERATE", "CLOSE"]
@@ -51,9 +51,7 @@ class CallChannel:
         if not world.distributed:
             return None
         token = run_on_rank0(world, lambda: uuid.uuid4().hex[:16])
-        # the store every rank joined the job with; torch has no public getter for it
-        channel = cls(dist.distributed_c10d._get_default_store(), f"distload/{token}/call/",
-                      world.world_size - 1)
+        channel = cls(job_store(), job_key(token, "call", ""), world.world_size - 1)
         if world.is_first:  # a rank 0 that forgets close() must not leave serve() waiting
             atexit.register(channel.close_at_exit)
         return channel

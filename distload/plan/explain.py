@@ -20,7 +20,7 @@ from ..io.reader import DEFAULT_STAGING_BYTES
 from .budget import format_bytes
 from .types import LoadPlan, StagePlan, Tier
 
-__all__ = ["explain_plan", "compress_units"]
+__all__ = ["explain_plan", "compress_units", "short_units"]
 
 _NUMBERED = re.compile(r"^(.*)\.(\d+)$")
 
@@ -52,6 +52,22 @@ def compress_units(names) -> str:
             parts.append(name)
     flush()
     return ", ".join(parts)
+
+
+def short_units(names) -> str:
+    """`compress_units` for people: each run of units by its last name (and the range of a
+    numbered run), whatever the model calls its parts; "-" for none.
+
+    Example::
+
+        short_units(["model.embed_tokens", "model.layers.0", "model.layers.1"])   # 'embed_tokens, layers.0-1'
+    """
+    parts = []
+    for part in compress_units(names).split(", "):
+        head, _, tail = part.rpartition(".")
+        numbered = tail.replace("-", "").isdigit()
+        parts.append(f"{head.rpartition('.')[2]}.{tail}" if numbered and head else tail or part)
+    return ", ".join(parts) or "-"
 
 
 def _held(plan: LoadPlan, stage: StagePlan) -> dict[str, int]:

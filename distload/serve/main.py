@@ -88,11 +88,11 @@ class _Signals:
     drains and the other ranks keep following until rank 0 closes the pipeline (a
     follower whose rank 0 never does leaves after the deadline)."""
 
-    def __init__(self, shutdown_timeout: float) -> None:
+    def __init__(self, shutdown_timeout_s: float) -> None:
         self.signum: int | None = None
         self.on_stop = None            # rank 0, once serving: start draining
         self.following = False         # other ranks, once serving
-        self.timeout = shutdown_timeout
+        self.timeout_s = shutdown_timeout_s
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._handle)
 
@@ -105,7 +105,7 @@ class _Signals:
             return
         if self.following:
             if first:
-                threading.Timer(self.timeout + _GRACE_S, self._give_up).start()
+                threading.Timer(self.timeout_s + _GRACE_S, self._give_up).start()
             return
         raise Interrupted(signum)
 
@@ -153,7 +153,7 @@ def run(ns, cfg, signals: _Signals) -> int:
         if sock is not None:
             state.port = sock.getsockname()[1]  # --port 0: the one the system picked
             http = _start_http(state, sock)
-    world = init_world(timeout_s=cfg.timeout or DEFAULT_TIMEOUT_S, device=cfg.device)
+    world = init_world(timeout_s=cfg.timeout_s or DEFAULT_TIMEOUT_S, device=cfg.device)
     served = {"--" + k.replace("_", "-"): v for k, v in vars(ns).items()}
     agree_on_arguments(world, {**_flags(cfg), **served})
 
@@ -165,9 +165,8 @@ def run(ns, cfg, signals: _Signals) -> int:
     if world.is_first and _unused(cfg):
         logger.warning("%s: not used by the server (each request brings its own prompt and sampling)", ", ".join(_unused(cfg)))
     pipe = load(cfg.model, dtype=cfg.dtype, strict=cfg.strict, cache_dir=cfg.cache_dir,
-                offload_dir=cfg.offload_dir, device=cfg.device, timeout_s=cfg.timeout,
-                read_workers=cfg.read_workers, direct_io=cfg.direct_io,
-                staging_bytes=cfg.staging_bytes, micro_batches=cfg.micro_batches,
+                offload_dir=cfg.offload_dir, device=cfg.device, timeout_s=cfg.timeout_s,
+                read_options=cfg.read_options, micro_batches=cfg.micro_batches,
                 max_memory=cfg.memory_limits, max_batch_size=cfg.max_batch_size or DEFAULT_SLOTS,
                 max_seq_len=cfg.max_seq_len, world=world, workload="generate")
     if not world.is_first:

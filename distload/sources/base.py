@@ -9,10 +9,12 @@ Who calls what, in order (`distload.loader` does it):
    ``source.identity()`` (JSON, no path of rank 0's machine);
 3. every rank: ``source.check(plan.source)`` — the rank's own `spec` names the same
    checkpoint;
-4. one rank per node: ``source.fetch(files, sizes=plan.file_sizes)`` — make `files`
-   (relative to the root) present on this node (a download, or nothing); every other
-   rank waits for every node's leader, without a time limit while they live (a download
-   may take far longer than the process group's timeout);
+4. one rank per node: ``wanted = source.node_files(reads)`` — the source decides which
+   files the node must bring in for `reads` (the files its ranks read, relative to the
+   root): a download, the demo checkpoint made, or nothing; then, if any,
+   ``source.fetch(wanted, sizes=plan.file_sizes)`` brings them; every other rank waits
+   for every node's leader, without a time limit while they live (a download may take
+   far longer than the process group's timeout: `distload.loader.fetch` coordinates);
 5. with ``--verify-checksums``, the node's leader after `fetch`: ``source.verify(files)``
    — each file's digest against one this node did not compute from the same bytes
    (`distload.sources.checksums`);
@@ -74,10 +76,23 @@ class Source(ABC):
             raise CheckpointError(f"this rank's --model {self.spec!r} is {mine}, but rank 0 planned "
                                   f"{identity}: every rank must be given the same checkpoint")
 
+    def node_files(self, reads: Sequence[str]) -> tuple[str, ...]:
+        """One rank per node: the files (relative to the root) this node must bring in,
+        with `fetch`, before its ranks read `reads` (the files they read). A decision
+        only: no I/O. Default: none — the files are where `root` says (a path every node
+        sees) or are read in place (an object store).
+
+        Example::
+
+            HubSource("acme/llama").node_files(["model-00002-of-00004.safetensors"])
+            # (the shard, plus config.json and the tokenizer files of the planned commit)
+        """
+        return ()
+
     def fetch(self, files: Sequence[str], *, sizes: Mapping[str, int] | None = None) -> int:
-        """One rank per node: make `files` (relative to the root; `sizes`: each file's size
-        as rank 0 saw it) present on this node; returns the bytes this call brought in
-        (downloaded or made). Default: nothing to do, the files are where the root says."""
+        """One rank per node: make `files` (what `node_files` chose; `sizes`: each file's
+        size as rank 0 saw it) present on this node; returns the bytes this call brought
+        in (downloaded or made). Default: nothing to do."""
         return 0
 
     @abstractmethod

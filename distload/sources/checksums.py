@@ -28,13 +28,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..cache import cache_root
-from ..checkpoint.files import open_checkpoint_file
+from ..checkpoint.files import FILE_CHUNK_BYTES, open_checkpoint_file
 from ..errors import CheckpointError
 from ..log import logger
 
 __all__ = ["file_digest", "verify_hub_files", "verify_local_files", "manifest_path"]
 
-_CHUNK = 16 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
 
@@ -48,7 +47,7 @@ def file_digest(path: str, kind: str = "sha256", *, git_blob: bool = False) -> s
         h.update(b"blob %d\0" % size)
     try:
         with os.fdopen(fd, "rb", buffering=0) as f:
-            while chunk := f.read(_CHUNK):
+            while chunk := f.read(FILE_CHUNK_BYTES):
                 h.update(chunk)
     except OSError as e:
         raise CheckpointError(f"cannot read {path} (its checksum): {e.strerror}") from e

@@ -25,7 +25,8 @@ from filelock import FileLock
 from ..cache import cache_root
 from ..checkpoint.index import CheckpointIndex, index_checkpoint
 from ..checkpoint.writer import write_sharded_checkpoint
-from ..dtypes import dtype_from_name, dtype_name
+from ..dist import DEFAULT_TIMEOUT_S
+from ..dtypes import FLOAT32_STEP_ELEMENTS, dtype_from_name, dtype_name
 from ..log import logger
 from ..models import build_model, config_from_dict
 from .base import Source, register_source
@@ -74,7 +75,7 @@ def ensure_demo_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     if path.is_dir():
         return path
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{path}.lock", timeout=600):
+    with FileLock(f"{path}.lock", timeout=DEFAULT_TIMEOUT_S):   # another process making it
         if not path.is_dir():  # another process may have made it while we waited
             logger.info("making the demo checkpoint in %s", path)
             make_checkpoint(DEMO_CONFIG, path, num_shards=DEMO_SHARDS, seed=_DEMO_SEED)
@@ -104,7 +105,13 @@ class DemoSource(Source):
     def identity(self) -> dict:
         return {"kind": self.kind, "label": "demo", "recipe": _recipe_key()}
 
+    def node_files(self, reads) -> tuple[str, ...]:
+        """The files the node's ranks read: the demo checkpoint is made whole, once per
+        node (a node whose ranks read nothing still makes it: `root` needs it)."""
+        return tuple(sorted(set(reads)))
+
     def fetch(self, files, *, sizes=None) -> int:
+        """Make this node's demo checkpoint (all of it) unless it is there; its bytes."""
         path = cache_root(self.cache_dir) / f"demo-{_recipe_key()}"
         if path.is_dir():
             return 0
@@ -127,7 +134,7 @@ def make_checkpoint(
     `out_dir` (which must not exist) in `num_shards` safetensors shards (fewer only if
     there are fewer tensors), in `dtype` (default: the config's, else float32).
 
-    Matrices and embeddings are N(0, 0.02), norm weights 1 + N(0, 0.05), biases
+    Matrices and embeddings are N(0, 0.02), norm scales (`StageModel.is_norm_scale`) 1 + N(0, 0.05), biases
     N(0, 0.02); each tensor from its own generator seeded by `seed` and the CRC-32 of its
     name. A tied `lm_head.weight` is not written, as in Hugging Face checkpoints.
 
@@ -142,37 +149,35 @@ def make_checkpoint(
         dtype = dtype_from_name(dtype.removeprefix("torch."))
     with torch.device("meta"):
         model = build_model(cfg)
-    # state_dict() already leaves out a tied head; meta tensors carry only shapes.
-    specs = [(name, tuple(t.shape)) for name, t in model.state_dict(keep_vars=True).items()]
+    # state_dict() already leaves out a tied head; meta tensors carry only shapes; the
+    # model's family says which weights scale a norm (drawn near one)
+    specs = [(name, tuple(t.shape), model.is_norm_scale(name))
+             for name, t in model.state_dict(keep_vars=True).items()]
     del model
-    sizes = [math.prod(shape) * dtype.itemsize for _, shape in specs]
+    sizes = [math.prod(shape) * dtype.itemsize for _, shape, _ in specs]
     out_config = dict(config) | {"torch_dtype": dtype_name(dtype)}
     if "dtype" in out_config:
         out_config["dtype"] = dtype_name(dtype)
 
     def tensors():
-        for name, shape in specs:
-            yield name, _random_tensor(name, shape, seed, dtype)
+        for name, shape, is_norm in specs:
+            yield name, _random_tensor(name, shape, seed, dtype, is_norm=is_norm)
 
     return write_sharded_checkpoint(tensors(), out_dir, config=out_config,
                                     max_shard_bytes=_shard_capacity(sizes, num_shards))
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype
-                   ) -> torch.Tensor:
+def _random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, *,
+                   is_norm: bool) -> torch.Tensor:
     # Seeded per name, so a tensor's values do not depend on which others exist; drawn in
     # float32 chunks, so a 128k-vocabulary embedding needs no float32 copy of itself.
     gen = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
     out = torch.empty(shape, dtype=dtype)
     flat = out.view(-1)
-    is_norm = name.endswith("norm.weight")
-    for start in range(0, flat.numel(), _CHUNK):
-        noise = torch.randn(min(_CHUNK, flat.numel() - start), generator=gen)
+    for start in range(0, flat.numel(), FLOAT32_STEP_ELEMENTS):
+        noise = torch.randn(min(FLOAT32_STEP_ELEMENTS, flat.numel() - start), generator=gen)
         flat[start:start + noise.numel()] = 1.0 + 0.05 * noise if is_norm else 0.02 * noise
     return out
-
-
-_CHUNK = 1 << 22  # elements drawn at a time (16 MiB of float32)
 
 
 def _shard_capacity(sizes: list[int], num_shards: int) -> int:

@@ -14,7 +14,8 @@ Example::
 
     source = HubSource("acme/llama@v1")
     index = source.index()                 # rank 0: headers by range requests
-    source.fetch(["model-00002-of-00004.safetensors"], sizes={...})   # a node's leader
+    wanted = source.node_files(["model-00002-of-00004.safetensors"])   # + config, tokenizer
+    source.fetch(wanted, sizes={...})      # a node's leader
     source.root()                          # .../models--acme--llama/snapshots/<sha>
 """
 
@@ -83,7 +84,7 @@ def resolve_model(spec: str, *, cache_dir: str | os.PathLike | None = None) -> s
     source = HubSource(spec, cache_dir=cache_dir)
     index = source.index()
     _, sizes = index.relative()
-    source.fetch(sorted(sizes), sizes=sizes)
+    source.fetch(source.node_files(sorted(sizes)), sizes=sizes)
     return source.root()
 
 
@@ -123,14 +124,19 @@ class HubSource(Source):
         self.commit = identity["revision"]
         self.support = tuple(identity.get("support", ()))
 
+    def node_files(self, reads: Sequence[str]) -> tuple[str, ...]:
+        """The shards this node's ranks read, and the support files of the planned commit
+        (config, tokenizer), so that every node's snapshot is a checkpoint directory."""
+        return tuple(sorted(set(reads) | set(self.support)))
+
     def fetch(self, files: Sequence[str], *, sizes: Mapping[str, int] | None = None) -> int:
-        """This node's leader: `files` (the shards its ranks read) and the support files of
-        the planned commit into this node's huggingface_hub cache, several at once; each
-        shard's size checked against rank 0's listing. Returns the bytes downloaded (0 when
-        the cache held everything). The first failure raises, naming its file."""
+        """This node's leader: `files` (`node_files`) of the planned commit into this node's
+        huggingface_hub cache, several at once; each shard's size checked against rank 0's
+        listing. Returns the bytes downloaded (0 when the cache held everything). The first
+        failure raises, naming its file."""
         from huggingface_hub import try_to_load_from_cache
 
-        wanted = sorted(set(files) | set(self.support))
+        wanted = sorted(set(files))
         sizes = sizes or {}
         missing = [f for f in wanted
                    if not isinstance(try_to_load_from_cache(self.repo, f, revision=self.commit), str)]

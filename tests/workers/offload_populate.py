@@ -21,7 +21,7 @@ from distload.offload import OffloadStore, ensure_entries
 ckpt, root, dtype, barrier, count, out = sys.argv[1:7]
 dtype = None if dtype == "none" else dtype
 index = index_checkpoint(ckpt)
-store = OffloadStore(root, timeout=60)
+store = OffloadStore(root, timeout_s=60)
 open(os.path.join(barrier, str(os.getpid())), "w").close()
 deadline = time.time() + 60
 while len(os.listdir(barrier)) < int(count) and time.time() < deadline:

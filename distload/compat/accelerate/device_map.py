@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -115,7 +115,7 @@ def plan_device_map(model: nn.Module, max_memory: Mapping | None = None, *,
         p.device_map, p.partition.bottleneck
     """
     limits = default_limits() if max_memory is None else parse_max_memory(max_memory)
-    spec = describe_model(model, no_split_module_classes=no_split_module_classes)
+    spec = _with_hf_head(model, describe_model(model, no_split_module_classes=no_split_module_classes))
     if not spec.units:
         raise PlanError(f"{type(model).__name__} has no parameters to place")
     special = dict(special_dtypes or {})
@@ -154,6 +154,15 @@ def plan_device_map(model: nn.Module, max_memory: Mapping | None = None, *,
             where[loads[i].name] = "cpu" if tier == Tier.DEVICE else tier
     device_map = _with_leftovers(model, where, first)
     return DeviceMapPlan(device_map, tuple(u.name for u in spec.units), devices, part, offloaded)
+
+
+def _with_hf_head(model: nn.Module, spec):
+    """`spec`, its head a unit named ``lm_head`` where the model has no
+    ``get_output_embeddings()`` (a plain `nn.Module` written after a transformers model):
+    Hugging Face's name for the head, which a generation's reserve counts as such."""
+    if spec.head or not isinstance(getattr(model, "lm_head", None), nn.Module):
+        return spec
+    return replace(spec, head="lm_head") if any(u.name == "lm_head" for u in spec.units) else spec
 
 
 def _warn_missing(gpus: list[int]) -> None:
