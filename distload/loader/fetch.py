@@ -55,7 +55,7 @@ def fetch_node_files(world: World, source: Source, plan: LoadPlan, *,
     node_ranks = world.node_ranks()
 
     def fetch() -> int:
-        files = sorted({m.file for r in node_ranks for m in plan.stage(r).reads})
+        files = sorted({f for r in node_ranks for f in plan.stage(r).files})   # params' and buffers'
         fetched = source.fetch(files, sizes={f: plan.file_sizes[f] for f in files if f in plan.file_sizes})
         if fetched:
             logger.info("fetched %.1f MB of %s on this node (%d rank(s))", fetched / 1e6, plan.label,

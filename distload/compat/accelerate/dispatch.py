@@ -223,8 +223,10 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
 
     The map becomes a world-of-one `LoadPlan` (`distload.plan.sequential`) that
     `distload.loader.load_stage` runs — the loading path of `distload.load`: its sources,
-    reader, tiers, offload store, progress and errors. Only the buffers (no part of a
-    plan) are read here, with the same reader."""
+    reader, tiers, offload store, progress and errors. The persistent buffers the
+    checkpoint holds are in the plan (`StagePlan.buffers`: their files are fetched and
+    checked with the parameters') but read here, into the caller's modules, with the same
+    reader."""
     check_devices_present(device_map)       # before a byte is read
     source = open_source(os.fspath(checkpoint), cache_dir=cache_dir)
     index = source.index()
@@ -240,13 +242,17 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
     placements, units = _placements(model, spec, param_to_key, index, device_map, main, params,
                                      dtype=dtype, stream_host=stream_host, keep_in_fp32=keep_in_fp32)
     tensors, sizes = index.relative()
+    # the buffers are in the plan too: their files are fetched (a hub id) and checked with the rest
     plan = single_process_plan(units, placements, tensors, source=source.identity(), format=index.format,
-                               file_sizes=sizes, stream_slots=stream_slots)
+                               file_sizes=sizes, stream_slots=stream_slots, buffers=sorted(buffer_keys),
+                               pinned=main.type == "cuda")
     if offload_state_dict:
         host = sum(tensors[p.key].numel * dtype_from_name(p.dtype).itemsize for p in placements
                    if p.tier == Tier.CPU or p.device == "cpu")
+        staging = plan.stage(0).reserve.get("host_staging", 0)
+        pinned = f" and the disk tier's pinned staging ({format_bytes(staging)})" if staging else ""
         warn_once("offload_state_dict", "offload_state_dict: distload builds no temporary state dict; "
-                  f"this load's peak host memory is the weights placed on 'cpu' ({format_bytes(host)}) "
+                  f"this load's peak host memory is the weights placed on 'cpu' ({format_bytes(host)}){pinned} "
                   f"plus the read staging (at most {format_bytes(_READ_WORKERS * DEFAULT_STAGING_BYTES)})",
                   level=20)
     world = World(rank=0, world_size=1, local_rank=0, device=main, backend=None)
