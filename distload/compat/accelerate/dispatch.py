@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -67,6 +67,8 @@ from .buffers import offload_streamed_buffers
 from .hooks import align_devices as _align_devices
 from .placement import (DISK, HOST, RESIDENT, check_devices_present, device_for, module_devices,
                         normalize_device, placement, warn_once)
+from .precision import float32_rule
+from .preload import blocked_by, preload_classes, preload_unit
 
 __all__ = ["load_checkpoint_and_dispatch", "load_checkpoint_in_model", "dispatch_checkpoint", "device_for"]
 
@@ -93,14 +95,19 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
     live in host memory ("cpu" is the device without GPUs; with GPUs they are streamed to
     the first GPU to run), "disk" entries go to `offload_folder` (a `distload.offload`
     store, default ``~/.cache/distload/offload``) and are streamed in to run. Floating
-    tensors take `dtype`, else the model's own parameter dtype (as accelerate does).
+    tensors take `dtype`, else the model's own parameter dtype (as accelerate does), but
+    the tensors the model class keeps in float32 (`precision.py`: transformers'
+    ``_keep_in_fp32_modules_strict`` under bfloat16 and float16, ``_keep_in_fp32_modules``
+    under float16, as its ``from_pretrained`` does; accelerate's own function ignores them).
 
     accelerate's switches: `skip_keys` (output/input keys never moved between devices)
-    and `force_hooks` (move inputs even on one device) work; `preload_module_classes` is
-    what distload always does (an offloaded unit's weights are all fetched before it
-    runs); `offload_buffers` keeps the buffers of offloaded modules in host memory,
-    brought onto the device with their module's weights (`buffers.py`); `offload_state_dict` is needless — no temporary state dict is built, and the
-    load's peak host memory (the "cpu" weights plus the read staging) is logged instead;
+    and `force_hooks` (move inputs even on one device) work; `preload_module_classes`:
+    an offloaded module of one of those classes fetches its whole subtree's weights when
+    its forward starts, released after (`preload.py`); `offload_buffers` keeps the
+    buffers of offloaded modules in host memory, brought onto the device with their
+    module's weights (`buffers.py`); `offload_state_dict` is needless — no temporary
+    state dict is built, and the load's peak host memory (the "cpu" weights plus the
+    read staging) is logged instead;
     `full_state_dict` and `broadcast_from_rank0` concern accelerate's sharded training
     (a warning, once, when not their defaults).
 
@@ -124,9 +131,6 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
         return load(os.fspath(checkpoint), dtype=dtype, max_memory=max_memory, strict=strict,
                     offload_dir=None if offload_folder is None else os.fspath(offload_folder),
                     max_batch_size=max_batch_size, max_seq_len=max_seq_len, workload=workload)
-    if preload_module_classes:
-        warn_once("preload_module_classes", "preload_module_classes: distload already fetches all of "
-                  "an offloaded unit's weights before it runs", level=20)
     _sharded_switches(full_state_dict, broadcast_from_rank0)
     if isinstance(device_map, str):
         if device_map != "sequential" and max_batch_size is None and max_seq_len is None:
@@ -142,6 +146,7 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
                         offload_folder=None if offload_folder is None else os.fspath(offload_folder),
                         no_split_module_classes=no_split_module_classes, skip_keys=skip_keys,
                         force_hooks=force_hooks, offload_state_dict=bool(offload_state_dict),
+                        preload_module_classes=preload_module_classes,
                         stream_slots=stream_slots or getattr(device_map, "stream_slots", 0) or 2)
     if offload_buffers:
         offload_streamed_buffers(model)
@@ -160,7 +165,8 @@ def load_checkpoint_in_model(model: nn.Module, checkpoint: str | os.PathLike,
     meta, or materialized) following `device_map` (None: everything on the CPU) without
     dispatching — parameters mapped to a GPU or "cpu" are materialized there (host memory,
     not streamed; no hooks move inputs between devices), `dtype` casts floating tensors
-    (`keep_in_fp32_modules` stay float32 under float16, as accelerate). One difference:
+    (`keep_in_fp32_modules` stay float32 under float16, as accelerate, and what the model
+    class declares float32, `precision.py`). One difference:
     "disk" parameters become entries of the offload store in `offload_folder` *and* are
     streamed in when their unit runs (accelerate leaves them on meta until
     `dispatch_model`, which distload folds in here). No temporary state dict is built (see
@@ -204,22 +210,20 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent) if parent else model), attr
 
 
-def _in_fp32(pname: str, modules: tuple[str, ...]) -> bool:
-    return any(pname == m or f"{m}." in pname for m in modules)   # accelerate's match
-
-
 def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, dtype: str | None,
                         strict: bool = False, offload_folder: str | None = None,
                         no_split_module_classes=None, skip_keys=None, force_hooks: bool = False,
                         stream_host: bool = True, align: bool = True, keep_in_fp32: tuple = (),
                         offload_state_dict: bool = False, stream_slots: int = 2,
-                        cache_dir: str | None = None) -> None:
+                        cache_dir: str | None = None, preload_module_classes=None) -> None:
     """Fill `model` from `checkpoint` (a path or hub id: `distload.sources`) as `device_map`
     says (see the module docstring). `dtype` (a name) casts floating tensors; None: the
     model's own dtypes. `stream_host`: with GPUs, "cpu" parameters are pinned and streamed
     to the first GPU (else resident in host memory); `align`: hooks move inputs to each
     mapped module's device (`skip_keys` excepted; on one device only with `force_hooks`);
-    `stream_slots`: offloaded units held at once (2: prefetch).
+    `stream_slots`: offloaded units held at once (2: prefetch); `keep_in_fp32`: accelerate's
+    `keep_in_fp32_modules` (with what the model declares: `precision.float32_rule`);
+    `preload_module_classes`: see `preload.py`.
 
     The map becomes a world-of-one `LoadPlan` (`distload.plan.sequential`) that
     `distload.loader.load_stage` runs — the loading path of `distload.load`: its sources,
@@ -231,6 +235,7 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
     source = open_source(os.fspath(checkpoint), cache_dir=cache_dir)
     index = source.index()
     _refuse_quantized(index)
+    keep = float32_rule(model, dtype, keep_in_fp32)
     spec = _with_root_params(model, describe_model(model, no_split_module_classes=no_split_module_classes))
     param_to_key, unused = match_params_to_keys(spec, index.tensors, strict=False)
     buffer_keys = {name for name, _ in persistent_buffers(model) if name in index.tensors}
@@ -240,7 +245,8 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
     params = dict(model.named_parameters(remove_duplicate=False))
     grads = {name: p.requires_grad for name, p in params.items()}
     placements, units = _placements(model, spec, param_to_key, index, device_map, main, params,
-                                     dtype=dtype, stream_host=stream_host, keep_in_fp32=keep_in_fp32)
+                                     dtype=dtype, stream_host=stream_host, keep=keep,
+                                     preload=preload_classes(preload_module_classes))
     tensors, sizes = index.relative()
     # the buffers are in the plan too: their files are fetched (a hub id) and checked with the rest
     plan = single_process_plan(units, placements, tensors, source=source.identity(), format=index.format,
@@ -259,7 +265,7 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
     fetch_node_files(world, source, plan)
     reader = source.reader(ReadOptions(workers=_READ_WORKERS))
     _load_buffers(model, device_map, main, index, buffer_keys, dtype=dtype, stream_host=stream_host,
-                  reader=reader)
+                  reader=reader, keep=keep)
     load_stage(plan, world, reader=reader, module=model, offload_dir=offload_folder, cache_dir=cache_dir)
     # buffers the load recomputed (a distload model's RoPE, on the load's device) go back
     # to their module's device
@@ -291,15 +297,19 @@ def _refuse_quantized(index) -> None:
 
 
 def _placements(model: nn.Module, spec, param_to_key: dict, index, device_map: dict, main: torch.device,
-                params: dict, *, dtype: str | None, stream_host: bool, keep_in_fp32: tuple
+                params: dict, *, dtype: str | None, stream_host: bool, keep: Callable[[str], bool],
+                preload: frozenset[str] = frozenset()
                 ) -> tuple[list[Placement], list[tuple[str, float]]]:
     """Each parameter's `Placement` under `device_map`, and the plan's units ((name, cost)
     in module order): the modules the map or `describe_model` names, whichever is deeper,
-    never one inside another (an offloaded unit streams as a whole)."""
+    or an offloaded module of a `preload` class holding them (`preload.py`), never one
+    inside another (an offloaded unit streams as a whole). `keep(name)`: the parameter
+    stays float32 (`precision.py`)."""
     modules = dict(model.named_modules())
     unit_of = spec.unit_of()
     chosen: dict[str, str] = {}
     kinds: dict[str, tuple] = {}
+    entries: dict[str, str] = {}
     for pname in param_to_key:
         try:
             entry, device = device_for(pname, device_map)
@@ -312,7 +322,12 @@ def _placements(model: nn.Module, spec, param_to_key: dict, index, device_map: d
             chosen[pname] = ""
         else:
             chosen[pname] = max(entry if entry in modules else "", unit_of[pname], key=len)
-        kinds[pname] = (kind, dev)
+        kinds[pname], entries[pname] = (kind, dev), entry
+    if preload:   # the model itself is no unit of a plan: its own parameters stay resident
+        blocked = blocked_by([p for p, (kind, _) in kinds.items() if kind == RESIDENT])
+        for pname, (kind, _) in kinds.items():
+            if kind != RESIDENT:
+                chosen[pname] = preload_unit(modules, chosen[pname], entries[pname], preload, blocked=blocked)
     named = {u for u in chosen.values() if u}
     outer = {u: next((a for a in _ancestors(u) if a in named), u) for u in named}
     placements = []
@@ -321,7 +336,7 @@ def _placements(model: nn.Module, spec, param_to_key: dict, index, device_map: d
         src = index.tensors[key].dtype
         # accelerate's rule: floating tensors take `dtype`, else the model's own dtype
         own = dtype_name(params[pname].dtype) if params[pname].is_floating_point() else src
-        want = "float32" if keep_in_fp32 and _in_fp32(pname, keep_in_fp32) else (dtype or own)
+        want = "float32" if keep(pname) else (dtype or own)
         tier = {RESIDENT: Tier.DEVICE, HOST: Tier.CPU, DISK: Tier.DISK}[kind]
         placements.append(Placement(pname, key, outer.get(chosen[pname], ""), cast_dtype(src, want), tier,
                                     str(dev) if kind == RESIDENT else ""))
@@ -339,13 +354,14 @@ def _ancestors(name: str) -> list[str]:
 
 
 def _load_buffers(model: nn.Module, device_map: dict, main: torch.device, index, keys: set[str], *,
-                  dtype: str | None, stream_host: bool, reader: Reader | None = None) -> None:
+                  dtype: str | None, stream_host: bool, reader: Reader | None = None,
+                  keep: Callable[[str], bool] | None = None) -> None:
     """Every buffer goes to its module's device (an offloaded module's to the device it
     runs on: buffers are not offloaded, as in accelerate by default); a persistent one the
     checkpoint holds (`keys`) takes the checkpoint's value wherever it was — on meta, or
     already materialised (a BatchNorm's statistics under `init_empty_weights()`) —, its
-    dtype `dtype` if floating and given, else its own (as `load_state_dict` keeps it);
-    `reader` (the source's) reads them."""
+    dtype `dtype` if floating and given (float32 where `keep(name)`, `precision.py`), else
+    its own (as `load_state_dict` keeps it); `reader` (the source's) reads them."""
     devices = module_devices(model, device_map)
     read: dict[str, torch.Tensor] = {}
     owners: dict[str, tuple[nn.Module, str, torch.device]] = {}
@@ -361,7 +377,10 @@ def _load_buffers(model: nn.Module, device_map: dict, main: torch.device, index,
             if full in keys:
                 meta = index.tensors[full]
                 own = dtype_name(buf.dtype)
-                want = cast_dtype(meta.dtype, dtype or own) if buf.is_floating_point() else own
+                if not buf.is_floating_point():
+                    want = own
+                else:
+                    want = "float32" if keep is not None and keep(full) else cast_dtype(meta.dtype, dtype or own)
                 read[full] = torch.empty(meta.shape, dtype=dtype_from_name(want), device="cpu")
                 owners[full] = (mod, name, dev)
             elif not buf.is_meta:
