@@ -8,15 +8,12 @@ huggingface_hub client (a subprocess: the client reads HF_ENDPOINT at import).""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from .archs import save_in_memory_layout
 from .archs_frontier import hf_config, hf_model
-from .fakehub import FakeHub, client_env
+from .fakehub import run_client
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,11 +57,8 @@ def checkpoint(tmp_path_factory):
 
 
 def test_a_shard_of_buffers_only_is_fetched_and_loaded(checkpoint, tmp_path):
-    with FakeHub() as hub:
-        hub.push("acme/dsv3", checkpoint)
-        run = subprocess.run([sys.executable, "-c", _CLIENT, "acme/dsv3", str(checkpoint), str(tmp_path / "out.pt"),
-                              str(IDS.tolist())], env=client_env(hub.url("node0"), tmp_path / "home"),
-                             capture_output=True, text=True, timeout=300)
+    run = run_client(_CLIENT, ["acme/dsv3", str(checkpoint), str(tmp_path / "out.pt"), str(IDS.tolist())],
+                     "acme/dsv3", checkpoint, tmp_path / "home")
     assert run.returncode == 0, run.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
     ref = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
