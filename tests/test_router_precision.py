@@ -127,6 +127,7 @@ def test_accelerate_workflow_keeps_what_the_model_class_keeps_float32(name, tmp_
     import accelerate
 
     from distload import init_empty_weights, load_checkpoint_and_dispatch
+    from distload.compat.accelerate.precision import float32_dtypes
 
     config = hf_config(name) if name == "deepseek_v3" else more_config(name)
     path = _checkpoint(config, tmp_path / name, in_memory=True)   # what a model built from config holds
@@ -140,6 +141,8 @@ def test_accelerate_workflow_keeps_what_the_model_class_keeps_float32(name, tmp_
         with init():
             return transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager")
 
+    # a map planned for bfloat16 ("auto") sizes them as float32
+    assert set(float32_dtypes(meta(init_empty_weights), "bfloat16")) == routers
     ours = load_checkpoint_and_dispatch(meta(init_empty_weights), path, device_map={"": "cpu"},
                                         dtype=torch.bfloat16).eval()
     got = ours.state_dict()

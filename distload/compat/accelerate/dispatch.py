@@ -52,7 +52,7 @@ from ...checkpoint.quant import quant_scheme
 from ...dist import World
 from ...dtypes import cast_dtype, dtype_from_name, dtype_name
 from ...errors import ConfigError, LoadError
-from ...io import DEFAULT_STAGING_BYTES, Reader, ReadOptions
+from ...io import DEFAULT_STAGING_BYTES, ReadOptions
 from ...loader.fetch import fetch_node_files
 from ...loader.stage import load_stage
 from ...log import logger
@@ -63,11 +63,11 @@ from ...plan.sequential import Placement, single_process_plan
 from ...plan.types import Tier
 from ...sources import open_source
 from .device_map import Device, as_dtype, get_balanced_memory, infer_auto_device_map
-from .buffers import offload_streamed_buffers
+from .buffers import offload_streamed_buffers, place_buffers
 from .hooks import align_devices as _align_devices
-from .placement import (DISK, HOST, RESIDENT, check_devices_present, device_for, module_devices,
-                        normalize_device, placement, warn_once)
-from .precision import float32_rule
+from .placement import (DISK, HOST, RESIDENT, check_devices_present, device_for, normalize_device,
+                        placement, warn_once)
+from .precision import float32_dtypes, float32_rule
 from .preload import blocked_by, preload_classes, preload_unit
 
 __all__ = ["load_checkpoint_and_dispatch", "load_checkpoint_in_model", "dispatch_checkpoint", "device_for"]
@@ -133,12 +133,15 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
                     max_batch_size=max_batch_size, max_seq_len=max_seq_len, workload=workload)
     _sharded_switches(full_state_dict, broadcast_from_rank0)
     if isinstance(device_map, str):
+        # what the model keeps in float32 under `dtype` is sized so (`precision.py`)
+        special = float32_dtypes(model, None if dtype is None else dtype_name(as_dtype(dtype))) or None
         if device_map != "sequential" and max_batch_size is None and max_seq_len is None:
             max_memory = get_balanced_memory(model, max_memory, no_split_module_classes, dtype=dtype,
-                                             low_zero=device_map == "balanced_low_0")
+                                             special_dtypes=special, low_zero=device_map == "balanced_low_0")
         device_map = infer_auto_device_map(model, max_memory, no_split_module_classes, dtype=dtype,
-                                           offload_buffers=offload_buffers, max_batch_size=max_batch_size,
-                                           max_seq_len=max_seq_len, workload=workload)
+                                           special_dtypes=special, offload_buffers=offload_buffers,
+                                           max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                                           workload=workload)
     elif device_map is None:
         device_map = {"": "cpu"}
     dispatch_checkpoint(model, os.fspath(checkpoint), device_map,
@@ -264,12 +267,12 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
     world = World(rank=0, world_size=1, local_rank=0, device=main, backend=None)
     fetch_node_files(world, source, plan)
     reader = source.reader(ReadOptions(workers=_READ_WORKERS))
-    _load_buffers(model, device_map, main, index, buffer_keys, dtype=dtype, stream_host=stream_host,
+    place_buffers(model, device_map, main, index, buffer_keys, dtype=dtype, stream_host=stream_host,
                   reader=reader, keep=keep)
     load_stage(plan, world, reader=reader, module=model, offload_dir=offload_folder, cache_dir=cache_dir)
     # buffers the load recomputed (a distload model's RoPE, on the load's device) go back
     # to their module's device
-    _load_buffers(model, device_map, main, index, set(), dtype=dtype, stream_host=stream_host)
+    place_buffers(model, device_map, main, index, set(), dtype=dtype, stream_host=stream_host)
     with torch.no_grad():
         for p in placements:   # a key tied across devices is read where its first user lives
             owner, attr = _owner(model, p.param)
@@ -351,45 +354,6 @@ def _ancestors(name: str) -> list[str]:
     """The dotted prefixes of `name`, outermost first ("a", "a.b" for "a.b.c")."""
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
-
-
-def _load_buffers(model: nn.Module, device_map: dict, main: torch.device, index, keys: set[str], *,
-                  dtype: str | None, stream_host: bool, reader: Reader | None = None,
-                  keep: Callable[[str], bool] | None = None) -> None:
-    """Every buffer goes to its module's device (an offloaded module's to the device it
-    runs on: buffers are not offloaded, as in accelerate by default); a persistent one the
-    checkpoint holds (`keys`) takes the checkpoint's value wherever it was — on meta, or
-    already materialised (a BatchNorm's statistics under `init_empty_weights()`) —, its
-    dtype `dtype` if floating and given (float32 where `keep(name)`, `precision.py`), else
-    its own (as `load_state_dict` keeps it); `reader` (the source's) reads them."""
-    devices = module_devices(model, device_map)
-    read: dict[str, torch.Tensor] = {}
-    owners: dict[str, tuple[nn.Module, str, torch.device]] = {}
-    for mod_name, mod in model.named_modules():
-        for name, buf in list(mod._buffers.items()):
-            if buf is None:
-                continue
-            full = f"{mod_name}.{name}" if mod_name else name
-            if mod_name not in devices:
-                raise LoadError(f"device_map gives no device for buffer {full}")
-            kind, dev = placement(devices[mod_name], main, stream_host=stream_host)
-            dev = dev if kind == RESIDENT else main
-            if full in keys:
-                meta = index.tensors[full]
-                own = dtype_name(buf.dtype)
-                if not buf.is_floating_point():
-                    want = own
-                else:
-                    want = "float32" if keep is not None and keep(full) else cast_dtype(meta.dtype, dtype or own)
-                read[full] = torch.empty(meta.shape, dtype=dtype_from_name(want), device="cpu")
-                owners[full] = (mod, name, dev)
-            elif not buf.is_meta:
-                mod._buffers[name] = buf.to(dev)   # left on meta: check_materialized names it
-    if read:
-        relative, _ = index.relative()
-        reader.read([relative[k] for k in sorted(read)], read)
-    for full, (mod, name, dev) in owners.items():
-        mod._buffers[name] = read[full].to(dev)
 
 
 def _with_root_params(model: nn.Module, spec):

@@ -29,8 +29,8 @@ from ...checkpoint import index_checkpoint
 from ...errors import LoadError
 from ...offload import OffloadStore, attach_streaming, default_offload_dir, ensure_entries, streamer_of
 from ...offload.stream import _ATTR as _STREAMER_ATTR
-from .buffers import offload_streamed_buffers
-from .dispatch import _ancestors, _load_buffers, _owner
+from .buffers import offload_streamed_buffers, place_buffers
+from .dispatch import _ancestors, _owner
 from .hooks import align_devices as _align_devices
 from .placement import HOST, RESIDENT, check_devices_present, device_for, normalize_device, placement
 from .preload import blocked_by, preload_classes, preload_unit
@@ -115,7 +115,7 @@ def _dispatch(model: nn.Module, device_map: Mapping, main_device, state_dict, of
                 by_id[owner_id]._buffers[attr] = value
     if disk:
         source.update(_disk_entries(disk, offload_dir))
-    _load_buffers(model, device_map, main, None, set(), dtype=None, stream_host=True)
+    place_buffers(model, device_map, main, None, set(), dtype=None, stream_host=True)
     if source:
         if any(unit == "" for unit, _ in units.values()):
             raise LoadError("dispatch_model: parameters of the root module cannot be offloaded (no module "

@@ -26,9 +26,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 
-__all__ = ["float32_rule", "declared_float32"]
+__all__ = ["float32_rule", "declared_float32", "float32_dtypes"]
 
 
 def declared_float32(model: nn.Module, dtype: str | None) -> tuple[str, ...]:
@@ -59,3 +60,12 @@ def float32_rule(model: nn.Module, dtype: str | None, modules: Sequence[str] = (
         return any((m in name and f"{m}." in name) or m == name for m in given)
 
     return keep
+
+
+def float32_dtypes(model: nn.Module, dtype: str | None) -> dict[str, torch.dtype]:
+    """``{name: torch.float32}`` for every parameter and buffer of `model` that stays
+    float32 under `dtype` (the model's declaration): the `special_dtypes` a device map
+    planned for that `dtype` must size them with."""
+    keep = float32_rule(model, dtype)
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    return {n: torch.float32 for n in names if keep(n)}
