@@ -116,3 +116,26 @@ def test_cpu_offload_preloads_the_model_itself():
     assert ours.proj.weight.is_meta                          # back on its placeholder after the forward
     plain = distload.cpu_offload(_fresh(Head), execution_device="cpu")
     assert streamer_of(plain).unit_names == ["body", "proj"]
+
+
+def test_load_checkpoint_and_dispatch_preloads_the_model_itself(tmp_path):
+    """The whole model on disk and its own class listed: every weight is on the device
+    when its forward starts (one unit, the model itself), released after."""
+    from safetensors.torch import save_file
+
+    save_file(_fresh(Head).state_dict(), tmp_path / "model.safetensors")
+    # force_hooks: accelerate refuses a map of one "disk" entry without it
+    kw = dict(device_map={"": "disk"}, preload_module_classes=["Head"], force_hooks=True)
+
+    def empty(lib):
+        with lib.init_empty_weights():
+            return Head()
+
+    theirs = accelerate.load_checkpoint_and_dispatch(empty(accelerate), str(tmp_path / "model.safetensors"),
+                                                     offload_folder=str(tmp_path / "theirs"), **kw)
+    ours = distload.load_checkpoint_and_dispatch(empty(distload), tmp_path / "model.safetensors",
+                                                 offload_folder=tmp_path / "ours", **kw)
+    assert streamer_of(ours).unit_names == [""]
+    torch.testing.assert_close(_out(ours), _out(theirs), rtol=0, atol=0)
+    torch.testing.assert_close(_out(ours), _out(_fresh(Head)), rtol=0, atol=0)
+    assert ours.proj.weight.is_meta

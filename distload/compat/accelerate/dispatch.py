@@ -326,11 +326,14 @@ def _placements(model: nn.Module, spec, param_to_key: dict, index, device_map: d
         else:
             chosen[pname] = max(entry if entry in modules else "", unit_of[pname], key=len)
         kinds[pname], entries[pname] = (kind, dev), entry
-    if preload:   # the model itself is no unit of a plan: its own parameters stay resident
+    if preload:
         blocked = blocked_by([p for p, (kind, _) in kinds.items() if kind == RESIDENT])
-        for pname, (kind, _) in kinds.items():
-            if kind != RESIDENT:
-                chosen[pname] = preload_unit(modules, chosen[pname], entries[pname], preload, blocked=blocked)
+        streamed = [p for p, (kind, _) in kinds.items() if kind != RESIDENT]
+        for pname in streamed:
+            chosen[pname] = preload_unit(modules, chosen[pname], entries[pname], preload, blocked=blocked,
+                                         root=True)
+        if any(chosen[p] == "" for p in streamed):   # the model itself: one unit streams all (its forward)
+            chosen.update(dict.fromkeys(streamed, ""))
     named = {u for u in chosen.values() if u}
     outer = {u: next((a for a in _ancestors(u) if a in named), u) for u in named}
     placements = []
