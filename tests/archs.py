@@ -155,3 +155,20 @@ def left_padded_batch(lengths=(10, 7, 3, 10, 1), seed: int = 0) -> tuple[torch.T
     ids = torch.randint(3, VOCAB - 3, (len(lengths), width), generator=torch.Generator().manual_seed(seed))
     mask = (torch.arange(width)[None] >= width - torch.tensor(lengths)[:, None]).long()
     return ids * mask, mask
+
+
+def save_in_memory_layout(model, out: Path, shard_of=lambda key: "model.safetensors") -> Path:
+    """`model`'s state dict as transformers holds it in memory (transformers 5: packed
+    experts, which a model built from the config expects key for key, unlike the hub's
+    layout `save_pretrained` writes), in the shards `shard_of(key)` names, with an index
+    and the config."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in model.state_dict().items():
+        shards.setdefault(shard_of(key), {})[key] = tensor.contiguous()
+    for shard, tensors in shards.items():
+        save_file(tensors, out / shard, metadata={"format": "pt"})
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: s for s, ts in sorted(shards.items()) for k in sorted(ts)}}))
+    return out

@@ -37,6 +37,8 @@ import os
 import re
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -434,6 +436,17 @@ def client_env(endpoint: str, home: str | Path, *, offline: bool = False, base: 
                HF_HUB_OFFLINE="1" if offline else "0", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1",
                no_proxy="127.0.0.1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
+
+
+def run_client(code: str, args: list[str], repo: str, directory: str | Path, home: str | Path, *,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -c code *args`` in a fresh interpreter (huggingface_hub reads HF_ENDPOINT at
+    import) against a fake hub that serves `directory` as `repo`, its caches under `home`
+    (`client_env`); the completed process, output captured as text."""
+    with FakeHub() as hub:
+        hub.push(repo, directory)
+        return subprocess.run([sys.executable, "-c", code, *args], env=client_env(hub.url("node0"), home),
+                              capture_output=True, text=True, timeout=timeout)
 
 
 def _true(query: dict, key: str) -> bool:

@@ -21,12 +21,9 @@ from distload.meta import materialize
 from distload.pipeline.microbatch import position_ids_from_mask
 
 from .archs import ARCHS, MOE, VOCAB, hf_config, hf_model, left_padded_batch, make_hf_checkpoint, repack_experts
-from .mp import torchrun, worker
+from .arch_checks import ATOL, check_pipelines, reference_outputs, run_pipelines
 
 transformers = pytest.importorskip("transformers")
-
-ATOL = 1e-4
-NEW = 12
 
 
 def _reference_model(path, name: str):
@@ -52,43 +49,16 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def references(checkpoints):
     """name -> (logits, greedy tokens) of transformers on the left-padded batch."""
-    ids, mask = left_padded_batch()
-    refs = {}
-    for name in ARCHS:
-        model = _reference_model(checkpoints[name], name)
-        with torch.no_grad():
-            logits = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-            tokens = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
-                                    pad_token_id=0)
-        refs[name] = (logits, tokens)
-    return refs
+    return {name: reference_outputs(_reference_model(checkpoints[name], name)) for name in ARCHS}
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_architecture_across_ranks_matches_transformers(world, checkpoints, references, tmp_path):
     names = sorted(checkpoints)
-    disk = ["--disk", str(checkpoints["qwen2_moe_packed"])] if world == 2 else []
-    proc = torchrun(world, [worker("arch_pipeline.py"), str(tmp_path), *disk,
-                            *(str(checkpoints[n]) for n in names)], timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = torch.load(tmp_path / "results.pt")
-    ids, mask = left_padded_batch()
-    real = mask.bool()
-    for name in names + ([f"qwen2_moe_packed@disk"] if disk else []):
-        got = results[name]
-        ref_logits, ref_tokens = references[name.split("@")[0].removesuffix("_packed")]
-        assert got["logits"].shape == ref_logits.shape, name
-        err = (got["logits"][real] - ref_logits[real]).abs().max().item()
-        assert err <= ATOL, f"{name}: logits differ from transformers' by {err:.2e}"
-        assert torch.equal(got["tokens"], ref_tokens), f"{name}: greedy tokens differ"
-        ranks = got["job_report"]["ranks"]
-        assert len(got["units"]) == world and all(got["units"]), name
-        # Every rank read only its own tensors' bytes (packed experts: byte ranges inside
-        # the packed tensors), and together exactly the checkpoint's; disk-tier weights
-        # are references into the checkpoint's files, read when their layer runs.
-        on_disk = sum(r["offloaded_bytes_by_tier"]["disk"] for r in ranks)
-        assert sum(r["bytes_read"] for r in ranks) + on_disk == got["checkpoint_bytes"], name
-        assert (on_disk > 0 and all(r["offloaded_bytes"] > 0 for r in ranks)) == name.endswith("@disk")
+    disk = ["qwen2_moe_packed"] if world == 2 else []
+    results = run_pipelines(world, tmp_path, [checkpoints[n] for n in names],
+                            disk=[checkpoints[n] for n in disk])
+    check_pipelines(results, names, disk, references, world)
     # Both expert layouts are the same bytes of the same weights.
     for name in MOE:
         assert results[name]["checkpoint_bytes"] == results[f"{name}_packed"]["checkpoint_bytes"]

@@ -22,19 +22,16 @@ import torch
 
 from distload.meta import describe_model, init_empty_weights
 from distload.models import build_model, supported_model_types
-from distload.pipeline.microbatch import position_ids_from_mask
 
-from .archs import left_padded_batch, repack_experts
+from .arch_checks import check_outputs, reference_outputs, run_pipelines
+from .archs import repack_experts
 from .archs import make_hf_checkpoint as make_any_checkpoint
 from .archs_frontier import ARCHS, FP8_BLOCK, hf_config, make_hf_checkpoint
 from .archs_more import more_config
-from .mp import torchrun, worker
 from .quant_ckpt import quantize_checkpoint_fp8, quantize_checkpoint_mxfp4
 
 transformers = pytest.importorskip("transformers")
 
-ATOL = 1e-4
-NEW = 12
 FP8 = "deepseek_v3_fp8"
 MXFP4 = "gpt_oss_mxfp4"
 QUANTIZED = (FP8, MXFP4)
@@ -70,16 +67,7 @@ def _reference(name: str, checkpoints):
 @pytest.fixture(scope="module")
 def references(checkpoints):
     """name -> (logits, greedy tokens) of transformers on the left-padded batch."""
-    ids, mask = left_padded_batch()
-    refs = {}
-    for name in (*ARCHS, *QUANTIZED):
-        model = _reference(name, checkpoints)
-        with torch.no_grad():
-            logits = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-            tokens = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
-                                    pad_token_id=0)
-        refs[name] = (logits, tokens)
-    return refs
+    return {name: reference_outputs(_reference(name, checkpoints)) for name in (*ARCHS, *QUANTIZED)}
 
 
 def test_every_frontier_type_has_a_case():
@@ -92,24 +80,13 @@ def test_every_frontier_type_has_a_case():
 def test_frontier_architectures_across_ranks_match_transformers(world, checkpoints, references, tmp_path):
     # Every case on 2 ranks (and the disk tier); each type and the FP8 copy on 3.
     names = sorted(checkpoints) if world == 2 else ["deepseek_v2", "deepseek_v3", FP8]
-    disk = [a for n in ("deepseek_v3_packed", FP8) for a in ("--disk", str(checkpoints[n]))] \
-        if world == 2 else []
-    proc = torchrun(world, [worker("arch_frontier.py"), str(tmp_path), *disk,
-                            *(str(checkpoints[n]) for n in names)], timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = torch.load(tmp_path / "results.pt")
-    ids, mask = left_padded_batch()
-    real = mask.bool()
-    on_disk_names = ["deepseek_v3_packed@disk", f"{FP8}@disk"] if disk else []
-    for name in names + on_disk_names:
+    disk = ["deepseek_v3_packed", FP8] if world == 2 else []
+    results = run_pipelines(world, tmp_path, [checkpoints[n] for n in names],
+                            disk=[checkpoints[n] for n in disk], dtype="float32")
+    for name in names + [f"{n}@disk" for n in disk]:
         got = results[name]
-        ref_logits, ref_tokens = references[name.split("@")[0].removesuffix("_packed")]
-        err = (got["logits"][real] - ref_logits[real]).abs().max().item()
-        assert err <= ATOL, f"{name}: logits differ from transformers' by {err:.2e}"
-        assert torch.equal(got["tokens"], ref_tokens), f"{name}: greedy tokens differ"
+        on_disk = check_outputs(name, got, references, world)
         ranks = got["job_report"]["ranks"]
-        assert len(got["units"]) == world and all(got["units"]), name
-        on_disk = sum(r["offloaded_bytes_by_tier"]["disk"] for r in ranks)
         assert (on_disk > 0) == name.endswith("@disk"), name
         read = sum(r["bytes_read"] for r in ranks)
         # Disk-tier weights are references into the checkpoint's files, read when their

@@ -29,12 +29,10 @@ from distload.models.common.attention import position_ids_from_mask
 
 from .archs import left_padded_batch, make_hf_checkpoint, repack_experts
 from .archs_more import MOE, MORE, NESTED, PACKED, more_config
-from .mp import torchrun, worker
+from .arch_checks import ATOL, check_pipelines, reference_outputs, run_pipelines
 
 transformers = pytest.importorskip("transformers")
 
-ATOL = 1e-4
-NEW = 12
 DISK = ("gpt_oss", "glm4_moe_packed", "llama4_text")
 
 
@@ -51,44 +49,22 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def references(checkpoints):
     """name -> (logits, greedy tokens) of transformers on the left-padded batch."""
-    ids, mask = left_padded_batch()
     refs = {}
     for name in MORE:
         # transformers' grouped_mm experts need 16-byte strides, which odd sizes lack.
         kw = {"experts_implementation": "eager"} if name in MOE else {}
         cls = transformers.AutoModelForImageTextToText if name in NESTED else transformers.AutoModelForCausalLM
-        model = cls.from_pretrained(checkpoints[name], dtype=torch.float32, **kw).eval()
-        model.generation_config.eos_token_id = None
-        with torch.no_grad():
-            logits = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-            tokens = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
-                                    pad_token_id=0)
-        refs[name] = (logits, tokens)
+        refs[name] = reference_outputs(cls.from_pretrained(checkpoints[name], dtype=torch.float32, **kw).eval())
     return refs
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_more_architectures_across_ranks_match_transformers(world, checkpoints, references, tmp_path):
     names = sorted(checkpoints)
-    disk = [a for n in DISK for a in ("--disk", str(checkpoints[n]))] if world == 2 else []
-    proc = torchrun(world, [worker("arch_pipeline.py"), str(tmp_path), *disk,
-                            *(str(checkpoints[n]) for n in names)], timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = torch.load(tmp_path / "results.pt")
-    ids, mask = left_padded_batch()
-    real = mask.bool()
-    for name in names + ([f"{n}@disk" for n in DISK] if disk else []):
-        got = results[name]
-        ref_logits, ref_tokens = references[name.split("@")[0].removesuffix("_packed")]
-        assert got["logits"].shape == ref_logits.shape, name
-        err = (got["logits"][real] - ref_logits[real]).abs().max().item()
-        assert err <= ATOL, f"{name}: logits differ from transformers' by {err:.2e}"
-        assert torch.equal(got["tokens"], ref_tokens), f"{name}: greedy tokens differ"
-        ranks = got["job_report"]["ranks"]
-        assert len(got["units"]) == world and all(got["units"]), name
-        on_disk = sum(r["offloaded_bytes_by_tier"]["disk"] for r in ranks)
-        assert sum(r["bytes_read"] for r in ranks) + on_disk == got["checkpoint_bytes"], name
-        assert (on_disk > 0 and all(r["offloaded_bytes"] > 0 for r in ranks)) == name.endswith("@disk")
+    disk = DISK if world == 2 else ()
+    results = run_pipelines(world, tmp_path, [checkpoints[n] for n in names],
+                            disk=[checkpoints[n] for n in disk])
+    check_pipelines(results, names, disk, references, world)
     for name in PACKED:
         assert results[name]["checkpoint_bytes"] == results[f"{name}_packed"]["checkpoint_bytes"]
 

@@ -282,17 +282,11 @@ with torch.no_grad():
 def test_a_hub_id_reaches_load_checkpoint_and_dispatch(ckpts, tmp_path):
     """One loading path: the sources `distload.load` has (here the hub, through the real
     huggingface_hub client against tests/fakehub.py) serve accelerate's workflow too."""
-    import subprocess
-    import sys
-
-    from .fakehub import FakeHub, client_env
+    from .fakehub import run_client
 
     path = ckpts["untied"]
-    with FakeHub() as hub:
-        hub.push("acme/tiny", path)
-        run = subprocess.run([sys.executable, "-c", _HUB_CLIENT, "acme/tiny", str(path), str(tmp_path / "out.pt"),
-                              str(IDS.tolist())], env=client_env(hub.url("node0"), tmp_path / "home"),
-                             capture_output=True, text=True, timeout=240)
+    run = run_client(_HUB_CLIENT, ["acme/tiny", str(path), str(tmp_path / "out.pt"), str(IDS.tolist())],
+                     "acme/tiny", path, tmp_path / "home", timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "out.pt"), _reference(path, dtype=torch.float32))
 

@@ -17,7 +17,7 @@ import torch
 import distload
 from distload.models.common.attention import position_ids_from_mask
 
-from .archs import left_padded_batch
+from .archs import left_padded_batch, save_in_memory_layout
 from .archs_frontier import hf_config, hf_model
 from .archs_more import more_config
 
@@ -26,8 +26,9 @@ transformers = pytest.importorskip("transformers")
 ROUTER = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")
 
 
-def _checkpoint(config, out):
-    """A float32 checkpoint of `config` whose routers' biases bfloat16 cannot tell apart."""
+def _checkpoint(config, out, *, in_memory: bool = False):
+    """A float32 checkpoint of `config` whose routers' biases bfloat16 cannot tell apart
+    (`in_memory`: in transformers' in-memory layout, `tests.archs.save_in_memory_layout`)."""
     model = hf_model(config)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -36,6 +37,8 @@ def _checkpoint(config, out):
             if hasattr(gate, "e_score_correction_bias"):
                 gate.weight.mul_(0.1)   # scores close enough for the biases' thousandths to decide
                 gate.e_score_correction_bias.copy_(2.0 + torch.rand(gate.weight.shape[0], generator=gen) * 7e-3)
+    if in_memory:
+        return save_in_memory_layout(model, out)
     model.save_pretrained(out)
     return out
 
@@ -110,3 +113,51 @@ def test_the_float32_parameters_are_transformers(name, dtype):
     shared = their_names & {n for n, _ in ours.named_parameters()}
     assert kept & shared == their_kept & shared
     assert (kept != set()) == (name != "gpt_oss" and dtype != "float32" or name == "gpt_oss" and dtype == "float16")
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe"])
+def test_accelerate_workflow_keeps_what_the_model_class_keeps_float32(name, tmp_path):
+    """`load_checkpoint_and_dispatch(model, path, dtype=torch.bfloat16)` of a transformers
+    model built from its config keeps in float32 what the class declares
+    (`_keep_in_fp32_modules_strict`: the router weights, and the correction biases, which
+    are buffers there), as transformers' `from_pretrained(dtype=torch.bfloat16)` does:
+    every tensor equal to its, dtype included, and the logits. accelerate's own function
+    casts those to bfloat16 (checked, so that the difference is deliberate) and gives every
+    other tensor as distload does."""
+    import accelerate
+
+    from distload import init_empty_weights, load_checkpoint_and_dispatch
+    from distload.compat.accelerate.precision import float32_dtypes
+
+    config = hf_config(name) if name == "deepseek_v3" else more_config(name)
+    path = _checkpoint(config, tmp_path / name, in_memory=True)   # what a model built from config holds
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, experts_implementation="eager").eval()
+    want = theirs.state_dict()
+    routers = {n for n in want if ROUTER.search(n)}
+    assert routers and any(n.endswith("e_score_correction_bias") for n in routers)
+
+    def meta(init):
+        with init():
+            return transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager")
+
+    # a map planned for bfloat16 ("auto") sizes them as float32
+    assert set(float32_dtypes(meta(init_empty_weights), "bfloat16")) == routers
+    ours = load_checkpoint_and_dispatch(meta(init_empty_weights), path, device_map={"": "cpu"},
+                                        dtype=torch.bfloat16).eval()
+    got = ours.state_dict()
+    assert got.keys() == want.keys()
+    for n, t in want.items():
+        assert got[n].dtype == t.dtype and torch.equal(got[n], t), n
+    assert all(want[n].dtype == torch.float32 for n in routers)
+    ids = torch.tensor([[1, 5, 9, 20, 3, 7], [4, 4, 8, 15, 16, 23]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=0, atol=0)
+
+    acc = accelerate.load_checkpoint_and_dispatch(meta(accelerate.init_empty_weights), str(path),
+                                                  device_map={"": "cpu"}, dtype=torch.bfloat16)
+    for n, t in acc.state_dict().items():
+        if n in routers:
+            assert t.dtype == torch.bfloat16, n
+        else:
+            assert torch.equal(t, got[n]), n

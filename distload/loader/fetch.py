@@ -59,15 +59,17 @@ def fetch_node_files(world: World, source: Source, plan: LoadPlan, *,
     node_ranks = world.node_ranks()
 
     def fetch() -> int:
-        reads = sorted({m.file for r in node_ranks for m in plan.stage(r).reads})
-        wanted = source.node_files(reads)   # the source decides what the node brings in
+        # params' and buffers' files of this node's ranks; the source decides what that
+        # means the node brings in
+        files = sorted({f for r in node_ranks for f in plan.stage(r).files})
+        wanted = source.node_files(files)
         sizes = {f: plan.file_sizes[f] for f in wanted if f in plan.file_sizes}
         fetched = source.fetch(wanted, sizes=sizes) if wanted else 0
         if fetched:
             logger.info("fetched %.1f MB of %s on this node (%d rank(s))", fetched / 1e6, plan.label,
                         len(node_ranks))
         if verify_checksums:
-            source.verify(reads)
+            source.verify(files)
         return fetched
 
     fetched = on_node_leaders(world, fetch, what=f"fetching {plan.label}", timeout_s=timeout_s)

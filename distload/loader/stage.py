@@ -92,7 +92,7 @@ def load_stage(plan, world: World, *, reader: Reader | None = None, root: str | 
     with ProgressMonitor.maybe(board, plan, world), mine.beating():
         with trace.span("read stage", "load", bytes=stage.tensor_bytes):
             try:
-                reader.check(sorted({m.file for m in stage.reads}), plan.file_sizes)
+                reader.check(list(stage.files), plan.file_sizes)
                 module = build_stage_skeleton(plan, rank) if given is None else given
                 tiers = key_tiers(plan, rank, device)
                 mine.phase("reading")

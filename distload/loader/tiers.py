@@ -136,7 +136,9 @@ def attach_tiers(plan: LoadPlan, rank: int, module: nn.Module, storage: dict[str
             source[src.param] = entries[src.key] if src.key in entries else host[src.key]
     for k in moved:
         storage.pop(k, None)   # device copies (of exchanged tensors) go with their params
-    units = [u for u in stage.units if any(p.startswith(u + ".") for p in source)]
+    units = [u for u in stage.units if u and any(p.startswith(u + ".") for p in source)]
+    if "" in stage.units and any(not any(p.startswith(u + ".") for u in units) for p in source):
+        units = [""]   # the model itself streams (a device map's preloaded root): all of it at once
     slots = stage.stream_slots or 2   # a plan without slots (older) streamed with two
     max_resident = slots if max_resident is None else max_resident
     prefetch = max_resident > 1 if prefetch is None else prefetch

@@ -8,7 +8,9 @@ Pure, like `distload.plan.planner`, whose stage model (`distload.plan.stage`) it
   streams, so no offloaded unit ever sits between two GPUs' stages.
 * The *tail* — the units after the last GPU's stage, possibly none — is offloaded: its
   longest prefix that fits ``cpu`` on the CPU tier, the rest on the disk tier (at most
-  ``disk``). It runs on the *main* GPU (the first, as accelerate's hooks run offloaded
+  ``disk``). Anything on disk streams through pinned host staging (``slots x`` the
+  tail's largest unit, as `distload.plan.stage` counts it for a GPU rank), which comes out
+  of ``cpu`` first. It runs on the *main* GPU (the first, as accelerate's hooks run offloaded
   modules), which keeps room for ``slots x`` the tail's largest unit (plus the tail's KV
   cache and activations when a run shape is reserved). The tail is one more stage: its
   cost is its FLOPs plus the streaming penalty, 1 or 2 slots as in the stage model.
@@ -134,26 +136,40 @@ def partition_sequential(units: Sequence[UnitLoad], gpu_budgets: Sequence[int], 
 
 
 def _tail_cost(model: StageModel, t: int, slots: int, cpu: int, disk: int | None) -> float:
-    _, on_cpu, on_disk = _tail_split(model, t, cpu)
-    if disk is not None and on_disk > disk:
+    _, on_cpu, on_disk, _ = _tail_split(model, t, cpu, slots)
+    if on_disk == INF or (disk is not None and on_disk > disk):
         return INF
     opt = model.opt
     factor = opt.no_prefetch_factor if slots == 1 and opt.stream_slots == 2 else 1.0
     return model.compute(t, model.n) + factor * (opt.cpu_penalty * on_cpu + opt.disk_penalty * on_disk)
 
 
-def _tail_split(model: StageModel, t: int, cpu: int) -> tuple[int, int, int]:
-    """(k, cpu bytes, disk bytes) of the tail t..n-1: its longest prefix t..k-1 within
-    `cpu` on the CPU tier, the rest on disk."""
-    lo, hi = t, model.n
-    while lo < hi:    # the largest k with nbytes(t, k) <= cpu (nbytes is monotone)
-        mid = (lo + hi + 1) // 2
-        if model.nbytes(t, mid) <= cpu:
-            lo = mid
-        else:
-            hi = mid - 1
-    on_cpu = model.nbytes(t, lo)
-    return lo, on_cpu, model.nbytes(t, model.n) - on_cpu
+def _tail_split(model: StageModel, t: int, cpu: int, slots: int) -> tuple[int, int, float, int]:
+    """(k, cpu bytes, disk bytes, pinned staging bytes) of the tail t..n-1: its longest
+    prefix t..k-1 within `cpu` on the CPU tier, the rest on disk. When anything goes to
+    disk, the streamer's pinned staging for it — `slots` x the tail's largest unit, as
+    `StageModel.layout` counts it for a GPU rank (the tail always runs on a GPU) — is host
+    memory beside the CPU tier, so it comes out of `cpu` first; disk bytes INF when not
+    even the staging fits."""
+    def fill(room: int) -> tuple[int, int]:
+        lo, hi = t, model.n
+        while lo < hi:    # the largest k with nbytes(t, k) <= room (nbytes is monotone)
+            mid = (lo + hi + 1) // 2
+            if model.nbytes(t, mid) <= room:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo, model.nbytes(t, lo)
+
+    total = model.nbytes(t, model.n)
+    k, on_cpu = fill(cpu)
+    staging = slots * model.biggest(t, model.n)
+    if on_cpu == total or not staging:
+        return k, on_cpu, total - on_cpu, 0
+    if staging > cpu:
+        return k, on_cpu, INF, staging
+    k, on_cpu = fill(cpu - staging)
+    return k, on_cpu, total - on_cpu, staging
 
 
 def _assemble(model: StageModel, gpu_budgets: Sequence[int], cpu: int, c: _Candidate) -> SequentialPlan:
@@ -167,16 +183,17 @@ def _assemble(model: StageModel, gpu_budgets: Sequence[int], cpu: int, c: _Candi
         bounds, stages, reasons = (0,), [], []
     if c.start == n:
         return SequentialPlan(Partition(tuple(bounds), tuple(stages), value, tuple(reasons)), c.gpus, False)
-    k, on_cpu, on_disk = _tail_split(model, c.start, cpu)
+    k, on_cpu, on_disk, staging = _tail_split(model, c.start, cpu, c.slots)
     kv, work = model.reserve(c.start, n)
     largest = model.biggest(c.start, n)
     cost = _tail_cost(model, c.start, c.slots, cpu, None)
     tiers = (Tier.CPU,) * (k - c.start) + (Tier.DISK,) * (n - k)
-    stages.append(StageLayout(c.start, n, tiers, (0, on_cpu, on_disk), model.compute(c.start, n), cost,
-                              kv + work + c.slots * largest, c.slots, largest, kv, work))
+    stages.append(StageLayout(c.start, n, tiers, (0, on_cpu, int(on_disk)), model.compute(c.start, n), cost,
+                              kv + work + c.slots * largest, c.slots, largest, kv, work, staging))
     prefetch = "2 slots (prefetch)" if c.slots == 2 else "1 slot (no prefetch)"
+    pinned = f" (+ {format_bytes(staging)} of pinned staging for it in 'cpu')" if staging else ""
     reasons.append(f"after the GPUs, accelerate's order: {k - c.start} unit(s) "
-                   f"({format_bytes(on_cpu)}) on cpu, then {n - k} ({format_bytes(on_disk)}) on disk, "
+                   f"({format_bytes(on_cpu)}) on cpu, then {n - k} ({format_bytes(on_disk)}) on disk{pinned}, "
                    f"streamed onto the first GPU with {prefetch} of {format_bytes(largest)}")
     return SequentialPlan(Partition(tuple(bounds) + (n,), tuple(stages), value, tuple(reasons)), c.gpus, True)
 
@@ -191,7 +208,8 @@ def _diagnose(model: StageModel, gpu_budgets: Sequence[int], cpu: int, disk: int
     return (f"the weights ({format_bytes(total)}, plus reserves) fit neither the GPUs "
             f"({', '.join(format_bytes(b) for b in gpu_budgets)}) nor, after them, 'cpu' "
             f"({format_bytes(cpu)}) and 'disk' ({format_bytes(disk)}), the first GPU keeping room to "
-            "stream the offloaded units: raise max_memory (its 'cpu' or 'disk' entries)")
+            "stream the offloaded units and 'cpu' holding the pinned staging of those on disk: raise "
+            "max_memory (its 'cpu' or 'disk' entries)")
 
 
 @dataclass(frozen=True)
@@ -212,12 +230,19 @@ class Placement:
 def single_process_plan(units: Sequence[tuple[str, float]], placements: Sequence[Placement],
                         tensors: Mapping[str, TensorMeta], *, source: dict, format: str,
                         file_sizes: Mapping[str, int], stream_slots: int = 2,
-                        config: Mapping | None = None) -> LoadPlan:
+                        config: Mapping | None = None, buffers: Sequence[str] = (),
+                        pinned: bool = False) -> LoadPlan:
     """The world-of-one `LoadPlan` that runs a device map through `distload.loader`: one
     stage holding every unit (`units`: (name, per-token cost) in execution order), each
     parameter where its `Placement` says; `tensors` (relative files) are the checkpoint's.
     A key shared by several parameters (tied) is read once and lives on the most resident
     of their tiers. `stream_slots`: offloaded units held on the device at once.
+    `buffers`: the checkpoint keys of the persistent buffers the caller fills beside the
+    parameters (`StagePlan.buffers`: their files are fetched and checked with the rest).
+    `pinned`: the offloaded units run on a GPU, so the disk tier streams through pinned
+    host staging, ``stream_slots x`` the largest unit's disk bytes (the streamer's, reused),
+    held beside the CPU tier: ``reserve["host_staging"]``, as `distload.plan.planner`
+    records it for a GPU rank.
 
     Example::
 
@@ -231,12 +256,16 @@ def single_process_plan(units: Sequence[tuple[str, float]], placements: Sequence
         home[p.key] = Tier.most_resident((home.get(p.key, p.tier), p.tier))
     unit_tier: dict[str, str] = {}
     unit_bytes: dict[str, int] = {name: 0 for name, _ in units}
+    unit_disk: dict[str, int] = {name: 0 for name, _ in units}   # bytes a unit streams from disk
     counted: set[tuple[str, str]] = set()
     for p in placements:
         unit_tier[p.unit] = Tier.most_resident((unit_tier.get(p.unit, home[p.key]), home[p.key]))
         if (p.unit, p.key) not in counted:
             counted.add((p.unit, p.key))
-            unit_bytes[p.unit] += tensors[p.key].numel * dtype_from_name(p.dtype).itemsize
+            nbytes = tensors[p.key].numel * dtype_from_name(p.dtype).itemsize
+            unit_bytes[p.unit] += nbytes
+            if home[p.key] == Tier.DISK:
+                unit_disk[p.unit] += nbytes
     params = tuple(ParamSource(p.param, p.key, 0, p.dtype, home[p.key],
                                p.device if home[p.key] == Tier.DEVICE else "") for p in placements)
     first = {}
@@ -246,13 +275,16 @@ def single_process_plan(units: Sequence[tuple[str, float]], placements: Sequence
     held = {t: 0 for t in Tier.ALL}
     for k, p in first.items():
         held[home[k]] += tensors[k].numel * dtype_from_name(p.dtype).itemsize
+    slots = stream_slots if held[Tier.CPU] or held[Tier.DISK] else 0
+    staging = slots * max(unit_disk.values(), default=0) if pinned else 0
     names = tuple(name for name, _ in units)
     stage = StagePlan(
         rank=0, units=names, unit_tiers=tuple(unit_tier.get(n, Tier.DEVICE) for n in names),
         params=params, reads=reads, sends=(), tensor_bytes=sum(m.length for m in reads),
         param_bytes=sum(held.values()), cost=float(sum(c for _, c in units)), held_bytes=held,
-        stream_slots=stream_slots if held[Tier.CPU] or held[Tier.DISK] else 0,
-        bound="a device map, in one process")
+        stream_slots=slots, bound="a device map, in one process",
+        reserve={"host_staging": staging} if staging else {},
+        buffers=tuple(sorted((tensors[k] for k in set(buffers)), key=lambda m: (m.file, m.offset, m.name))))
     return LoadPlan(source=dict(source), format=format, config=dict(config or {}), dtype=None,
                     world_size=1, stages=(stage,), checkpoint_bytes=sum(m.length for m in tensors.values()),
                     unit_bytes=unit_bytes, no_split_units=names,

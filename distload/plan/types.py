@@ -74,6 +74,15 @@ class StagePlan:
     # keys this rank decodes from a quantized checkpoint's parts (in `reads`):
     # key -> {"method": "fp8" | "mxfp4", "parts": [checkpoint names], "block": [r, c] | None}
     decode: dict = field(default_factory=dict)
+    # persistent buffers this rank fills from the checkpoint beside its parameters (a
+    # device map's plan: the caller's model may have them; distload's own models have none)
+    buffers: tuple[TensorMeta, ...] = ()
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The checkpoint files this rank reads, for its parameters and its buffers
+        (sorted): what its node must fetch, and check, before it reads."""
+        return tuple(sorted({m.file for m in self.reads} | {m.file for m in self.buffers}))
 
     def tier_bytes(self, sizes: dict[str, int]) -> dict[str, int]:
         out = {t: 0 for t in Tier.ALL}
@@ -169,4 +178,5 @@ def _stage_from_dict(s: dict) -> StagePlan:
         stream_slots=s.get("stream_slots", 0),
         reserve=s.get("reserve", {}),
         decode=s.get("decode", {}),
+        buffers=tuple(TensorMeta(**{**t, "shape": tuple(t["shape"])}) for t in s.get("buffers", ())),
     )

@@ -15,9 +15,11 @@ plan that `distload.loader` loads (`load_checkpoint_and_dispatch`,
 `load_checkpoint_in_model`); `offload.py` places a model already in memory
 (`dispatch_model`, `disk_offload`, `cpu_offload`, `get_state_dict_offloaded_model`) on
 distload's streaming, `buffers.py` streams offloaded modules' buffers with them
-(`offload_buffers=True`); `placement.py` reads a map (where each tensor goes, whether
-its devices exist here). The one place outside `distload.models` that works with
-another library's models and their weight names.
+(`offload_buffers=True`), `preload.py` streams an offloaded module of
+`preload_module_classes` as one unit, `precision.py` says what stays float32 under a half
+`dtype`; `placement.py` reads a map (where each tensor goes, whether its devices exist
+here). The one place outside `distload.models` that works with another library's models
+and their weight names.
 """
 
 from ...meta import init_empty_weights, init_on_device

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ from ...checkpoint.quant import quant_scheme
 from ...dist import World
 from ...dtypes import cast_dtype, dtype_from_name, dtype_name
 from ...errors import ConfigError, LoadError
-from ...io import DEFAULT_STAGING_BYTES, Reader, ReadOptions
+from ...io import DEFAULT_STAGING_BYTES, ReadOptions
 from ...loader.fetch import fetch_node_files
 from ...loader.stage import load_stage
 from ...log import logger
@@ -63,10 +63,12 @@ from ...plan.sequential import Placement, single_process_plan
 from ...plan.types import Tier
 from ...sources import open_source
 from .device_map import Device, as_dtype, get_balanced_memory, infer_auto_device_map
-from .buffers import offload_streamed_buffers
+from .buffers import offload_streamed_buffers, place_buffers
 from .hooks import align_devices as _align_devices
-from .placement import (DISK, HOST, RESIDENT, check_devices_present, device_for, module_devices,
-                        normalize_device, placement, warn_once)
+from .placement import (DISK, HOST, RESIDENT, check_devices_present, device_for, normalize_device,
+                        placement, warn_once)
+from .precision import float32_dtypes, float32_rule
+from .preload import blocked_by, preload_classes, preload_unit
 
 __all__ = ["load_checkpoint_and_dispatch", "load_checkpoint_in_model", "dispatch_checkpoint", "device_for"]
 
@@ -93,14 +95,19 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
     live in host memory ("cpu" is the device without GPUs; with GPUs they are streamed to
     the first GPU to run), "disk" entries go to `offload_folder` (a `distload.offload`
     store, default ``~/.cache/distload/offload``) and are streamed in to run. Floating
-    tensors take `dtype`, else the model's own parameter dtype (as accelerate does).
+    tensors take `dtype`, else the model's own parameter dtype (as accelerate does), but
+    the tensors the model class keeps in float32 (`precision.py`: transformers'
+    ``_keep_in_fp32_modules_strict`` under bfloat16 and float16, ``_keep_in_fp32_modules``
+    under float16, as its ``from_pretrained`` does; accelerate's own function ignores them).
 
     accelerate's switches: `skip_keys` (output/input keys never moved between devices)
-    and `force_hooks` (move inputs even on one device) work; `preload_module_classes` is
-    what distload always does (an offloaded unit's weights are all fetched before it
-    runs); `offload_buffers` keeps the buffers of offloaded modules in host memory,
-    brought onto the device with their module's weights (`buffers.py`); `offload_state_dict` is needless — no temporary state dict is built, and the
-    load's peak host memory (the "cpu" weights plus the read staging) is logged instead;
+    and `force_hooks` (move inputs even on one device) work; `preload_module_classes`:
+    an offloaded module of one of those classes fetches its whole subtree's weights when
+    its forward starts, released after (`preload.py`); `offload_buffers` keeps the
+    buffers of offloaded modules in host memory, brought onto the device with their
+    module's weights (`buffers.py`); `offload_state_dict` is needless — no temporary
+    state dict is built, and the load's peak host memory (the "cpu" weights plus the
+    read staging) is logged instead;
     `full_state_dict` and `broadcast_from_rank0` concern accelerate's sharded training
     (a warning, once, when not their defaults).
 
@@ -124,17 +131,17 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
         return load(os.fspath(checkpoint), dtype=dtype, max_memory=max_memory, strict=strict,
                     offload_dir=None if offload_folder is None else os.fspath(offload_folder),
                     max_batch_size=max_batch_size, max_seq_len=max_seq_len, workload=workload)
-    if preload_module_classes:
-        warn_once("preload_module_classes", "preload_module_classes: distload already fetches all of "
-                  "an offloaded unit's weights before it runs", level=20)
     _sharded_switches(full_state_dict, broadcast_from_rank0)
     if isinstance(device_map, str):
+        # what the model keeps in float32 under `dtype` is sized so (`precision.py`)
+        special = float32_dtypes(model, None if dtype is None else dtype_name(as_dtype(dtype))) or None
         if device_map != "sequential" and max_batch_size is None and max_seq_len is None:
             max_memory = get_balanced_memory(model, max_memory, no_split_module_classes, dtype=dtype,
-                                             low_zero=device_map == "balanced_low_0")
+                                             special_dtypes=special, low_zero=device_map == "balanced_low_0")
         device_map = infer_auto_device_map(model, max_memory, no_split_module_classes, dtype=dtype,
-                                           offload_buffers=offload_buffers, max_batch_size=max_batch_size,
-                                           max_seq_len=max_seq_len, workload=workload)
+                                           special_dtypes=special, offload_buffers=offload_buffers,
+                                           max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                                           workload=workload)
     elif device_map is None:
         device_map = {"": "cpu"}
     dispatch_checkpoint(model, os.fspath(checkpoint), device_map,
@@ -142,6 +149,7 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
                         offload_folder=None if offload_folder is None else os.fspath(offload_folder),
                         no_split_module_classes=no_split_module_classes, skip_keys=skip_keys,
                         force_hooks=force_hooks, offload_state_dict=bool(offload_state_dict),
+                        preload_module_classes=preload_module_classes,
                         stream_slots=stream_slots or getattr(device_map, "stream_slots", 0) or 2)
     if offload_buffers:
         offload_streamed_buffers(model)
@@ -160,7 +168,8 @@ def load_checkpoint_in_model(model: nn.Module, checkpoint: str | os.PathLike,
     meta, or materialized) following `device_map` (None: everything on the CPU) without
     dispatching — parameters mapped to a GPU or "cpu" are materialized there (host memory,
     not streamed; no hooks move inputs between devices), `dtype` casts floating tensors
-    (`keep_in_fp32_modules` stay float32 under float16, as accelerate). One difference:
+    (`keep_in_fp32_modules` stay float32 under float16, as accelerate, and what the model
+    class declares float32, `precision.py`). One difference:
     "disk" parameters become entries of the offload store in `offload_folder` *and* are
     streamed in when their unit runs (accelerate leaves them on meta until
     `dispatch_model`, which distload folds in here). No temporary state dict is built (see
@@ -204,31 +213,32 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent) if parent else model), attr
 
 
-def _in_fp32(pname: str, modules: tuple[str, ...]) -> bool:
-    return any(pname == m or f"{m}." in pname for m in modules)   # accelerate's match
-
-
 def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, dtype: str | None,
                         strict: bool = False, offload_folder: str | None = None,
                         no_split_module_classes=None, skip_keys=None, force_hooks: bool = False,
                         stream_host: bool = True, align: bool = True, keep_in_fp32: tuple = (),
                         offload_state_dict: bool = False, stream_slots: int = 2,
-                        cache_dir: str | None = None) -> None:
+                        cache_dir: str | None = None, preload_module_classes=None) -> None:
     """Fill `model` from `checkpoint` (a path or hub id: `distload.sources`) as `device_map`
     says (see the module docstring). `dtype` (a name) casts floating tensors; None: the
     model's own dtypes. `stream_host`: with GPUs, "cpu" parameters are pinned and streamed
     to the first GPU (else resident in host memory); `align`: hooks move inputs to each
     mapped module's device (`skip_keys` excepted; on one device only with `force_hooks`);
-    `stream_slots`: offloaded units held at once (2: prefetch).
+    `stream_slots`: offloaded units held at once (2: prefetch); `keep_in_fp32`: accelerate's
+    `keep_in_fp32_modules` (with what the model declares: `precision.float32_rule`);
+    `preload_module_classes`: see `preload.py`.
 
     The map becomes a world-of-one `LoadPlan` (`distload.plan.sequential`) that
     `distload.loader.load_stage` runs — the loading path of `distload.load`: its sources,
-    reader, tiers, offload store, progress and errors. Only the buffers (no part of a
-    plan) are read here, with the same reader."""
+    reader, tiers, offload store, progress and errors. The persistent buffers the
+    checkpoint holds are in the plan (`StagePlan.buffers`: their files are fetched and
+    checked with the parameters') but read here, into the caller's modules, with the same
+    reader."""
     check_devices_present(device_map)       # before a byte is read
     source = open_source(os.fspath(checkpoint), cache_dir=cache_dir)
     index = source.index()
     _refuse_quantized(index)
+    keep = float32_rule(model, dtype, keep_in_fp32)
     spec = _with_root_params(model, describe_model(model, no_split_module_classes=no_split_module_classes))
     param_to_key, unused = match_params_to_keys(spec, index.tensors, strict=False)
     buffer_keys = {name for name, _ in persistent_buffers(model) if name in index.tensors}
@@ -238,26 +248,31 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
     params = dict(model.named_parameters(remove_duplicate=False))
     grads = {name: p.requires_grad for name, p in params.items()}
     placements, units = _placements(model, spec, param_to_key, index, device_map, main, params,
-                                     dtype=dtype, stream_host=stream_host, keep_in_fp32=keep_in_fp32)
+                                     dtype=dtype, stream_host=stream_host, keep=keep,
+                                     preload=preload_classes(preload_module_classes))
     tensors, sizes = index.relative()
+    # the buffers are in the plan too: their files are fetched (a hub id) and checked with the rest
     plan = single_process_plan(units, placements, tensors, source=source.identity(), format=index.format,
-                               file_sizes=sizes, stream_slots=stream_slots)
+                               file_sizes=sizes, stream_slots=stream_slots, buffers=sorted(buffer_keys),
+                               pinned=main.type == "cuda")
     if offload_state_dict:
         host = sum(tensors[p.key].numel * dtype_from_name(p.dtype).itemsize for p in placements
                    if p.tier == Tier.CPU or p.device == "cpu")
+        staging = plan.stage(0).reserve.get("host_staging", 0)
+        pinned = f" and the disk tier's pinned staging ({format_bytes(staging)})" if staging else ""
         warn_once("offload_state_dict", "offload_state_dict: distload builds no temporary state dict; "
-                  f"this load's peak host memory is the weights placed on 'cpu' ({format_bytes(host)}) "
+                  f"this load's peak host memory is the weights placed on 'cpu' ({format_bytes(host)}){pinned} "
                   f"plus the read staging (at most {format_bytes(_READ_WORKERS * DEFAULT_STAGING_BYTES)})",
                   level=20)
     world = World(rank=0, world_size=1, local_rank=0, device=main, backend=None)
     fetch_node_files(world, source, plan)
     reader = source.reader(ReadOptions(workers=_READ_WORKERS))
-    _load_buffers(model, device_map, main, index, buffer_keys, dtype=dtype, stream_host=stream_host,
-                  reader=reader)
+    place_buffers(model, device_map, main, index, buffer_keys, dtype=dtype, stream_host=stream_host,
+                  reader=reader, keep=keep)
     load_stage(plan, world, reader=reader, module=model, offload_dir=offload_folder, cache_dir=cache_dir)
     # buffers the load recomputed (a distload model's RoPE, on the load's device) go back
     # to their module's device
-    _load_buffers(model, device_map, main, index, set(), dtype=dtype, stream_host=stream_host)
+    place_buffers(model, device_map, main, index, set(), dtype=dtype, stream_host=stream_host)
     with torch.no_grad():
         for p in placements:   # a key tied across devices is read where its first user lives
             owner, attr = _owner(model, p.param)
@@ -285,15 +300,19 @@ def _refuse_quantized(index) -> None:
 
 
 def _placements(model: nn.Module, spec, param_to_key: dict, index, device_map: dict, main: torch.device,
-                params: dict, *, dtype: str | None, stream_host: bool, keep_in_fp32: tuple
+                params: dict, *, dtype: str | None, stream_host: bool, keep: Callable[[str], bool],
+                preload: frozenset[str] = frozenset()
                 ) -> tuple[list[Placement], list[tuple[str, float]]]:
     """Each parameter's `Placement` under `device_map`, and the plan's units ((name, cost)
     in module order): the modules the map or `describe_model` names, whichever is deeper,
-    never one inside another (an offloaded unit streams as a whole)."""
+    or an offloaded module of a `preload` class holding them (`preload.py`), never one
+    inside another (an offloaded unit streams as a whole). `keep(name)`: the parameter
+    stays float32 (`precision.py`)."""
     modules = dict(model.named_modules())
     unit_of = spec.unit_of()
     chosen: dict[str, str] = {}
     kinds: dict[str, tuple] = {}
+    entries: dict[str, str] = {}
     for pname in param_to_key:
         try:
             entry, device = device_for(pname, device_map)
@@ -306,7 +325,15 @@ def _placements(model: nn.Module, spec, param_to_key: dict, index, device_map: d
             chosen[pname] = ""
         else:
             chosen[pname] = max(entry if entry in modules else "", unit_of[pname], key=len)
-        kinds[pname] = (kind, dev)
+        kinds[pname], entries[pname] = (kind, dev), entry
+    if preload:
+        blocked = blocked_by([p for p, (kind, _) in kinds.items() if kind == RESIDENT])
+        streamed = [p for p, (kind, _) in kinds.items() if kind != RESIDENT]
+        for pname in streamed:
+            chosen[pname] = preload_unit(modules, chosen[pname], entries[pname], preload, blocked=blocked,
+                                         root=True)
+        if any(chosen[p] == "" for p in streamed):   # the model itself: one unit streams all (its forward)
+            chosen.update(dict.fromkeys(streamed, ""))
     named = {u for u in chosen.values() if u}
     outer = {u: next((a for a in _ancestors(u) if a in named), u) for u in named}
     placements = []
@@ -315,7 +342,7 @@ def _placements(model: nn.Module, spec, param_to_key: dict, index, device_map: d
         src = index.tensors[key].dtype
         # accelerate's rule: floating tensors take `dtype`, else the model's own dtype
         own = dtype_name(params[pname].dtype) if params[pname].is_floating_point() else src
-        want = "float32" if keep_in_fp32 and _in_fp32(pname, keep_in_fp32) else (dtype or own)
+        want = "float32" if keep(pname) else (dtype or own)
         tier = {RESIDENT: Tier.DEVICE, HOST: Tier.CPU, DISK: Tier.DISK}[kind]
         placements.append(Placement(pname, key, outer.get(chosen[pname], ""), cast_dtype(src, want), tier,
                                     str(dev) if kind == RESIDENT else ""))
@@ -330,41 +357,6 @@ def _ancestors(name: str) -> list[str]:
     """The dotted prefixes of `name`, outermost first ("a", "a.b" for "a.b.c")."""
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
-
-
-def _load_buffers(model: nn.Module, device_map: dict, main: torch.device, index, keys: set[str], *,
-                  dtype: str | None, stream_host: bool, reader: Reader | None = None) -> None:
-    """Every buffer goes to its module's device (an offloaded module's to the device it
-    runs on: buffers are not offloaded, as in accelerate by default); a persistent one the
-    checkpoint holds (`keys`) takes the checkpoint's value wherever it was — on meta, or
-    already materialised (a BatchNorm's statistics under `init_empty_weights()`) —, its
-    dtype `dtype` if floating and given, else its own (as `load_state_dict` keeps it);
-    `reader` (the source's) reads them."""
-    devices = module_devices(model, device_map)
-    read: dict[str, torch.Tensor] = {}
-    owners: dict[str, tuple[nn.Module, str, torch.device]] = {}
-    for mod_name, mod in model.named_modules():
-        for name, buf in list(mod._buffers.items()):
-            if buf is None:
-                continue
-            full = f"{mod_name}.{name}" if mod_name else name
-            if mod_name not in devices:
-                raise LoadError(f"device_map gives no device for buffer {full}")
-            kind, dev = placement(devices[mod_name], main, stream_host=stream_host)
-            dev = dev if kind == RESIDENT else main
-            if full in keys:
-                meta = index.tensors[full]
-                own = dtype_name(buf.dtype)
-                want = cast_dtype(meta.dtype, dtype or own) if buf.is_floating_point() else own
-                read[full] = torch.empty(meta.shape, dtype=dtype_from_name(want), device="cpu")
-                owners[full] = (mod, name, dev)
-            elif not buf.is_meta:
-                mod._buffers[name] = buf.to(dev)   # left on meta: check_materialized names it
-    if read:
-        relative, _ = index.relative()
-        reader.read([relative[k] for k in sorted(read)], read)
-    for full, (mod, name, dev) in owners.items():
-        mod._buffers[name] = read[full].to(dev)
 
 
 def _with_root_params(model: nn.Module, spec):

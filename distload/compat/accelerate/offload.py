@@ -29,10 +29,11 @@ from ...checkpoint import index_checkpoint
 from ...errors import LoadError
 from ...offload import OffloadStore, attach_streaming, default_offload_dir, ensure_entries, streamer_of
 from ...offload.stream import _ATTR as _STREAMER_ATTR
-from .buffers import offload_streamed_buffers
-from .dispatch import _ancestors, _load_buffers, _owner
+from .buffers import offload_streamed_buffers, place_buffers
+from .dispatch import _ancestors, _owner
 from .hooks import align_devices as _align_devices
 from .placement import HOST, RESIDENT, check_devices_present, device_for, normalize_device, placement
+from .preload import blocked_by, preload_classes, preload_unit
 
 __all__ = ["dispatch_model", "disk_offload", "cpu_offload", "get_state_dict_offloaded_model"]
 
@@ -50,15 +51,19 @@ def dispatch_model(model: nn.Module, device_map: Mapping, main_device: torch.dev
     `offload_buffers` and `preload_module_classes` as in `load_checkpoint_and_dispatch`.
     Returns `model`, with ``model.hf_device_map`` set."""
     model = _dispatch(model, device_map, main_device, state_dict, offload_dir, offload_index, offload_buffers,
-                      skip_keys, force_hooks, stream_cpu=False)
+                      skip_keys, force_hooks, stream_cpu=False, preload=preload_classes(preload_module_classes))
     model.hf_device_map = dict(device_map)
     return model
 
 
 def _dispatch(model: nn.Module, device_map: Mapping, main_device, state_dict, offload_dir, offload_index,
-              offload_buffers: bool, skip_keys, force_hooks: bool, *, stream_cpu: bool) -> nn.Module:
+              offload_buffers: bool, skip_keys, force_hooks: bool, *, stream_cpu: bool,
+              preload: frozenset[str] = frozenset(), from_root: bool = False) -> nn.Module:
     """`dispatch_model`'s work. `stream_cpu`: "cpu" parameters are kept in host memory and
-    streamed even when the CPU runs them (`cpu_offload`'s meaning), not made resident."""
+    streamed even when the CPU runs them (`cpu_offload`'s meaning), not made resident.
+    `preload`: class names whose offloaded modules stream as one unit (`preload.py`), found
+    from each tensor's map key down, or from the model itself with `from_root` (as
+    accelerate's `cpu_offload` and `disk_offload` attach their hooks)."""
     if offload_index is not None:
         raise LoadError("dispatch_model: offload_index (accelerate's .dat offload folder) is not a distload "
                         "offload store; load the checkpoint with load_checkpoint_and_dispatch instead")
@@ -73,7 +78,8 @@ def _dispatch(model: nn.Module, device_map: Mapping, main_device, state_dict, of
     resident: dict[int, nn.Parameter] = {}
     source: dict[str, torch.Tensor] = {}
     disk: dict[str, torch.Tensor] = {}
-    chosen: set[str] = set()
+    units: dict[str, tuple[str, str]] = {}   # streamed tensor -> (its unit, where hooks start)
+    kept: list[str] = []                     # resident tensors
     with torch.no_grad():
         for name, param in list(model.named_parameters(remove_duplicate=False)):
             try:
@@ -92,9 +98,12 @@ def _dispatch(model: nn.Module, device_map: Mapping, main_device, state_dict, of
                 if id(param) not in resident:
                     resident[id(param)] = nn.Parameter(value.to(dev), requires_grad=param.requires_grad)
                 owner._parameters[attr] = resident[id(param)]
+                kept.append(name)
                 continue
-            unit = entry if entry in modules else name.rpartition(".")[0]
-            chosen.add(unit)
+            # a module the map names streams whole; under the key "" each module its own (as
+            # accelerate hooks every module with tensors), or a preloaded one (`preload.py`)
+            unit = entry if entry and entry in modules else name.rpartition(".")[0]
+            units[name] = (unit, "" if from_root else entry)
             if kind == HOST:
                 source[name] = value.detach().to("cpu")
                 source[name] = source[name].pin_memory() if main.type == "cuda" else source[name]
@@ -106,13 +115,17 @@ def _dispatch(model: nn.Module, device_map: Mapping, main_device, state_dict, of
                 by_id[owner_id]._buffers[attr] = value
     if disk:
         source.update(_disk_entries(disk, offload_dir))
-    _load_buffers(model, device_map, main, None, set(), dtype=None, stream_host=True)
+    place_buffers(model, device_map, main, None, set(), dtype=None, stream_host=True)
     if source:
-        if "" in chosen:
+        if any(unit == "" for unit, _ in units.values()):
             raise LoadError("dispatch_model: parameters of the root module cannot be offloaded (no module "
                             "runs them); map them to a device")
-        outer = sorted({next((a for a in _ancestors(u) if a in chosen), u) for u in chosen},
-                       key=list(modules).index)
+        blocked = blocked_by(kept)
+        chosen = {preload_unit(modules, unit, start, preload, blocked=blocked, root=True)
+                  for unit, start in units.values()}
+        # the model itself preloaded (its forward runs every module) is the one unit
+        outer = [""] if "" in chosen else sorted(
+            {next((a for a in _ancestors(u) if a in chosen), u) for u in chosen}, key=list(modules).index)
         attach_streaming(model, outer, source, main, prefetch=False, max_resident=1)
         if offload_buffers:
             offload_streamed_buffers(model)
@@ -204,11 +217,14 @@ def disk_offload(model: nn.Module, offload_dir: str | os.PathLike, execution_dev
                  offload_buffers: bool = False, preload_module_classes=None) -> nn.Module:
     """accelerate's `disk_offload`: every weight written to the offload store in
     `offload_dir`, streamed onto `execution_device` (default: the first GPU, else the CPU)
-    around each top-level module's forward."""
+    around each top-level module's forward (the whole model's around its forward when its
+    class is in `preload_module_classes`, see `preload.py`). Sets ``hf_device_map``."""
     device = _execution(execution_device)
-    return dispatch_model(model, _top_level(model, "disk", device), main_device=device,
-                          offload_dir=offload_dir, offload_buffers=offload_buffers,
-                          preload_module_classes=preload_module_classes, force_hooks=True)
+    device_map = _top_level(model, "disk", device)
+    model = _dispatch(model, device_map, device, None, offload_dir, None, offload_buffers, None, True,
+                      stream_cpu=False, preload=preload_classes(preload_module_classes), from_root=True)
+    model.hf_device_map = dict(device_map)
+    return model
 
 
 def cpu_offload(model: nn.Module, execution_device: torch.device | str | None = None,
@@ -219,11 +235,12 @@ def cpu_offload(model: nn.Module, execution_device: torch.device | str | None = 
     weights brought onto `execution_device` (default: the first GPU, else the CPU) when it
     runs and released after; the model's own parameters live on `execution_device`, and
     buffers too unless `offload_buffers`. Outputs come back to the inputs' device. As in
-    accelerate, no ``hf_device_map`` is set; `preload_module_classes` is what distload
-    always does (a module's weights are all fetched before it runs)."""
+    accelerate, no ``hf_device_map`` is set. `preload_module_classes`: a module of those
+    classes (the model itself too) has its whole subtree's weights brought in when its
+    forward starts (`preload.py`; a top-level module's are anyway)."""
     device = _execution(execution_device)
     return _dispatch(model, _top_level(model, "cpu", device), device, state_dict, None, None, offload_buffers,
-                     None, True, stream_cpu=True)
+                     None, True, stream_cpu=True, preload=preload_classes(preload_module_classes), from_root=True)
 
 
 def _execution(device) -> torch.device:

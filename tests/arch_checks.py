@@ -1,0 +1,65 @@
+"""What the architecture tests (`test_archs.py`, `test_archs_more.py`,
+`test_archs_frontier.py`) share: transformers' outputs on the left-padded batch (the
+reference), one torchrun launch of `workers/arch_pipeline.py` over many checkpoints, and
+the checks of one checkpoint's results against its reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distload.models.common.attention import position_ids_from_mask
+
+from .archs import left_padded_batch
+from .mp import torchrun, worker
+
+ATOL = 1e-4   # float32 logits against transformers'
+NEW = 12      # greedy tokens generated (the worker's count)
+
+
+def reference_outputs(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, greedy tokens) of transformers `model` on the left-padded batch, no EOS."""
+    model.generation_config.eos_token_id = None
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    return logits, tokens
+
+
+def run_pipelines(world: int, out, paths: list, *, disk: tuple = (), dtype: str | None = None) -> dict:
+    """Every checkpoint of `paths` loaded in turn across `world` ranks in one torchrun
+    launch (then each of `disk` with half its layers on the disk tier): rank 0's results,
+    by checkpoint name (``<name>@disk`` for the latter)."""
+    options = [a for p in disk for a in ("--disk", str(p))] + (["--dtype", dtype] if dtype else [])
+    proc = torchrun(world, [worker("arch_pipeline.py"), str(out), *options, *map(str, paths)], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out / "results.pt")
+
+
+def check_outputs(name: str, got: dict, references: dict, world: int) -> int:
+    """One checkpoint's `got` against the reference of its case (`name` without ``@disk``
+    or ``_packed``): logits within `ATOL` on real tokens, the same greedy tokens, one
+    non-empty stage per rank. Returns the bytes the ranks hold on the disk tier."""
+    ref_logits, ref_tokens = references[name.split("@")[0].removesuffix("_packed")]
+    real = left_padded_batch()[1].bool()
+    assert got["logits"].shape == ref_logits.shape, name
+    err = (got["logits"][real] - ref_logits[real]).abs().max().item()
+    assert err <= ATOL, f"{name}: logits differ from transformers' by {err:.2e}"
+    assert torch.equal(got["tokens"], ref_tokens), f"{name}: greedy tokens differ"
+    assert len(got["units"]) == world and all(got["units"]), name
+    return sum(r["offloaded_bytes_by_tier"]["disk"] for r in got["job_report"]["ranks"])
+
+
+def check_pipelines(results: dict, names: list[str], disk, references: dict, world: int) -> None:
+    """`check_outputs` for each of `names` and ``<name>@disk`` for each of `disk`, and what
+    each rank read: only its own tensors' bytes (packed experts: byte ranges inside the
+    packed tensors), together exactly the checkpoint's — disk-tier weights are references
+    into the checkpoint's files, read when their layer runs, and only ``@disk`` loads have
+    them, on every rank."""
+    for name in list(names) + [f"{n}@disk" for n in disk]:
+        got = results[name]
+        on_disk = check_outputs(name, got, references, world)
+        ranks = got["job_report"]["ranks"]
+        assert sum(r["bytes_read"] for r in ranks) + on_disk == got["checkpoint_bytes"], name
+        assert (on_disk > 0 and all(r["offloaded_bytes"] > 0 for r in ranks)) == name.endswith("@disk"), name
