@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from distload.checkpoint.types import TensorMeta
-from distload.dtypes import dtype_name
+from .dtypes import dtype_name
 from distload.errors import CheckpointError
 
 __all__ = ["read_bin_metas", "load_bin_tensors"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dtypes import FLOAT32_STEP_ELEMENTS
+from .dtypes import FLOAT32_STEP_ELEMENTS
 
 __all__ = ["apply_block_scales_", "fp8_decode", "mxfp4_decode", "FP4_VALUES"]
 

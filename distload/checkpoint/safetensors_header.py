@@ -17,7 +17,7 @@ import torch
 from distload import trace
 from distload.checkpoint.files import open_checkpoint_file
 from distload.checkpoint.types import SAFETENSORS_DTYPES, TensorMeta
-from distload.dtypes import dtype_name
+from .dtypes import dtype_name
 from distload.errors import CheckpointError
 
 __all__ = ["read_safetensors_header", "parse_safetensors_header", "read_header_bytes", "header_length",

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..dtypes import dtype_from_name
+from .dtypes import dtype_from_name
 
 __all__ = ["TensorMeta", "SAFETENSORS_DTYPES"]
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from ..dist import DEFAULT_TIMEOUT_S, World, agree, agree_on_arguments, gather_objects, init_world, run_on_rank0
-from ..dtypes import normalize_dtype
+from ..checkpoint.dtypes import normalize_dtype
 from ..errors import PlanError
 from ..io import DEFAULT_READ_WORKERS, DEFAULT_STAGING_BYTES, ReadOptions
 from ..log import logger

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..checkpoint.types import TensorMeta
 from ..dist import _GROUPS
-from ..dtypes import dtype_from_name
+from ..checkpoint.dtypes import dtype_from_name
 from ..io import Reader, ReadProgress, ReadStats
 from ..io.pinned import HostArena
 from ..meta import check_materialized, init_buffers

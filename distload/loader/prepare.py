@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoint.quant import DECODED_DTYPE, decoded_view, quant_scheme
-from ..dtypes import dtype_from_name
+from ..checkpoint.dtypes import dtype_from_name
 from ..errors import CheckpointError, ConfigError, UsageError
 from ..log import logger
 from ..meta import describe_model, init_empty_weights

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..dist import DEFAULT_TIMEOUT_S
-from ..dtypes import cast_dtype, dtype_from_name
+from ..checkpoint.dtypes import cast_dtype, dtype_from_name
 from ..io import Reader, ReadProgress
 from ..io.pinned import HostArena, arena_layout
 from ..offload import Entry, OffloadError, OffloadStore, Streamer, attach_streaming, default_offload_dir

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..dtypes import dtype_name
+from ..checkpoint.dtypes import dtype_name
 from .sizes import find_tied_parameters
 
 __all__ = ["ParamSpec", "UnitSpec", "ModelSpec", "describe_model"]

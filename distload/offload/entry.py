@@ -35,7 +35,7 @@ import torch
 
 from ..checkpoint.files import FILE_CHUNK_BYTES, byte_view, file_kind
 from ..checkpoint.types import SAFETENSORS_DTYPES, TensorMeta
-from ..dtypes import dtype_from_name, dtype_name
+from ..checkpoint.dtypes import dtype_from_name, dtype_name
 from ..errors import DistloadError
 
 __all__ = ["ENTRY_FORMAT", "OffloadError", "SourceId", "EntrySpec", "Entry", "checksum_bytes",

@@ -19,7 +19,7 @@ import torch
 
 from .. import trace
 from ..checkpoint.types import TensorMeta
-from ..dtypes import cast_dtype, dtype_from_name
+from ..checkpoint.dtypes import cast_dtype, dtype_from_name
 from ..io import PosixReader, Reader, ReadProgress
 from .entry import Entry, EntrySpec, OffloadError, SourceId
 from .store import OffloadStore

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
-from ..cache import cache_root
+from ..sources.cache import cache_root
 from ..checkpoint.files import FILE_CHUNK_BYTES, byte_view
 from ..dist import DEFAULT_TIMEOUT_S
 from ..log import logger

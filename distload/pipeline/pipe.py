@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..dist import World
-from ..dtypes import dtype_from_name
+from ..checkpoint.dtypes import dtype_from_name
 from ..offload.stream import streamer_of
 from ..plan.types import LoadPlan
 from .calls import CLOSE, CallChannel

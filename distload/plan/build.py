@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from ..checkpoint.quant import Encoded
 from ..checkpoint.types import TensorMeta
-from ..dtypes import cast_dtype, dtype_from_name, is_floating
+from ..checkpoint.dtypes import cast_dtype, dtype_from_name, is_floating
 from ..errors import LoadError, PlanError
 from ..meta.describe import ModelSpec
 from .partition import min_max_partition

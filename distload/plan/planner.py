@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 from ..checkpoint.quant import Encoded
 from ..checkpoint.types import TensorMeta
-from ..dtypes import dtype_from_name
+from ..checkpoint.dtypes import dtype_from_name
 from ..errors import PlanError
 from ..meta.describe import ModelSpec
 from .budget import RankBudget, format_bytes

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..checkpoint.types import TensorMeta
-from ..dtypes import dtype_from_name
+from ..checkpoint.dtypes import dtype_from_name
 from ..errors import PlanError
 from .budget import RankBudget, format_bytes
 from .planner import Partition, best_splits, choose_bounds, finish

@@ -43,7 +43,7 @@ __all__ = ["Source", "register_source", "open_source", "registered_sources"]
 
 class Source(ABC):
     """Where one checkpoint lives. `spec` is what the user passed as `--model`;
-    `cache_dir` is distload's own cache root (`distload.cache`)."""
+    `cache_dir` is distload's own cache root (`distload.sources.cache`)."""
 
     kind: ClassVar[str]
     # Whether `fetch` brings files in (a download per node): the planner then prefers,

@@ -27,7 +27,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..cache import cache_root
+from .cache import cache_root
 from ..checkpoint.files import FILE_CHUNK_BYTES, open_checkpoint_file
 from ..errors import CheckpointError
 from ..log import logger

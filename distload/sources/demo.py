@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from ..cache import cache_root
+from .cache import cache_root
 from ..checkpoint.index import CheckpointIndex, index_checkpoint
 from ..checkpoint.writer import write_sharded_checkpoint
 from ..dist import DEFAULT_TIMEOUT_S
-from ..dtypes import FLOAT32_STEP_ELEMENTS, dtype_from_name, dtype_name
+from ..checkpoint.dtypes import FLOAT32_STEP_ELEMENTS, dtype_from_name, dtype_name
 from ..log import logger
 from ..models import build_model, config_from_dict
 from .base import Source, register_source

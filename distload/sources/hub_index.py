@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cache import cache_root
+from .cache import cache_root
 from ..checkpoint.index import CheckpointIndex, index_from_headers, read_weight_map
 from ..checkpoint.safetensors_header import header_length, parse_safetensors_header, read_header_bytes
 from ..errors import CheckpointError
@@ -355,7 +355,7 @@ def _shards(repo: str, sha: str, files: dict[str, int]) -> tuple[list[str], dict
 
 def remote_index(repo: str, revision: str | None, *, cache_dir=None) -> RemoteCheckpoint:
     """Index `repo` at `revision` from its shards' headers (see the module doc). Rank 0
-    only; `cache_dir` is distload's cache (`distload.cache.cache_root`), never
+    only; `cache_dir` is distload's cache (`distload.sources.cache.cache_root`), never
     huggingface_hub's.
 
     Example::

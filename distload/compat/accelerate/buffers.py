@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ...dtypes import cast_dtype, dtype_from_name, dtype_name
+from ...checkpoint.dtypes import cast_dtype, dtype_from_name, dtype_name
 from ...errors import LoadError
 from ...io import Reader
 from ...offload import Entry, attach_streaming, streamer_of

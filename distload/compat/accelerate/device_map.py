@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ...dtypes import dtype_from_name, normalize_dtype
+from ...checkpoint.dtypes import dtype_from_name, normalize_dtype
 from ...errors import PlanError
 from ...loader.memory import default_limits
 from ...log import logger

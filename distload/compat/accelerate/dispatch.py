@@ -50,7 +50,7 @@ from torch import nn
 
 from ...checkpoint.quant import quant_scheme
 from ...dist import World
-from ...dtypes import cast_dtype, dtype_from_name, dtype_name
+from ...checkpoint.dtypes import cast_dtype, dtype_from_name, dtype_name
 from ...errors import ConfigError, LoadError
 from ...io import DEFAULT_STAGING_BYTES, ReadOptions
 from ...loader.fetch import fetch_node_files
