@@ -51,4 +51,4 @@ def test_each_default_is_named_once():
     assert shifts(64, 10) == ["io/base.py"]             # MIN_STAGING_BYTES
     # the staging default (a flag) and the chunk of whole-file writes and hashes
     assert sorted(shifts(16, 20)) == ["checkpoint/files.py", "io/base.py"]
-    assert shifts(1, 22) == ["dtypes.py"]               # FLOAT32_STEP_ELEMENTS
+    assert shifts(1, 22) == ["checkpoint/dtypes.py"]             # FLOAT32_STEP_ELEMENTS
