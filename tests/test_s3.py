@@ -296,3 +296,21 @@ def test_load_checkpoint_and_dispatch_from_s3(aws, ckpt, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
     assert any((tmp_path / "off").rglob("*"))
+
+
+def test_gs_urls_go_to_cloud_storage_s_xml_api(aws, ckpt, monkeypatch):
+    """gs://bucket/prefix: the same source through Cloud Storage's S3-compatible endpoint
+    (here the test server, through DISTLOAD_GCS_ENDPOINT), never through the s3:// one."""
+    from distload.sources.s3.client import GCS_ENDPOINT, s3_client
+
+    aws.upload(ckpt, "gcs")
+    monkeypatch.setenv("DISTLOAD_GCS_ENDPOINT", aws.env["AWS_ENDPOINT_URL"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")   # nothing listens
+    pipe = _load(f"gs://{BUCKET}/gcs")
+    assert pipe.plan.source["url"] == f"gs://{BUCKET}/gcs"
+    assert _equal_to_safetensors(pipe, ckpt) == len(pipe.plan.stage(0).params)
+    assert pipe.report["bytes_read"] == pipe.report["tensor_bytes"]
+    monkeypatch.delenv("DISTLOAD_GCS_ENDPOINT")
+    monkeypatch.delenv("AWS_REGION")
+    client = s3_client("gs")   # made, not called: Cloud Storage's endpoint, region "auto"
+    assert client.meta.endpoint_url == GCS_ENDPOINT and client.meta.region_name == "auto"

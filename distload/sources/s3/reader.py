@@ -81,13 +81,13 @@ def plan_requests(reads: Sequence[TensorMeta], chunk: int) -> list[_Request]:
 
 
 class S3Reader(Reader):
-    """Reads objects ``s3://bucket/prefix/<file>`` at the versions `etags` names."""
+    """Reads objects ``<scheme>://bucket/prefix/<file>`` at the versions `etags` names."""
 
     def __init__(self, bucket: str, prefix: str, etags: Mapping[str, str],
-                 options: ReadOptions | None = None) -> None:
+                 options: ReadOptions | None = None, *, scheme: str = "s3") -> None:
         super().__init__(options)
-        self.bucket, self.prefix, self.etags = bucket, prefix, dict(etags)
-        self.root = f"s3://{bucket}/{prefix}".rstrip("/") + "/"
+        self.bucket, self.prefix, self.etags, self.scheme = bucket, prefix, dict(etags), scheme
+        self.root = f"{scheme}://{bucket}/{prefix}".rstrip("/") + "/"
 
     def describe(self, file: str) -> str:
         return self.root + file
@@ -96,7 +96,7 @@ class S3Reader(Reader):
         return f"{self.prefix}/{file}" if self.prefix else file
 
     def check(self, files: Sequence[str], sizes: Mapping[str, int]) -> None:
-        client = s3_client()
+        client = s3_client(self.scheme)
         for file in files:
             try:
                 head = client.head_object(Bucket=self.bucket, Key=self._key(file))
@@ -161,7 +161,7 @@ class S3Reader(Reader):
         kw = {"Range": f"bytes={req.offset}-{req.offset + n - 1}"}
         if req.file in self.etags:
             kw["IfMatch"] = self.etags[req.file]
-        client = s3_client()
+        client = s3_client(self.scheme)
         for attempt in range(1, DEFAULT_MAX_ATTEMPTS + 1):
             with trace.span("read", "io", file=url, offset=req.offset, bytes=n):
                 try:

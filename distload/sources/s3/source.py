@@ -1,4 +1,6 @@
-"""`--model s3://bucket/prefix`: a safetensors checkpoint in an S3-compatible object store.
+"""`--model s3://bucket/prefix`: a safetensors checkpoint in an S3-compatible object store
+(S3, MinIO, Ceph, R2 through `AWS_ENDPOINT_URL`; ``gs://bucket/prefix`` for Cloud Storage
+through its S3-compatible XML API with HMAC keys).
 
 Rank 0 lists the prefix, reads ``config.json`` and the index whole (small), and each
 shard's header by ranged GETs (no shard is downloaded); the plan records every shard's
@@ -37,8 +39,8 @@ class S3Source(Source):
 
     def __init__(self, spec: str, **kw) -> None:
         super().__init__(spec, **kw)
-        self.bucket, self.prefix = parse_url(spec)
-        self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.scheme, self.bucket, self.prefix = parse_url(spec)
+        self.url = f"{self.scheme}://{self.bucket}/{self.prefix}".rstrip("/")
         self._etags: dict[str, str] | None = None
 
     @classmethod
@@ -55,7 +57,7 @@ class S3Source(Source):
         if self._etags and file in self._etags:
             kw["IfMatch"] = self._etags[file]
         try:
-            return s3_client().get_object(Bucket=self.bucket, Key=self.key(file), **kw)["Body"].read()
+            return s3_client(self.scheme).get_object(Bucket=self.bucket, Key=self.key(file), **kw)["Body"].read()
         except Exception as e:  # noqa: BLE001 - network, auth, a missing object
             raise object_error(url, e, "reading it") from e
 
@@ -63,7 +65,7 @@ class S3Source(Source):
         """file (directly under the prefix) -> (size, ETag)."""
         out, base = {}, self.key("")
         try:
-            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
+            pages = s3_client(self.scheme).get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
             for page in pages:
                 for obj in page.get("Contents", []):
                     name = obj["Key"][len(base):]
@@ -143,11 +145,11 @@ class S3Source(Source):
         """``--verify-checksums``: nothing is hashed here (that would download every shard
         on every node); each ranged GET is pinned to the ETag rank 0 planned (`If-Match`)
         and checked for its length, the store's own integrity covers the rest."""
-        logger.warning("%s: --verify-checksums hashes no object of an s3:// checkpoint (it would download "
+        logger.warning("%s: --verify-checksums hashes no object in an object store (it would download "
                        "them); every read is pinned to the planned ETag instead", self.url)
         return 0
 
     def reader(self, options: ReadOptions | None = None) -> Reader:
         if self._etags is None:
             raise CheckpointError(f"{self.url}: a reader needs the plan's ETags (call check(plan.source) first)")
-        return S3Reader(self.bucket, self.prefix, self._etags, options)
+        return S3Reader(self.bucket, self.prefix, self._etags, options, scheme=self.scheme)
