@@ -43,6 +43,21 @@ from . import gpt_neox as _gpt_neox  # noqa: F401  - gpt_neox
 from . import phi as _phi  # noqa: F401  - phi
 from . import qwen3_next as _qwen3_next  # noqa: F401  - qwen3_next
 from . import qwen3_5 as _qwen3_5  # noqa: F401  - qwen3_5_text, qwen3_5 (its text part)
+from . import ministral as _ministral  # noqa: F401  - ministral, cwm
+from . import olmo as _olmo  # noqa: F401  - olmo
+from . import helium as _helium  # noqa: F401  - helium
+from . import arcee as _arcee  # noqa: F401  - arcee
+from . import glm as _glm  # noqa: F401  - glm
+from . import llama_variants as _llama_variants  # noqa: F401  - internlm3, iquestcoder, exaone
+from . import apertus as _apertus  # noqa: F401  - apertus
+from . import hunyuan_v1_dense as _hunyuan_v1_dense  # noqa: F401  - hunyuan_v1_dense
+from . import stablelm as _stablelm  # noqa: F401  - stablelm
+from . import persimmon as _persimmon  # noqa: F401  - persimmon
+from . import nemotron as _nemotron  # noqa: F401  - nemotron
+from . import vaultgemma as _vaultgemma  # noqa: F401  - vaultgemma
+from . import jais2 as _jais2  # noqa: F401  - jais2
+from . import gptj as _gptj  # noqa: F401  - gptj, codegen
+from . import hyperclovax as _hyperclovax  # noqa: F401  - hyperclovax
 from .cache import KVCache
 from .contract import StageModel
 from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
