@@ -127,6 +127,9 @@ def test_kv_reserve_per_layer_is_what_the_cache_keeps(name):
 @pytest.mark.parametrize("name, neutral", [
     ("olmo", {"clip_qkv": None}),
     ("ministral", {"sliding_window": None}),
+    ("hunyuan_v1_moe", {"moe_topk": 5}),
+    ("phimoe", {"router_jitter_noise": 0.0}),
+    ("cohere2_moe", {"shared_expert_combination_strategy": "sum"}),
 ])
 def test_the_logit_checks_see_each_transform(name, neutral, checkpoints, references):
     """Without the transform our logits are far from transformers': the checks above
@@ -153,6 +156,9 @@ def test_the_logit_checks_see_each_transform(name, neutral, checkpoints, referen
     ("internlm3", {"qkv_bias": "yes", "attention_bias": None}, "qkv_bias"),
     ("apertus", {"hidden_act": "xelu"}, "hidden_act"),
     ("hunyuan_v1_dense", {"rope_parameters": {"rope_type": "dynamic", "alpha": -2.0}}, "alpha"),
+    ("hunyuan_v1_moe", {"moe_topk": [2, 2]}, "moe_topk"),
+    ("hunyuan_v1_moe", {"moe_topk": 6}, "moe_topk"),
+    ("hunyuan_v1_moe", {"num_experts": [5, 5, 5, 5]}, "num_experts"),
     ("stablelm", {"hidden_size": 66}, "num_attention_heads"),
     ("persimmon", {"qk_layernorm": "yes"}, "qk_layernorm"),
     ("nemotron", {"norm_eps": 0}, "norm_eps"),
@@ -161,9 +167,24 @@ def test_the_logit_checks_see_each_transform(name, neutral, checkpoints, referen
     ("iquestcoder", {"hidden_act": "tanh"}, "hidden_act"),
     ("jais2", {"layer_norm_eps": -1}, "layer_norm_eps"),
     ("vaultgemma", {"final_logit_softcapping": -1}, "final_logit_softcapping"),
+    ("qwen3_5_moe_text", {"num_experts": 0}, "num_experts"),
+    ("ernie4_5_moe", {"moe_k": 6}, "moe_k"),
+    ("ernie4_5_moe", {"moe_norm_min": 0}, "moe_norm_min"),
+    ("glm4_moe_lite", {"mlp_layer_types": ["dense"] * 3}, "mlp_layer_types"),
+    ("dots1", {"n_routed_experts": None}, "n_routed_experts"),
+    ("dots1", {"n_group": 4}, "n_group"),
+    ("exaone_moe", {"mlp_layer_types": ["dense", "moe", "dense", "dense"]}, "mlp_layer_types"),
+    ("exaone_moe", {"num_experts_per_tok": 7}, "num_experts_per_tok"),
+    ("granitemoe", {"num_experts_per_tok": 6}, "num_experts_per_tok"),
+    ("granitemoeshared", {"shared_intermediate_size": -3}, "shared_intermediate_size"),
+    ("minimax_m2", {"rotary_dim": 48}, "rotary_dim"),
+    ("phimoe", {"num_local_experts": 1, "num_experts_per_tok": 1}, "num_local_experts"),
     ("gptj", {"rotary_dim": 7}, "rotary_dim"),
     ("gptj", {"n_embd": "64"}, "n_embd"),
     ("codegen", {"n_head": 6, "n_embd": 96}, "n_head"),
+    ("cohere2_moe", {"expert_selection_fn": "relu"}, "expert_selection_fn"),
+    ("phimoe", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
+                                    "long_factor": [2.0] * 8}}, "short_mscale"),
 ])
 def test_bad_configs_name_the_field(name, change, field):
     config = {**fam_config(name).to_dict(), **change}
