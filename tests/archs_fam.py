@@ -1,7 +1,8 @@
 """Tiny random checkpoints of the further decoder families (Ministral, CWM, OLMo, Helium,
 Arcee, GLM, InternLM 3, IQuest-Coder, EXAONE 3, Apertus, HunYuan dense and MoE, StableLM,
 Persimmon, Nemotron, Jais 2, VaultGemma, Qwen3.5-MoE, ERNIE 4.5 MoE, GLM-4.7-Flash,
-dots.llm1, K-EXAONE, Granite MoE, MiniMax-M2, Phi-3.5-MoE, Command A MoE, GPT-J), written by
+dots.llm1, K-EXAONE, Granite MoE, MiniMax-M2, Phi-3.5-MoE, Command A MoE, GPT-J, CodeGen, Solar Open,
+HyperCLOVA X, FlexOlmo, Youtu), written by
 transformers itself with the machinery of `tests/archs.py` (each type's own config class,
 `from_config`, every parameter perturbed, `save_pretrained` in >= 2 shards), with awkward
 sizes: odd intermediate sizes, GQA, head_dim != hidden / heads where the type allows, windows shorter
@@ -48,6 +49,10 @@ FAM: dict[str, dict] = {
                 "rotary_dim": 8, "n_inner": 87, "hidden_size": None, "num_hidden_layers": None,
                 "num_attention_heads": None, "num_key_value_heads": None, "max_position_embeddings": None,
                 "intermediate_size": None},
+    # MLA (query low-rank path, interleaved decoupled RoPE) with dense MLPs, tied head (the pad
+    # token's row zeroed, as transformers loads it)
+    "youtu": {"model_type": "youtu", "num_key_value_heads": 4, "q_lora_rank": 22, "kv_lora_rank": 20,
+              "qk_nope_head_dim": 10, "qk_rope_head_dim": 6, "v_head_dim": 12},
     "hyperclovax": {"model_type": "hyperclovax", "head_dim": 24, "embedding_multiplier": 2.0, "residual_multiplier": 0.7,
                     "logits_scaling": 0.5, "attention_bias": True, "mlp_bias": True},
     "vaultgemma": {"model_type": "vaultgemma", "head_dim": 24, "query_pre_attn_scalar": 20, "sliding_window": 4,
@@ -71,6 +76,8 @@ FAM: dict[str, dict] = {
                       "n_shared_experts": 1, "routed_scaling_factor": 2.5,
                       "mlp_layer_types": ["dense", "sparse", "dense", "sparse"]},
     # Qwen3 attention with a window from layer 2, 1 dense layer then 2 groups of 3 experts (1 kept)
+    "flex_olmo": {"model_type": "flex_olmo", "num_experts": 5, "num_experts_per_tok": 2, "intermediate_size": 23,
+                  "norm_topk_prob": True, "attention_bias": True},
     # every layer sparse: 2 groups of 3 experts (1 kept), full RoPE, q/k/v biases
     "solar_open": {"model_type": "solar_open", "head_dim": 24, "n_routed_experts": 6, "num_experts_per_tok": 2,
                    "n_group": 2, "topk_group": 1, "n_shared_experts": 1, "moe_intermediate_size": 23,
@@ -119,7 +126,7 @@ FAM["qwen3_5_moe"] = {"model_type": "qwen3_5_moe", "text": "qwen3_5_moe_text"}
 NESTED = ("qwen3_5_moe",)
 MOE = ("hunyuan_v1_moe", "qwen3_5_moe_text", "qwen3_5_moe", "ernie4_5_moe", "glm4_moe_lite", "dots1", "exaone_moe",
        "granitemoe", "granitemoeshared", "minimax_m2", "phimoe", "phimoe_longrope",
-       "cohere2_moe", "cohere2_moe_rms", "solar_open")
+       "cohere2_moe", "cohere2_moe_rms", "solar_open", "flex_olmo")
 PACKED = ("hunyuan_v1_moe", "qwen3_5_moe_text")
 THREE = ("ministral", "apertus", "hunyuan_v1_moe", "stablelm", "qwen3_5_moe_text")
 

@@ -69,6 +69,8 @@ from . import cohere2_moe as _cohere2_moe  # noqa: F401  - cohere2_moe
 from . import gptj as _gptj  # noqa: F401  - gptj, codegen
 from . import solar_open as _solar_open  # noqa: F401  - solar_open
 from . import hyperclovax as _hyperclovax  # noqa: F401  - hyperclovax
+from . import flex_olmo as _flex_olmo  # noqa: F401  - flex_olmo
+from . import youtu as _youtu  # noqa: F401  - youtu
 from .cache import KVCache
 from .contract import StageModel
 from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
