@@ -193,3 +193,31 @@ def test_bad_configs_name_the_field(name, change, field):
     with pytest.raises(ValueError, match=field):
         with torch.device("meta"):
             build_model(config)
+
+
+@pytest.mark.parametrize("name", sorted(FAM))
+def test_config_mutations_raise_only_value_errors(name):
+    """Any JSON value in any key a family reads (top level, or in the nested text config):
+    its config reads or is refused with a ValueError naming config.json's field, never
+    another exception."""
+    from hypothesis import given, settings
+
+    from .test_archs import _json, _values
+
+    base = fam_config(name).to_dict()
+    nested = "text_config" if name in NESTED else None
+    inner = base[nested] if nested else base
+    keys = sorted(k for k, v in inner.items() if not isinstance(v, dict)) + [
+        "rope_scaling", "rope_parameters", "layer_types", "mlp_layer_types", "moe_topk", "rotary_dim",
+        "num_layers", "qkv_bias", "n_embd", "n_head", "moe_num_experts", "moe_k"]
+
+    @settings(max_examples=15, deadline=None)
+    @given(key=_json.sampled_from(keys), value=_values)
+    def mutate(key, value):
+        config = {**base, nested: {**inner, key: value}} if nested else {**base, key: value}
+        try:
+            config_from_dict(config)
+        except ValueError:
+            pass
+
+    mutate()
