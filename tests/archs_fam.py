@@ -2,7 +2,7 @@
 Arcee, GLM, InternLM 3, IQuest-Coder, EXAONE 3, Apertus, HunYuan dense and MoE, StableLM,
 Persimmon, Nemotron, Jais 2, VaultGemma, Qwen3.5-MoE, ERNIE 4.5 MoE, GLM-4.7-Flash,
 dots.llm1, K-EXAONE, Granite MoE, MiniMax-M2, Phi-3.5-MoE, Command A MoE, GPT-J, CodeGen, Solar Open,
-HyperCLOVA X, FlexOlmo, Youtu), written by
+HyperCLOVA X, FlexOlmo, Youtu, BitNet), written by
 transformers itself with the machinery of `tests/archs.py` (each type's own config class,
 `from_config`, every parameter perturbed, `save_pretrained` in >= 2 shards), with awkward
 sizes: odd intermediate sizes, GQA, head_dim != hidden / heads where the type allows, windows shorter
@@ -53,6 +53,7 @@ FAM: dict[str, dict] = {
     # token's row zeroed, as transformers loads it)
     "youtu": {"model_type": "youtu", "num_key_value_heads": 4, "q_lora_rank": 22, "kv_lora_rank": 20,
               "qk_nope_head_dim": 10, "qk_rope_head_dim": 6, "v_head_dim": 12},
+    "bitnet": {"model_type": "bitnet", "attention_bias": True},
     "hyperclovax": {"model_type": "hyperclovax", "head_dim": 24, "embedding_multiplier": 2.0, "residual_multiplier": 0.7,
                     "logits_scaling": 0.5, "attention_bias": True, "mlp_bias": True},
     "vaultgemma": {"model_type": "vaultgemma", "head_dim": 24, "query_pre_attn_scalar": 20, "sliding_window": 4,

@@ -182,6 +182,7 @@ def test_the_logit_checks_see_each_transform(name, neutral, checkpoints, referen
     ("gptj", {"rotary_dim": 7}, "rotary_dim"),
     ("flex_olmo", {"num_experts_per_tok": 9}, "num_experts_per_tok"),
     ("youtu", {"qk_rope_head_dim": 5}, "qk_rope_head_dim"),
+    ("bitnet", {"head_dim": 24}, "head_dim"),
     ("gptj", {"n_embd": "64"}, "n_embd"),
     ("codegen", {"n_head": 6, "n_embd": 96}, "n_head"),
     ("cohere2_moe", {"expert_selection_fn": "relu"}, "expert_selection_fn"),

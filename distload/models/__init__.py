@@ -71,6 +71,7 @@ from . import solar_open as _solar_open  # noqa: F401  - solar_open
 from . import hyperclovax as _hyperclovax  # noqa: F401  - hyperclovax
 from . import flex_olmo as _flex_olmo  # noqa: F401  - flex_olmo
 from . import youtu as _youtu  # noqa: F401  - youtu
+from . import bitnet as _bitnet  # noqa: F401  - bitnet
 from .cache import KVCache
 from .contract import StageModel
 from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel

@@ -16,7 +16,7 @@ from .registry import ModelFamily, register_family
 __all__ = ["HeliumConfig", "HeliumForCausalLM", "HeliumDecoderLayer", "read_helium"]
 
 # HeliumConfig's defaults (transformers 5) for keys a config.json may leave out.
-_DEFAULTS = {"intermediate_size": 7040, "max_position_embeddings": 4096, "rms_norm_eps": 1e-8,
+_DEFAULTS = {"intermediate_size": 7040, "max_position_embeddings": 4096, "rms_norm_eps": 1e-8, "rope_theta": 100000.0,
              "num_key_value_heads": 20, "head_dim": 128, "pad_token_id": 3, "bos_token_id": 1,
              "eos_token_id": 2}
 

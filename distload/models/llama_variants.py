@@ -28,7 +28,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                   "eos_token_id": 2},
     "iquestcoder": {"intermediate_size": 27648, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
                     "num_key_value_heads": 8, "head_dim": 128, "bos_token_id": 1, "eos_token_id": 2},
-    "exaone": {"intermediate_size": 14336, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+    "exaone": {"intermediate_size": 14336, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 500_000.0,
                "num_key_value_heads": 8, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 361},
 }
 LLAMA_VARIANT_TYPES = tuple(_DEFAULTS)

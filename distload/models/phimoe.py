@@ -34,7 +34,7 @@ from .registry import ModelFamily, register_family
 __all__ = ["PhimoeConfig", "PhimoeForCausalLM", "PhimoeDecoderLayer", "read_phimoe", "sparsemixer"]
 
 # PhimoeConfig's defaults (transformers 5) for keys a config.json may leave out.
-_DEFAULTS = {"intermediate_size": 6400, "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-5,
+_DEFAULTS = {"intermediate_size": 6400, "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
              "num_key_value_heads": 8, "bos_token_id": 1, "eos_token_id": 2}
 
 

@@ -223,7 +223,12 @@ class Attention(nn.Module):
             mask = trim_mask(mask, k.shape[2])
         out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap,
                      sinks=getattr(self, "sinks", None))
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.output(out.transpose(1, 2).reshape(b, t, -1))
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The heads' concatenated outputs ``[B, T, heads * head_dim]`` → ``o_proj`` (a family
+        that normalizes them first overrides this: BitNet)."""
+        return self.o_proj(out)
 
 
 def trim_mask(mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
