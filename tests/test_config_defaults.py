@@ -14,7 +14,7 @@ from distload.models import config_from_dict, supported_model_types
 transformers = pytest.importorskip("transformers")
 
 # model_type -> the field whose default no model can run (transformers' neither, below)
-UNRUNNABLE = {"deepseek_v2": "num_experts_per_tok"}
+UNRUNNABLE = {"deepseek_v2": "num_experts_per_tok", "dots1": "n_routed_experts"}
 
 
 def _default(model_type: str) -> dict:
@@ -39,6 +39,14 @@ def test_the_refused_default_does_not_run_in_transformers_either():
     assert config.num_experts_per_tok is None
     with pytest.raises(TypeError):
         DeepseekV2TopkRouter(config)(torch.zeros(2, config.hidden_size))
+
+
+def test_dots1_default_does_not_build_in_transformers_either():
+    config = transformers.AutoConfig.for_model("dots1")
+    assert config.n_routed_experts is None and config.first_k_dense_replace < config.num_hidden_layers
+    with pytest.raises(TypeError):
+        with torch.device("meta"):
+            transformers.AutoModelForCausalLM.from_config(config)
 
 
 def test_qwen2_moe_sliding_window_zero_is_not_read_without_use_sliding_window():

@@ -44,6 +44,35 @@ from . import phi as _phi  # noqa: F401  - phi
 from . import qwen3_next as _qwen3_next  # noqa: F401  - qwen3_next
 from . import qwen3_5 as _qwen3_5  # noqa: F401  - qwen3_5_text, qwen3_5 (its text part)
 from . import gemma4 as _gemma4  # noqa: F401  - gemma4_text, gemma4 (its text part)
+from . import ministral as _ministral  # noqa: F401  - ministral, cwm
+from . import olmo as _olmo  # noqa: F401  - olmo
+from . import helium as _helium  # noqa: F401  - helium
+from . import arcee as _arcee  # noqa: F401  - arcee
+from . import glm as _glm  # noqa: F401  - glm
+from . import llama_variants as _llama_variants  # noqa: F401  - internlm3, iquestcoder, exaone
+from . import apertus as _apertus  # noqa: F401  - apertus
+from . import hunyuan_v1_dense as _hunyuan_v1_dense  # noqa: F401  - hunyuan_v1_dense
+from . import hunyuan_v1_moe as _hunyuan_v1_moe  # noqa: F401  - hunyuan_v1_moe
+from . import stablelm as _stablelm  # noqa: F401  - stablelm
+from . import persimmon as _persimmon  # noqa: F401  - persimmon
+from . import nemotron as _nemotron  # noqa: F401  - nemotron
+from . import vaultgemma as _vaultgemma  # noqa: F401  - vaultgemma
+from . import qwen3_5_moe as _qwen3_5_moe  # noqa: F401  - qwen3_5_moe_text, qwen3_5_moe (its text part)
+from . import ernie4_5_moe as _ernie4_5_moe  # noqa: F401  - ernie4_5_moe
+from . import glm4_moe_lite as _glm4_moe_lite  # noqa: F401  - glm4_moe_lite
+from . import dots1 as _dots1  # noqa: F401  - dots1
+from . import exaone_moe as _exaone_moe  # noqa: F401  - exaone_moe
+from . import granitemoe as _granitemoe  # noqa: F401  - granitemoe, granitemoeshared
+from . import minimax_m2 as _minimax_m2  # noqa: F401  - minimax_m2
+from . import jais2 as _jais2  # noqa: F401  - jais2
+from . import phimoe as _phimoe  # noqa: F401  - phimoe
+from . import cohere2_moe as _cohere2_moe  # noqa: F401  - cohere2_moe
+from . import gptj as _gptj  # noqa: F401  - gptj, codegen
+from . import solar_open as _solar_open  # noqa: F401  - solar_open
+from . import hyperclovax as _hyperclovax  # noqa: F401  - hyperclovax
+from . import flex_olmo as _flex_olmo  # noqa: F401  - flex_olmo
+from . import youtu as _youtu  # noqa: F401  - youtu
+from . import bitnet as _bitnet  # noqa: F401  - bitnet
 from .cache import KVCache
 from .contract import StageModel
 from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel

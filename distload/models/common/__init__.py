@@ -12,7 +12,7 @@ Example::
 from .attention import Attention, attend, attention_mask_bias
 from .config import FULL, SLIDING, DecoderConfig, read_decoder, text_config
 from .decoder import DecoderForCausalLM, DecoderLayer, DecoderModel, nested_text_tensors
-from .layers import (FusedGatedMLP, GatedMLP, LayerNormNoBias, PlainMLP, RMSNorm, activation,
+from .layers import (FusedGatedMLP, GatedMLP, LayerNormNoBias, PlainMLP, RMSNorm, UpDownMLP, activation,
                      linear_flops, linear_outputs)
 from .moe import SparseMoE, unpack_experts
 from .rope import RopeParams, RotaryEmbedding, apply_rope, read_rope, rope_inv_freq
@@ -20,7 +20,7 @@ from .rope import RopeParams, RotaryEmbedding, apply_rope, read_rope, rope_inv_f
 __all__ = [
     "Attention", "attend", "attention_mask_bias", "DecoderConfig", "read_decoder", "text_config",
     "SLIDING", "FULL", "DecoderForCausalLM", "DecoderLayer", "DecoderModel", "nested_text_tensors",
-    "GatedMLP", "FusedGatedMLP", "PlainMLP", "RMSNorm", "LayerNormNoBias", "activation",
+    "GatedMLP", "FusedGatedMLP", "PlainMLP", "UpDownMLP", "RMSNorm", "LayerNormNoBias", "activation",
     "linear_flops", "linear_outputs", "SparseMoE", "unpack_experts", "RopeParams",
     "RotaryEmbedding", "apply_rope", "read_rope", "rope_inv_freq",
 ]

@@ -121,7 +121,8 @@ class Attention(nn.Module):
     Weights: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` or, `fused_qkv`, one
     ``qkv_proj`` (query rows, then key, then value; Phi-3). `q_norm`/`k_norm` are applied
     per head (``[..., heads, head_dim]``: Qwen3, Gemma 3, Cohere) or, with
-    `norm_full_width`, to the whole projection before it is split into heads (OLMo 2).
+    `norm_full_width`, to the whole projection before it is split into heads (OLMo 2), or,
+    `norm_after_rope`, per head after RoPE (HunYuan).
     `rope_key` names the model's rotary table this layer uses (None: no RoPE, SmolLM3's
     every 4th layer); `sliding_window` its window (None: global); `attention_chunk` its
     chunk (Llama 4's chunked layers). `clip_qkv` clamps queries, keys and values (OLMoE);
@@ -138,7 +139,8 @@ class Attention(nn.Module):
                  softcap: float | None = None, sliding_window: int | None = None,
                  rope_key: str | None = "default", interleaved_rope: bool = False,
                  rope_upcast: bool = False, attention_chunk: int | None = None,
-                 clip_qkv: float | None = None, sinks: bool = False) -> None:
+                 clip_qkv: float | None = None, sinks: bool = False,
+                 norm_after_rope: bool = False) -> None:
         super().__init__()
         if heads % kv_heads:
             raise ValueError(f"num_attention_heads ({heads}) must be a multiple of "
@@ -148,7 +150,7 @@ class Attention(nn.Module):
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.softcap, self.sliding_window, self.rope_key = softcap, sliding_window, rope_key
         self.interleaved_rope, self.rope_upcast = interleaved_rope, rope_upcast
-        self.norm_full_width = norm_full_width
+        self.norm_full_width, self.norm_after_rope = norm_full_width, norm_after_rope
         self.attention_chunk, self.clip_qkv = attention_chunk, clip_qkv
         q_out, kv_out = heads * head_dim, kv_heads * head_dim
         if fused_qkv:
@@ -207,19 +209,26 @@ class Attention(nn.Module):
         if self.clip_qkv is not None:
             q, k, v = (y.clamp(-self.clip_qkv, self.clip_qkv) for y in (q, k, v))
         q, k, v = (y.view(b, t, -1, self.head_dim) for y in (q, k, v))
-        if has_norm and not self.norm_full_width:
+        if has_norm and not self.norm_full_width and not self.norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, k, *rope[:2], interleaved=self.interleaved_rope, upcast=self.rope_upcast)
             if len(rope) > 2:
                 q = q * rope[2].to(q.dtype)
+        if has_norm and self.norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             k, v = cache.update(self.layer_key, k, v, keep=self.kv_keep())
             mask = trim_mask(mask, k.shape[2])
         out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap,
                      sinks=getattr(self, "sinks", None))
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.output(out.transpose(1, 2).reshape(b, t, -1))
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The heads' concatenated outputs ``[B, T, heads * head_dim]`` → ``o_proj`` (a family
+        that normalizes them first overrides this: BitNet)."""
+        return self.o_proj(out)
 
 
 def trim_mask(mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:

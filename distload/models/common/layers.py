@@ -18,17 +18,21 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["RMSNorm", "LayerNormNoBias", "activation", "ACTIVATIONS", "GatedMLP", "FusedGatedMLP",
-           "PlainMLP", "linear_flops", "linear_outputs"]
+           "PlainMLP", "UpDownMLP", "linear_flops", "linear_outputs"]
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def _relu2(x: torch.Tensor) -> torch.Tensor:
+    return torch.square(F.relu(x))
+
+
 # config.json's `hidden_act` names (transformers' ACT2FN) → functions.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_new": _gelu_tanh, "gelu_fast": _gelu_tanh, "relu": F.relu,
+    "gelu_new": _gelu_tanh, "gelu_fast": _gelu_tanh, "relu": F.relu, "relu2": _relu2,
 }
 
 
@@ -132,6 +136,21 @@ class PlainMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(x)))
+
+
+class UpDownMLP(nn.Module):
+    """``down_proj(act(up_proj(x)))``, no gate (Nemotron, Arcee, Apertus: relu² or xIELU).
+    `act` is a `hidden_act` name or a module of its own (with parameters: xIELU), kept
+    as ``act_fn`` so that its weights load under the checkpoint's names."""
+
+    def __init__(self, hidden: int, intermediate: int, *, act: str | nn.Module, bias: bool = False) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act_fn = activation(act) if isinstance(act, str) else act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(x)))
 
 
 def linear_flops(module: nn.Module) -> float:

@@ -1,0 +1,224 @@
+"""The further decoder families (`tests/archs_fam.py`) against transformers, with the
+machinery of `test_archs.py`: checkpoints transformers writes (`save_pretrained`, >= 2
+shards; the MoE also with packed experts), loaded across 2 ranks (all) and 3 ranks
+(`THREE`), one torchrun launch per world size (`workers/arch_pipeline.py`): logits of a
+left-padded batch within 1e-4 (float32) of `from_pretrained`'s, 12 greedy tokens
+identical, the ranks' bytes summing to the checkpoint's. In one process: transformers'
+own default config of each type builds, the KV reserve per layer, the
+transforms the checks see, config errors naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import distload
+from distload.meta import describe_model
+from distload.models import build_model, config_from_dict
+from distload.models.common.attention import position_ids_from_mask
+
+from .archs import left_padded_batch, make_hf_checkpoint, repack_experts
+from .archs_fam import FAM, MOE, NESTED, PACKED, THREE, fam_config
+from .mp import torchrun, worker
+from .test_config_defaults import UNRUNNABLE
+
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-4
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> directory: every case, and `<moe>_packed` for `PACKED`."""
+    root = tmp_path_factory.mktemp("archs_fam")
+    out = {name: make_hf_checkpoint(name, root / name, fam_config(name)) for name in FAM}
+    for name in PACKED:
+        out[f"{name}_packed"] = repack_experts(out[name], root / f"{name}_packed")
+    return out
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints):
+    """name -> (logits, greedy tokens) of transformers on the left-padded batch."""
+    ids, mask = left_padded_batch()
+    refs = {}
+    for name in FAM:
+        kw = {"experts_implementation": "eager"} if name in MOE else {}
+        cls = transformers.AutoModelForImageTextToText if name in NESTED else transformers.AutoModelForCausalLM
+        model = cls.from_pretrained(checkpoints[name], dtype=torch.float32, **kw).eval()
+        model.generation_config.eos_token_id = None
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+            tokens = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                    pad_token_id=0)
+        refs[name] = (logits, tokens)
+    return refs
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_families_across_ranks_match_transformers(world, checkpoints, references, tmp_path):
+    names = sorted(checkpoints) if world == 2 else sorted(THREE)
+    proc = torchrun(world, [worker("arch_pipeline.py"), str(tmp_path), *(str(checkpoints[n]) for n in names)],
+                    timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = torch.load(tmp_path / "results.pt")
+    ids, mask = left_padded_batch()
+    real = mask.bool()
+    for name in names:
+        got = results[name]
+        ref_logits, ref_tokens = references[name.removesuffix("_packed")]
+        assert got["logits"].shape == ref_logits.shape, name
+        err = (got["logits"][real] - ref_logits[real]).abs().max().item()
+        assert err <= ATOL, f"{name}: logits differ from transformers' by {err:.2e}"
+        assert torch.equal(got["tokens"], ref_tokens), f"{name}: greedy tokens differ"
+        ranks = got["job_report"]["ranks"]
+        assert len(got["units"]) == world and all(got["units"]), name
+        assert sum(r["bytes_read"] for r in ranks) == got["checkpoint_bytes"], name
+    for name in PACKED:
+        if f"{name}_packed" in names:
+            assert results[name]["checkpoint_bytes"] == results[f"{name}_packed"]["checkpoint_bytes"]
+
+
+@pytest.mark.parametrize("model_type", sorted({c["model_type"] for c in FAM.values()} - set(UNRUNNABLE)))
+def test_transformers_default_config_builds(model_type):
+    """transformers' own default config of the type (which `test_config_defaults.py` reads)
+    builds on meta, cut to 2 layers: the default sizes, not the default depth."""
+    config = transformers.AutoConfig.for_model(model_type).to_dict()
+    inner = config.get("text_config", config)
+    depth = "num_hidden_layers" if "num_hidden_layers" in inner else "n_layer"   # GPT-J's name
+    layers = inner[depth]
+    short = {k: v[:2] if isinstance(v, list) and len(v) == layers else v for k, v in inner.items()}
+    short[depth] = 2
+    with torch.device("meta"):
+        model = build_model({**config, "text_config": short} if "text_config" in config else short)
+    assert len(model.model.layers) == 2
+
+
+@pytest.mark.parametrize("name", sorted(FAM))
+def test_kv_reserve_per_layer_is_what_the_cache_keeps(name):
+    """Each attention layer reserves ``2 * kv_heads * head_dim`` elements per token and keeps
+    at most its window's tokens; a linear-attention layer reserves no KV (its fixed state
+    instead); MoE layers cost less than all their experts."""
+    with torch.device("meta"):
+        model = build_model(fam_config(name).to_dict())
+    config = fam_config(name).get_text_config()
+    layers = [u for u in describe_model(model).units if ".layers." in u.name]
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    window = getattr(config, "sliding_window", None)
+    # no layer types: a window (phimoe's) covers every layer
+    types = getattr(config, "layer_types", None) or [window and "sliding_attention"] * len(layers)
+    assert len(layers) == config.num_hidden_layers
+    per_token = config.kv_lora_rank + config.qk_rope_head_dim if hasattr(config, "kv_lora_rank") \
+        else 2 * kv_heads * head_dim   # MLA keeps the latent
+    assert [u.kv_per_token for u in layers] == [0 if t == "linear_attention" else per_token for t in types], name
+    assert all(u.state_per_sequence > 0 for u, t in zip(layers, types) if t == "linear_attention"), name
+    assert [u.kv_tokens for u in layers] == [window if t == "sliding_attention" else 0 for t in types], name
+    if name in MOE:
+        dense_cost = sum(2.0 * p.numel for u in layers for p in u.params if len(p.shape) >= 2)
+        assert sum(u.cost for u in layers) < dense_cost
+
+
+@pytest.mark.parametrize("name, neutral", [
+    ("olmo", {"clip_qkv": None}),
+    ("ministral", {"sliding_window": None}),
+    ("hunyuan_v1_moe", {"moe_topk": 5}),
+    ("phimoe", {"router_jitter_noise": 0.0}),
+    ("cohere2_moe", {"shared_expert_combination_strategy": "sum"}),
+])
+def test_the_logit_checks_see_each_transform(name, neutral, checkpoints, references):
+    """Without the transform our logits are far from transformers': the checks above
+    would catch a skipped clamp, window, routing top-k, SparseMixer band or shared-expert mean."""
+    path = checkpoints[name]
+    copy = path.parent / f"{path.name}_neutral_{sorted(neutral)[0]}"
+    shutil.copytree(path, copy)
+    config = json.loads((path / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, **neutral}))
+    pipe = distload.load(str(copy), device="cpu")
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        logits = pipe.forward(ids, mask)
+    real = mask.bool()
+    assert (logits[real] - references[name][0][real]).abs().max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("name, change, field", [
+    ("ministral", {"layer_types": ["sliding_attention", "chunked_attention"] * 2}, "layer_types"),
+    ("ministral", {"sliding_window": 0}, "sliding_window"),
+    ("olmo", {"clip_qkv": -1}, "clip_qkv"),
+    ("helium", {"head_dim": 24}, "head_dim"),
+    ("arcee", {"hidden_act": "swiglu9"}, "hidden_act"),
+    ("internlm3", {"qkv_bias": "yes", "attention_bias": None}, "qkv_bias"),
+    ("apertus", {"hidden_act": "xelu"}, "hidden_act"),
+    ("hunyuan_v1_dense", {"rope_parameters": {"rope_type": "dynamic", "alpha": -2.0}}, "alpha"),
+    ("hunyuan_v1_moe", {"moe_topk": [2, 2]}, "moe_topk"),
+    ("hunyuan_v1_moe", {"moe_topk": 6}, "moe_topk"),
+    ("hunyuan_v1_moe", {"num_experts": [5, 5, 5, 5]}, "num_experts"),
+    ("stablelm", {"hidden_size": 66}, "num_attention_heads"),
+    ("persimmon", {"qk_layernorm": "yes"}, "qk_layernorm"),
+    ("nemotron", {"norm_eps": 0}, "norm_eps"),
+    ("cwm", {"layer_types": ["full_attention"] * 3}, "layer_types"),
+    ("exaone", {"num_hidden_layers": None, "num_layers": 0}, "num_hidden_layers"),
+    ("iquestcoder", {"hidden_act": "tanh"}, "hidden_act"),
+    ("jais2", {"layer_norm_eps": -1}, "layer_norm_eps"),
+    ("vaultgemma", {"final_logit_softcapping": -1}, "final_logit_softcapping"),
+    ("qwen3_5_moe_text", {"num_experts": 0}, "num_experts"),
+    ("ernie4_5_moe", {"moe_k": 6}, "moe_k"),
+    ("ernie4_5_moe", {"moe_norm_min": 0}, "moe_norm_min"),
+    ("glm4_moe_lite", {"mlp_layer_types": ["dense"] * 3}, "mlp_layer_types"),
+    ("dots1", {"n_routed_experts": None}, "n_routed_experts"),
+    ("dots1", {"n_group": 4}, "n_group"),
+    ("exaone_moe", {"mlp_layer_types": ["dense", "moe", "dense", "dense"]}, "mlp_layer_types"),
+    ("exaone_moe", {"num_experts_per_tok": 7}, "num_experts_per_tok"),
+    ("granitemoe", {"num_experts_per_tok": 6}, "num_experts_per_tok"),
+    ("granitemoeshared", {"shared_intermediate_size": -3}, "shared_intermediate_size"),
+    ("minimax_m2", {"rotary_dim": 48}, "rotary_dim"),
+    ("phimoe", {"num_local_experts": 1, "num_experts_per_tok": 1}, "num_local_experts"),
+    ("gptj", {"rotary_dim": 7}, "rotary_dim"),
+    ("flex_olmo", {"num_experts_per_tok": 9}, "num_experts_per_tok"),
+    ("youtu", {"qk_rope_head_dim": 5}, "qk_rope_head_dim"),
+    ("bitnet", {"head_dim": 24}, "head_dim"),
+    ("gptj", {"n_embd": "64"}, "n_embd"),
+    ("codegen", {"n_head": 6, "n_embd": 96}, "n_head"),
+    ("cohere2_moe", {"expert_selection_fn": "relu"}, "expert_selection_fn"),
+    ("phimoe", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
+                                    "long_factor": [2.0] * 8}}, "short_mscale"),
+])
+def test_bad_configs_name_the_field(name, change, field):
+    config = {**fam_config(name).to_dict(), **change}
+    with pytest.raises(ValueError, match=field):
+        with torch.device("meta"):
+            build_model(config)
+
+
+@pytest.mark.parametrize("name", sorted(FAM))
+def test_config_mutations_raise_only_value_errors(name):
+    """Any JSON value in any key a family reads (top level, or in the nested text config):
+    its config reads or is refused with a ValueError naming config.json's field, never
+    another exception."""
+    from hypothesis import given, settings
+
+    from .test_archs import _json, _values
+
+    base = fam_config(name).to_dict()
+    nested = "text_config" if name in NESTED else None
+    inner = base[nested] if nested else base
+    keys = sorted(k for k, v in inner.items() if not isinstance(v, dict)) + [
+        "rope_scaling", "rope_parameters", "layer_types", "mlp_layer_types", "moe_topk", "rotary_dim",
+        "num_layers", "qkv_bias", "n_embd", "n_head", "moe_num_experts", "moe_k"]
+
+    @settings(max_examples=15, deadline=None)
+    @given(key=_json.sampled_from(keys), value=_values)
+    def mutate(key, value):
+        config = {**base, nested: {**inner, key: value}} if nested else {**base, key: value}
+        try:
+            config_from_dict(config)
+        except ValueError:
+            pass
+
+    mutate()
