@@ -313,6 +313,14 @@ def test_sigterm_drains_in_flight_then_every_rank_exits_143(server):
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         events.append(next(lines))
+        # the four others are admitted before the signal (on a loaded machine their threads
+        # may not have posted yet, and a request after it is refused with 503)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            g = _gauges(server)
+            if g["distload_running_sequences"] + g["distload_queue_depth"] >= 5:
+                break
+            time.sleep(0.02)
         for p in server.procs:  # as torchrun (or Slurm) forwards it to every rank
             p.send_signal(signal.SIGTERM)
         health = httpx.get(server.url + "/health")
