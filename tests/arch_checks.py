@@ -1,12 +1,16 @@
 """What the architecture tests (`test_archs.py`, `test_archs_more.py`,
-`test_archs_frontier.py`) share: transformers' outputs on the left-padded batch (the
-reference), one torchrun launch of `workers/arch_pipeline.py` over many checkpoints, and
-the checks of one checkpoint's results against its reference.
+`test_archs_frontier.py`, `test_archs_fam.py`, `test_archs_gemma4.py`) share: transformers'
+outputs on the left-padded batch (the reference), one torchrun launch of
+`workers/arch_pipeline.py` over many checkpoints, the checks of one checkpoint's results
+against its reference, the config mutation check, and the check of served greedy answers
+against transformers' (also `test_serve_http.py`'s).
 """
 
 from __future__ import annotations
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from distload.models.common.attention import position_ids_from_mask
 
@@ -15,6 +19,12 @@ from .mp import torchrun, worker
 
 ATOL = 1e-4   # float32 logits against transformers'
 NEW = 12      # greedy tokens generated (the worker's count)
+
+# any JSON value: what a config.json field may hold
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats()
+                           | st.text(max_size=6),
+                           lambda children: st.lists(children, max_size=3)
+                           | st.dictionaries(st.text(max_size=6), children, max_size=3), max_leaves=8)
 
 
 def reference_outputs(model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,3 +73,34 @@ def check_pipelines(results: dict, names: list[str], disk, references: dict, wor
         ranks = got["job_report"]["ranks"]
         assert sum(r["bytes_read"] for r in ranks) + on_disk == got["checkpoint_bytes"], name
         assert (on_disk > 0 and all(r["offloaded_bytes"] > 0 for r in ranks)) == name.endswith("@disk"), name
+
+
+def check_config_mutations(base: dict, keys: list[str], *, examples: int, nested: str | None = None) -> None:
+    """Any JSON value in any of `keys` of the config dict `base` (of its dict under `nested`
+    where given): the config reads or is refused with a ValueError (which the loader turns
+    into one line naming config.json), never another exception."""
+    from distload.models import config_from_dict
+
+    inner = base[nested] if nested else base
+
+    @settings(max_examples=examples, deadline=None)
+    @given(key=st.sampled_from(keys), value=JSON_VALUES)
+    def mutate(key, value):
+        config = {**base, nested: {**inner, key: value}} if nested else {**base, key: value}
+        try:
+            config_from_dict(config)
+        except ValueError:
+            pass
+
+    mutate()
+
+
+def check_greedy_answers(model, seqs) -> None:
+    """Each served sequence of `seqs` (`distload.serve.sequence.Sequence`, done) answered
+    what transformers' `model` generates greedily for its prompt alone."""
+    for seq in seqs:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([seq.prompt]), max_new_tokens=seq.max_tokens, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0,
+                                 attention_mask=torch.ones(1, len(seq.prompt), dtype=torch.long))
+        assert seq.output == out[0, len(seq.prompt):].tolist(), seq.prompt

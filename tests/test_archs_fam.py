@@ -18,9 +18,10 @@ import torch
 
 import distload
 from distload.meta import describe_model
-from distload.models import build_model, config_from_dict
+from distload.models import build_model
 from distload.models.common.attention import position_ids_from_mask
 
+from .arch_checks import check_config_mutations
 from .archs import left_padded_batch, make_hf_checkpoint, repack_experts
 from .archs_fam import FAM, MOE, NESTED, PACKED, THREE, fam_config
 from .mp import torchrun, worker
@@ -201,24 +202,10 @@ def test_config_mutations_raise_only_value_errors(name):
     """Any JSON value in any key a family reads (top level, or in the nested text config):
     its config reads or is refused with a ValueError naming config.json's field, never
     another exception."""
-    from hypothesis import given, settings
-
-    from .test_archs import _json, _values
-
     base = fam_config(name).to_dict()
     nested = "text_config" if name in NESTED else None
     inner = base[nested] if nested else base
     keys = sorted(k for k, v in inner.items() if not isinstance(v, dict)) + [
         "rope_scaling", "rope_parameters", "layer_types", "mlp_layer_types", "moe_topk", "rotary_dim",
         "num_layers", "qkv_bias", "n_embd", "n_head", "moe_num_experts", "moe_k"]
-
-    @settings(max_examples=15, deadline=None)
-    @given(key=_json.sampled_from(keys), value=_values)
-    def mutate(key, value):
-        config = {**base, nested: {**inner, key: value}} if nested else {**base, key: value}
-        try:
-            config_from_dict(config)
-        except ValueError:
-            pass
-
-    mutate()
+    check_config_mutations(base, keys, examples=15, nested=nested)

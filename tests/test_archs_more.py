@@ -29,7 +29,7 @@ from distload.models.common.attention import position_ids_from_mask
 
 from .archs import left_padded_batch, make_hf_checkpoint, repack_experts
 from .archs_more import MOE, MORE, NESTED, PACKED, more_config
-from .arch_checks import ATOL, check_pipelines, reference_outputs, run_pipelines
+from .arch_checks import ATOL, check_config_mutations, check_pipelines, reference_outputs, run_pipelines
 
 transformers = pytest.importorskip("transformers")
 
@@ -242,26 +242,10 @@ def test_config_mutations_raise_only_value_errors(name):
     """Any JSON value in any key a family reads (top level, or in the nested text config):
     its config reads or is refused with a ValueError naming config.json's field, never
     another exception."""
-    from hypothesis import given, settings
-
-    from distload.models import config_from_dict
-
-    from .test_archs import _json, _values
-
     base = more_config(name).to_dict()
     nested = "text_config" if name in NESTED else None
     inner = base[nested] if nested else base
     keys = sorted(k for k, v in inner.items() if not isinstance(v, dict)) + [
         "rope_scaling", "rope_parameters", "layer_types", "no_rope_layers", "moe_layers", "mlp_only_layers",
         "sliding_window_pattern", "full_attention_interval", "rotary_pct", "rotary_emb_base"]
-
-    @settings(max_examples=40, deadline=None)
-    @given(key=_json.sampled_from(keys), value=_values)
-    def mutate(key, value):
-        config = {**base, nested: {**inner, key: value}} if nested else {**base, key: value}
-        try:
-            config_from_dict(config)
-        except ValueError:
-            pass
-
-    mutate()
+    check_config_mutations(base, keys, examples=40, nested=nested)
