@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..checkpoint.types import TensorMeta
-from .common.config import DecoderConfig, positive_int, read_decoder
+from .common.config import DecoderConfig, int_at_least, positive_int, read_decoder
 from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer, drop_extra_layers
 from .common.layers import GatedMLP, RMSNorm, activation
 from .common.moe import unpack_experts
@@ -63,14 +63,6 @@ class Glm4MoeConfig(DecoderConfig):
         return layer_idx >= self.first_k_dense_replace
 
 
-def _count(d: dict[str, Any], key: str, default: int, least: int = 0) -> int:
-    value = d.get(key, default)
-    value = default if value is None else value
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{key} must be an integer >= {least}, not {value!r}")
-    return value
-
-
 def read_glm4_moe(d: dict[str, Any]) -> Glm4MoeConfig:
     """The `Glm4MoeConfig` of a config.json dict; ValueError naming an unsupported field."""
     fields = read_decoder(d, defaults=_DEFAULTS, rope_kw=dict(partial_rotary_factor=0.5))
@@ -86,10 +78,10 @@ def read_glm4_moe(d: dict[str, Any]) -> Glm4MoeConfig:
     return Glm4MoeConfig(
         **fields, n_routed_experts=experts, num_experts_per_tok=top_k,
         moe_intermediate_size=positive_int(d, "moe_intermediate_size", 1408),
-        n_shared_experts=_count(d, "n_shared_experts", 1),
+        n_shared_experts=int_at_least(d, "n_shared_experts", 1, 0),
         n_group=n_group, topk_group=topk_group, routed_scaling_factor=float(scale),
         norm_topk_prob=bool(d.get("norm_topk_prob", True)),
-        first_k_dense_replace=_count(d, "first_k_dense_replace", 1),
+        first_k_dense_replace=int_at_least(d, "first_k_dense_replace", 1, 0),
         attention_bias=bool(d.get("attention_bias", False)), use_qk_norm=bool(d.get("use_qk_norm", False)))
 
 
