@@ -21,7 +21,7 @@ from .common.config import (FULL, SLIDING, DecoderConfig, int_at_least, positive
 from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer
 from .common.layers import GatedMLP, RMSNorm, activation
 from .common.moe import unpack_experts
-from .common.routing import ROUTER_FLOAT32, GroupedTopKRouter, RoutedExperts, check_grouped_routing
+from .common.routing import ROUTER_FLOAT32, check_grouped_routing, noaux_tc_experts
 from .qwen3 import qwen_attention
 from .registry import ModelFamily, register_family
 
@@ -93,16 +93,8 @@ class Dots1DecoderLayer(PreNormDecoderLayer):
         self.input_layernorm = RMSNorm(h, eps)
         self.self_attn = qwen_attention(config, layer_idx, qkv_bias=bias, o_bias=bias)
         self.post_attention_layernorm = RMSNorm(h, eps)
-        if config.is_sparse(layer_idx):
-            router = GroupedTopKRouter(hidden=h, experts=config.n_routed_experts, top_k=config.num_experts_per_tok,
-                                       method="noaux_tc", groups=config.n_group, topk_group=config.topk_group,
-                                       norm_topk_prob=config.norm_topk_prob, scaling=config.routed_scaling_factor)
-            experts = [GatedMLP(h, config.moe_intermediate_size, act=act) for _ in range(config.n_routed_experts)]
-            shared = GatedMLP(h, config.moe_intermediate_size * config.n_shared_experts, act=act) \
-                if config.n_shared_experts else None
-            self.mlp = RoutedExperts(router, experts, shared=shared)
-        else:
-            self.mlp = GatedMLP(h, config.intermediate_size, act=act)
+        self.mlp = noaux_tc_experts(config, experts=config.n_routed_experts, shared_experts=config.n_shared_experts) \
+            if config.is_sparse(layer_idx) else GatedMLP(h, config.intermediate_size, act=act)
 
 
 class Dots1ForCausalLM(DecoderForCausalLM):

@@ -21,7 +21,7 @@ from .common.config import int_at_least, positive_int, positive_number
 from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer, rename_tensors
 from .common.layers import GatedMLP, RMSNorm
 from .common.moe import unpack_experts
-from .common.routing import ROUTER_FLOAT32, GroupedTopKRouter, RoutedExperts, check_grouped_routing
+from .common.routing import ROUTER_FLOAT32, check_grouped_routing, noaux_tc_experts
 from .exaone4 import Exaone4Config, read_exaone4
 from .registry import ModelFamily, register_family
 
@@ -67,7 +67,8 @@ def read_exaone_moe(d: dict[str, Any]) -> ExaoneMoeConfig:
         raise ValueError(f"mlp_layer_types must list 'dense' or 'sparse' for each of the {layers} layers "
                          f"(num_hidden_layers), not {types!r}")
     scaling = positive_number(d, "routed_scaling_factor", 2.5)
-    moe = dict(num_experts=int_at_least(d, "num_experts", 64, 1), num_experts_per_tok=int_at_least(d, "num_experts_per_tok", 8, 1),
+    moe = dict(num_experts=int_at_least(d, "num_experts", 64, 1),
+               num_experts_per_tok=int_at_least(d, "num_experts_per_tok", 8, 1),
                n_group=int_at_least(d, "n_group", 1, 1), topk_group=int_at_least(d, "topk_group", 1, 1))
     if "sparse" in types:
         check_grouped_routing(method="noaux_tc", experts=moe["num_experts"], top_k=moe["num_experts_per_tok"],
@@ -88,17 +89,8 @@ class ExaoneMoeDecoderLayer(PreNormDecoderLayer):
         self.self_attn = Attention.for_layer(config, layer_idx, q_norm=RMSNorm(d, eps), k_norm=RMSNorm(d, eps),
                                              rope_key="rotary_emb" if rope else None)
         self.post_attention_layernorm = RMSNorm(h, eps)
-        if config.is_sparse(layer_idx):
-            router = GroupedTopKRouter(hidden=h, experts=config.num_experts, top_k=config.num_experts_per_tok,
-                                       method="noaux_tc", groups=config.n_group, topk_group=config.topk_group,
-                                       norm_topk_prob=config.norm_topk_prob, scaling=config.routed_scaling_factor)
-            experts = [GatedMLP(h, config.moe_intermediate_size, act=act) for _ in range(config.num_experts)]
-            # none with 0 shared experts (transformers' is 0 wide: it adds nothing)
-            shared = GatedMLP(h, config.moe_intermediate_size * config.num_shared_experts, act=act) \
-                if config.num_shared_experts else None
-            self.mlp = RoutedExperts(router, experts, shared=shared)
-        else:
-            self.mlp = GatedMLP(h, config.intermediate_size, act=act)
+        self.mlp = noaux_tc_experts(config, experts=config.num_experts, shared_experts=config.num_shared_experts) \
+            if config.is_sparse(layer_idx) else GatedMLP(h, config.intermediate_size, act=act)
 
 
 class ExaoneMoeForCausalLM(DecoderForCausalLM):

@@ -28,7 +28,7 @@ from .common.config import DecoderConfig, int_at_least, positive_int, read_decod
 from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer, drop_extra_layers
 from .common.layers import GatedMLP, RMSNorm, activation
 from .common.moe import unpack_experts
-from .common.routing import ROUTER_FLOAT32, GroupedTopKRouter, RoutedExperts, check_grouped_routing
+from .common.routing import ROUTER_FLOAT32, check_grouped_routing, noaux_tc_experts
 from .qwen3 import qwen_attention
 from .registry import ModelFamily, register_family
 
@@ -85,16 +85,6 @@ def read_glm4_moe(d: dict[str, Any]) -> Glm4MoeConfig:
         attention_bias=bool(d.get("attention_bias", False)), use_qk_norm=bool(d.get("use_qk_norm", False)))
 
 
-def group_limited_moe(config: Glm4MoeConfig) -> RoutedExperts:
-    h, i, act = config.hidden_size, config.moe_intermediate_size, config.hidden_act
-    router = GroupedTopKRouter(hidden=h, experts=config.n_routed_experts, top_k=config.num_experts_per_tok,
-                               method="noaux_tc", groups=config.n_group, topk_group=config.topk_group,
-                               norm_topk_prob=config.norm_topk_prob, scaling=config.routed_scaling_factor)
-    shared = GatedMLP(h, i * config.n_shared_experts, act=act) if config.n_shared_experts else None
-    return RoutedExperts(router, [GatedMLP(h, i, act=act) for _ in range(config.n_routed_experts)],
-                         shared=shared)
-
-
 class Glm4MoeDecoderLayer(PreNormDecoderLayer):
     def __init__(self, config: Glm4MoeConfig, layer_idx: int) -> None:
         super().__init__()
@@ -103,8 +93,8 @@ class Glm4MoeDecoderLayer(PreNormDecoderLayer):
         self.self_attn = qwen_attention(config, layer_idx, qkv_bias=config.attention_bias, o_bias=False,
                                         qk_norm=config.use_qk_norm)
         self.post_attention_layernorm = RMSNorm(h, eps)
-        self.mlp = group_limited_moe(config) if config.is_sparse(layer_idx) \
-            else GatedMLP(h, config.intermediate_size, act=config.hidden_act)
+        self.mlp = noaux_tc_experts(config, experts=config.n_routed_experts, shared_experts=config.n_shared_experts) \
+            if config.is_sparse(layer_idx) else GatedMLP(h, config.intermediate_size, act=config.hidden_act)
 
 
 class Glm4MoeForCausalLM(DecoderForCausalLM):
