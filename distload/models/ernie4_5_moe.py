@@ -24,9 +24,9 @@ from ..checkpoint.types import TensorMeta
 from .common.attention import Attention
 from .common.config import DecoderConfig, positive_int, read_decoder
 from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer, rename_tensors
-from .common.layers import GatedMLP, RMSNorm, activation, linear_flops, linear_outputs
+from .common.layers import GatedMLP, RMSNorm, activation
 from .common.moe import unpack_experts
-from .common.routing import ROUTER_FLOAT32, run_experts
+from .common.routing import ROUTER_FLOAT32, ExpertMixture, run_experts
 from .registry import ModelFamily, register_family
 
 __all__ = ["Ernie45MoeConfig", "Ernie45MoeForCausalLM", "Ernie45MoeDecoderLayer", "read_ernie4_5_moe"]
@@ -116,7 +116,7 @@ class _Statics(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.zeros(1, experts), requires_grad=False)
 
 
-class Ernie45Moe(nn.Module):
+class Ernie45Moe(ExpertMixture):
     """``gate`` (router), ``moe_statics`` (its bias), ``experts``, optional ``shared_experts``."""
 
     def __init__(self, config: Ernie45MoeConfig) -> None:
@@ -135,18 +135,6 @@ class Ernie45Moe(nn.Module):
         out = run_experts(flat, self.experts, weights.to(flat.dtype), chosen)
         shared = getattr(self, "shared_experts", None)
         return (out if shared is None else out + shared(flat)).view(x.shape)
-
-    def _always_on(self) -> list[nn.Module]:
-        return [m for m in (getattr(self, "shared_experts", None),) if m is not None]
-
-    def active_flops(self) -> float:
-        """Per-token FLOPs: router, shared experts and `top_k` experts."""
-        return 2.0 * self.gate.weight.numel() + sum(linear_flops(m) for m in self._always_on()) \
-            + self.gate.top_k * linear_flops(self.experts[0])
-
-    def active_activations(self) -> int:
-        return self.gate.weight.shape[0] + sum(linear_outputs(m) for m in self._always_on()) \
-            + self.gate.top_k * linear_outputs(self.experts[0])
 
 
 class Ernie45MoeDecoderLayer(PreNormDecoderLayer):

@@ -18,6 +18,8 @@ Whatever the model's dtype, the router computes in float32; a family keeps its r
 as transformers does, since a bias rounded to bfloat16 changes which experts are chosen.
 
 * `GroupedTopKRouter` — the router (``gate`` in checkpoints);
+* `ExpertMixture` — the per-token cost of a mixture with ``gate``, ``experts`` and
+  optional ``shared_experts`` (the base of `RoutedExperts` and of families' own mixtures);
 * `RoutedExperts` — that router, routed ``experts`` and optional always-on
   ``shared_experts``, under the hub's names;
 * `noaux_tc_experts` — DeepSeek-V3's mixture of a config's fields (GLM-4.5, dots.llm1,
@@ -44,7 +46,7 @@ from torch import nn
 
 from .layers import GatedMLP, linear_flops, linear_outputs
 
-__all__ = ["GroupedTopKRouter", "RoutedExperts", "ROUTING_METHODS", "ROUTER_FLOAT32",
+__all__ = ["GroupedTopKRouter", "ExpertMixture", "RoutedExperts", "ROUTING_METHODS", "ROUTER_FLOAT32",
            "check_grouped_routing", "noaux_tc_experts", "run_experts"]
 
 ROUTING_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -123,7 +125,29 @@ class GroupedTopKRouter(nn.Module):
         return weights * self.scaling, chosen
 
 
-class RoutedExperts(nn.Module):
+class ExpertMixture(nn.Module):
+    """A mixture of ``gate`` (a router with ``weight`` ``[experts, hidden]`` and ``top_k``),
+    ``experts`` (a ModuleList) and, optionally, ``shared_experts`` run on every token; a
+    subclass sets them and its forward. Its per-token cost (what `linear_flops` and
+    `linear_outputs` count): the router, the `top_k` largest experts, the shared experts."""
+
+    def _always_on(self) -> list[nn.Module]:
+        return [m for m in (getattr(self, "shared_experts", None),) if m is not None]
+
+    def active_flops(self) -> float:
+        """Per-token FLOPs: the router, `top_k` experts and the shared experts."""
+        per_expert = sorted((linear_flops(e) for e in self.experts), reverse=True)
+        router = 2.0 * self.gate.weight.shape[0] * self.gate.weight.shape[1]
+        return router + sum(linear_flops(m) for m in self._always_on()) + sum(per_expert[:self.gate.top_k])
+
+    def active_activations(self) -> int:
+        """Activation elements per token: router logits, `top_k` experts', shared experts'."""
+        per_expert = sorted((linear_outputs(e) for e in self.experts), reverse=True)
+        return self.gate.weight.shape[0] + sum(linear_outputs(m) for m in self._always_on()) \
+            + sum(per_expert[:self.gate.top_k])
+
+
+class RoutedExperts(ExpertMixture):
     """``gate`` (a `GroupedTopKRouter`), ``experts`` (a ModuleList, one module per expert:
     the hub's ``mlp.experts.{e}.gate_proj.weight`` names) and, optionally,
     ``shared_experts`` run on every token and added."""
@@ -144,21 +168,6 @@ class RoutedExperts(nn.Module):
         out = run_experts(flat, self.experts, weights, chosen).view(x.shape)
         shared = getattr(self, "shared_experts", None)
         return out if shared is None else out + shared(x)
-
-    def _always_on(self) -> list[nn.Module]:
-        return [m for m in (getattr(self, "shared_experts", None),) if m is not None]
-
-    def active_flops(self) -> float:
-        """Per-token FLOPs: the router, `top_k` experts and the shared experts."""
-        per_expert = sorted((linear_flops(e) for e in self.experts), reverse=True)
-        router = 2.0 * self.gate.weight.shape[0] * self.gate.weight.shape[1]
-        return router + sum(linear_flops(m) for m in self._always_on()) + sum(per_expert[:self.gate.top_k])
-
-    def active_activations(self) -> int:
-        """Activation elements per token: router logits, `top_k` experts', shared experts'."""
-        per_expert = sorted((linear_outputs(e) for e in self.experts), reverse=True)
-        return self.gate.experts + sum(linear_outputs(m) for m in self._always_on()) \
-            + sum(per_expert[:self.gate.top_k])
 
 
 def noaux_tc_experts(config, *, experts: int, shared_experts: int) -> RoutedExperts:
