@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.types import TensorMeta
-from .common.attention import Attention
 from .common.config import DecoderConfig, positive_int, read_decoder
-from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer, rename_tensors
+from .common.decoder import DecoderForCausalLM, DecoderModel, rename_tensors
 from .common.layers import GatedMLP, RMSNorm, activation
 from .common.moe import unpack_experts
 from .common.routing import ROUTER_FLOAT32, ExpertMixture, run_experts
+from .ernie4_5 import Ernie45DecoderLayer
 from .registry import ModelFamily, register_family
 
 __all__ = ["Ernie45MoeConfig", "Ernie45MoeForCausalLM", "Ernie45MoeDecoderLayer", "read_ernie4_5_moe"]
@@ -137,16 +137,11 @@ class Ernie45Moe(ExpertMixture):
         return (out if shared is None else out + shared(flat)).view(x.shape)
 
 
-class Ernie45MoeDecoderLayer(PreNormDecoderLayer):
-    def __init__(self, config: Ernie45MoeConfig, layer_idx: int) -> None:
-        super().__init__()
-        h, eps, bias = config.hidden_size, config.rms_norm_eps, config.use_bias
-        self.input_layernorm = RMSNorm(h, eps)
-        self.self_attn = Attention.for_layer(config, layer_idx, qkv_bias=bias, o_bias=bias,
-                                             interleaved_rope=True, rope_upcast=True)
-        self.post_attention_layernorm = RMSNorm(h, eps)
-        self.mlp = Ernie45Moe(config) if config.is_sparse(layer_idx) else \
-            GatedMLP(h, config.intermediate_size, act=config.hidden_act, bias=bias)
+class Ernie45MoeDecoderLayer(Ernie45DecoderLayer):
+    """ERNIE 4.5's dense layer, with experts for the MLP on the sparse layers."""
+
+    def _mlp(self, config: Ernie45MoeConfig, layer_idx: int) -> nn.Module:
+        return Ernie45Moe(config) if config.is_sparse(layer_idx) else super()._mlp(config, layer_idx)
 
 
 class Ernie45MoeForCausalLM(DecoderForCausalLM):
