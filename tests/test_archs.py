@@ -20,8 +20,9 @@ from distload.models import KVCache, build_model, config_from_dict
 from distload.meta import materialize
 from distload.pipeline.microbatch import position_ids_from_mask
 
-from .archs import ARCHS, MOE, VOCAB, hf_config, hf_model, left_padded_batch, make_hf_checkpoint, repack_experts
-from .arch_checks import ATOL, JSON_VALUES, check_config_mutations, check_pipelines, reference_outputs, run_pipelines
+from .archs import ARCHS, MOE, VOCAB, hf_config, hf_model, left_padded_batch
+from .arch_checks import (ATOL, JSON_VALUES, check_config_mutations, check_pipelines, make_checkpoints,
+                          reference_outputs, run_pipelines)
 
 transformers = pytest.importorskip("transformers")
 
@@ -39,11 +40,7 @@ def _reference_model(path, name: str):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """name -> directory: every architecture, and `<moe>_packed` for the MoE types."""
-    root = tmp_path_factory.mktemp("archs")
-    out = {name: make_hf_checkpoint(name, root / name) for name in ARCHS}
-    for name in MOE:
-        out[f"{name}_packed"] = repack_experts(out[name], root / f"{name}_packed")
-    return out
+    return make_checkpoints(tmp_path_factory.mktemp("archs"), ARCHS, hf_config, MOE)
 
 
 @pytest.fixture(scope="module")
