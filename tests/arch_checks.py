@@ -42,6 +42,21 @@ def make_checkpoints(root: Path, names: Iterable[str], config_of: Callable, pack
     return out
 
 
+def case_references(checkpoints: dict, names: Iterable[str], *, moe: Iterable[str] = (),
+                    nested: Iterable[str] = ()) -> dict:
+    """name -> `reference_outputs` of transformers' model of each case of `names` (its
+    image-text class for `nested`; eager experts for `moe`: transformers' grouped_mm
+    experts need 16-byte strides, which odd sizes lack)."""
+    import transformers
+
+    refs = {}
+    for name in names:
+        kw = {"experts_implementation": "eager"} if name in moe else {}
+        cls = transformers.AutoModelForImageTextToText if name in nested else transformers.AutoModelForCausalLM
+        refs[name] = reference_outputs(cls.from_pretrained(checkpoints[name], dtype=torch.float32, **kw).eval())
+    return refs
+
+
 def reference_outputs(model) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, greedy tokens) of transformers `model` on the left-padded batch, no EOS."""
     model.generation_config.eos_token_id = None

@@ -16,8 +16,8 @@ import torch
 from distload.meta import describe_model
 from distload.models import build_model
 
-from .arch_checks import (check_config_mutations, check_pipelines, check_transform_seen, make_checkpoints,
-                          reference_outputs, run_pipelines)
+from .arch_checks import (case_references, check_config_mutations, check_pipelines, check_transform_seen,
+                          make_checkpoints, run_pipelines)
 from .archs_fam import FAM, MOE, NESTED, PACKED, THREE, fam_config
 from .test_config_defaults import UNRUNNABLE
 
@@ -33,12 +33,7 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def references(checkpoints):
     """name -> (logits, greedy tokens) of transformers on the left-padded batch."""
-    refs = {}
-    for name in FAM:
-        kw = {"experts_implementation": "eager"} if name in MOE else {}
-        cls = transformers.AutoModelForImageTextToText if name in NESTED else transformers.AutoModelForCausalLM
-        refs[name] = reference_outputs(cls.from_pretrained(checkpoints[name], dtype=torch.float32, **kw).eval())
-    return refs
+    return case_references(checkpoints, FAM, moe=MOE, nested=NESTED)
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -25,8 +25,8 @@ from distload.meta import describe_model
 from distload.models import build_model, supported_model_types
 from distload.models.common.attention import position_ids_from_mask
 
-from .arch_checks import (ATOL, check_config_mutations, check_pipelines, check_transform_seen, make_checkpoints,
-                          reference_outputs, run_pipelines)
+from .arch_checks import (ATOL, case_references, check_config_mutations, check_pipelines, check_transform_seen,
+                          make_checkpoints, run_pipelines)
 from .archs import left_padded_batch
 from .archs_more import MOE, MORE, NESTED, PACKED, more_config
 
@@ -44,13 +44,7 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def references(checkpoints):
     """name -> (logits, greedy tokens) of transformers on the left-padded batch."""
-    refs = {}
-    for name in MORE:
-        # transformers' grouped_mm experts need 16-byte strides, which odd sizes lack.
-        kw = {"experts_implementation": "eager"} if name in MOE else {}
-        cls = transformers.AutoModelForImageTextToText if name in NESTED else transformers.AutoModelForCausalLM
-        refs[name] = reference_outputs(cls.from_pretrained(checkpoints[name], dtype=torch.float32, **kw).eval())
-    return refs
+    return case_references(checkpoints, MORE, moe=MOE, nested=NESTED)
 
 
 @pytest.mark.parametrize("world", [2, 3])
