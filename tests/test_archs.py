@@ -20,8 +20,9 @@ from distload.models import KVCache, build_model, config_from_dict
 from distload.meta import materialize
 from distload.pipeline.microbatch import position_ids_from_mask
 
-from .archs import ARCHS, MOE, VOCAB, hf_config, hf_model, left_padded_batch, make_hf_checkpoint, repack_experts
-from .arch_checks import ATOL, check_pipelines, reference_outputs, run_pipelines
+from .archs import ARCHS, MOE, VOCAB, hf_config, hf_model, left_padded_batch
+from .arch_checks import (ATOL, JSON_VALUES, check_config_mutations, check_pipelines, make_checkpoints,
+                          reference_outputs, run_pipelines)
 
 transformers = pytest.importorskip("transformers")
 
@@ -39,11 +40,7 @@ def _reference_model(path, name: str):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """name -> directory: every architecture, and `<moe>_packed` for the MoE types."""
-    root = tmp_path_factory.mktemp("archs")
-    out = {name: make_hf_checkpoint(name, root / name) for name in ARCHS}
-    for name in MOE:
-        out[f"{name}_packed"] = repack_experts(out[name], root / f"{name}_packed")
-    return out
+    return make_checkpoints(tmp_path_factory.mktemp("archs"), ARCHS, hf_config, MOE)
 
 
 @pytest.fixture(scope="module")
@@ -288,11 +285,6 @@ def test_packed_experts_become_exact_byte_ranges():
         unpack_experts({gate_up.name: dataclasses.replace(gate_up, shape=(3, 5, 4))}, block="mlp")
 
 
-_json = __import__("hypothesis.strategies", fromlist=["x"])
-_values = _json.recursive(_json.none() | _json.booleans() | _json.integers(-2**40, 2**40) | _json.floats()
-                          | _json.text(max_size=6),
-                          lambda children: _json.lists(children, max_size=3)
-                          | _json.dictionaries(_json.text(max_size=6), children, max_size=3), max_leaves=8)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
@@ -301,32 +293,25 @@ def test_config_mutations_raise_only_value_errors(name):
     ValueError (which the loader turns into one line naming config.json), never another
     exception."""
     from hypothesis import given, settings
+    from hypothesis import strategies as st
 
     base = hf_config(name).to_dict()
     keys = sorted(k for k, v in base.items() if not isinstance(v, dict)) + [
         "rope_scaling", "rope_parameters", "text_config", "layer_types", "no_rope_layers",
         "mlp_only_layers", "partial_rotary_factor", "original_max_position_embeddings"]
-
-    @settings(max_examples=25, deadline=None)
-    @given(key=_json.sampled_from(keys), value=_values)
-    def mutate(key, value):
-        try:
-            config_from_dict({**base, key: value})
-        except ValueError:
-            pass
+    check_config_mutations(base, keys, examples=25)
 
     rope_keys = ("factor", "low_freq_factor", "high_freq_factor", "short_factor", "long_factor",
                  "original_max_position_embeddings", "attention_factor", "rope_theta",
                  "partial_rotary_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
 
     @settings(max_examples=25, deadline=None)
-    @given(kind=_json.sampled_from(["default", "linear", "llama3", "yarn", "longrope", "su", "dynamic", 7]),
-           fields=_json.dictionaries(_json.sampled_from(rope_keys), _values, max_size=4))
+    @given(kind=st.sampled_from(["default", "linear", "llama3", "yarn", "longrope", "su", "dynamic", 7]),
+           fields=st.dictionaries(st.sampled_from(rope_keys), JSON_VALUES, max_size=4))
     def mutate_rope(kind, fields):
         try:
             config_from_dict({**base, "rope_scaling": {"rope_type": kind, **fields}})
         except ValueError:
             pass
 
-    mutate()
     mutate_rope()

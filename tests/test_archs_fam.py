@@ -10,75 +10,37 @@ transforms the checks see, config errors naming the field.
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
 
-import distload
 from distload.meta import describe_model
-from distload.models import build_model, config_from_dict
-from distload.models.common.attention import position_ids_from_mask
+from distload.models import build_model
 
-from .archs import left_padded_batch, make_hf_checkpoint, repack_experts
+from .arch_checks import (case_references, check_config_mutations, check_pipelines, check_transform_seen,
+                          make_checkpoints, run_pipelines)
 from .archs_fam import FAM, MOE, NESTED, PACKED, THREE, fam_config
-from .mp import torchrun, worker
 from .test_config_defaults import UNRUNNABLE
 
 transformers = pytest.importorskip("transformers")
-
-ATOL = 1e-4
-NEW = 12
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """name -> directory: every case, and `<moe>_packed` for `PACKED`."""
-    root = tmp_path_factory.mktemp("archs_fam")
-    out = {name: make_hf_checkpoint(name, root / name, fam_config(name)) for name in FAM}
-    for name in PACKED:
-        out[f"{name}_packed"] = repack_experts(out[name], root / f"{name}_packed")
-    return out
+    return make_checkpoints(tmp_path_factory.mktemp("archs_fam"), FAM, fam_config, PACKED)
 
 
 @pytest.fixture(scope="module")
 def references(checkpoints):
     """name -> (logits, greedy tokens) of transformers on the left-padded batch."""
-    ids, mask = left_padded_batch()
-    refs = {}
-    for name in FAM:
-        kw = {"experts_implementation": "eager"} if name in MOE else {}
-        cls = transformers.AutoModelForImageTextToText if name in NESTED else transformers.AutoModelForCausalLM
-        model = cls.from_pretrained(checkpoints[name], dtype=torch.float32, **kw).eval()
-        model.generation_config.eos_token_id = None
-        with torch.no_grad():
-            logits = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-            tokens = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
-                                    pad_token_id=0)
-        refs[name] = (logits, tokens)
-    return refs
+    return case_references(checkpoints, FAM, moe=MOE, nested=NESTED)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_families_across_ranks_match_transformers(world, checkpoints, references, tmp_path):
     names = sorted(checkpoints) if world == 2 else sorted(THREE)
-    proc = torchrun(world, [worker("arch_pipeline.py"), str(tmp_path), *(str(checkpoints[n]) for n in names)],
-                    timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = torch.load(tmp_path / "results.pt")
-    ids, mask = left_padded_batch()
-    real = mask.bool()
-    for name in names:
-        got = results[name]
-        ref_logits, ref_tokens = references[name.removesuffix("_packed")]
-        assert got["logits"].shape == ref_logits.shape, name
-        err = (got["logits"][real] - ref_logits[real]).abs().max().item()
-        assert err <= ATOL, f"{name}: logits differ from transformers' by {err:.2e}"
-        assert torch.equal(got["tokens"], ref_tokens), f"{name}: greedy tokens differ"
-        ranks = got["job_report"]["ranks"]
-        assert len(got["units"]) == world and all(got["units"]), name
-        assert sum(r["bytes_read"] for r in ranks) == got["checkpoint_bytes"], name
+    results = run_pipelines(world, tmp_path, [checkpoints[n] for n in names])
+    check_pipelines(results, names, (), references, world)
     for name in PACKED:
         if f"{name}_packed" in names:
             assert results[name]["checkpoint_bytes"] == results[f"{name}_packed"]["checkpoint_bytes"]
@@ -134,17 +96,7 @@ def test_kv_reserve_per_layer_is_what_the_cache_keeps(name):
 def test_the_logit_checks_see_each_transform(name, neutral, checkpoints, references):
     """Without the transform our logits are far from transformers': the checks above
     would catch a skipped clamp, window, routing top-k, SparseMixer band or shared-expert mean."""
-    path = checkpoints[name]
-    copy = path.parent / f"{path.name}_neutral_{sorted(neutral)[0]}"
-    shutil.copytree(path, copy)
-    config = json.loads((path / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**config, **neutral}))
-    pipe = distload.load(str(copy), device="cpu")
-    ids, mask = left_padded_batch()
-    with torch.no_grad():
-        logits = pipe.forward(ids, mask)
-    real = mask.bool()
-    assert (logits[real] - references[name][0][real]).abs().max() > 100 * ATOL
+    check_transform_seen(checkpoints[name], neutral, references[name][0])
 
 
 @pytest.mark.parametrize("name, change, field", [
@@ -201,24 +153,10 @@ def test_config_mutations_raise_only_value_errors(name):
     """Any JSON value in any key a family reads (top level, or in the nested text config):
     its config reads or is refused with a ValueError naming config.json's field, never
     another exception."""
-    from hypothesis import given, settings
-
-    from .test_archs import _json, _values
-
     base = fam_config(name).to_dict()
     nested = "text_config" if name in NESTED else None
     inner = base[nested] if nested else base
     keys = sorted(k for k, v in inner.items() if not isinstance(v, dict)) + [
         "rope_scaling", "rope_parameters", "layer_types", "mlp_layer_types", "moe_topk", "rotary_dim",
         "num_layers", "qkv_bias", "n_embd", "n_head", "moe_num_experts", "moe_k"]
-
-    @settings(max_examples=15, deadline=None)
-    @given(key=_json.sampled_from(keys), value=_values)
-    def mutate(key, value):
-        config = {**base, nested: {**inner, key: value}} if nested else {**base, key: value}
-        try:
-            config_from_dict(config)
-        except ValueError:
-            pass
-
-    mutate()
+    check_config_mutations(base, keys, examples=15, nested=nested)

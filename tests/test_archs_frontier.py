@@ -23,7 +23,7 @@ import torch
 from distload.meta import describe_model, init_empty_weights
 from distload.models import build_model, supported_model_types
 
-from .arch_checks import check_outputs, reference_outputs, run_pipelines
+from .arch_checks import check_config_mutations, check_outputs, reference_outputs, run_pipelines
 from .archs import repack_experts
 from .archs import make_hf_checkpoint as make_any_checkpoint
 from .archs_frontier import ARCHS, FP8_BLOCK, hf_config, make_hf_checkpoint
@@ -256,24 +256,6 @@ def test_an_mxfp4_gpt_oss_plans_quantized_reads(checkpoints):
 def test_config_mutations_raise_only_value_errors(name):
     """Any JSON value in any key a DeepSeek config reads: it reads or is refused with a
     ValueError (one line naming config.json, from the loader), never another exception."""
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-
-    from distload.models import config_from_dict
-
-    values = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats()
-                          | st.text(max_size=6),
-                          lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
-                          max_leaves=6)
     base = hf_config(name).to_dict()
     keys = sorted(k for k, v in base.items() if not isinstance(v, dict)) + ["rope_scaling", "rope_parameters"]
-
-    @settings(max_examples=40, deadline=None)
-    @given(key=st.sampled_from(keys), value=values)
-    def mutate(key, value):
-        try:
-            config_from_dict({**base, key: value})
-        except ValueError:
-            pass
-
-    mutate()
+    check_config_mutations(base, keys, examples=40)

@@ -37,6 +37,7 @@ from distload.plan.planner import partition, unit_loads
 from distload.plan.reserve import RunShape, unit_reserves
 from distload.plan.stage import UnitLoad
 
+from .arch_checks import check_config_mutations, check_greedy_answers
 from .archs import _BASE, VOCAB, hf_model, left_padded_batch
 from .mp import torchrun, worker
 
@@ -279,25 +280,10 @@ def _meta_model_of(config: dict):
 
 def test_config_mutations_raise_only_value_errors():
     """Any JSON value in any key the family reads: read, or refused with a ValueError."""
-    from hypothesis import given, settings
-
-    from distload.models import config_from_dict
-
-    from .test_archs import _json, _values
-
     base = json.loads(json.dumps(gemma4_config("gemma4_text").to_dict()))
     keys = sorted(k for k, v in base.items() if not isinstance(v, dict)) + [
         "rope_parameters", "per_layer_config", "global_head_dim", "num_global_key_value_heads"]
-
-    @settings(max_examples=60, deadline=None)
-    @given(key=_json.sampled_from(keys), value=_values)
-    def mutate(key, value):
-        try:
-            config_from_dict({**base, key: value})
-        except ValueError:
-            pass
-
-    mutate()
+    check_config_mutations(base, keys, examples=60)
 
 
 def test_a_multimodal_checkpoint_loads_its_text_part_only(checkpoints, references):
@@ -352,12 +338,7 @@ def test_continuous_batching_with_shared_kv_and_ple_matches_transformers(checkpo
     feeder.start()
     scheduler.run()
     feeder.join()
-    for seq in seqs:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([seq.prompt]), max_new_tokens=seq.max_tokens, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0,
-                                 attention_mask=torch.ones(1, len(seq.prompt), dtype=torch.long))
-        assert seq.output == out[0, len(seq.prompt):].tolist(), seq.prompt
+    check_greedy_answers(model, seqs)
     assert all(g.used == 0 and not g.cached for g in scheduler.groups)
 
 

@@ -15,8 +15,6 @@ model type has a case somewhere.
 from __future__ import annotations
 
 import ast
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -27,9 +25,10 @@ from distload.meta import describe_model
 from distload.models import build_model, supported_model_types
 from distload.models.common.attention import position_ids_from_mask
 
-from .archs import left_padded_batch, make_hf_checkpoint, repack_experts
+from .arch_checks import (ATOL, case_references, check_config_mutations, check_pipelines, check_transform_seen,
+                          make_checkpoints, run_pipelines)
+from .archs import left_padded_batch
 from .archs_more import MOE, MORE, NESTED, PACKED, more_config
-from .arch_checks import ATOL, check_pipelines, reference_outputs, run_pipelines
 
 transformers = pytest.importorskip("transformers")
 
@@ -39,23 +38,13 @@ DISK = ("gpt_oss", "glm4_moe_packed", "llama4_text")
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """name -> directory: every case, and `<moe>_packed` for `PACKED`."""
-    root = tmp_path_factory.mktemp("archs_more")
-    out = {name: make_hf_checkpoint(name, root / name, more_config(name)) for name in MORE}
-    for name in PACKED:
-        out[f"{name}_packed"] = repack_experts(out[name], root / f"{name}_packed")
-    return out
+    return make_checkpoints(tmp_path_factory.mktemp("archs_more"), MORE, more_config, PACKED)
 
 
 @pytest.fixture(scope="module")
 def references(checkpoints):
     """name -> (logits, greedy tokens) of transformers on the left-padded batch."""
-    refs = {}
-    for name in MORE:
-        # transformers' grouped_mm experts need 16-byte strides, which odd sizes lack.
-        kw = {"experts_implementation": "eager"} if name in MOE else {}
-        cls = transformers.AutoModelForImageTextToText if name in NESTED else transformers.AutoModelForCausalLM
-        refs[name] = reference_outputs(cls.from_pretrained(checkpoints[name], dtype=torch.float32, **kw).eval())
-    return refs
+    return case_references(checkpoints, MORE, moe=MOE, nested=NESTED)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -84,17 +73,7 @@ def test_more_architectures_across_ranks_match_transformers(world, checkpoints, 
 def test_the_logit_checks_see_each_transform(name, neutral, checkpoints, references):
     """Without the transform our logits are far from transformers': the checks above would
     catch a skipped clamp, temperature, chunk, scale or router factor."""
-    path = checkpoints[name]
-    copy = path.parent / f"{path.name}_neutral_{sorted(neutral)[0]}"
-    shutil.copytree(path, copy)
-    config = json.loads((path / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**config, **neutral}))
-    pipe = distload.load(str(copy), device="cpu")
-    ids, mask = left_padded_batch()
-    with torch.no_grad():
-        logits = pipe.forward(ids, mask)
-    real = mask.bool()
-    assert (logits[real] - references[name][0][real]).abs().max() > 100 * ATOL
+    check_transform_seen(checkpoints[name], neutral, references[name][0])
 
 
 @pytest.mark.parametrize("name", sorted(MORE))
@@ -242,26 +221,10 @@ def test_config_mutations_raise_only_value_errors(name):
     """Any JSON value in any key a family reads (top level, or in the nested text config):
     its config reads or is refused with a ValueError naming config.json's field, never
     another exception."""
-    from hypothesis import given, settings
-
-    from distload.models import config_from_dict
-
-    from .test_archs import _json, _values
-
     base = more_config(name).to_dict()
     nested = "text_config" if name in NESTED else None
     inner = base[nested] if nested else base
     keys = sorted(k for k, v in inner.items() if not isinstance(v, dict)) + [
         "rope_scaling", "rope_parameters", "layer_types", "no_rope_layers", "moe_layers", "mlp_only_layers",
         "sliding_window_pattern", "full_attention_interval", "rotary_pct", "rotary_emb_base"]
-
-    @settings(max_examples=40, deadline=None)
-    @given(key=_json.sampled_from(keys), value=_values)
-    def mutate(key, value):
-        config = {**base, nested: {**inner, key: value}} if nested else {**base, key: value}
-        try:
-            config_from_dict(config)
-        except ValueError:
-            pass
-
-    mutate()
+    check_config_mutations(base, keys, examples=40, nested=nested)

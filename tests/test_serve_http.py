@@ -512,6 +512,7 @@ def test_scheduler_with_sliding_window_layers_matches_transformers(tmp_path):
     from distload.serve.scheduler import Scheduler
     from distload.serve.sequence import Sequence
 
+    from .arch_checks import check_greedy_answers
     from .archs import VOCAB, make_hf_checkpoint
     from .archs_more import more_config
 
@@ -552,10 +553,5 @@ def test_scheduler_with_sliding_window_layers_matches_transformers(tmp_path):
         scheduler.run()
         feeder.join()
     assert held and all(held)
-    for seq in seqs:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([seq.prompt]), max_new_tokens=seq.max_tokens, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0,
-                                 attention_mask=torch.ones(1, len(seq.prompt), dtype=torch.long))
-        assert seq.output == out[0, len(seq.prompt):].tolist(), seq.prompt
+    check_greedy_answers(model, seqs)
     assert all(g.used == 0 and not g.cached for g in scheduler.groups)

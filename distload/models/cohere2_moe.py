@@ -26,9 +26,9 @@ from .cohere import CohereDecoderLayer, CohereForCausalLM
 from .cohere2 import Cohere2Config, read_cohere2
 from .common.config import positive_int, value_of
 from .common.decoder import DecoderForCausalLM, DecoderModel
-from .common.layers import GatedMLP, LayerNormNoBias, RMSNorm, linear_flops, linear_outputs
+from .common.layers import GatedMLP, LayerNormNoBias, RMSNorm
 from .common.moe import unpack_experts
-from .common.routing import run_experts
+from .common.routing import ExpertMixture, run_experts
 from .registry import ModelFamily, register_family
 
 __all__ = ["Cohere2MoeConfig", "Cohere2MoeForCausalLM", "Cohere2MoeDecoderLayer", "read_cohere2_moe"]
@@ -116,7 +116,7 @@ class _Router(nn.Module):
         return scores.to(flat.dtype), chosen
 
 
-class Cohere2Moe(nn.Module):
+class Cohere2Moe(ExpertMixture):
     """``gate`` (router), ``experts`` and optional ``shared_experts``."""
 
     def __init__(self, config: Cohere2MoeConfig) -> None:
@@ -136,17 +136,6 @@ class Cohere2Moe(nn.Module):
         if shared is not None:
             out = (out + shared(flat)) / 2 if self.average else out + shared(flat)
         return out.view(x.shape)
-
-    def _always_on(self) -> list[nn.Module]:
-        return [m for m in (getattr(self, "shared_experts", None),) if m is not None]
-
-    def active_flops(self) -> float:
-        return 2.0 * self.gate.weight.numel() + sum(linear_flops(m) for m in self._always_on()) \
-            + self.gate.top_k * linear_flops(self.experts[0])
-
-    def active_activations(self) -> int:
-        return self.gate.weight.shape[0] + sum(linear_outputs(m) for m in self._always_on()) \
-            + self.gate.top_k * linear_outputs(self.experts[0])
 
 
 def _norm(config: Cohere2MoeConfig) -> nn.Module:

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..checkpoint.types import TensorMeta
 from ..log import logger
-from .common.config import DecoderConfig, positive_int, read_decoder, value_of
+from .common.config import DecoderConfig, int_at_least, positive_int, positive_number, read_decoder, value_of
 from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer
 from .common.layers import GatedMLP, RMSNorm, activation
 from .common.mla import LatentAttention, mla_softmax_scale
@@ -78,20 +78,13 @@ class DeepseekConfig(DecoderConfig):
         return layer_idx >= self.first_k_dense_replace
 
 
-def _int(d: dict, key: str, default: Any, least: int) -> int:
-    value = value_of(d, key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{key} must be an integer >= {least}, not {value!r}")
-    return value
-
-
 def read_deepseek(d: dict[str, Any], *, defaults: dict[str, Any], method: str,
                   **switches: Any) -> DeepseekConfig:
     """The `DeepseekConfig` of a config.json dict with the version's `defaults`; `method`
     is the routing when the config names none; `switches` are the version's own fields."""
     d = dict(d)
     d.pop("head_dim", None)   # derived: the rope width (transformers overwrites it too)
-    rope_dim = _int(d, "qk_rope_head_dim", defaults["qk_rope_head_dim"], 2)
+    rope_dim = int_at_least(d, "qk_rope_head_dim", defaults["qk_rope_head_dim"], 2)
     if rope_dim % 2:
         raise ValueError(f"qk_rope_head_dim must be even (RoPE turns channel pairs), not {rope_dim}")
     fields = read_decoder(d, defaults={**defaults, "head_dim": rope_dim})
@@ -99,32 +92,30 @@ def read_deepseek(d: dict[str, Any], *, defaults: dict[str, Any], method: str,
     fields["num_key_value_heads"] = fields["num_attention_heads"]  # MLA: every head reads the latent
     q_lora = d.get("q_lora_rank", defaults["q_lora_rank"])
     if q_lora is not None:
-        q_lora = _int(d, "q_lora_rank", None, 1)
-    experts = _int(d, "n_routed_experts", d.get("num_local_experts", defaults["n_routed_experts"]), 1)
+        q_lora = int_at_least(d, "q_lora_rank", None, 1)
+    experts = int_at_least(d, "n_routed_experts", d.get("num_local_experts", defaults["n_routed_experts"]), 1)
     topk_method = value_of(d, "topk_method", method)
     if not isinstance(topk_method, str):
         raise ValueError(f"topk_method must name a routing method, not {topk_method!r}")
     grouped = topk_method != "greedy"
-    scaling = value_of(d, "routed_scaling_factor", defaults["routed_scaling_factor"])
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not scaling > 0:
-        raise ValueError(f"routed_scaling_factor must be a positive number, not {scaling!r}")
+    scaling = positive_number(d, "routed_scaling_factor", defaults["routed_scaling_factor"])
     for key in ("attention_bias", "mlp_bias", "norm_topk_prob", "rope_interleave"):
         value = d.get(key)
         if value is not None and not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false, not {value!r}")
     config = DeepseekConfig(
         **fields, q_lora_rank=q_lora,
-        kv_lora_rank=_int(d, "kv_lora_rank", defaults["kv_lora_rank"], 1),
-        qk_nope_head_dim=_int(d, "qk_nope_head_dim", defaults["qk_nope_head_dim"], 0),
-        qk_rope_head_dim=rope_dim, v_head_dim=_int(d, "v_head_dim", defaults["v_head_dim"], 1),
+        kv_lora_rank=int_at_least(d, "kv_lora_rank", defaults["kv_lora_rank"], 1),
+        qk_nope_head_dim=int_at_least(d, "qk_nope_head_dim", defaults["qk_nope_head_dim"], 0),
+        qk_rope_head_dim=rope_dim, v_head_dim=int_at_least(d, "v_head_dim", defaults["v_head_dim"], 1),
         n_routed_experts=experts,
-        n_shared_experts=_int(d, "n_shared_experts", defaults["n_shared_experts"], 0),
+        n_shared_experts=int_at_least(d, "n_shared_experts", defaults["n_shared_experts"], 0),
         num_experts_per_tok=positive_int(d, "num_experts_per_tok", defaults.get("num_experts_per_tok")),
-        moe_intermediate_size=_int(d, "moe_intermediate_size", defaults["moe_intermediate_size"], 1),
-        first_k_dense_replace=_int(d, "first_k_dense_replace", defaults["first_k_dense_replace"], 0),
+        moe_intermediate_size=int_at_least(d, "moe_intermediate_size", defaults["moe_intermediate_size"], 1),
+        first_k_dense_replace=int_at_least(d, "first_k_dense_replace", defaults["first_k_dense_replace"], 0),
         topk_method=topk_method,
-        n_group=_int(d, "n_group", 1, 1) if grouped else 1,
-        topk_group=_int(d, "topk_group", 1, 1) if grouped else 1,
+        n_group=int_at_least(d, "n_group", 1, 1) if grouped else 1,
+        topk_group=int_at_least(d, "topk_group", 1, 1) if grouped else 1,
         norm_topk_prob=bool(d.get("norm_topk_prob", defaults.get("norm_topk_prob", False))),
         routed_scaling_factor=float(scaling),
         attention_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)),

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..checkpoint.types import TensorMeta
-from .common.config import FULL, SLIDING, DecoderConfig, positive_int, read_decoder, read_layer_types, value_of
+from .common.config import (FULL, SLIDING, DecoderConfig, int_at_least, positive_int, positive_number, read_decoder,
+                             read_layer_types)
 from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer
 from .common.layers import GatedMLP, RMSNorm, activation
 from .common.moe import unpack_experts
-from .common.routing import ROUTER_FLOAT32, GroupedTopKRouter, RoutedExperts, check_grouped_routing
+from .common.routing import ROUTER_FLOAT32, check_grouped_routing, noaux_tc_experts
 from .qwen3 import qwen_attention
 from .registry import ModelFamily, register_family
 
@@ -53,13 +54,6 @@ class Dots1Config(DecoderConfig):
         return layer_idx >= self.first_k_dense_replace
 
 
-def _count(d: dict[str, Any], key: str, default: int, least: int) -> int:
-    value = value_of(d, key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{key} must be an integer >= {least}, not {value!r}")
-    return value
-
-
 def read_dots1(d: dict[str, Any]) -> Dots1Config:
     """The `Dots1Config` of a config.json dict; ValueError naming an unsupported field."""
     fields = read_decoder(d, defaults=_DEFAULTS)
@@ -67,22 +61,20 @@ def read_dots1(d: dict[str, Any]) -> Dots1Config:
     layers = fields["num_hidden_layers"]
     window = d.get("sliding_window", 4096)
     window = None if window is None else positive_int(d, "sliding_window", 4096)
-    start = _count(d, "max_window_layers", 62, 0)
+    start = int_at_least(d, "max_window_layers", 62, 0)
     layer_types = read_layer_types(d, layers, [SLIDING if window is not None and i >= start else FULL
                                                for i in range(layers)])
-    dense = _count(d, "first_k_dense_replace", 0, 0)
-    scaling = value_of(d, "routed_scaling_factor", 1.0)
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not scaling > 0:
-        raise ValueError(f"routed_scaling_factor must be a positive number, not {scaling!r}")
+    dense = int_at_least(d, "first_k_dense_replace", 0, 0)
+    scaling = positive_number(d, "routed_scaling_factor", 1.0)
     moe = {}
     if dense < layers:   # transformers has no defaults for these: a model with experts names them
         for key in ("n_routed_experts", "num_experts_per_tok"):
             if d.get(key) is None:
                 raise ValueError(f"config.json of a dots1 model with experts lacks {key}")
-        moe = dict(n_routed_experts=_count(d, "n_routed_experts", None, 1),
-                   num_experts_per_tok=_count(d, "num_experts_per_tok", None, 1),
-                   n_shared_experts=_count(d, "n_shared_experts", 0, 0),
-                   n_group=_count(d, "n_group", 1, 1), topk_group=_count(d, "topk_group", 1, 1))
+        moe = dict(n_routed_experts=int_at_least(d, "n_routed_experts", None, 1),
+                   num_experts_per_tok=int_at_least(d, "num_experts_per_tok", None, 1),
+                   n_shared_experts=int_at_least(d, "n_shared_experts", 0, 0),
+                   n_group=int_at_least(d, "n_group", 1, 1), topk_group=int_at_least(d, "topk_group", 1, 1))
         check_grouped_routing(method="noaux_tc", experts=moe["n_routed_experts"],
                               top_k=moe["num_experts_per_tok"], groups=moe["n_group"], topk_group=moe["topk_group"])
     if d.get("norm_topk_prob") is not None and not isinstance(d["norm_topk_prob"], bool):
@@ -101,16 +93,8 @@ class Dots1DecoderLayer(PreNormDecoderLayer):
         self.input_layernorm = RMSNorm(h, eps)
         self.self_attn = qwen_attention(config, layer_idx, qkv_bias=bias, o_bias=bias)
         self.post_attention_layernorm = RMSNorm(h, eps)
-        if config.is_sparse(layer_idx):
-            router = GroupedTopKRouter(hidden=h, experts=config.n_routed_experts, top_k=config.num_experts_per_tok,
-                                       method="noaux_tc", groups=config.n_group, topk_group=config.topk_group,
-                                       norm_topk_prob=config.norm_topk_prob, scaling=config.routed_scaling_factor)
-            experts = [GatedMLP(h, config.moe_intermediate_size, act=act) for _ in range(config.n_routed_experts)]
-            shared = GatedMLP(h, config.moe_intermediate_size * config.n_shared_experts, act=act) \
-                if config.n_shared_experts else None
-            self.mlp = RoutedExperts(router, experts, shared=shared)
-        else:
-            self.mlp = GatedMLP(h, config.intermediate_size, act=act)
+        self.mlp = noaux_tc_experts(config, experts=config.n_routed_experts, shared_experts=config.n_shared_experts) \
+            if config.is_sparse(layer_idx) else GatedMLP(h, config.intermediate_size, act=act)
 
 
 class Dots1ForCausalLM(DecoderForCausalLM):

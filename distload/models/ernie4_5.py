@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from .common.attention import Attention
 from .common.config import DecoderConfig, read_decoder
 from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer
@@ -48,7 +50,11 @@ class Ernie45DecoderLayer(PreNormDecoderLayer):
         self.self_attn = Attention.for_layer(config, layer_idx, qkv_bias=bias, o_bias=bias,
                                              interleaved_rope=True, rope_upcast=True)
         self.post_attention_layernorm = RMSNorm(h, eps)
-        self.mlp = GatedMLP(h, config.intermediate_size, act=config.hidden_act, bias=bias)
+        self.mlp = self._mlp(config, layer_idx)
+
+    def _mlp(self, config: Ernie45Config, layer_idx: int) -> nn.Module:
+        """The dense MLP (ERNIE 4.5 MoE's layer puts its experts here on sparse layers)."""
+        return GatedMLP(config.hidden_size, config.intermediate_size, act=config.hidden_act, bias=config.use_bias)
 
 
 class Ernie45ForCausalLM(DecoderForCausalLM):

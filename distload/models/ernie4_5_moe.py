@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.types import TensorMeta
-from .common.attention import Attention
 from .common.config import DecoderConfig, positive_int, read_decoder
-from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer, rename_tensors
-from .common.layers import GatedMLP, RMSNorm, activation, linear_flops, linear_outputs
+from .common.decoder import DecoderForCausalLM, DecoderModel, rename_tensors
+from .common.layers import GatedMLP, RMSNorm, activation
 from .common.moe import unpack_experts
-from .common.routing import ROUTER_FLOAT32, run_experts
+from .common.routing import ROUTER_FLOAT32, ExpertMixture, run_experts
+from .ernie4_5 import Ernie45DecoderLayer
 from .registry import ModelFamily, register_family
 
 __all__ = ["Ernie45MoeConfig", "Ernie45MoeForCausalLM", "Ernie45MoeDecoderLayer", "read_ernie4_5_moe"]
@@ -116,7 +116,7 @@ class _Statics(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.zeros(1, experts), requires_grad=False)
 
 
-class Ernie45Moe(nn.Module):
+class Ernie45Moe(ExpertMixture):
     """``gate`` (router), ``moe_statics`` (its bias), ``experts``, optional ``shared_experts``."""
 
     def __init__(self, config: Ernie45MoeConfig) -> None:
@@ -136,29 +136,12 @@ class Ernie45Moe(nn.Module):
         shared = getattr(self, "shared_experts", None)
         return (out if shared is None else out + shared(flat)).view(x.shape)
 
-    def _always_on(self) -> list[nn.Module]:
-        return [m for m in (getattr(self, "shared_experts", None),) if m is not None]
 
-    def active_flops(self) -> float:
-        """Per-token FLOPs: router, shared experts and `top_k` experts."""
-        return 2.0 * self.gate.weight.numel() + sum(linear_flops(m) for m in self._always_on()) \
-            + self.gate.top_k * linear_flops(self.experts[0])
+class Ernie45MoeDecoderLayer(Ernie45DecoderLayer):
+    """ERNIE 4.5's dense layer, with experts for the MLP on the sparse layers."""
 
-    def active_activations(self) -> int:
-        return self.gate.weight.shape[0] + sum(linear_outputs(m) for m in self._always_on()) \
-            + self.gate.top_k * linear_outputs(self.experts[0])
-
-
-class Ernie45MoeDecoderLayer(PreNormDecoderLayer):
-    def __init__(self, config: Ernie45MoeConfig, layer_idx: int) -> None:
-        super().__init__()
-        h, eps, bias = config.hidden_size, config.rms_norm_eps, config.use_bias
-        self.input_layernorm = RMSNorm(h, eps)
-        self.self_attn = Attention.for_layer(config, layer_idx, qkv_bias=bias, o_bias=bias,
-                                             interleaved_rope=True, rope_upcast=True)
-        self.post_attention_layernorm = RMSNorm(h, eps)
-        self.mlp = Ernie45Moe(config) if config.is_sparse(layer_idx) else \
-            GatedMLP(h, config.intermediate_size, act=config.hidden_act, bias=bias)
+    def _mlp(self, config: Ernie45MoeConfig, layer_idx: int) -> nn.Module:
+        return Ernie45Moe(config) if config.is_sparse(layer_idx) else super()._mlp(config, layer_idx)
 
 
 class Ernie45MoeForCausalLM(DecoderForCausalLM):

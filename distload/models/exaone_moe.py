@@ -17,11 +17,11 @@ from typing import Any
 
 from ..checkpoint.types import TensorMeta
 from .common.attention import Attention
-from .common.config import positive_int, value_of
+from .common.config import int_at_least, positive_int, positive_number
 from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer, rename_tensors
 from .common.layers import GatedMLP, RMSNorm
 from .common.moe import unpack_experts
-from .common.routing import ROUTER_FLOAT32, GroupedTopKRouter, RoutedExperts, check_grouped_routing
+from .common.routing import ROUTER_FLOAT32, check_grouped_routing, noaux_tc_experts
 from .exaone4 import Exaone4Config, read_exaone4
 from .registry import ModelFamily, register_family
 
@@ -55,36 +55,28 @@ class ExaoneMoeConfig(Exaone4Config):
         return self.sparse_layers[layer_idx]
 
 
-def _int(d: dict[str, Any], key: str, default: int, least: int) -> int:
-    value = value_of(d, key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{key} must be an integer >= {least}, not {value!r}")
-    return value
-
-
 def read_exaone_moe(d: dict[str, Any]) -> ExaoneMoeConfig:
     """The `ExaoneMoeConfig` of a config.json dict; ValueError naming an unsupported field."""
     base = read_exaone4({**_DEFAULTS, **d})
     layers = base.num_hidden_layers
-    dense = _int(d, "first_k_dense_replace", 1, 0)
+    dense = int_at_least(d, "first_k_dense_replace", 1, 0)
     types = d.get("mlp_layer_types")
     if types is None:
         types = ["dense" if i < dense else "sparse" for i in range(layers)]
     if not isinstance(types, list) or len(types) != layers or any(t not in ("dense", "sparse") for t in types):
         raise ValueError(f"mlp_layer_types must list 'dense' or 'sparse' for each of the {layers} layers "
                          f"(num_hidden_layers), not {types!r}")
-    scaling = value_of(d, "routed_scaling_factor", 2.5)
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not scaling > 0:
-        raise ValueError(f"routed_scaling_factor must be a positive number, not {scaling!r}")
-    moe = dict(num_experts=_int(d, "num_experts", 64, 1), num_experts_per_tok=_int(d, "num_experts_per_tok", 8, 1),
-               n_group=_int(d, "n_group", 1, 1), topk_group=_int(d, "topk_group", 1, 1))
+    scaling = positive_number(d, "routed_scaling_factor", 2.5)
+    moe = dict(num_experts=int_at_least(d, "num_experts", 64, 1),
+               num_experts_per_tok=int_at_least(d, "num_experts_per_tok", 8, 1),
+               n_group=int_at_least(d, "n_group", 1, 1), topk_group=int_at_least(d, "topk_group", 1, 1))
     if "sparse" in types:
         check_grouped_routing(method="noaux_tc", experts=moe["num_experts"], top_k=moe["num_experts_per_tok"],
                               groups=moe["n_group"], topk_group=moe["topk_group"])
     return ExaoneMoeConfig(**{f.name: getattr(base, f.name) for f in fields(base)} | {"model_type": "exaone_moe"},
                            **moe, sparse_layers=tuple(t == "sparse" for t in types),
                            moe_intermediate_size=positive_int(d, "moe_intermediate_size", 1024),
-                           num_shared_experts=_int(d, "num_shared_experts", 1, 0),
+                           num_shared_experts=int_at_least(d, "num_shared_experts", 1, 0),
                            norm_topk_prob=bool(d.get("norm_topk_prob", True)), routed_scaling_factor=float(scaling))
 
 
@@ -97,17 +89,8 @@ class ExaoneMoeDecoderLayer(PreNormDecoderLayer):
         self.self_attn = Attention.for_layer(config, layer_idx, q_norm=RMSNorm(d, eps), k_norm=RMSNorm(d, eps),
                                              rope_key="rotary_emb" if rope else None)
         self.post_attention_layernorm = RMSNorm(h, eps)
-        if config.is_sparse(layer_idx):
-            router = GroupedTopKRouter(hidden=h, experts=config.num_experts, top_k=config.num_experts_per_tok,
-                                       method="noaux_tc", groups=config.n_group, topk_group=config.topk_group,
-                                       norm_topk_prob=config.norm_topk_prob, scaling=config.routed_scaling_factor)
-            experts = [GatedMLP(h, config.moe_intermediate_size, act=act) for _ in range(config.num_experts)]
-            # none with 0 shared experts (transformers' is 0 wide: it adds nothing)
-            shared = GatedMLP(h, config.moe_intermediate_size * config.num_shared_experts, act=act) \
-                if config.num_shared_experts else None
-            self.mlp = RoutedExperts(router, experts, shared=shared)
-        else:
-            self.mlp = GatedMLP(h, config.intermediate_size, act=act)
+        self.mlp = noaux_tc_experts(config, experts=config.num_experts, shared_experts=config.num_shared_experts) \
+            if config.is_sparse(layer_idx) else GatedMLP(h, config.intermediate_size, act=act)
 
 
 class ExaoneMoeForCausalLM(DecoderForCausalLM):

@@ -4,10 +4,9 @@ layer, without GLM-4-0414's norms after attention and MLP."""
 
 from __future__ import annotations
 
-from .common.attention import Attention
-from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer
+from .common.decoder import PreNormDecoderLayer
 from .common.layers import FusedGatedMLP, RMSNorm
-from .glm4 import Glm4Config, read_glm4
+from .glm4 import Glm4Config, Glm4ForCausalLM, glm4_attention, read_glm4
 from .registry import ModelFamily, register_family
 
 __all__ = ["GlmForCausalLM", "GlmDecoderLayer"]
@@ -18,20 +17,19 @@ class GlmDecoderLayer(PreNormDecoderLayer):
         super().__init__()
         h, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(h, eps)
-        self.self_attn = Attention.for_layer(config, layer_idx, qkv_bias=config.attention_bias,
-                                             interleaved_rope=True)
+        self.self_attn = glm4_attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.mlp = FusedGatedMLP(h, config.intermediate_size, act=config.hidden_act)
 
 
-class GlmForCausalLM(DecoderForCausalLM):
-    """A ``glm`` causal LM; its config is GLM-4-0414's (`read_glm4`: same fields, same defaults)."""
+class GlmForCausalLM(Glm4ForCausalLM):
+    """A ``glm`` causal LM: GLM-4-0414's over `GlmDecoderLayer`; its config is GLM-4-0414's
+    (`read_glm4`: same fields, same defaults)."""
 
     _no_split_modules = ["GlmDecoderLayer"]
 
     def __init__(self, config: Glm4Config) -> None:
-        norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        super().__init__(config, DecoderModel(config, GlmDecoderLayer, norm=norm, interleaved_rope=True))
+        super().__init__(config, layer=GlmDecoderLayer)
 
 
 register_family(ModelFamily(("glm",), read_glm4, GlmForCausalLM))

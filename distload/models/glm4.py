@@ -20,7 +20,7 @@ from .common.decoder import DecoderForCausalLM, DecoderLayer, DecoderModel
 from .common.layers import FusedGatedMLP, RMSNorm, activation
 from .registry import ModelFamily, register_family
 
-__all__ = ["Glm4Config", "Glm4ForCausalLM", "Glm4DecoderLayer", "read_glm4"]
+__all__ = ["Glm4Config", "Glm4ForCausalLM", "Glm4DecoderLayer", "glm4_attention", "read_glm4"]
 
 # Glm4Config's defaults (transformers 5) for keys a config.json may leave out.
 _DEFAULTS = {"intermediate_size": 13696, "max_position_embeddings": 131072, "num_key_value_heads": 2,
@@ -46,13 +46,18 @@ def read_glm4(d: dict[str, Any]) -> Glm4Config:
     return Glm4Config(**fields, attention_bias=bool(d.get("attention_bias", True)))
 
 
+def glm4_attention(config: Glm4Config, layer_idx: int) -> Attention:
+    """GLM-4's attention (``glm`` and ``glm4``): q/k/v biases as `attention_bias` says,
+    interleaved RoPE on part of each head."""
+    return Attention.for_layer(config, layer_idx, qkv_bias=config.attention_bias, interleaved_rope=True)
+
+
 class Glm4DecoderLayer(DecoderLayer):
     def __init__(self, config: Glm4Config, layer_idx: int) -> None:
         super().__init__()
         h, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(h, eps)
-        self.self_attn = Attention.for_layer(config, layer_idx, qkv_bias=config.attention_bias,
-                                             interleaved_rope=True)
+        self.self_attn = glm4_attention(config, layer_idx)
         self.post_self_attn_layernorm = RMSNorm(h, eps)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.mlp = FusedGatedMLP(h, config.intermediate_size, act=config.hidden_act)
@@ -65,11 +70,13 @@ class Glm4DecoderLayer(DecoderLayer):
 
 
 class Glm4ForCausalLM(DecoderForCausalLM):
+    """A ``glm4`` causal LM; `layer` another generation's layer class (``glm``'s)."""
+
     _no_split_modules = ["Glm4DecoderLayer"]
 
-    def __init__(self, config: Glm4Config) -> None:
+    def __init__(self, config: Glm4Config, *, layer: type[DecoderLayer] = Glm4DecoderLayer) -> None:
         norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        super().__init__(config, DecoderModel(config, Glm4DecoderLayer, norm=norm, interleaved_rope=True))
+        super().__init__(config, DecoderModel(config, layer, norm=norm, interleaved_rope=True))
 
 
 register_family(ModelFamily(("glm4",), read_glm4, Glm4ForCausalLM))

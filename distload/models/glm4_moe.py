@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..checkpoint.types import TensorMeta
-from .common.config import DecoderConfig, positive_int, read_decoder
+from .common.config import DecoderConfig, int_at_least, positive_int, read_decoder
 from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer, drop_extra_layers
 from .common.layers import GatedMLP, RMSNorm, activation
 from .common.moe import unpack_experts
-from .common.routing import ROUTER_FLOAT32, GroupedTopKRouter, RoutedExperts, check_grouped_routing
+from .common.routing import ROUTER_FLOAT32, check_grouped_routing, noaux_tc_experts
 from .qwen3 import qwen_attention
 from .registry import ModelFamily, register_family
 
@@ -63,14 +63,6 @@ class Glm4MoeConfig(DecoderConfig):
         return layer_idx >= self.first_k_dense_replace
 
 
-def _count(d: dict[str, Any], key: str, default: int, least: int = 0) -> int:
-    value = d.get(key, default)
-    value = default if value is None else value
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{key} must be an integer >= {least}, not {value!r}")
-    return value
-
-
 def read_glm4_moe(d: dict[str, Any]) -> Glm4MoeConfig:
     """The `Glm4MoeConfig` of a config.json dict; ValueError naming an unsupported field."""
     fields = read_decoder(d, defaults=_DEFAULTS, rope_kw=dict(partial_rotary_factor=0.5))
@@ -86,21 +78,11 @@ def read_glm4_moe(d: dict[str, Any]) -> Glm4MoeConfig:
     return Glm4MoeConfig(
         **fields, n_routed_experts=experts, num_experts_per_tok=top_k,
         moe_intermediate_size=positive_int(d, "moe_intermediate_size", 1408),
-        n_shared_experts=_count(d, "n_shared_experts", 1),
+        n_shared_experts=int_at_least(d, "n_shared_experts", 1, 0),
         n_group=n_group, topk_group=topk_group, routed_scaling_factor=float(scale),
         norm_topk_prob=bool(d.get("norm_topk_prob", True)),
-        first_k_dense_replace=_count(d, "first_k_dense_replace", 1),
+        first_k_dense_replace=int_at_least(d, "first_k_dense_replace", 1, 0),
         attention_bias=bool(d.get("attention_bias", False)), use_qk_norm=bool(d.get("use_qk_norm", False)))
-
-
-def group_limited_moe(config: Glm4MoeConfig) -> RoutedExperts:
-    h, i, act = config.hidden_size, config.moe_intermediate_size, config.hidden_act
-    router = GroupedTopKRouter(hidden=h, experts=config.n_routed_experts, top_k=config.num_experts_per_tok,
-                               method="noaux_tc", groups=config.n_group, topk_group=config.topk_group,
-                               norm_topk_prob=config.norm_topk_prob, scaling=config.routed_scaling_factor)
-    shared = GatedMLP(h, i * config.n_shared_experts, act=act) if config.n_shared_experts else None
-    return RoutedExperts(router, [GatedMLP(h, i, act=act) for _ in range(config.n_routed_experts)],
-                         shared=shared)
 
 
 class Glm4MoeDecoderLayer(PreNormDecoderLayer):
@@ -111,8 +93,8 @@ class Glm4MoeDecoderLayer(PreNormDecoderLayer):
         self.self_attn = qwen_attention(config, layer_idx, qkv_bias=config.attention_bias, o_bias=False,
                                         qk_norm=config.use_qk_norm)
         self.post_attention_layernorm = RMSNorm(h, eps)
-        self.mlp = group_limited_moe(config) if config.is_sparse(layer_idx) \
-            else GatedMLP(h, config.intermediate_size, act=config.hidden_act)
+        self.mlp = noaux_tc_experts(config, experts=config.n_routed_experts, shared_experts=config.n_shared_experts) \
+            if config.is_sparse(layer_idx) else GatedMLP(h, config.intermediate_size, act=config.hidden_act)
 
 
 class Glm4MoeForCausalLM(DecoderForCausalLM):

@@ -65,14 +65,21 @@ class GraniteDecoderLayer(DecoderLayer):
         self.self_attn = Attention.for_layer(config, layer_idx, qkv_bias=bias, o_bias=bias,
                                              scale=config.attention_multiplier)
         self.post_attention_layernorm = RMSNorm(h, eps)
-        self.mlp = GatedMLP(h, config.intermediate_size, act=config.hidden_act, bias=config.mlp_bias)
+        self._add_mlp(config)
         self.residual_multiplier = config.residual_multiplier
+
+    def _add_mlp(self, config: GraniteConfig) -> None:
+        """The feed-forward modules (Granite MoE's layer adds its experts instead)."""
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, act=config.hidden_act, bias=config.mlp_bias)
+
+    def _mlp(self, normed: torch.Tensor) -> torch.Tensor:
+        return self.mlp(normed)
 
     def forward(self, x: torch.Tensor, *, rope, mask: torch.Tensor | None,
                 cache: KVCache | None = None) -> torch.Tensor:
         m = self.residual_multiplier
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache) * m
-        return x + self.mlp(self.post_attention_layernorm(x)) * m
+        return x + self._mlp(self.post_attention_layernorm(x)) * m
 
 
 class GraniteModel(DecoderModel):

@@ -20,14 +20,12 @@ import torch
 from torch import nn
 
 from ..checkpoint.types import TensorMeta
-from .cache import KVCache
-from .common.attention import Attention
 from .common.config import positive_int
-from .common.decoder import DecoderForCausalLM, DecoderLayer, rename_tensors
+from .common.decoder import DecoderForCausalLM, rename_tensors
 from .common.layers import FusedGatedMLP, GatedMLP, RMSNorm, linear_flops, linear_outputs
 from .common.moe import unpack_experts
 from .common.routing import run_experts
-from .granite import GraniteConfig, GraniteForCausalLM, GraniteModel, read_granite
+from .granite import GraniteConfig, GraniteDecoderLayer, GraniteForCausalLM, GraniteModel, read_granite
 from .registry import ModelFamily, register_family
 
 __all__ = ["GraniteMoeConfig", "GraniteMoeForCausalLM", "GraniteMoeDecoderLayer", "read_granitemoe"]
@@ -101,27 +99,19 @@ class GraniteMoe(nn.Module):
         return linear_outputs(self.router) + self.router.top_k * linear_outputs(self.experts[0])
 
 
-class GraniteMoeDecoderLayer(DecoderLayer):
-    def __init__(self, config: GraniteMoeConfig, layer_idx: int) -> None:
-        super().__init__()
-        h, eps, bias = config.hidden_size, config.rms_norm_eps, config.attention_bias
-        self.input_layernorm = RMSNorm(h, eps)
-        self.self_attn = Attention.for_layer(config, layer_idx, qkv_bias=bias, o_bias=bias,
-                                             scale=config.attention_multiplier)
-        self.post_attention_layernorm = RMSNorm(h, eps)
+class GraniteMoeDecoderLayer(GraniteDecoderLayer):
+    """Granite's layer with experts (and, for granitemoeshared, a shared MLP) for its MLP."""
+
+    def _add_mlp(self, config: GraniteMoeConfig) -> None:
         self.block_sparse_moe = GraniteMoe(config)
         if config.shared_intermediate_size:
-            self.shared_mlp = FusedGatedMLP(h, config.shared_intermediate_size, act=config.hidden_act)
-        self.residual_multiplier = config.residual_multiplier
+            self.shared_mlp = FusedGatedMLP(config.hidden_size, config.shared_intermediate_size,
+                                            act=config.hidden_act)
 
-    def forward(self, x: torch.Tensor, *, rope, mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        m = self.residual_multiplier
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache) * m
-        normed = self.post_attention_layernorm(x)
+    def _mlp(self, normed: torch.Tensor) -> torch.Tensor:
         out = self.block_sparse_moe(normed)
         shared = getattr(self, "shared_mlp", None)
-        return x + (out if shared is None else out + shared(normed)) * m
+        return out if shared is None else out + shared(normed)
 
 
 class GraniteMoeForCausalLM(GraniteForCausalLM):

@@ -23,7 +23,8 @@ from typing import Any
 
 from .rope import RopeParams, read_rope
 
-__all__ = ["DecoderConfig", "read_decoder", "need", "positive_int", "value_of", "SLIDING", "FULL",
+__all__ = ["DecoderConfig", "read_decoder", "need", "positive_int", "int_at_least", "positive_number", "value_of",
+           "SLIDING", "FULL",
            "text_config", "qwen_layer_types", "read_layer_types"]
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -102,6 +103,21 @@ def positive_int(d: dict[str, Any], key: str, default: Any = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{key} must be a positive integer, not {value!r}")
     return value
+
+
+def int_at_least(d: dict[str, Any], key: str, default: Any, least: int) -> int:
+    """``d[key]`` (or `default`, where absent or null) as an int >= `least`; ValueError
+    naming the key otherwise."""
+    value = value_of(d, key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{key} must be an integer >= {least}, not {value!r}")
+    return value
+
+
+def positive_number(d: dict[str, Any], key: str, default: Any) -> float:
+    """``d[key]`` (or `default`, where absent or null) as a float > 0; ValueError naming
+    the key otherwise."""
+    return _positive(value_of(d, key, default), key)
 
 
 def read_decoder(d: dict[str, Any], *, defaults: dict[str, Any], eps_key: str = "rms_norm_eps",

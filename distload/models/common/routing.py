@@ -18,8 +18,12 @@ Whatever the model's dtype, the router computes in float32; a family keeps its r
 as transformers does, since a bias rounded to bfloat16 changes which experts are chosen.
 
 * `GroupedTopKRouter` — the router (``gate`` in checkpoints);
+* `ExpertMixture` — the per-token cost of a mixture with ``gate``, ``experts`` and
+  optional ``shared_experts`` (the base of `RoutedExperts` and of families' own mixtures);
 * `RoutedExperts` — that router, routed ``experts`` and optional always-on
   ``shared_experts``, under the hub's names;
+* `noaux_tc_experts` — DeepSeek-V3's mixture of a config's fields (GLM-4.5, dots.llm1,
+  EXAONE MoE);
 * `run_experts` — each chosen expert on its tokens, weighted and summed (also gpt-oss's
   and Llama 4's, whose routers differ);
 * `check_grouped_routing` — the routing's sizes checked when a config is read.
@@ -40,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import linear_flops, linear_outputs
+from .layers import GatedMLP, linear_flops, linear_outputs
 
-__all__ = ["GroupedTopKRouter", "RoutedExperts", "ROUTING_METHODS", "ROUTER_FLOAT32",
-           "check_grouped_routing", "run_experts"]
+__all__ = ["GroupedTopKRouter", "ExpertMixture", "RoutedExperts", "ROUTING_METHODS", "ROUTER_FLOAT32",
+           "check_grouped_routing", "noaux_tc_experts", "run_experts"]
 
 ROUTING_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 # The router parameters a family keeps in float32 under a bfloat16/float16 load
@@ -121,7 +125,29 @@ class GroupedTopKRouter(nn.Module):
         return weights * self.scaling, chosen
 
 
-class RoutedExperts(nn.Module):
+class ExpertMixture(nn.Module):
+    """A mixture of ``gate`` (a router with ``weight`` ``[experts, hidden]`` and ``top_k``),
+    ``experts`` (a ModuleList) and, optionally, ``shared_experts`` run on every token; a
+    subclass sets them and its forward. Its per-token cost (what `linear_flops` and
+    `linear_outputs` count): the router, the `top_k` largest experts, the shared experts."""
+
+    def _always_on(self) -> list[nn.Module]:
+        return [m for m in (getattr(self, "shared_experts", None),) if m is not None]
+
+    def active_flops(self) -> float:
+        """Per-token FLOPs: the router, `top_k` experts and the shared experts."""
+        per_expert = sorted((linear_flops(e) for e in self.experts), reverse=True)
+        router = 2.0 * self.gate.weight.shape[0] * self.gate.weight.shape[1]
+        return router + sum(linear_flops(m) for m in self._always_on()) + sum(per_expert[:self.gate.top_k])
+
+    def active_activations(self) -> int:
+        """Activation elements per token: router logits, `top_k` experts', shared experts'."""
+        per_expert = sorted((linear_outputs(e) for e in self.experts), reverse=True)
+        return self.gate.weight.shape[0] + sum(linear_outputs(m) for m in self._always_on()) \
+            + sum(per_expert[:self.gate.top_k])
+
+
+class RoutedExperts(ExpertMixture):
     """``gate`` (a `GroupedTopKRouter`), ``experts`` (a ModuleList, one module per expert:
     the hub's ``mlp.experts.{e}.gate_proj.weight`` names) and, optionally,
     ``shared_experts`` run on every token and added."""
@@ -143,20 +169,20 @@ class RoutedExperts(nn.Module):
         shared = getattr(self, "shared_experts", None)
         return out if shared is None else out + shared(x)
 
-    def _always_on(self) -> list[nn.Module]:
-        return [m for m in (getattr(self, "shared_experts", None),) if m is not None]
 
-    def active_flops(self) -> float:
-        """Per-token FLOPs: the router, `top_k` experts and the shared experts."""
-        per_expert = sorted((linear_flops(e) for e in self.experts), reverse=True)
-        router = 2.0 * self.gate.weight.shape[0] * self.gate.weight.shape[1]
-        return router + sum(linear_flops(m) for m in self._always_on()) + sum(per_expert[:self.gate.top_k])
-
-    def active_activations(self) -> int:
-        """Activation elements per token: router logits, `top_k` experts', shared experts'."""
-        per_expert = sorted((linear_outputs(e) for e in self.experts), reverse=True)
-        return self.gate.experts + sum(linear_outputs(m) for m in self._always_on()) \
-            + sum(per_expert[:self.gate.top_k])
+def noaux_tc_experts(config, *, experts: int, shared_experts: int) -> RoutedExperts:
+    """A ``noaux_tc`` router over `experts` gated MLPs ``config.moe_intermediate_size``
+    wide and, with `shared_experts` > 0, one always-on gated MLP that many times as wide
+    (none with 0: transformers' is 0 wide and adds nothing). `config` gives the other
+    fields under DeepSeek-V3's names (``hidden_size``, ``hidden_act``,
+    ``num_experts_per_tok``, ``n_group``, ``topk_group``, ``norm_topk_prob``,
+    ``routed_scaling_factor``)."""
+    h, i, act = config.hidden_size, config.moe_intermediate_size, config.hidden_act
+    router = GroupedTopKRouter(hidden=h, experts=experts, top_k=config.num_experts_per_tok,
+                               method="noaux_tc", groups=config.n_group, topk_group=config.topk_group,
+                               norm_topk_prob=config.norm_topk_prob, scaling=config.routed_scaling_factor)
+    shared = GatedMLP(h, i * shared_experts, act=act) if shared_experts else None
+    return RoutedExperts(router, [GatedMLP(h, i, act=act) for _ in range(experts)], shared=shared)
 
 
 def run_experts(flat: torch.Tensor, experts: Sequence[nn.Module] | Callable[[int, torch.Tensor], torch.Tensor],
