@@ -20,7 +20,7 @@ import torch
 from .common.attention import Attention, attention_mask_bias
 from .common.config import DecoderConfig, qwen_layer_types, read_decoder
 from .common.decoder import DecoderForCausalLM, DecoderModel, PreNormDecoderLayer
-from .common.layers import GatedMLP, RMSNorm, activation
+from .common.layers import GatedMLP, RMSNorm
 from .common.rope import RotaryEmbedding, rope_inv_freq as _inv_freq
 from .registry import ModelFamily, register_family
 

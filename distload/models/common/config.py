@@ -18,9 +18,11 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..validate import validate_config
 from .rope import RopeParams, read_rope
 
 __all__ = ["DecoderConfig", "read_decoder", "need", "positive_int", "int_at_least", "positive_number", "value_of",
@@ -186,9 +188,11 @@ def _positive(value: Any, key: str) -> float:
     return float(value)
 
 
-def text_config(d: dict[str, Any], outer: str, inner: str) -> dict[str, Any]:
+def text_config(d: dict[str, Any], outer: str, inner: str, *, unread: Collection[str] = ()) -> dict[str, Any]:
     """The text model's config of a multimodal config.json (`outer` model type) whose
-    `text_config` is an `inner` model; ValueError when it is not there or not that."""
+    `text_config` is an `inner` model, validated (`validate_config`, with the fields the
+    family does not read in `unread`); ValueError when it is not there, not that, or
+    invalid (the message says ``text_config: ...``)."""
     text = d.get("text_config")
     if not isinstance(text, dict):
         raise ValueError(f"config.json of a {outer} model lacks text_config (its text model)")
@@ -201,6 +205,10 @@ def text_config(d: dict[str, Any], outer: str, inner: str) -> dict[str, Any]:
             text[key] = d[key]
     if "tie_word_embeddings" in d:         # the outer model owns the head, and its tie
         text["tie_word_embeddings"] = d["tie_word_embeddings"]
+    try:
+        validate_config(text, unread=unread)
+    except ValueError as e:
+        raise ValueError(f"text_config: {e}") from None
     return text
 
 
