@@ -46,7 +46,12 @@ seconds in it, the call against the same stages run in turn (same processes, so 
 process-to-process spread of a core's speed, a few percent, does not enter) and the bound
 the stages' balance allows: with a head on the last stage the stages are not equal, and
 no schedule beats sum(busy) / (one micro-batch through every stage + the rest at the
-slowest stage's pace).
+slowest stage's pace). It also times one process cut as the pipeline cuts (the
+same micro-batches, the same decode groups, one after the other) and prints what the cut
+costs it against whole batches, and the pipeline against that process: smaller pieces make
+smaller matrix products, which run fewer FLOP/s (on this bench's CPU, MKL's sgemm of a
+1024-wide layer runs ~85 GFLOP/s on a 256-row micro-batch against ~96 on 1024 rows), and
+two decode groups read every weight twice per step; the pipeline cannot win that back.
 
 `--check` prints each ratio against its bound and its floor (a fraction of the bound,
 `CHECK_FLOORS`, or `--floor KIND=FRACTION`) and exits 1 if a figure measured on a quiet
@@ -122,7 +127,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--stages", metavar="DIR", nargs="?", const="", default=None,
                    help="after the timings, trace one more call of each workload on every rank "
                         "and print each stage's busy and wait seconds, the pipeline against the "
-                        "same stages run in turn, and the bound the stages' balance allows; with "
+                        "same stages run in turn, and the bound the stages' balance allows; also "
+                        "time one process cut in the pipeline's micro-batches and groups; with "
                         "DIR, also write each call's Chrome/Perfetto trace there")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--check", action="store_true",
@@ -265,6 +271,14 @@ def _job(a) -> None:
         return lambda: pipeline_generate(seq, prompts, max_new_tokens=arg, micro_batches=1,
                                          eos_token_id=[])
 
+    def pieces(kind, arg):  # one process, cut as the pipeline cuts: its micro-batches or groups
+        if kind == "forward":
+            return lambda: seq.forward(ids, micro_batches=arg)
+        if kind == "stream":
+            return lambda: drain(seq.forward_stream([ids] * a.stream_batches, micro_batches=arg))
+        return lambda: pipeline_generate(seq, prompts, max_new_tokens=arg, micro_batches=a.groups,
+                                         eos_token_id=[])
+
     def traced(fn):
         def call():  # every rank records, as under --trace (the events are dropped after)
             trace.enable()
@@ -287,7 +301,8 @@ def _job(a) -> None:
         timed(pipelined(kind, min(arg, 2)), alone=False)
         if world.rank == 0:
             sequential(kind, min(arg, 2))()
-    roles_all = ["pipeline", "sequential"] + (["traced"] if a.trace_overhead else [])
+    roles_all = (["pipeline", "sequential"] + (["traced"] if a.trace_overhead else [])
+                 + (["pieces"] if a.stages is not None else []))
     times: dict[str, dict[str, list[float]]] = {r: {} for r in roles_all}
     everything: dict[str, dict[str, list[float]]] = {r: {} for r in roles_all}
     disturbed = {r: 0 for r in roles_all}
@@ -299,6 +314,8 @@ def _job(a) -> None:
             roles["traced"] = (traced(pipelined(kind, arg)), False)
         if kind not in ("forward", "stream") or arg == a.micro_batches[0]:
             roles["sequential"] = (sequential(kind, arg), True)
+        if a.stages is not None:
+            roles["pieces"] = (pieces(kind, arg), True)
         for role in roles:
             times[role].setdefault(key, [])
         for attempt in range(a.max_tries):
@@ -412,7 +429,23 @@ def _figures(a, raw: dict) -> dict:
                                 for mb, v in out["pipeline"][f"{kind}_tok_s"].items()}
     for kind in ("decode", "prefill", "generate"):
         out[f"{kind}_ratio"] = _ratio(out["pipeline"][f"{kind}_tok_s"], out["sequential"][f"{kind}_tok_s"])
+    if "pieces" in out:  # --stages: what cutting the batch costs one process, and the rest
+        out["pieces_speed"], out["pieces_ratio"] = {}, {}
+        for kind, mb in _workloads(a):
+            name, get = (kind, lambda role: out[role][f"{kind}_tok_s"]) if mb is None else \
+                (f"{kind}_{mb}", lambda role: out[role][f"{kind}_tok_s"].get(mb))
+            whole = out["sequential"][f"{kind}_tok_s"]
+            whole = whole.get(first) if mb is not None else whole
+            out["pieces_speed"][name] = _ratio(get("pieces"), whole)
+            out["pieces_ratio"][name] = _ratio(get("pipeline"), get("pieces"))
     return out
+
+
+def _workloads(a) -> list[tuple[str, int | None]]:
+    """(kind, micro-batches) of every ratio the bench prints; None: decoding's groups."""
+    return ([(k, mb) for k in ("forward", "stream") for mb in a.micro_batches
+             if k == "forward" or a.stream_batches > 0]
+            + [(k, None) for k in ("decode", "prefill", "generate")])
 
 
 def bounds(a) -> dict:
@@ -534,6 +567,19 @@ def main(argv=None) -> int:
         else:
             total = sum(r["busy"] for r in rows)
             print(f"         against the same stages in turn {total / max(r['call'] for r in rows):.2f}")
+    if "pieces_speed" in fig:
+        limits = bounds(a)
+        speed = ", ".join(f"{k.replace('_', ' x ')} {'-' if v is None else f'{v:.2f}'}"
+                          for k, v in fig["pieces_speed"].items())
+        print(f"pieces   one process cut as the pipeline cuts (its micro-batches, its {a.groups} "
+              f"decode groups), tokens/s against whole batches: {speed}")
+        parts = []
+        for kind, mb in _workloads(a):
+            v = fig["pieces_ratio"][kind if mb is None else f"{kind}_{mb}"]
+            bound = limits[kind] if mb is None else limits[kind][mb]
+            parts.append(f"{kind if mb is None else f'{kind} x {mb}'} "
+                         f"{'-' if v is None else f'{v:.2f}'} (bound {bound:.2f})")
+        print(f"         the pipeline against that process: {', '.join(parts)}")
     if a.trace_overhead:
         traced = fig["traced"]
         parts = [f"forward {traced['forward_tok_s'][m] / pipe['forward_tok_s'][m]:.3f}"

@@ -91,6 +91,12 @@ def test_bench_pipeline_smoke(tmp_path):
         trace = json.loads((tmp_path / "traces" / f"{key}.json").read_text())
         assert {e["pid"] for e in trace["traceEvents"] if e.get("ph") == "X"} == {0, 1}
     assert proc.stdout.count("the schedule reached") == 4
+    # --stages also times one process cut as the pipeline cuts
+    assert "pieces   one process cut as the pipeline cuts" in proc.stdout
+    assert "the pipeline against that process: forward x 2 " in proc.stdout
+    assert set(figures["pieces_ratio"]) == {"forward_2", "forward_4", "stream_2", "stream_4",
+                                            "decode", "prefill", "generate"}
+    assert all(figures["pieces_speed"][k] > 0 for k in ("forward_2", "stream_4", "generate"))
 
 
 def test_bench_observe_smoke(tiny_ckpt, tmp_path):
