@@ -1,7 +1,7 @@
 """Tiny random checkpoints of the further decoder families (Ministral, CWM, OLMo, Helium,
 Arcee, GLM, InternLM 3, IQuest-Coder, EXAONE 3, Apertus, HunYuan dense and MoE, StableLM,
 Persimmon, Nemotron, Jais 2, VaultGemma, Qwen3.5-MoE, ERNIE 4.5 MoE, GLM-4.7-Flash,
-dots.llm1, K-EXAONE, Granite MoE, MiniMax-M2, Phi-3.5-MoE, Command A MoE, GPT-J, CodeGen, Solar Open,
+dots.llm1, K-EXAONE, Granite MoE, MiniMax-M2, Phi-3.5-MoE, Command A MoE, GPT-J, CodeGen, GPT-2, Solar Open,
 HyperCLOVA X, FlexOlmo, Youtu, BitNet), written by
 transformers itself with the machinery of `tests/archs.py` (each type's own config class,
 `from_config`, every parameter perturbed, `save_pretrained` in >= 2 shards), with awkward
@@ -49,6 +49,16 @@ FAM: dict[str, dict] = {
                 "rotary_dim": 8, "n_inner": 87, "hidden_size": None, "num_hidden_layers": None,
                 "num_attention_heads": None, "num_key_value_heads": None, "max_position_embeddings": None,
                 "intermediate_size": None},
+    # learned absolute positions (a table of 64: prompt and new tokens fit), Conv1D weights, tied head
+    "gpt2": {"model_type": "gpt2", "n_embd": 64, "n_layer": 4, "n_head": 4, "n_positions": 64, "n_inner": 87,
+             "hidden_size": None, "num_hidden_layers": None, "num_attention_heads": None,
+             "num_key_value_heads": None, "max_position_embeddings": None, "intermediate_size": None},
+    # each layer's scores also scaled by 1 / (layer + 1), an untied head, the default 4x MLP
+    "gpt2_scaled": {"model_type": "gpt2", "n_embd": 64, "n_layer": 4, "n_head": 2, "n_positions": 40,
+                    "scale_attn_by_inverse_layer_idx": True, "tie_word_embeddings": False,
+                    "activation_function": "gelu", "hidden_size": None, "num_hidden_layers": None,
+                    "num_attention_heads": None, "num_key_value_heads": None, "max_position_embeddings": None,
+                    "intermediate_size": None},
     # MLA (query low-rank path, interleaved decoupled RoPE) with dense MLPs, tied head (the pad
     # token's row zeroed, as transformers loads it)
     "youtu": {"model_type": "youtu", "num_key_value_heads": 4, "q_lora_rank": 22, "kv_lora_rank": 20,
@@ -129,7 +139,7 @@ MOE = ("hunyuan_v1_moe", "qwen3_5_moe_text", "qwen3_5_moe", "ernie4_5_moe", "glm
        "granitemoe", "granitemoeshared", "minimax_m2", "phimoe", "phimoe_longrope",
        "cohere2_moe", "cohere2_moe_rms", "solar_open", "flex_olmo")
 PACKED = ("hunyuan_v1_moe", "qwen3_5_moe_text")
-THREE = ("ministral", "apertus", "hunyuan_v1_moe", "stablelm", "qwen3_5_moe_text")
+THREE = ("ministral", "apertus", "hunyuan_v1_moe", "stablelm", "qwen3_5_moe_text", "gpt2")
 
 
 def fam_config(name: str):

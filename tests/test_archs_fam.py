@@ -92,10 +92,12 @@ def test_kv_reserve_per_layer_is_what_the_cache_keeps(name):
     ("hunyuan_v1_moe", {"moe_topk": 5}),
     ("phimoe", {"router_jitter_noise": 0.0}),
     ("cohere2_moe", {"shared_expert_combination_strategy": "sum"}),
+    ("gpt2_scaled", {"scale_attn_by_inverse_layer_idx": False}),
 ])
 def test_the_logit_checks_see_each_transform(name, neutral, checkpoints, references):
     """Without the transform our logits are far from transformers': the checks above
-    would catch a skipped clamp, window, routing top-k, SparseMixer band or shared-expert mean."""
+    would catch a skipped clamp, window, routing top-k, SparseMixer band, shared-expert mean or
+    GPT-2's per-layer score scale."""
     check_transform_seen(checkpoints[name], neutral, references[name][0])
 
 
@@ -137,6 +139,11 @@ def test_the_logit_checks_see_each_transform(name, neutral, checkpoints, referen
     ("bitnet", {"head_dim": 24}, "head_dim"),
     ("gptj", {"n_embd": "64"}, "n_embd"),
     ("codegen", {"n_head": 6, "n_embd": 96}, "n_head"),
+    ("gpt2", {"add_cross_attention": True}, "add_cross_attention"),
+    ("gpt2", {"n_head": 3}, "n_head"),
+    ("gpt2", {"activation_function": "swish7"}, "activation_function"),
+    ("gpt2", {"scale_attn_weights": "yes"}, "scale_attn_weights"),
+    ("gpt2", {"n_positions": 0}, "n_positions"),
     ("cohere2_moe", {"expert_selection_fn": "relu"}, "expert_selection_fn"),
     ("phimoe", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
                                     "long_factor": [2.0] * 8}}, "short_mscale"),

@@ -24,6 +24,7 @@ import math
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..checkpoint.dtypes import dtype_name
@@ -142,7 +143,7 @@ def _unit(module: nn.Module, prefix: str) -> UnitSpec:
     )
     cost, kv, act, widest, width_in = 0.0, 0, 0, 0, 0
     for sub_name, sub in module.named_modules():
-        if isinstance(sub, nn.Linear):
+        if isinstance(sub, nn.Linear) or _stored_transposed(sub):
             cost += 2.0 * sub.in_features * sub.out_features
             act += sub.out_features
             widest, width_in = max(widest, sub.out_features), max(width_in, sub.in_features)
@@ -167,6 +168,14 @@ def _unit(module: nn.Module, prefix: str) -> UnitSpec:
     return UnitSpec(name=prefix, params=params, cost=cost, kind=type(module).__name__,
                     kv_per_token=kv, act_per_token=act + width_in, max_out=widest, in_width=width_in,
                     state_per_sequence=state, kv_tokens=int(kept))
+
+
+def _stored_transposed(module: nn.Module) -> bool:
+    """A linear layer whose weight is stored ``[in, out]`` (GPT-2's Conv1D): it says its
+    `in_features` and `out_features` as `nn.Linear` does."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and \
+        tuple(weight.shape) == (getattr(module, "in_features", None), getattr(module, "out_features", None))
 
 
 # Linear submodules whose outputs a KV cache keeps (Llama/Mistral/Qwen2 and most HF decoders).

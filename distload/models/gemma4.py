@@ -265,7 +265,8 @@ class Gemma4Model(DecoderModel):
         projected = self.per_layer_projection_norm(projected.reshape(shape))
         return (projected + tokens) * 2.0 ** -0.5
 
-    def begin(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def begin(self, x: torch.Tensor, position_ids: torch.Tensor | None
+              ) -> tuple[torch.Tensor, dict[str, Any]]:
         c = self.config
         per_layer = None
         if self.embed_tokens is not None:

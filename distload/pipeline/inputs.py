@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["validate_inputs", "resolve_eos"]
+__all__ = ["validate_inputs", "check_positions", "resolve_eos"]
 
 
 def validate_inputs(input_ids, attention_mask, vocab_size: int
@@ -48,6 +48,15 @@ def validate_inputs(input_ids, attention_mask, vocab_size: int
     if not bool(attention_mask.any(dim=1).all()):
         raise ValueError("every row of attention_mask needs at least one real token (a 1)")
     return input_ids, attention_mask
+
+
+def check_positions(positions: int, limit: int | None, what: str) -> None:
+    """ValueError when a call needs more `positions` than a model with learned absolute
+    position embeddings has (`limit`, its `max_positions`; None: RoPE and the like, no
+    table to run off)."""
+    if limit is not None and positions > limit:
+        raise ValueError(f"{what} {positions} positions; this model has {limit} (its learned "
+                         f"position table, config.json's n_positions)")
 
 
 def resolve_eos(eos_token_id, pad_token_id, config: dict) -> tuple[tuple[int, ...], int]:

@@ -72,6 +72,12 @@ class Pipeline:
         return int(self.module.config.vocab_size)
 
     @property
+    def max_positions(self) -> int | None:
+        """Positions a call may use: the stage contract's `max_positions` (a learned
+        position table's length, GPT-2's); None: no such limit."""
+        return getattr(self.module, "max_positions", None)
+
+    @property
     def activation_dtype(self) -> torch.dtype:
         """The dtype of the hidden states (and logits) every stage exchanges."""
         return dtype_from_name(self.plan.activation_dtype)

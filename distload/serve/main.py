@@ -203,7 +203,9 @@ def _serve_rank0(pipe, ns, cfg, state, signals: _Signals, world, http: threading
 
     shape = pipe.plan.run_shape or {}
     slots = int(shape.get("max_batch_size") or cfg.max_batch_size or DEFAULT_SLOTS)
-    context = int(shape.get("max_seq_len") or pipe.plan.config.get("max_position_embeddings") or 2048)
+    # the parsed config's: GPT-2's n_positions is its max_position_embeddings
+    context = int(shape.get("max_seq_len") or getattr(pipe.module.config, "max_position_embeddings", None)
+                  or 2048)
     groups, group_size = slots_for(slots, cfg.micro_batches or world.world_size)
     scheduler = Scheduler(pipe, groups=groups, group_size=group_size, max_queue=ns.max_queue,
                           metrics=state.metrics,

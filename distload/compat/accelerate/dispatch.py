@@ -68,6 +68,7 @@ from .hooks import align_devices as _align_devices
 from .placement import (DISK, HOST, RESIDENT, check_devices_present, device_for, normalize_device,
                         placement, warn_once)
 from .precision import float32_dtypes, float32_rule
+from .prefix import with_base_prefix
 from .preload import blocked_by, preload_classes, preload_unit
 
 __all__ = ["load_checkpoint_and_dispatch", "load_checkpoint_in_model", "dispatch_checkpoint", "device_for"]
@@ -236,7 +237,7 @@ def dispatch_checkpoint(model: nn.Module, checkpoint: str, device_map: dict, *, 
     reader."""
     check_devices_present(device_map)       # before a byte is read
     source = open_source(os.fspath(checkpoint), cache_dir=cache_dir)
-    index = source.index()
+    index = with_base_prefix(model, source.index())
     _refuse_quantized(index)
     keep = float32_rule(model, dtype, keep_in_fp32)
     spec = _with_root_params(model, describe_model(model, no_split_module_classes=no_split_module_classes))

@@ -125,17 +125,17 @@ class DecoderModel(nn.Module):
         ``[B, T, H]``; returns hidden states ``[B, T, H]`` (normed if it has the norm).
         Without `position_ids`, positions count the real tokens of `attention_mask` (as
         `generate` does: left padding starts at 0), else run on from the cache's length."""
-        h, side = self.begin(x)
         layers = [layer for _, layer in sorted(self.layers.items(), key=lambda kv: int(kv[0]))]
+        b, t = x.shape[:2]
+        past = cache.seq_length(layers[0].self_attn.layer_key) if cache is not None and layers else 0
+        if layers and attention_mask is not None and tuple(attention_mask.shape) != (b, past + t):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                f"({b}, {past + t}): one 0/1 entry per cached token plus per new token")
+        if position_ids is None and (layers or self.embed_tokens is not None):
+            position_ids = _default_positions(attention_mask, b, t, past, x.device)
+        h, side = self.begin(x, position_ids)
         if layers:
-            b, t = h.shape[:2]
-            past = cache.seq_length(layers[0].self_attn.layer_key) if cache is not None else 0
-            if attention_mask is not None and tuple(attention_mask.shape) != (b, past + t):
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
-                    f"({b}, {past + t}): one 0/1 entry per cached token plus per new token")
-            if position_ids is None:
-                position_ids = _default_positions(attention_mask, b, t, past, h.device)
             ropes, masks = {}, {}  # one table per RoPE and one mask per window/chunk, per forward
             for layer in layers:
                 attn = layer.self_attn
@@ -154,10 +154,12 @@ class DecoderModel(nn.Module):
             h = self.norm(h)
         return self.end(h, side)
 
-    def begin(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def begin(self, x: torch.Tensor, position_ids: torch.Tensor | None
+              ) -> tuple[torch.Tensor, dict[str, Any]]:
         """This stage's input → (hidden states ``[B, T, H]``, keyword arguments every layer
         of this forward gets besides). Default: the embedding of ids where this part has
-        it, else `x` itself, and no side inputs."""
+        it, else `x` itself, and no side inputs. `position_ids` ``[B, T]`` are there for
+        families that embed positions (GPT-2's learned table)."""
         return (self.embed(x) if self.embed_tokens is not None else x), {}
 
     def end(self, h: torch.Tensor, side: dict[str, Any]) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["RMSNorm", "LayerNormNoBias", "activation", "ACTIVATIONS", "GatedMLP", "FusedGatedMLP",
-           "PlainMLP", "UpDownMLP", "linear_flops", "linear_outputs"]
+           "PlainMLP", "Conv1D", "UpDownMLP", "linear_flops", "linear_outputs"]
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -125,13 +125,37 @@ class FusedGatedMLP(nn.Module):
         return self.down_proj(up * self.act(gate))
 
 
-class PlainMLP(nn.Module):
-    """``c_proj(act(c_fc(x)))`` with biases (StarCoder2)."""
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: ``x @ weight + bias`` with `weight` stored ``[in, out]``, the
+    transpose of `nn.Linear`'s, as its checkpoints hold it (so it loads as stored, no copy).
+    Counted as a Linear by the planner (`in_features`, `out_features`, `active_flops`)."""
 
-    def __init__(self, hidden: int, intermediate: int, *, act: str, bias: bool = True) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(hidden, intermediate, bias=bias)
-        self.c_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = flat @ self.weight if self.bias is None else torch.addmm(self.bias, flat, self.weight)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def active_flops(self) -> float:
+        return 2.0 * self.in_features * self.out_features
+
+    def active_activations(self) -> int:
+        return self.out_features
+
+
+class PlainMLP(nn.Module):
+    """``c_proj(act(c_fc(x)))`` with biases (StarCoder2; `linear` = `Conv1D`: GPT-2)."""
+
+    def __init__(self, hidden: int, intermediate: int, *, act: str, bias: bool = True,
+                 linear: Callable[..., nn.Module] = nn.Linear) -> None:
+        super().__init__()
+        self.c_fc = linear(hidden, intermediate, bias=bias)
+        self.c_proj = linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ from ... import trace
 from ...errors import CallAborted, RankError
 from ...log import logger
 from ..comm import Inbound, Outbox, post_recv, recv_into
-from ..inputs import validate_inputs
+from ..inputs import check_positions, validate_inputs
 from ..messages import ABORT, BATCH, END, ForwardHeader
 from ..microbatch import micro_batch_slices, position_ids_from_mask
 from .registry import Schedule, register_schedule
@@ -114,8 +114,9 @@ def _batches(batches) -> Iterator:
     yield from batches
 
 
-def _prepare(item, vocab: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _prepare(item, vocab: int, max_positions: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     ids, mask = validate_inputs(*_unpack(item), vocab)
+    check_positions(ids.shape[1], max_positions, "a batch of input_ids needs")
     if mask is not None and bool(mask.all()):
         mask = None  # nothing to mask: plain causal attention
     return ids, mask
@@ -139,7 +140,7 @@ def _lead_local(pipe, batches: Iterable, micro_batches: int) -> Iterator[torch.T
     """World of one: each batch's micro-batches one after the other (the same numerics)."""
     vocab, device = pipe.vocab_size, pipe.world.device
     for item in _batches(batches):
-        ids, mask = _prepare(item, vocab)
+        ids, mask = _prepare(item, vocab, pipe.max_positions)
         ids, mask = ids.to(device), None if mask is None else mask.to(device)
         outs = [_run(pipe.module, ids[sl], mask, sl, i)
                 for i, sl in enumerate(micro_batch_slices(ids.shape[0], micro_batches))]
@@ -170,7 +171,7 @@ class _Lead:
         try:
             while True:
                 try:
-                    ids, mask = _prepare(next(items), self.vocab)
+                    ids, mask = _prepare(next(items), self.vocab, self.pipe.max_positions)
                 except StopIteration:
                     break
                 except Exception as exc:

@@ -43,7 +43,7 @@ import torch
 from ... import trace
 from ...log import logger
 from ..comm import Inbound, Outbox, broadcast_call, post_recv
-from ..inputs import resolve_eos, validate_inputs
+from ..inputs import check_positions, resolve_eos, validate_inputs
 from ..messages import DROP, PREFILL, STEP, STOP, StepHeader
 from ..microbatch import micro_batch_slices, position_ids_from_mask, prefill_parts, split_sizes
 from ..sampling import Sampler, SamplingConfig
@@ -100,6 +100,8 @@ def pipeline_generate(pipe, input_ids: torch.Tensor | None = None,
         ids, mask = validate_inputs(input_ids, attention_mask, pipe.vocab_size)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+        check_positions(ids.shape[1] + max_new_tokens, pipe.max_positions,
+                        "the prompts' length and max_new_tokens need")
         if mask is None:
             mask = torch.ones_like(ids)
         elif not bool(mask[:, -1].all()):
