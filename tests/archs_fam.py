@@ -1,7 +1,7 @@
 """Tiny random checkpoints of the further decoder families (Ministral, CWM, OLMo, Helium,
 Arcee, GLM, InternLM 3, IQuest-Coder, EXAONE 3, Apertus, HunYuan dense and MoE, StableLM,
 Persimmon, Nemotron, Jais 2, VaultGemma, Qwen3.5-MoE, ERNIE 4.5 MoE, GLM-4.7-Flash,
-dots.llm1, K-EXAONE, Granite MoE, MiniMax-M2, Phi-3.5-MoE, Command A MoE, GPT-J, CodeGen, GPT-2, Solar Open,
+dots.llm1, K-EXAONE, Granite MoE, MiniMax-M2, Phi-3.5-MoE, Command A MoE, GPT-J, CodeGen, GPT-2, OPT, Solar Open,
 HyperCLOVA X, FlexOlmo, Youtu, BitNet), written by
 transformers itself with the machinery of `tests/archs.py` (each type's own config class,
 `from_config`, every parameter perturbed, `save_pretrained` in >= 2 shards), with awkward
@@ -59,6 +59,12 @@ FAM: dict[str, dict] = {
                     "activation_function": "gelu", "hidden_size": None, "num_hidden_layers": None,
                     "num_attention_heads": None, "num_key_value_heads": None, "max_position_embeddings": None,
                     "intermediate_size": None},
+    # learned positions 2 rows in, pre-norm with a final norm, biases, ReLU, tied head
+    "opt": {"model_type": "opt", "ffn_dim": 87, "max_position_embeddings": 40, "intermediate_size": None,
+            "num_key_value_heads": None},
+    # OPT-350M's shape: post-norm layers, no final norm, 32-wide embeddings projected in and out
+    "opt_post": {"model_type": "opt", "ffn_dim": 87, "max_position_embeddings": 40, "do_layer_norm_before": False,
+                 "word_embed_proj_dim": 32, "intermediate_size": None, "num_key_value_heads": None},
     # MLA (query low-rank path, interleaved decoupled RoPE) with dense MLPs, tied head (the pad
     # token's row zeroed, as transformers loads it)
     "youtu": {"model_type": "youtu", "num_key_value_heads": 4, "q_lora_rank": 22, "kv_lora_rank": 20,
@@ -139,7 +145,7 @@ MOE = ("hunyuan_v1_moe", "qwen3_5_moe_text", "qwen3_5_moe", "ernie4_5_moe", "glm
        "granitemoe", "granitemoeshared", "minimax_m2", "phimoe", "phimoe_longrope",
        "cohere2_moe", "cohere2_moe_rms", "solar_open", "flex_olmo")
 PACKED = ("hunyuan_v1_moe", "qwen3_5_moe_text")
-THREE = ("ministral", "apertus", "hunyuan_v1_moe", "stablelm", "qwen3_5_moe_text", "gpt2")
+THREE = ("ministral", "apertus", "hunyuan_v1_moe", "stablelm", "qwen3_5_moe_text", "gpt2", "opt_post")
 
 
 def fam_config(name: str):

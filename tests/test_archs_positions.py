@@ -1,9 +1,10 @@
-"""GPT-2 beyond the shared family checks (`test_archs_fam.py` runs its cases across 2 and
-3 ranks against transformers): the hub's original file layout (no ``transformer.``
-prefix, each layer's saved causal mask) through `distload.load` and the accelerate
+"""The learned-position families (GPT-2, OPT) beyond the shared family checks
+(`test_archs_fam.py` runs their cases across 2 and 3 ranks against transformers): the
+hub's original file layouts (GPT-2's names without ``transformer.`` and each layer's
+saved causal mask; OPT's without ``model.``) through `distload.load` and the accelerate
 workflow (whose checkpoint names are matched through ``base_model_prefix`` both ways, as
-`from_pretrained` matches them), and calls longer than the learned position table,
-refused before they start.
+`from_pretrained` matches them), and calls longer than the position table, refused
+before they start.
 """
 
 from __future__ import annotations
@@ -106,3 +107,40 @@ def test_a_full_models_checkpoint_loads_into_its_base_model(hub_layout, tmp_path
     with torch.no_grad():
         want = transformers.GPT2Model.from_pretrained(tmp_path).eval()(ids, attention_mask=mask)
         assert torch.equal(loaded(ids, attention_mask=mask).last_hidden_state, want.last_hidden_state)
+
+
+@pytest.fixture(scope="module")
+def opt_hub_layout(tmp_path_factory):
+    """(directory, transformers' model): an OPT-350M-shaped model (post-norm, projected
+    embeddings) saved under ``decoder.`` names, as OPT's first hub files are, without the
+    tied head."""
+    torch.manual_seed(0)
+    config = fam_config("opt_post")
+    model = transformers.OPTForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    tensors = {k.removeprefix("model."): v.contiguous() for k, v in model.state_dict().items()
+               if k != "lm_head.weight"}
+    out = tmp_path_factory.mktemp("opt_hub")
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config.to_dict()))
+    return out, model
+
+
+def test_opts_hub_layout_loads_through_both_paths(opt_hub_layout):
+    import distload
+    from distload import init_empty_weights, load_checkpoint_and_dispatch
+
+    path, model = opt_hub_layout
+    ids, mask = left_padded_batch()
+    positions = position_ids_from_mask(mask)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, position_ids=positions).logits
+        got = distload.load(str(path), device="cpu").forward(ids, mask)
+        with init_empty_weights():
+            empty = transformers.OPTForCausalLM(model.config)
+        loaded = load_checkpoint_and_dispatch(empty, str(path), device_map="auto").eval()
+        assert torch.equal(loaded(ids, attention_mask=mask, position_ids=positions).logits, want)
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max() < 1e-5
