@@ -28,22 +28,31 @@ def hub_layout(tmp_path_factory):
     """(directory, transformers' model): a GPT-2 saved as the hub's ``gpt2`` files are:
     names without ``transformer.``, no ``lm_head.weight`` (tied), and every layer's
     ``attn.bias`` (the causal mask) and ``attn.masked_bias``."""
+    model, tensors = _perturbed(transformers.GPT2LMHeadModel, "gpt2", strip="transformer.")
+    positions = model.config.n_positions
+    for i in range(model.config.n_layer):
+        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(positions, positions, dtype=torch.uint8))[None, None]
+        tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    return _save(tmp_path_factory.mktemp("gpt2_hub"), tensors, model), model
+
+
+def _perturbed(cls, case: str, *, strip: str) -> tuple:
+    """(transformers' `cls` of the family case `case`, every parameter perturbed; its
+    tensors named without `strip` and without the tied head)."""
     torch.manual_seed(0)
-    config = fam_config("gpt2")
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model = cls(fam_config(case)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    tensors = {k.removeprefix("transformer."): v.contiguous() for k, v in model.state_dict().items()
+    tensors = {k.removeprefix(strip): v.contiguous() for k, v in model.state_dict().items()
                if k != "lm_head.weight"}
-    positions = config.n_positions
-    for i in range(config.n_layer):
-        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(positions, positions, dtype=torch.uint8))[None, None]
-        tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    out = tmp_path_factory.mktemp("gpt2_hub")
+    return model, tensors
+
+
+def _save(out, tensors: dict, model):
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config.to_dict()))
-    return out, model
+    (out / "config.json").write_text(json.dumps(model.config.to_dict()))
+    return out
 
 
 def test_the_hubs_layout_loads_without_reading_the_saved_masks(hub_layout):
@@ -114,18 +123,8 @@ def opt_hub_layout(tmp_path_factory):
     """(directory, transformers' model): an OPT-350M-shaped model (post-norm, projected
     embeddings) saved under ``decoder.`` names, as OPT's first hub files are, without the
     tied head."""
-    torch.manual_seed(0)
-    config = fam_config("opt_post")
-    model = transformers.OPTForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    tensors = {k.removeprefix("model."): v.contiguous() for k, v in model.state_dict().items()
-               if k != "lm_head.weight"}
-    out = tmp_path_factory.mktemp("opt_hub")
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config.to_dict()))
-    return out, model
+    model, tensors = _perturbed(transformers.OPTForCausalLM, "opt_post", strip="model.")
+    return _save(tmp_path_factory.mktemp("opt_hub"), tensors, model), model
 
 
 def test_opts_hub_layout_loads_through_both_paths(opt_hub_layout):
