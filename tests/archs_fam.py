@@ -1,7 +1,7 @@
 """Tiny random checkpoints of the further decoder families (Ministral, CWM, OLMo, Helium,
 Arcee, GLM, InternLM 3, IQuest-Coder, EXAONE 3, Apertus, HunYuan dense and MoE, StableLM,
 Persimmon, Nemotron, Jais 2, VaultGemma, Qwen3.5-MoE, ERNIE 4.5 MoE, GLM-4.7-Flash,
-dots.llm1, K-EXAONE, Granite MoE, MiniMax-M2, Phi-3.5-MoE, Command A MoE, GPT-J, CodeGen, GPT-2, OPT, Solar Open,
+dots.llm1, K-EXAONE, Granite MoE, MiniMax-M2, Phi-3.5-MoE, Command A MoE, GPT-J, CodeGen, GPT-2, GPTBigCode, OPT, Solar Open,
 HyperCLOVA X, FlexOlmo, Youtu, BitNet), written by
 transformers itself with the machinery of `tests/archs.py` (each type's own config class,
 `from_config`, every parameter perturbed, `save_pretrained` in >= 2 shards), with awkward
@@ -59,6 +59,14 @@ FAM: dict[str, dict] = {
                     "activation_function": "gelu", "hidden_size": None, "num_hidden_layers": None,
                     "num_attention_heads": None, "num_key_value_heads": None, "max_position_embeddings": None,
                     "intermediate_size": None},
+    # GPT-2's layout with Linears: one key/value head (multi_query), or per-head fused q/k/v
+    "gpt_bigcode": {"model_type": "gpt_bigcode", "n_embd": 64, "n_layer": 4, "n_head": 4, "n_positions": 64,
+                    "n_inner": 87, "hidden_size": None, "num_hidden_layers": None, "num_attention_heads": None,
+                    "num_key_value_heads": None, "max_position_embeddings": None, "intermediate_size": None},
+    "gpt_bigcode_mha": {"model_type": "gpt_bigcode", "multi_query": False, "n_embd": 64, "n_layer": 4, "n_head": 4,
+                        "n_positions": 64, "tie_word_embeddings": False, "hidden_size": None,
+                        "num_hidden_layers": None, "num_attention_heads": None, "num_key_value_heads": None,
+                        "max_position_embeddings": None, "intermediate_size": None},
     # learned positions 2 rows in, pre-norm with a final norm, biases, ReLU, tied head
     "opt": {"model_type": "opt", "ffn_dim": 87, "max_position_embeddings": 40, "intermediate_size": None,
             "num_key_value_heads": None},

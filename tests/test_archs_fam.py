@@ -144,6 +144,7 @@ def test_the_logit_checks_see_each_transform(name, neutral, checkpoints, referen
     ("gpt2", {"activation_function": "swish7"}, "activation_function"),
     ("gpt2", {"scale_attn_weights": "yes"}, "scale_attn_weights"),
     ("gpt2", {"n_positions": 0}, "n_positions"),
+    ("gpt_bigcode", {"multi_query": 1}, "multi_query"),
     ("opt", {"do_layer_norm_before": "no"}, "do_layer_norm_before"),
     ("opt", {"word_embed_proj_dim": -1}, "word_embed_proj_dim"),
     ("opt", {"ffn_dim": 0}, "ffn_dim"),

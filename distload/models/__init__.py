@@ -73,7 +73,7 @@ from . import hyperclovax as _hyperclovax  # noqa: F401  - hyperclovax
 from . import flex_olmo as _flex_olmo  # noqa: F401  - flex_olmo
 from . import youtu as _youtu  # noqa: F401  - youtu
 from . import bitnet as _bitnet  # noqa: F401  - bitnet
-from . import gpt2 as _gpt2  # noqa: F401  - gpt2
+from . import gpt2 as _gpt2  # noqa: F401  - gpt2, gpt_bigcode
 from . import opt as _opt  # noqa: F401  - opt
 from .cache import KVCache
 from .contract import StageModel
