@@ -157,6 +157,19 @@ def test_run_shape_defaults_and_limits():
         run_shape({"max_position_embeddings": 64}, max_seq_len=65)
     with pytest.raises(ValueError, match="at least 1"):
         run_shape({}, max_batch_size=0)
+    # GPT-2-style configs name it n_positions (GPT-2, GPTBigCode): the same cap
+    assert run_shape({"n_positions": 64}) == RunShape(1, 64)
+    with pytest.raises(ValueError, match="exceeds"):
+        run_shape({"n_positions": 64}, max_seq_len=65)
+
+
+def test_the_kv_fallback_reads_gpt2_style_names():
+    """A unit naming no k/v projections (transformers' GPT-2 blocks, Conv1D) takes its KV
+    size from the config, under GPT-2's names too."""
+    from distload.plan.reserve import _config_kv_per_token
+
+    assert _config_kv_per_token({"n_head": 4, "n_embd": 64}) == _config_kv_per_token(
+        {"num_attention_heads": 4, "hidden_size": 64}) == 128
 
 
 def test_unit_reserves_of_a_llama():

@@ -27,6 +27,7 @@ from ..loader.tracing import write_job_trace, write_own_trace
 from ..log import logger, setup_logging
 from ..pipeline.inputs import resolve_eos
 from ..plan.explain import explain_plan
+from ..plan.reserve import config_value
 from .config import RunConfig, flag_of, parse_args
 from .exits import ERROR, INTERRUPTED, OK, TERMINATED, USAGE, Interrupted, install_signal_handlers, leave
 from .prompts import (format_result, left_pad, new_tokens, optional_tokenizer, prepare_requests,
@@ -73,7 +74,7 @@ class _Prompts:
         try:
             self.requests, notes = prepare_requests(
                 self.prompts, model_dir=root, tokenizer=self.tokenizer,
-                vocab_size=config.get("vocab_size"), context=config.get("max_position_embeddings"),
+                vocab_size=config.get("vocab_size"), context=config_value(config, "max_position_embeddings"),
                 max_new_tokens=self.cfg.max_new_tokens)
         except ValueError as exc:
             raise UsageError(str(exc)) from None

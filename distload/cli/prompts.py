@@ -157,7 +157,7 @@ def prepare_requests(prompts: Sequence[Prompt], *, model_dir: str | os.PathLike 
         if context is not None and len(ids) + max_new_tokens > context:
             raise ValueError(f"{p.where}: {len(ids)} prompt tokens + --max-new-tokens {max_new_tokens} "
                              f"= {len(ids) + max_new_tokens} tokens, past the model's context of "
-                             f"{context} (max_position_embeddings in config.json)")
+                             f"{context} (max_position_embeddings, or n_positions, in config.json)")
         requests.append(Request(ids, p.record, p.where))
     return requests, notes
 

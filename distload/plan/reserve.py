@@ -86,7 +86,7 @@ def run_shape(config: Mapping | None = None, *, max_batch_size: int | None = Non
     batch = 1 if max_batch_size is None else int(max_batch_size)
     if batch < 1:
         raise ValueError(f"max batch size must be at least 1, not {max_batch_size}")
-    limit = (config or {}).get("max_position_embeddings")
+    limit = config_value(config, "max_position_embeddings")
     if max_seq_len is None:
         seq = min(DEFAULT_MAX_SEQ_LEN, limit) if limit else DEFAULT_MAX_SEQ_LEN
     else:
@@ -99,11 +99,23 @@ def run_shape(config: Mapping | None = None, *, max_batch_size: int | None = Non
     return RunShape(batch, seq, workload)
 
 
+# GPT-2-style config.json names of the standard keys (transformers' `attribute_map`)
+_ALIASES = {"max_position_embeddings": "n_positions", "num_attention_heads": "n_head", "hidden_size": "n_embd"}
+
+
+def config_value(config: Mapping | None, key: str):
+    """config.json's `key`, or its GPT-2-style alias (``n_positions``, ``n_head``,
+    ``n_embd``: GPT-2, GPTBigCode, GPT-J); None if neither is there."""
+    config = config or {}
+    value = config.get(key)
+    return config.get(_ALIASES[key]) if value is None and key in _ALIASES else value
+
+
 def _config_kv_per_token(config: Mapping | None) -> int:
     if not config:
         return 0
-    heads = config.get("num_attention_heads")
-    hidden = config.get("hidden_size")
+    heads = config_value(config, "num_attention_heads")
+    hidden = config_value(config, "hidden_size")
     if not heads or not hidden:
         return 0
     kv_heads = config.get("num_key_value_heads") or heads
