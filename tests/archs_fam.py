@@ -1,7 +1,7 @@
 """Tiny random checkpoints of the further decoder families (Ministral, CWM, OLMo, Helium,
 Arcee, GLM, InternLM 3, IQuest-Coder, EXAONE 3, Apertus, HunYuan dense and MoE, StableLM,
 Persimmon, Nemotron, Jais 2, VaultGemma, Qwen3.5-MoE, ERNIE 4.5 MoE, GLM-4.7-Flash,
-dots.llm1, K-EXAONE, Granite MoE, MiniMax-M2, Phi-3.5-MoE, Command A MoE, GPT-J, CodeGen, GPT-2, GPTBigCode, OPT, Solar Open,
+dots.llm1, K-EXAONE, Granite MoE, MiniMax-M2, Phi-3.5-MoE, Command A MoE, GPT-J, CodeGen, GPT-2, GPTBigCode, OPT, BLOOM, Solar Open,
 HyperCLOVA X, FlexOlmo, Youtu, BitNet), written by
 transformers itself with the machinery of `tests/archs.py` (each type's own config class,
 `from_config`, every parameter perturbed, `save_pretrained` in >= 2 shards), with awkward
@@ -67,6 +67,14 @@ FAM: dict[str, dict] = {
                         "n_positions": 64, "tie_word_embeddings": False, "hidden_size": None,
                         "num_hidden_layers": None, "num_attention_heads": None, "num_key_value_heads": None,
                         "max_position_embeddings": None, "intermediate_size": None},
+    # ALiBi (6 heads: 4 slopes of the series for 4, then 2 from the series for 8), an
+    # embedding layer norm, per-head fused q/k/v; then the post-layernorm residual variant
+    "bloom": {"model_type": "bloom", "n_layer": 4, "n_head": 6, "hidden_size": 72, "num_hidden_layers": None,
+              "num_attention_heads": None, "num_key_value_heads": None, "intermediate_size": None,
+              "max_position_embeddings": None},
+    "bloom_post": {"model_type": "bloom", "n_layer": 4, "n_head": 4, "apply_residual_connection_post_layernorm": True,
+                   "tie_word_embeddings": False, "num_hidden_layers": None, "num_attention_heads": None,
+                   "num_key_value_heads": None, "intermediate_size": None, "max_position_embeddings": None},
     # learned positions 2 rows in, pre-norm with a final norm, biases, ReLU, tied head
     "opt": {"model_type": "opt", "ffn_dim": 87, "max_position_embeddings": 40, "intermediate_size": None,
             "num_key_value_heads": None},

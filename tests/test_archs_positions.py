@@ -1,7 +1,8 @@
-"""The learned-position families (GPT-2, OPT) beyond the shared family checks
-(`test_archs_fam.py` runs their cases across 2 and 3 ranks against transformers): the
-hub's original file layouts (GPT-2's names without ``transformer.`` and each layer's
-saved causal mask; OPT's without ``model.``) through `distload.load` and the accelerate
+"""The families that position tokens without RoPE (GPT-2's and OPT's learned tables,
+BLOOM's ALiBi) beyond the shared family checks (`test_archs_fam.py` runs their cases
+across 2 and 3 ranks against transformers): ALiBi's slopes, the hub's original file
+layouts (GPT-2's and BLOOM's names without ``transformer.``, GPT-2's saved causal masks;
+OPT's without ``model.``) through `distload.load` and the accelerate
 workflow (whose checkpoint names are matched through ``base_model_prefix`` both ways, as
 `from_pretrained` matches them), and calls longer than the position table, refused
 before they start.
@@ -141,5 +142,34 @@ def test_opts_hub_layout_loads_through_both_paths(opt_hub_layout):
             empty = transformers.OPTForCausalLM(model.config)
         loaded = load_checkpoint_and_dispatch(empty, str(path), device_map="auto").eval()
         assert torch.equal(loaded(ids, attention_mask=mask, position_ids=positions).logits, want)
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3, 6, 8, 12, 16, 40, 112])
+def test_alibi_slopes_are_transformers(heads):
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    from distload.models.bloom import alibi_slopes
+
+    assert torch.equal(alibi_slopes(heads), _get_alibi_slopes(heads, torch.device("cpu")).float())
+
+
+def test_blooms_hub_layout_loads_through_both_paths(tmp_path):
+    """BLOOM's hub files name its tensors without ``transformer.`` (and leave out the tied
+    head); ALiBi's positions count real tokens past the left padding."""
+    import distload
+    from distload import init_empty_weights, load_checkpoint_and_dispatch
+
+    model, tensors = _perturbed(transformers.BloomForCausalLM, "bloom", strip="transformer.")
+    path = _save(tmp_path, tensors, model)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        got = distload.load(str(path), device="cpu").forward(ids, mask)
+        with init_empty_weights():
+            empty = transformers.BloomForCausalLM(model.config)
+        loaded = load_checkpoint_and_dispatch(empty, str(path), device_map="auto").eval()
+        assert torch.equal(loaded(ids, attention_mask=mask).logits, want)
     real = mask.bool()
     assert (got[real] - want[real]).abs().max() < 1e-5

@@ -142,10 +142,11 @@ class DecoderModel(nn.Module):
                 if attn.rope_key is not None and attn.rope_key not in ropes:
                     ropes[attn.rope_key] = getattr(self, attn.rope_key)(h, position_ids)
                 if _mask_key(attn) not in masks:
-                    masks[_mask_key(attn)] = attention_mask_bias(
+                    masks[_mask_key(attn)] = self.attention_bias(attention_mask_bias(
                         attention_mask, q_len=t, past=past, dtype=h.dtype, device=h.device,
                         sliding_window=attn.sliding_window,
-                        chunk_size=getattr(attn, "attention_chunk", None))
+                        chunk_size=getattr(attn, "attention_chunk", None)),
+                        attention_mask, q_len=t, past=past, dtype=h.dtype, device=h.device)
             for layer in layers:
                 attn = layer.self_attn
                 h = layer(h, rope=ropes.get(attn.rope_key), mask=masks[_mask_key(attn)],
@@ -161,6 +162,14 @@ class DecoderModel(nn.Module):
         it, else `x` itself, and no side inputs. `position_ids` ``[B, T]`` are there for
         families that embed positions (GPT-2's learned table)."""
         return (self.embed(x) if self.embed_tokens is not None else x), {}
+
+    def attention_bias(self, bias: torch.Tensor | None, attention_mask: torch.Tensor | None, *,
+                       q_len: int, past: int, dtype: torch.dtype, device: torch.device
+                       ) -> torch.Tensor | None:
+        """The additive bias every layer's attention gets, from the causal and padding
+        `bias` (None: plain causal); a family that biases positions adds its own (BLOOM's
+        ALiBi). Default: `bias` itself."""
+        return bias
 
     def end(self, h: torch.Tensor, side: dict[str, Any]) -> torch.Tensor:
         """What this part returns after its layers and norm (a family that sends side
