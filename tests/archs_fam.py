@@ -1,7 +1,7 @@
 """Tiny random checkpoints of the further decoder families (Ministral, CWM, OLMo, Helium,
 Arcee, GLM, InternLM 3, IQuest-Coder, EXAONE 3, Apertus, HunYuan dense and MoE, StableLM,
 Persimmon, Nemotron, Jais 2, VaultGemma, Qwen3.5-MoE, ERNIE 4.5 MoE, GLM-4.7-Flash,
-dots.llm1, K-EXAONE, Granite MoE, MiniMax-M2, Phi-3.5-MoE, Command A MoE, GPT-J, CodeGen, GPT-2, GPTBigCode, OPT, BLOOM, Solar Open,
+dots.llm1, K-EXAONE, Granite MoE, MiniMax-M2, Phi-3.5-MoE, Command A MoE, GPT-J, CodeGen, GPT-2, GPTBigCode, OPT, BLOOM, Falcon, GPT-Neo, Solar Open,
 HyperCLOVA X, FlexOlmo, Youtu, BitNet), written by
 transformers itself with the machinery of `tests/archs.py` (each type's own config class,
 `from_config`, every parameter perturbed, `save_pretrained` in >= 2 shards), with awkward
@@ -75,6 +75,18 @@ FAM: dict[str, dict] = {
     "bloom_post": {"model_type": "bloom", "n_layer": 4, "n_head": 4, "apply_residual_connection_post_layernorm": True,
                    "tie_word_embeddings": False, "num_hidden_layers": None, "num_attention_heads": None,
                    "num_key_value_heads": None, "intermediate_size": None, "max_position_embeddings": None},
+    # Falcon-7B's layout (one key/value head, parallel attention and MLP on one norm)
+    "falcon": {"model_type": "falcon", "num_key_value_heads": None, "intermediate_size": None, "ffn_hidden_size": 87},
+    # 40B/180B's: grouped q/k/v (2 groups of 2 query heads), two norms, biases
+    "falcon_new": {"model_type": "falcon", "new_decoder_architecture": True, "num_kv_heads": 2, "bias": True,
+                   "num_key_value_heads": None, "intermediate_size": None, "tie_word_embeddings": False},
+    # the old layout with all heads interleaved per head, attention then MLP in series
+    "falcon_serial": {"model_type": "falcon", "multi_query": False, "parallel_attn": False, "bias": True,
+                      "num_key_value_heads": None, "intermediate_size": None},
+    # GPT-2's skeleton with unscaled scores and a local layer (window 4 < the prompts) after each global one
+    "gpt_neo": {"model_type": "gpt_neo", "num_layers": 4, "num_heads": 4, "window_size": 4,
+                "attention_types": [[["global", "local"], 2]], "max_position_embeddings": 64,
+                "num_hidden_layers": None, "num_attention_heads": None, "num_key_value_heads": None},
     # learned positions 2 rows in, pre-norm with a final norm, biases, ReLU, tied head
     "opt": {"model_type": "opt", "ffn_dim": 87, "max_position_embeddings": 40, "intermediate_size": None,
             "num_key_value_heads": None},

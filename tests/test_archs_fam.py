@@ -52,10 +52,12 @@ def test_transformers_default_config_builds(model_type):
     builds on meta, cut to 2 layers: the default sizes, not the default depth."""
     config = transformers.AutoConfig.for_model(model_type).to_dict()
     inner = config.get("text_config", config)
-    depth = "num_hidden_layers" if "num_hidden_layers" in inner else "n_layer"   # GPT-J's name
+    depth = next(k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in inner)   # GPT-J's, GPT-Neo's names
     layers = inner[depth]
     short = {k: v[:2] if isinstance(v, list) and len(v) == layers else v for k, v in inner.items()}
     short[depth] = 2
+    if "attention_types" in short:   # GPT-Neo's layer kinds, run-length coded
+        short["attention_types"] = [[["global", "local"], 1]]
     with torch.device("meta"):
         model = build_model({**config, "text_config": short} if "text_config" in config else short)
     assert len(model.model.layers) == 2
@@ -75,6 +77,9 @@ def test_kv_reserve_per_layer_is_what_the_cache_keeps(name):
     window = getattr(config, "sliding_window", None)
     # no layer types: a window (phimoe's) covers every layer
     types = getattr(config, "layer_types", None) or [window and "sliding_attention"] * len(layers)
+    if hasattr(config, "attention_layers"):   # GPT-Neo's kinds: local layers see window_size tokens
+        window = config.window_size
+        types = ["sliding_attention" if kind == "local" else "full_attention" for kind in config.attention_layers]
     assert len(layers) == config.num_hidden_layers
     per_token = config.kv_lora_rank + config.qk_rope_head_dim if hasattr(config, "kv_lora_rank") \
         else 2 * kv_heads * head_dim   # MLA keeps the latent
@@ -93,6 +98,7 @@ def test_kv_reserve_per_layer_is_what_the_cache_keeps(name):
     ("phimoe", {"router_jitter_noise": 0.0}),
     ("cohere2_moe", {"shared_expert_combination_strategy": "sum"}),
     ("gpt2_scaled", {"scale_attn_by_inverse_layer_idx": False}),
+    ("gpt_neo", {"window_size": 64}),
 ])
 def test_the_logit_checks_see_each_transform(name, neutral, checkpoints, references):
     """Without the transform our logits are far from transformers': the checks above
@@ -148,6 +154,13 @@ def test_the_logit_checks_see_each_transform(name, neutral, checkpoints, referen
     ("bloom", {"apply_residual_connection_post_layernorm": "yes"}, "apply_residual_connection_post_layernorm"),
     ("bloom", {"n_head": 5}, "n_head"),
     ("bloom", {"n_layer": 0}, "n_layer"),
+    ("falcon", {"alibi": True}, "alibi"),
+    ("falcon", {"multi_query": "yes"}, "multi_query"),
+    ("falcon", {"num_ln_in_parallel_attn": 3}, "num_ln_in_parallel_attn"),
+    ("falcon_new", {"num_kv_heads": 3}, "num_kv_heads"),
+    ("gpt_neo", {"attention_types": [[["global", "local"], 3]]}, "attention_types"),
+    ("gpt_neo", {"attention_types": [[["global", "sparse"], 2]]}, "attention_types"),
+    ("gpt_neo", {"attention_types": "global"}, "attention_types"),
     ("opt", {"do_layer_norm_before": "no"}, "do_layer_norm_before"),
     ("opt", {"word_embed_proj_dim": -1}, "word_embed_proj_dim"),
     ("opt", {"ffn_dim": 0}, "ffn_dim"),

@@ -76,6 +76,8 @@ from . import bitnet as _bitnet  # noqa: F401  - bitnet
 from . import gpt2 as _gpt2  # noqa: F401  - gpt2, gpt_bigcode
 from . import opt as _opt  # noqa: F401  - opt
 from . import bloom as _bloom  # noqa: F401  - bloom
+from . import falcon as _falcon  # noqa: F401  - falcon
+from . import gpt_neo as _gpt_neo  # noqa: F401  - gpt_neo
 from .cache import KVCache
 from .contract import StageModel
 from .llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
