@@ -107,7 +107,7 @@ def case_intermediate_zero(r): return _config(r, intermediate_size=0)
 @case
 def case_eps_nan(r): return _config(r, rms_norm_eps=float("nan"))
 @case
-def case_unknown_model_type(r): return _config(r, model_type="bloom")
+def case_unknown_model_type(r): return _config(r, model_type="mamba")
 @case
 def case_rope_type_unsupported(r):
     return _config(r, rope_scaling={"rope_type": "dynamic", "factor": 2.0}) [:1] + ("dynamic",)

@@ -237,8 +237,8 @@ def test_kv_cache_select_drops_sequences() -> None:
 
 
 def test_unsupported_config_is_named() -> None:
-    with pytest.raises(ValueError, match=r"'bloom'.*llama, mistral, qwen2"):
-        config_from_dict({**BASE, "model_type": "bloom"})
+    with pytest.raises(ValueError, match=r"'mamba'.*llama, mistral, qwen2"):
+        config_from_dict({**BASE, "model_type": "mamba"})
     with pytest.raises(ValueError, match="'dynamic' is not supported"):
         config_from_dict({**BASE, "model_type": "llama",
                           "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
