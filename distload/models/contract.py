@@ -25,7 +25,9 @@ on the meta device from its config, then cut into stages:
   / `has_head` say what the stage holds. A family whose layers need more than the hidden
   states — inputs only the first stage can compute (Gemma 4's per-layer embeddings) —
   sends them beside the hidden states, ``[B, T, message_width]``: every stage without the
-  head returns that width, the one with the head reads it.
+  head returns that width, the one with the head reads it. `max_positions` is the length
+  of a learned position table (GPT-2, OPT; None for RoPE and ALiBi): a call needing more
+  positions is refused on rank 0 before it starts.
 * **Facts for the planner and loader** (class attributes, read on the meta model):
   `_no_split_modules` (class names never split), `_keys_to_ignore_on_load_unexpected`
   (regexes of checkpoint keys that are not parameters, e.g. saved RoPE frequencies),
@@ -35,7 +37,8 @@ on the meta device from its config, then cut into stages:
   `checkpoint_tensors` (maps the checkpoint's tensors onto parameter names, for
   checkpoints whose names differ from the model's: nested text models, packed experts).
   A unit module may define ``flops_per_token()`` and ``activation_elements_per_token()``
-  when counting its `nn.Linear`s would be wrong (mixture-of-experts: only the active
+  when counting its `nn.Linear`s (and linear layers stored ``[in, out]`` that say their
+  `in_features` and `out_features`: GPT-2's `Conv1D`) would be wrong (mixture-of-experts: only the active
   experts run), and ``kv_elements_per_token()`` (fused qkv projections), ``kv_tokens_kept()``
   (a window or chunk: the tokens its cache holds at most) and
   ``state_elements_per_sequence()`` (linear attention: a fixed float32 state instead of KV).
@@ -110,6 +113,12 @@ class StageModel(nn.Module):
     def message_width(self) -> int:
         """Width of the activations one stage sends the next (the same on every stage)."""
         return int(self.config.hidden_size)
+
+    @property
+    def max_positions(self) -> int | None:
+        """Positions a call may use at most (a learned position table's length); None: no
+        such limit. Default: None."""
+        return None
 
     def joined_units(self) -> tuple[str, ...]:
         """Names of the units (as `distload.meta.describe_model` names them) that must stay

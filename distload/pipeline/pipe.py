@@ -75,7 +75,7 @@ class Pipeline:
     def max_positions(self) -> int | None:
         """Positions a call may use: the stage contract's `max_positions` (a learned
         position table's length, GPT-2's); None: no such limit."""
-        return getattr(self.module, "max_positions", None)
+        return self.module.max_positions
 
     @property
     def activation_dtype(self) -> torch.dtype:
